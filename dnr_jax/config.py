@@ -1,0 +1,221 @@
+"""Typed configuration for dnr-jax. The library reads these, never flags.
+
+Every open point of the paper note (``shared/docs/dnr-paper.md`` section 5) that the
+method touches is a field here, with the choice this project makes as its default and
+the reason in a comment. ``validate`` checks a whole config at start, so a bad value
+fails before any compilation with a message that names it.
+
+Every method of the paper's tables is a configuration of the same train step; see
+``METHODS`` and ``apply_method``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+BACKBONES = ("prm", "setrank", "dlcm")
+SCORE_USAGES = ("none", "concat", "add", "weight")
+HEURISTICS = ("gaussian", "beta")
+LX_ESTIMATORS = ("histogram_kl", "wasserstein", "mmd")
+COMPILERS = ("pmap", "shard_map")
+MAP_NORMALISERS = ("min_pos_k", "hits")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The reranker backbone (``q_theta``)."""
+  backbone: str = "prm"
+  # Vocabulary sizes include the padding id 0: ids run 1..num_items-1.
+  num_items: int = 1
+  num_users: int = 1
+  user_feature_vocab: tuple[int, ...] = ()
+  item_feature_vocab: tuple[int, ...] = ()
+  hidden: int = 128            # paper: hidden size 128
+  num_heads: int = 4
+  num_layers: int = 1          # list encoder depth (PRM / SetRank)
+  history_layers: int = 1      # user-history encoder depth
+  dropout: float = 0.3         # paper, ML-1M and Kuaivideo
+  # Open point 3: how retriever scores enter the backbone. "concat" = the paper's
+  # "c score" (a score embedding concatenated to the item token), "add" = "+ score"
+  # (added to it), "weight" = "w score" (the item token is multiplied by the score,
+  # which scales the item's whole representation before the list encoder), "none" =
+  # the backbone alone. The score embedding is a small MLP on the scalar score, not a
+  # bucket lookup, so that L_adv can differentiate through it to the generator.
+  score_usage: str = "concat"
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseConfig:
+  """The noise generator ``f_phi`` and Eq. 4, ``x' = (1 - lambda_c) z + lambda_c eps``."""
+  heuristic: str = "gaussian"  # warm-up generator: "gaussian" (DNR-G) or "beta" (DNR-B)
+  lambda_c: float = 0.4        # paper, ML-1M
+  # Open point 4: eps ~ N(mean, std). Centred on 0.5 so that, mixed with z, positives
+  # and negatives are pulled toward the middle of [0, 1] the way retriever scores are.
+  gaussian_mean: float = 0.5
+  gaussian_std: float = 0.25
+  beta_a: float = 0.5          # paper default Beta(0.5, 0.5); it also tried (2, 5)
+  beta_b: float = 0.5
+  # Open point 4: clip x' to [0, 1] (Gaussian eps can leave it; Beta eps cannot).
+  clip: bool = True
+  # Open point 2: the model generator is a 2-layer MLP on [user state, z, item
+  # embedding, a N(0, 1) draw]; its own embeddings (the players share no parameters);
+  # output squashed by a sigmoid into (0, 1) and used directly (lambda_c treated as 1).
+  generator_hidden: int = 64
+  generator_noise_dim: int = 8
+  generator_use_item: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Weights and estimators of Eq. 5's terms."""
+  lambda_m: float = 0.4        # weight of L_z in the reranker loss (paper, ML-1M)
+  lambda_adv: float = 1.0      # weight of L_adv in the generator loss (paper: none given)
+  lambda_x: float = 1.0        # weight of L_x in the generator loss (paper: none given)
+  # Open point 1: the L_x estimator, and matching per label class (x'|z against x|z).
+  lx_estimator: str = "wasserstein"
+  lx_per_class: bool = True
+  lx_bins: int = 32            # soft-histogram bins on [0, 1]
+  lx_bandwidth: float = 0.05   # soft-histogram kernel width; also the MMD kernel width
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """One training run: backbone, noise, losses, schedule and the device layout."""
+  model: ModelConfig = ModelConfig()
+  noise: NoiseConfig = NoiseConfig()
+  loss: LossConfig = LossConfig()
+  method: str = "dnr_g"
+  # Algorithm 1's lambda_e: epochs of heuristic noise before the model generator takes
+  # over. ``use_generator=False`` never switches (the "heuristic only" rows).
+  warmup_epochs: int = 40
+  use_generator: bool = True
+  num_epochs: int = 50
+  global_batch_size: int = 2048  # paper: 2048, across all devices
+  learning_rate: float = 1e-3
+  weight_decay: float = 1e-3
+  generator_learning_rate: float = 1e-3
+  grad_clip: float = 1.0
+  seed: int = 0
+  compile: str = "pmap"          # "pmap" or "shard_map": the same per-device body
+  eval_k: int = 6
+  map_normaliser: str = "min_pos_k"
+  eval_batch_size: int = 0       # 0: same as global_batch_size
+  log_every_steps: int = 50
+  checkpoint_every_epochs: int = 1
+  keep_checkpoints: int = 2
+
+
+# name -> (overrides of TrainConfig, ModelConfig, NoiseConfig, LossConfig), the paper's
+# table rows. Rows that use no generated scores set lambda_m = 0, and the step then
+# skips the noise and generator work entirely (it is not merely weighted by zero).
+METHODS: dict[str, dict[str, dict]] = {
+    "backbone": dict(train=dict(use_generator=False), model=dict(score_usage="none"),
+                     loss=dict(lambda_m=0.0)),
+    "c_score": dict(train=dict(use_generator=False), model=dict(score_usage="concat"),
+                    loss=dict(lambda_m=0.0)),
+    "add_score": dict(train=dict(use_generator=False), model=dict(score_usage="add"),
+                      loss=dict(lambda_m=0.0)),
+    "w_score": dict(train=dict(use_generator=False), model=dict(score_usage="weight"),
+                    loss=dict(lambda_m=0.0)),
+    "heuristic_g": dict(train=dict(use_generator=False), noise=dict(heuristic="gaussian")),
+    "heuristic_b": dict(train=dict(use_generator=False), noise=dict(heuristic="beta")),
+    "dnr_g": dict(train=dict(use_generator=True), noise=dict(heuristic="gaussian")),
+    "dnr_b": dict(train=dict(use_generator=True), noise=dict(heuristic="beta")),
+    "dnr_g_no_adv": dict(train=dict(use_generator=True), noise=dict(heuristic="gaussian"),
+                         loss=dict(lambda_adv=0.0)),
+    "dnr_g_no_lx": dict(train=dict(use_generator=True), noise=dict(heuristic="gaussian"),
+                        loss=dict(lambda_x=0.0)),
+}
+
+
+def apply_method(config: TrainConfig, method: str) -> TrainConfig:
+  """Returns ``config`` with the fields that define ``method`` (a ``METHODS`` key) set.
+
+  Fields a method does not name keep their values, so apply the method first and the
+  user's explicit overrides after it.
+  """
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; expected one of {sorted(METHODS)}")
+  o = METHODS[method]
+  return dataclasses.replace(
+      config, method=method,
+      model=dataclasses.replace(config.model, **o.get("model", {})),
+      noise=dataclasses.replace(config.noise, **o.get("noise", {})),
+      loss=dataclasses.replace(config.loss, **o.get("loss", {})),
+      **o.get("train", {}))
+
+
+def uses_noise(config: TrainConfig) -> bool:
+  """Whether the method trains on generated scores at all (``L_z`` has weight > 0)."""
+  return config.loss.lambda_m > 0
+
+
+def generator_active(config: TrainConfig, epoch: int) -> bool:
+  """Algorithm 1: the model generator replaces the heuristic after ``warmup_epochs``."""
+  return uses_noise(config) and config.use_generator and epoch >= config.warmup_epochs
+
+
+def _check(ok: bool, msg: str) -> None:
+  if not ok:
+    raise ValueError(msg)
+
+
+def _in(value, choices, name):
+  _check(value in choices, f"{name}={value!r} is not one of {list(choices)}")
+
+
+def validate(config: TrainConfig, *, list_size: Optional[int] = None,
+             num_devices: Optional[int] = None) -> None:
+  """Raises ``ValueError`` naming the first bad value of ``config``.
+
+  Args:
+    config: the run's configuration.
+    list_size: ``n``, the candidates per list, when known (checks ``eval_k <= n``).
+    num_devices: devices the step runs on, when known (checks batch divisibility).
+  """
+  m, nz, ls = config.model, config.noise, config.loss
+  _in(config.method, METHODS, "method")
+  _in(m.backbone, BACKBONES, "model.backbone")
+  _in(m.score_usage, SCORE_USAGES, "model.score_usage")
+  _in(nz.heuristic, HEURISTICS, "noise.heuristic")
+  _in(ls.lx_estimator, LX_ESTIMATORS, "loss.lx_estimator")
+  _in(config.compile, COMPILERS, "compile")
+  _in(config.map_normaliser, MAP_NORMALISERS, "map_normaliser")
+  _check(m.num_items >= 2, f"model.num_items={m.num_items} must be >= 2 (id 0 is padding)")
+  _check(m.num_users >= 1, f"model.num_users={m.num_users} must be >= 1")
+  for name in ("hidden", "num_heads", "num_layers", "history_layers"):
+    v = getattr(m, name)
+    _check(isinstance(v, int) and v >= 1, f"model.{name}={v!r} must be an integer >= 1")
+  _check(m.hidden % m.num_heads == 0,
+         f"model.hidden={m.hidden} must be divisible by model.num_heads={m.num_heads}")
+  _check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
+  _check(0.0 <= nz.lambda_c <= 1.0, f"noise.lambda_c={nz.lambda_c} must be in [0, 1]")
+  _check(nz.gaussian_std > 0, f"noise.gaussian_std={nz.gaussian_std} must be > 0")
+  _check(nz.beta_a > 0 and nz.beta_b > 0,
+         f"noise.beta_a={nz.beta_a}, noise.beta_b={nz.beta_b} must both be > 0")
+  _check(nz.generator_hidden >= 1 and nz.generator_noise_dim >= 1,
+         "noise.generator_hidden and noise.generator_noise_dim must be >= 1")
+  for name in ("lambda_m", "lambda_adv", "lambda_x"):
+    v = getattr(ls, name)
+    _check(math.isfinite(v) and v >= 0, f"loss.{name}={v} must be finite and >= 0")
+  _check(ls.lx_bins >= 2, f"loss.lx_bins={ls.lx_bins} must be >= 2")
+  _check(ls.lx_bandwidth > 0, f"loss.lx_bandwidth={ls.lx_bandwidth} must be > 0")
+  _check(config.warmup_epochs >= 0, f"warmup_epochs={config.warmup_epochs} must be >= 0")
+  _check(config.num_epochs >= 1, f"num_epochs={config.num_epochs} must be >= 1")
+  _check(config.global_batch_size >= 1,
+         f"global_batch_size={config.global_batch_size} must be >= 1")
+  for name in ("learning_rate", "generator_learning_rate"):
+    v = getattr(config, name)
+    _check(v > 0, f"{name}={v} must be > 0")
+  _check(config.weight_decay >= 0, f"weight_decay={config.weight_decay} must be >= 0")
+  _check(config.eval_k >= 1, f"eval_k={config.eval_k} must be >= 1")
+  if list_size is not None:
+    _check(config.eval_k <= list_size,
+           f"eval_k={config.eval_k} exceeds the list size n={list_size}")
+  if num_devices is not None:
+    for name in ("global_batch_size", "eval_batch_size"):
+      v = getattr(config, name)
+      _check(v % num_devices == 0,
+             f"{name}={v} is not divisible by the {num_devices} devices")

@@ -1,0 +1,316 @@
+"""The DNR train step (Algorithm 1) and the eval step, compiled across devices.
+
+One per-device body, ``train_step``, does a whole DNR iteration on its shard of the
+global batch: draw the noise, update the reranker theta with the generator frozen,
+then update the generator phi with the reranker frozen. Gradients and metrics are
+averaged over the ``'batch'`` axis with named collectives, so the same body compiles
+under ``jax.pmap`` and under ``jax.jit(jax.shard_map(...))`` (``TrainConfig.compile``).
+
+Phases (static: each compiles once):
+
+* ``"direct"``: methods without generated scores (backbone, c/+/w score): L_direct only.
+* ``"heuristic"``: Eq. 4 noise (Gaussian or Beta), theta only.
+* ``"model"``: the model generator; theta, then phi.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Optional
+
+import chex
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dnr_jax import batch as batch_lib
+from dnr_jax import config as config_lib
+from dnr_jax import losses
+from dnr_jax import metrics as metrics_lib
+from dnr_jax import models
+from dnr_jax import noise as noise_lib
+
+AXIS = "batch"
+PHASES = ("direct", "heuristic", "model")
+
+
+@flax.struct.dataclass
+class DNRState:
+  """Both players and the randomness, one pytree (what is donated and checkpointed).
+
+  Attributes:
+    step: global step count (also folded into the key, so every step draws anew).
+    reranker: theta, its optimiser state.
+    generator: phi, its optimiser state (initialised for every method, so the
+      checkpoint layout does not depend on the method).
+    key: the root key of the step's randomness (raw ``uint32[2]``).
+  """
+  step: jax.Array
+  reranker: train_state.TrainState
+  generator: train_state.TrainState
+  key: jax.Array
+
+
+def phase_for_epoch(config: config_lib.TrainConfig, epoch: int) -> str:
+  """Algorithm 1's schedule: which phase epoch ``epoch`` (0-based) trains in."""
+  if not config_lib.uses_noise(config):
+    return "direct"
+  return "model" if config_lib.generator_active(config, epoch) else "heuristic"
+
+
+def _optimizer(lr: float, weight_decay: float, clip: float) -> optax.GradientTransformation:
+  return optax.chain(optax.clip_by_global_norm(clip),
+                     optax.adamw(lr, weight_decay=weight_decay))
+
+
+def create_state(config: config_lib.TrainConfig, example: batch_lib.ListBatch,
+                 key: jax.Array) -> DNRState:
+  """Initialises both players from an example (per-device or global) batch."""
+  k_rer, k_gen, k_drop, k_noise, k_root = jax.random.split(key, 5)
+  reranker = models.make_reranker(config.model)
+  generator = noise_lib.make_generator(config.noise, config.model)
+  theta = reranker.init({"params": k_rer, "dropout": k_drop}, example, train=False)
+  phi = generator.init({"params": k_gen, "noise": k_noise}, example)
+  return DNRState(
+      step=jnp.zeros((), jnp.int32),
+      reranker=train_state.TrainState.create(
+          apply_fn=reranker.apply, params=theta["params"],
+          tx=_optimizer(config.learning_rate, config.weight_decay, config.grad_clip)),
+      generator=train_state.TrainState.create(
+          apply_fn=generator.apply, params=phi["params"],
+          tx=_optimizer(config.generator_learning_rate, 0.0, config.grad_clip)),
+      key=k_root)
+
+
+def device_step_key(key: jax.Array, step: jax.Array) -> jax.Array:
+  """This step's key on this device: ``fold_in(fold_in(key, step), axis_index)``.
+
+  Without the device index every device would draw the same noise and dropout.
+  """
+  return jax.random.fold_in(jax.random.fold_in(key, step), jax.lax.axis_index(AXIS))
+
+
+def generated_scores(phi: Any, batch: batch_lib.ListBatch, key: jax.Array, *,
+                     config: config_lib.TrainConfig, phase: str) -> Optional[jax.Array]:
+  """``x'`` for this phase: Eq. 4 heuristic noise, the model generator, or None."""
+  if phase == "heuristic":
+    return noise_lib.heuristic_scores(key, batch.labels, batch.mask, config.noise)
+  if phase == "model":
+    generator = noise_lib.make_generator(config.noise, config.model)
+    return generator.apply({"params": phi}, batch, rngs={"noise": key})
+  return None
+
+
+def reranker_objective(theta: Any, phi: Any, batch: batch_lib.ListBatch,
+                       keys: tuple[jax.Array, jax.Array, jax.Array], *,
+                       config: config_lib.TrainConfig, phase: str):
+  """``L_theta = L_direct + lambda_m L_z`` (Eq. 5); the generator phi is frozen.
+
+  ``phi`` enters only through ``x'``, which is a stop-gradient input here, so this
+  objective's gradient with respect to phi is zero by construction.
+
+  Args:
+    keys: ``(dropout on real scores, dropout on generated scores, noise)``.
+
+  Returns:
+    ``(loss, terms)`` with ``terms`` holding ``l_direct``, ``l_z`` (when the phase
+    generates scores) and ``l_theta``.
+  """
+  k_drop, k_drop_z, k_noise = keys
+  reranker = models.make_reranker(config.model)
+  logits = reranker.apply({"params": theta}, batch, train=True, rngs={"dropout": k_drop})
+  terms = {"l_direct": losses.direct_loss(logits, batch.labels, batch.mask)}
+  total = terms["l_direct"]
+  x_gen = generated_scores(phi, batch, k_noise, config=config, phase=phase)
+  if x_gen is not None:
+    x_gen = jax.lax.stop_gradient(x_gen)
+    logits_z = reranker.apply({"params": theta}, batch.replace(scores=x_gen),
+                              train=True, rngs={"dropout": k_drop_z})
+    terms["l_z"] = losses.denoise_loss(logits_z, batch.labels, batch.mask)
+    terms["mean_generated_score"] = jax.lax.stop_gradient(
+        losses.masked_mean(x_gen, batch.mask))
+    total = total + config.loss.lambda_m * terms["l_z"]
+  terms["l_theta"] = total
+  return total, terms
+
+
+def generator_objective(phi: Any, theta: Any, batch: batch_lib.ListBatch,
+                        key: jax.Array, *, config: config_lib.TrainConfig):
+  """``L_phi = lambda_adv L_adv + lambda_x L_x`` (Eq. 5); the reranker theta is frozen.
+
+  ``theta`` is a stop-gradient argument and the reranker runs without dropout: the
+  generator attacks the model as it will be used. Its gradient with respect to theta
+  is zero by construction.
+
+  Returns:
+    ``(loss, terms)`` with ``l_adv``, ``l_x`` and ``l_phi``.
+  """
+  theta = jax.lax.stop_gradient(theta)
+  x = generated_scores(phi, batch, key, config=config, phase="model")
+  logits = models.make_reranker(config.model).apply(
+      {"params": theta}, batch.replace(scores=x), train=False)
+  l_adv = losses.adversarial_loss(logits, batch.labels, batch.mask)
+  l_x = losses.distribution_loss(x, batch.scores, batch.labels, batch.mask, config.loss)
+  total = config.loss.lambda_adv * l_adv + config.loss.lambda_x * l_x
+  return total, {"l_adv": l_adv, "l_x": l_x, "l_phi": total}
+
+
+def train_step(state: DNRState, batch: batch_lib.ListBatch, *,
+               config: config_lib.TrainConfig, phase: str) -> tuple[DNRState, dict]:
+  """One DNR iteration on this device's shard; call only under a ``'batch'`` axis.
+
+  Order (Algorithm 1): theta is updated with ``reranker_objective`` (phi frozen), then
+  phi with ``generator_objective`` against the reranker's **post-update** parameters
+  (theta frozen), so the generator always attacks the current reranker.
+
+  Randomness: ``fold_in(key, step)`` then ``fold_in(., axis_index('batch'))``, so every
+  step and every device draws its own noise and dropout.
+
+  Reductions: gradients and metrics are ``pmean``-ed over ``'batch'``; each loss is a
+  masked mean over the shard's valid candidates.
+
+  Args:
+    state: both players; donated by the compiled wrappers (``Runner``).
+    batch: this device's ``[B / devices, ...]`` share of the global batch.
+    config: static; the run's configuration.
+    phase: static; one of ``PHASES``.
+
+  Returns:
+    The new state and a dict of scalar metrics (loss terms, gradient norms, mean
+    generated score), identical on every device.
+  """
+  if phase not in PHASES:
+    raise ValueError(f"phase={phase!r} is not one of {PHASES}")
+  batch_lib.check_batch(batch)
+  key = device_step_key(state.key, state.step)
+  k_drop, k_drop_z, k_noise, k_gen = jax.random.split(key, 4)
+  reranker, generator = state.reranker, state.generator
+
+  grads, metrics = jax.grad(reranker_objective, has_aux=True)(
+      reranker.params, generator.params, batch, (k_drop, k_drop_z, k_noise),
+      config=config, phase=phase)
+  grads = jax.lax.pmean(grads, AXIS)
+  reranker = reranker.apply_gradients(grads=grads)
+  metrics["grad_norm_theta"] = optax.global_norm(grads)
+
+  if phase == "model":
+    g_grads, g_terms = jax.grad(generator_objective, has_aux=True)(
+        generator.params, reranker.params, batch, k_gen, config=config)
+    g_grads = jax.lax.pmean(g_grads, AXIS)
+    generator = generator.apply_gradients(grads=g_grads)
+    metrics.update(g_terms)
+    metrics["grad_norm_phi"] = optax.global_norm(g_grads)
+
+  metrics = jax.lax.pmean(metrics, AXIS)
+  new_state = state.replace(step=state.step + 1, reranker=reranker, generator=generator)
+  return new_state, metrics
+
+
+def eval_step(params: Any, batch: batch_lib.ListBatch, *, config: config_lib.TrainConfig
+              ) -> tuple[dict, jax.Array]:
+  """Scores a shard with the reranker on the *real* scores; per-list metrics summed.
+
+  Returns:
+    ``(sums, logits)``: ``sums`` maps each metric of ``metrics.list_metrics`` (and its
+    weights) to its weighted sum over the shard, ``psum``-ed over ``'batch'``;
+    ``logits`` ``[B / devices, n]`` for the exact global AUC, computed once per split.
+  """
+  reranker = models.make_reranker(config.model)
+  logits = reranker.apply({"params": params}, batch, train=False)
+  per_list = metrics_lib.list_metrics(logits, batch.labels, batch.mask,
+                                      k=config.eval_k,
+                                      map_normaliser=config.map_normaliser)
+  sums = metrics_lib.weighted_sums(per_list)
+  return jax.lax.psum(sums, AXIS), logits
+
+
+@dataclasses.dataclass
+class Runner:
+  """Places state and batches on the devices and runs the compiled steps.
+
+  ``compile="pmap"``: the state is replicated with a leading device axis and batches
+  are reshaped to ``[devices, B / devices, ...]``. ``compile="shard_map"``: the state is
+  a replicated global array and batches are global arrays sharded along a 1-D
+  ``'batch'`` mesh. Callers see neither: they pass host batches and get host values.
+
+  Each phase's train step is traced once (``chex.assert_max_traces``): a batch of a
+  new shape or dtype would recompile, and fails loudly instead.
+  """
+  config: config_lib.TrainConfig
+  devices: tuple = ()
+
+  def __post_init__(self):
+    self.devices = tuple(self.devices or jax.local_devices())
+    self.mesh = Mesh(np.array(self.devices), (AXIS,))
+    self._train: dict[str, Callable] = {}
+    self._eval = self._compile(functools.partial(eval_step, config=self.config),
+                               in_specs=(P(), P(AXIS)), out_specs=(P(), P(AXIS)),
+                               donate=False)
+
+  @property
+  def num_devices(self) -> int:
+    return len(self.devices)
+
+  def _compile(self, body, in_specs, out_specs, donate: bool):
+    donate_argnums = (0,) if donate else ()
+    if self.config.compile == "pmap":
+      return jax.pmap(body, axis_name=AXIS, devices=self.devices,
+                      donate_argnums=donate_argnums)
+    return jax.jit(jax.shard_map(body, mesh=self.mesh, in_specs=in_specs,
+                                 out_specs=out_specs),
+                   donate_argnums=donate_argnums)
+
+  def train_fn(self, phase: str) -> Callable:
+    if phase not in self._train:
+      body = chex.assert_max_traces(
+          functools.partial(train_step, config=self.config, phase=phase), n=1)
+      self._train[phase] = self._compile(body, in_specs=(P(), P(AXIS)),
+                                         out_specs=(P(), P()), donate=True)
+    return self._train[phase]
+
+  # Placement.
+  def put_state(self, state: DNRState) -> DNRState:
+    if self.config.compile == "pmap":
+      return jax.device_put_replicated(state, list(self.devices))
+    return jax.device_put(state, NamedSharding(self.mesh, P()))
+
+  def get_state(self, state: DNRState) -> DNRState:
+    """The host copy of a placed state (first replica under pmap)."""
+    if self.config.compile == "pmap":
+      state = jax.tree.map(lambda x: x[0], state)
+    return jax.device_get(state)
+
+  def put_batch(self, arrays) -> batch_lib.ListBatch:
+    b = batch_lib.ListBatch.from_arrays(arrays)
+    size = b.items.shape[0]
+    if size % self.num_devices:
+      raise ValueError(f"batch of {size} lists is not divisible by the "
+                       f"{self.num_devices} devices")
+    if self.config.compile == "pmap":
+      d = self.num_devices
+      return jax.tree.map(lambda x: np.reshape(x, (d, -1) + x.shape[1:]), b)
+    # Each process holds its own slice of the global batch (multi-host input).
+    sharding = NamedSharding(self.mesh, P(AXIS))
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), b)
+
+  # Steps.
+  def train(self, state: DNRState, arrays, phase: str) -> tuple[DNRState, dict]:
+    """One step on a host batch; ``state`` is donated (do not reuse it)."""
+    state, metrics = self.train_fn(phase)(state, self.put_batch(arrays))
+    if self.config.compile == "pmap":
+      metrics = jax.tree.map(lambda x: x[0], metrics)
+    return state, metrics
+
+  def evaluate(self, state: DNRState, arrays) -> tuple[dict, jax.Array]:
+    params = state.reranker.params
+    sums, logits = self._eval(params, self.put_batch(arrays))
+    if self.config.compile == "pmap":
+      sums = jax.tree.map(lambda x: x[0], sums)
+      logits = logits.reshape((-1,) + logits.shape[2:])
+    return sums, logits

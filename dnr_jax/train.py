@@ -1,0 +1,225 @@
+"""The training loop: ``train_and_evaluate(config, data, workdir)``.
+
+Epochs follow Algorithm 1's schedule (``step.phase_for_epoch``). After every epoch
+the reranker is evaluated on the validation and test lists with the *real* retriever
+scores; the model is selected by validation NDCG@K and the test metrics reported are
+those of the selected epoch. With a ``workdir`` the loop writes ``metrics.jsonl``
+(one JSON object per epoch) and orbax checkpoints of the whole state (both players,
+optimiser states, key, step) and resumes from the latest one when restarted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from dnr_jax import batch as batch_lib
+from dnr_jax import config as config_lib
+from dnr_jax import metrics as metrics_lib
+from dnr_jax import pipeline
+from dnr_jax import step as step_lib
+from dnr_jax.data import types
+
+SELECT_METRIC = "ndcg"
+
+
+def _model_config_for(config: config_lib.TrainConfig,
+                      data: types.PreparedLists) -> config_lib.TrainConfig:
+  """Fills the vocabulary sizes the data set dictates into the model config."""
+  model = dataclasses.replace(config.model, num_items=data.num_items,
+                              num_users=data.num_users,
+                              user_feature_vocab=tuple(data.user_feature_vocab),
+                              item_feature_vocab=tuple(data.item_feature_vocab))
+  return dataclasses.replace(config, model=model)
+
+
+def evaluate(runner: step_lib.Runner, state: step_lib.DNRState, arrays,
+             batch_size: int, *, num_items: int) -> dict[str, float]:
+  """Metrics of the reranker on one split (all lists, padded last batch)."""
+  sums, logits = None, []
+  for b in pipeline.batches(arrays, batch_size, shuffle=False):
+    s, lg = runner.evaluate(state, b)
+    sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
+    logits.append(lg)
+  n = pipeline.num_lists(arrays)
+  logits = jnp.concatenate(logits)[:n]
+  return _finish(sums, logits, arrays, runner.config.eval_k, num_items)
+
+
+def _finish(sums, logits, arrays, k: int, num_items: int) -> dict[str, float]:
+  out = {k_: float(v) for k_, v in metrics_lib.means(jax.device_get(sums)).items()}
+  labels, mask = jnp.asarray(arrays["labels"]), jnp.asarray(arrays["mask"])
+  out["global_auc"] = float(metrics_lib.global_auc(logits, labels, mask))
+  out["coverage"] = float(metrics_lib.coverage(logits, mask, jnp.asarray(arrays["items"]),
+                                               k=k, num_items=num_items))
+  return out
+
+
+def evaluate_retriever(arrays, *, k: int, map_normaliser: str,
+                       num_items: int) -> dict[str, float]:
+  """The retriever's own ranking as a row of the results (logits = its scores)."""
+  scores = jnp.asarray(arrays["scores"])
+  labels, mask = jnp.asarray(arrays["labels"]), jnp.asarray(arrays["mask"])
+  per_list = metrics_lib.list_metrics(scores, labels, mask, k=k,
+                                      map_normaliser=map_normaliser)
+  return _finish(metrics_lib.weighted_sums(per_list), scores, arrays, k, num_items)
+
+
+class _Checkpoints:
+  """orbax ``CheckpointManager`` over the host copy of the state plus JSON metadata."""
+
+  def __init__(self, directory: str, keep: int):
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    self._ocp = ocp
+    self.manager = ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+  def latest(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def save(self, epoch: int, state, meta: dict) -> None:
+    ocp = self._ocp
+    self.manager.save(epoch, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+  def restore(self, epoch: int, like):
+    ocp = self._ocp
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    out = self.manager.restore(epoch, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    return out.state, out.meta
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def _fmt(metrics: dict[str, float], keys) -> str:
+  return " ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics)
+
+
+def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists,
+                       workdir: Optional[str] = None, *,
+                       devices: Optional[tuple] = None,
+                       on_epoch: Optional[Callable[[dict], None]] = None
+                       ) -> dict[str, Any]:
+  """Trains the reranker (and generator) of ``config`` on ``data``.
+
+  Args:
+    config: the run; ``model`` vocabulary sizes are taken from ``data``.
+    data: prepared lists with ``train``, ``valid`` and ``test`` splits.
+    workdir: where metrics and checkpoints go; ``None`` keeps nothing on disk.
+    devices: the local devices to run on (default: all).
+    on_epoch: called with each epoch's record (for binaries that plot or report).
+
+  Returns:
+    ``{"config", "history", "best_epoch", "valid", "test", "retriever", "data"}``:
+    per-epoch records, the selected epoch (by validation NDCG@K), its validation and
+    test metrics, and the retriever's own ranking on the test lists.
+  """
+  config = _model_config_for(config, data)
+  runner = step_lib.Runner(config, devices or ())
+  train = pipeline.complete(data.splits["train"])
+  valid = pipeline.complete(data.splits["valid"])
+  test = pipeline.complete(data.splits["test"])
+  eval_bs = config.eval_batch_size or config.global_batch_size
+  config_lib.validate(config, list_size=train["items"].shape[1],
+                      num_devices=runner.num_devices * jax.process_count())
+  if not data.is_real:
+    logging.warning("DATA: %s -- this is NOT the real data; numbers are not comparable "
+                    "to the paper.", data.name)
+  else:
+    logging.info("DATA: %s", data.name)
+  logging.info("method=%s backbone=%s score_usage=%s devices=%d (%s) compile=%s",
+               config.method, config.model.backbone, config.model.score_usage,
+               runner.num_devices, jax.default_backend(), config.compile)
+
+  root = jax.random.PRNGKey(config.seed)
+  local_bs = config.global_batch_size // jax.process_count()
+  example = batch_lib.ListBatch.from_arrays(
+      {k: v[:local_bs // runner.num_devices] for k, v in train.items()})
+  state = step_lib.create_state(config, example, root)
+
+  history: list[dict] = []
+  start_epoch = 0
+  ckpt = _Checkpoints(os.path.join(workdir, "checkpoints"), config.keep_checkpoints) \
+      if workdir else None
+  if ckpt is not None and ckpt.latest() is not None:
+    state, meta = ckpt.restore(ckpt.latest(), state)
+    history = list(meta["history"])
+    start_epoch = int(meta["epoch"]) + 1
+    logging.info("resumed from %s at epoch %d", workdir, start_epoch)
+  metrics_path = os.path.join(workdir, "metrics.jsonl") if workdir else None
+  if workdir:
+    os.makedirs(workdir, exist_ok=True)
+
+  state = runner.put_state(state)
+  steps = pipeline.steps_per_epoch(train, config.global_batch_size, pad_last=False)
+  if steps == 0:
+    raise ValueError(f"global_batch_size={config.global_batch_size} exceeds the "
+                     f"{pipeline.num_lists(train)} training lists")
+  t_run = time.time()
+  for epoch in range(start_epoch, config.num_epochs):
+    phase = step_lib.phase_for_epoch(config, epoch)
+    t0 = time.time()
+    step_metrics = []
+    # The last partial batch is dropped in training (shuffling brings its lists back
+    # next epoch) so every train step has the same shape and nothing recompiles.
+    for i, b in enumerate(pipeline.batches(
+        train, config.global_batch_size, shuffle=True, seed=config.seed, epoch=epoch,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        pad_last=False)):
+      state, m = runner.train(state, b, phase)
+      step_metrics.append(m)
+      if config.log_every_steps and (i + 1) % config.log_every_steps == 0:
+        logging.info("epoch %d step %d/%d %s", epoch + 1, i + 1, steps,
+                     _fmt(jax.device_get(m), ("l_theta", "l_phi")))
+    train_metrics = {k: float(np.mean([m[k] for m in jax.device_get(step_metrics)]))
+                     for k in step_metrics[0]}
+    train_time = time.time() - t0
+    valid_m = evaluate(runner, state, valid, eval_bs, num_items=data.num_items)
+    test_m = evaluate(runner, state, test, eval_bs, num_items=data.num_items)
+    record = {"epoch": epoch + 1, "phase": phase, "train": train_metrics,
+              "valid": valid_m, "test": test_m,
+              "lists_per_s": steps * config.global_batch_size / train_time,
+              "epoch_s": time.time() - t0}
+    history.append(record)
+    done = epoch + 1 - start_epoch
+    eta = (time.time() - t_run) / done * (config.num_epochs - epoch - 1)
+    logging.info("epoch %d/%d [%s] %.0f lists/s ETA %.0fs | %s | valid %s | test %s",
+                 epoch + 1, config.num_epochs, phase, record["lists_per_s"], eta,
+                 _fmt(train_metrics, ("l_direct", "l_z", "l_adv", "l_x")),
+                 _fmt(valid_m, ("ndcg", "auc")), _fmt(test_m, ("ndcg", "auc")))
+    if metrics_path:
+      with open(metrics_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if on_epoch:
+      on_epoch(record)
+    if ckpt is not None and ((epoch + 1) % config.checkpoint_every_epochs == 0
+                             or epoch + 1 == config.num_epochs):
+      ckpt.save(epoch, runner.get_state(state), {"epoch": epoch, "history": history})
+  if ckpt is not None:
+    ckpt.close()
+
+  best = max(history, key=lambda r: r["valid"][SELECT_METRIC])
+  retriever = evaluate_retriever(test, k=config.eval_k,
+                                 map_normaliser=config.map_normaliser,
+                                 num_items=data.num_items)
+  result = {"config": dataclasses.asdict(config), "history": history,
+            "best_epoch": best["epoch"], "valid": best["valid"], "test": best["test"],
+            "retriever": retriever, "data": {"name": data.name, "is_real": data.is_real},
+            "final_state": runner.get_state(state)}
+  logging.info("best epoch %d by valid %s@%d: test %s | retriever %s", best["epoch"],
+               SELECT_METRIC, config.eval_k,
+               _fmt(best["test"], ("hr", "ndcg", "map", "f1", "auc")),
+               _fmt(retriever, ("hr", "ndcg", "map", "f1", "auc")))
+  return result

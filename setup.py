@@ -1,0 +1,33 @@
+"""dnr-jax: the Denoising Neural Reranker (DNR) in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name="dnr-jax",
+    version="0.1.0",
+    description="Denoising Neural Reranker (DNR) for two-stage recommenders, in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["dnr_jax", "dnr_jax.*", "experiments",
+                                               "experiments.*"]),
+    package_data={"experiments": ["configs/*.flags"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.10",
+        "optax>=0.2",
+        "chex>=0.1.88",
+        "orbax-checkpoint>=0.11",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        "tensorflow-datasets>=4.9.8",
+        "array_record>=0.7",
+        "pyarrow>=15",
+        "etils[epath]>=1.7",
+        "matplotlib>=3.8",
+        "scipy>=1.11",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3", "scikit-learn>=1.4"],
+    },
+)

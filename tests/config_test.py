@@ -1,0 +1,62 @@
+"""Tests that bad configuration values fail at start, naming the value."""
+
+import dataclasses
+
+import pytest
+
+from dnr_jax import config as config_lib
+
+
+def _cfg(**kw):
+  return dataclasses.replace(config_lib.TrainConfig(
+      model=config_lib.ModelConfig(num_items=10, num_users=3)), **kw)
+
+
+def test_default_config_is_valid():
+  config_lib.validate(_cfg(), list_size=50, num_devices=8)
+
+
+@pytest.mark.parametrize("cfg, kwargs, pattern", [
+    (dict(noise=config_lib.NoiseConfig(lambda_c=1.5)), {}, r"noise\.lambda_c=1\.5"),
+    (dict(noise=config_lib.NoiseConfig(lambda_c=-0.1)), {}, r"noise\.lambda_c=-0\.1"),
+    (dict(loss=config_lib.LossConfig(lambda_m=-1.0)), {}, r"loss\.lambda_m=-1\.0"),
+    (dict(loss=config_lib.LossConfig(lx_estimator="emd")), {}, r"lx_estimator='emd'"),
+    (dict(method="dnr_x"), {}, r"method='dnr_x'"),
+    (dict(compile="pjit"), {}, r"compile='pjit'"),
+    (dict(eval_k=60), dict(list_size=50), r"eval_k=60 exceeds the list size n=50"),
+    (dict(global_batch_size=100), dict(num_devices=8),
+     r"global_batch_size=100 is not divisible by the 8 devices"),
+    (dict(model=config_lib.ModelConfig(num_items=10, backbone="gru4rec")), {},
+     r"backbone='gru4rec'"),
+    (dict(model=config_lib.ModelConfig(num_items=10, score_usage="mul")), {},
+     r"score_usage='mul'"),
+    (dict(model=config_lib.ModelConfig(num_items=10, hidden=30, num_heads=4)), {},
+     r"hidden=30 must be divisible"),
+])
+def test_bad_values_fail_with_their_name(cfg, kwargs, pattern):
+  with pytest.raises(ValueError, match=pattern):
+    config_lib.validate(_cfg(**cfg), **kwargs)
+
+
+def test_apply_method_unknown_name():
+  with pytest.raises(ValueError, match="unknown method 'dnr'"):
+    config_lib.apply_method(_cfg(), "dnr")
+
+
+@pytest.mark.parametrize("method", sorted(config_lib.METHODS))
+def test_every_method_is_a_valid_config(method):
+  cfg = config_lib.apply_method(_cfg(), method)
+  config_lib.validate(cfg)
+  assert cfg.method == method
+
+
+def test_methods_set_what_defines_them():
+  base = _cfg()
+  assert config_lib.apply_method(base, "backbone").model.score_usage == "none"
+  assert not config_lib.uses_noise(config_lib.apply_method(base, "c_score"))
+  g = config_lib.apply_method(base, "heuristic_b")
+  assert g.noise.heuristic == "beta" and not config_lib.generator_active(g, epoch=10**6)
+  d = config_lib.apply_method(dataclasses.replace(base, warmup_epochs=3), "dnr_g")
+  assert not config_lib.generator_active(d, 2) and config_lib.generator_active(d, 3)
+  assert config_lib.apply_method(base, "dnr_g_no_adv").loss.lambda_adv == 0
+  assert config_lib.apply_method(base, "dnr_g_no_lx").loss.lambda_x == 0
