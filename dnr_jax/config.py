@@ -147,6 +147,27 @@ def apply_method(config: TrainConfig, method: str) -> TrainConfig:
       **o.get("train", {}))
 
 
+def with_overrides(config: TrainConfig, overrides) -> TrainConfig:
+  """Returns ``config`` with dotted-key overrides set, e.g. ``{"loss.lambda_x": 0.5}``.
+
+  Keys name a ``TrainConfig`` field (``"num_epochs"``) or a field of one of its
+  sections (``"model.hidden"``, ``"noise.lambda_c"``, ``"loss.lx_estimator"``).
+  Unknown keys raise ``ValueError`` naming them.
+  """
+  sections: dict = {}
+  top = {}
+  for key, value in dict(overrides).items():
+    section, _, field = key.rpartition(".")
+    if section not in ("", "model", "noise", "loss") or field not in {
+        f.name for f in dataclasses.fields(getattr(config, section) if section
+                                           else config)}:
+      raise ValueError(f"unknown config field {key!r}")
+    (sections.setdefault(section, {}) if section else top)[field] = value
+  return dataclasses.replace(
+      config, **top, **{name: dataclasses.replace(getattr(config, name), **fields)
+                        for name, fields in sections.items()})
+
+
 def uses_noise(config: TrainConfig) -> bool:
   """Whether the method trains on generated scores at all (``L_z`` has weight > 0)."""
   return config.loss.lambda_m > 0
@@ -167,13 +188,15 @@ def _in(value, choices, name):
 
 
 def validate(config: TrainConfig, *, list_size: Optional[int] = None,
-             num_devices: Optional[int] = None) -> None:
+             num_devices: Optional[int] = None, vocab: bool = True) -> None:
   """Raises ``ValueError`` naming the first bad value of ``config``.
 
   Args:
     config: the run's configuration.
     list_size: ``n``, the candidates per list, when known (checks ``eval_k <= n``).
     num_devices: devices the step runs on, when known (checks batch divisibility).
+    vocab: check the vocabulary sizes (off before the data set, which sets them, is
+      loaded).
   """
   m, nz, ls = config.model, config.noise, config.loss
   _in(config.method, METHODS, "method")
@@ -183,8 +206,10 @@ def validate(config: TrainConfig, *, list_size: Optional[int] = None,
   _in(ls.lx_estimator, LX_ESTIMATORS, "loss.lx_estimator")
   _in(config.compile, COMPILERS, "compile")
   _in(config.map_normaliser, MAP_NORMALISERS, "map_normaliser")
-  _check(m.num_items >= 2, f"model.num_items={m.num_items} must be >= 2 (id 0 is padding)")
-  _check(m.num_users >= 1, f"model.num_users={m.num_users} must be >= 1")
+  if vocab:
+    _check(m.num_items >= 2,
+           f"model.num_items={m.num_items} must be >= 2 (id 0 is padding)")
+    _check(m.num_users >= 1, f"model.num_users={m.num_users} must be >= 1")
   for name in ("hidden", "num_heads", "num_layers", "history_layers"):
     v = getattr(m, name)
     _check(isinstance(v, int) and v >= 1, f"model.{name}={v!r} must be an integer >= 1")

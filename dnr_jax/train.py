@@ -31,7 +31,7 @@ from dnr_jax.data import types
 SELECT_METRIC = "ndcg"
 
 
-def _model_config_for(config: config_lib.TrainConfig,
+def with_data_vocab(config: config_lib.TrainConfig,
                       data: types.PreparedLists) -> config_lib.TrainConfig:
   """Fills the vocabulary sizes the data set dictates into the model config."""
   model = dataclasses.replace(config.model, num_items=data.num_items,
@@ -126,7 +126,7 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
     per-epoch records, the selected epoch (by validation NDCG@K), its validation and
     test metrics, and the retriever's own ranking on the test lists.
   """
-  config = _model_config_for(config, data)
+  config = with_data_vocab(config, data)
   runner = step_lib.Runner(config, devices or ())
   train = pipeline.complete(data.splits["train"])
   valid = pipeline.complete(data.splits["valid"])

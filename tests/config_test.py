@@ -60,3 +60,13 @@ def test_methods_set_what_defines_them():
   assert not config_lib.generator_active(d, 2) and config_lib.generator_active(d, 3)
   assert config_lib.apply_method(base, "dnr_g_no_adv").loss.lambda_adv == 0
   assert config_lib.apply_method(base, "dnr_g_no_lx").loss.lambda_x == 0
+
+
+def test_with_overrides_sets_dotted_fields_and_rejects_unknown():
+  cfg = config_lib.with_overrides(_cfg(), {"loss.lambda_x": 0.5, "num_epochs": 3,
+                                           "model.hidden": 64})
+  assert (cfg.loss.lambda_x, cfg.num_epochs, cfg.model.hidden) == (0.5, 3, 64)
+  with pytest.raises(ValueError, match="unknown config field 'loss.lambda_q'"):
+    config_lib.with_overrides(_cfg(), {"loss.lambda_q": 1.0})
+  with pytest.raises(ValueError, match="unknown config field 'optim.lr'"):
+    config_lib.with_overrides(_cfg(), {"optim.lr": 1.0})

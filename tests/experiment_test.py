@@ -1,0 +1,77 @@
+"""Tests of the experiment protocol: tables, t-tests, plots, TensorBoard files."""
+
+import dataclasses
+import glob
+import math
+import os
+
+import numpy as np
+import pytest
+
+from dnr_jax import config as config_lib
+from dnr_jax import experiment
+from dnr_jax import synthetic
+
+
+def _row(method, seed, ndcg, backbone="prm"):
+  test = {k: 0.5 for k, _ in experiment.COLUMNS}
+  test["ndcg"] = ndcg
+  return {"backbone": backbone, "method": method, "seed": seed, "test": test}
+
+
+def test_summary_mean_std_and_paired_t_test():
+  rows = ([_row("c_score", s, v) for s, v in enumerate([0.50, 0.52, 0.51])]
+          + [_row("backbone", s, v) for s, v in enumerate([0.40, 0.41, 0.42])]
+          + [_row("dnr_g", s, v) for s, v in enumerate([0.55, 0.58, 0.56])])
+  summary = {r["method"]: r for r in experiment.summarize(rows, k=6)}
+  np.testing.assert_allclose(summary["c_score"]["mean"]["ndcg"], 0.51)
+  np.testing.assert_allclose(summary["c_score"]["std"]["ndcg"], 0.01)
+  assert summary["dnr_g"]["p_vs"] == "c_score"    # the best baseline, not the worst
+  from scipy import stats
+  want = stats.ttest_rel([0.55, 0.58, 0.56], [0.50, 0.52, 0.51]).pvalue
+  np.testing.assert_allclose(summary["dnr_g"]["p_value"], want)
+  assert "p_value" not in summary["c_score"]
+
+
+def test_single_seed_has_no_p_value(tmp_path):
+  rows = [_row("c_score", 0, 0.5), _row("dnr_g", 0, 0.6)]
+  summary = experiment.summarize(rows, k=6)
+  assert math.isnan([r for r in summary if r["method"] == "dnr_g"][0]["p_value"])
+  md = experiment.write_table(summary, 6, str(tmp_path / "t.md"),
+                              str(tmp_path / "t.csv"), "title")
+  assert "n/a (1 seed)" in md and "N@6" in md and "60.00 ± 0.00" in md
+  assert (tmp_path / "t.csv").read_text().splitlines()[0].startswith("backbone,method")
+
+
+def test_bad_experiment_fails_before_any_run():
+  base = config_lib.TrainConfig(model=config_lib.ModelConfig(num_items=10))
+  with pytest.raises(ValueError, match="unknown method 'dnr'"):
+    experiment.validate(experiment.ExperimentConfig(base=base, methods=("dnr",)))
+  with pytest.raises(ValueError, match="unknown config field 'loss.lambda_q'"):
+    experiment.validate(experiment.ExperimentConfig(
+        base=base, sweep_field="loss.lambda_q", sweep_values=(0.1,)))
+
+
+@pytest.mark.slow
+def test_run_experiment_writes_every_output(tmp_path):
+  data = synthetic.generate(synthetic.SyntheticConfig(
+      num_users=40, num_items=60, list_size=10, history_size=5,
+      num_lists=(256, 64, 64)))
+  base = config_lib.TrainConfig(
+      model=config_lib.ModelConfig(hidden=16, num_heads=2),
+      noise=config_lib.NoiseConfig(generator_hidden=8),
+      num_epochs=2, warmup_epochs=1, global_batch_size=64, eval_batch_size=64,
+      log_every_steps=0)
+  exp = experiment.ExperimentConfig(
+      base=base, methods=("c_score", "dnr_g"), seeds=(0, 1),
+      sweep_field="noise.lambda_c", sweep_values=(0.2, 0.6), sweep_method="dnr_g")
+  exp = dataclasses.replace(exp, seeds=(0,))
+  out = experiment.run_experiment(exp, data, str(tmp_path))
+  for name in ("results.md", "results.csv", "results.json",
+               "plots/learning_curves.png", "plots/noise_density.png",
+               "plots/sensitivity_noise.lambda_c.png"):
+    assert (tmp_path / name).exists(), name
+  assert glob.glob(str(tmp_path / "runs/prm/dnr_g/seed0/tb/events.out.tfevents.*"))
+  assert "NOT the real data" in out["table"]
+  methods = [r["method"] for r in out["summary"]]
+  assert methods == ["c_score", "dnr_g", "retriever"]

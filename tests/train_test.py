@@ -1,0 +1,67 @@
+"""End-to-end tests of the real training loop on synthetic planted-preference lists."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from dnr_jax import config as config_lib
+from dnr_jax import synthetic
+from dnr_jax import train
+
+DATA = synthetic.generate(synthetic.SyntheticConfig(
+    num_users=150, num_items=120, list_size=20, history_size=10,
+    num_lists=(3072, 512, 512), retriever_noise=1.5, seed=0))
+
+
+def _config(method, **kw):
+  cfg = config_lib.TrainConfig(
+      model=config_lib.ModelConfig(hidden=32, num_heads=2, dropout=0.1),
+      noise=config_lib.NoiseConfig(generator_hidden=16),
+      warmup_epochs=3, num_epochs=6, global_batch_size=128, eval_batch_size=512,
+      learning_rate=3e-3, weight_decay=0.0, log_every_steps=0)
+  return dataclasses.replace(config_lib.apply_method(cfg, method), **kw)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["c_score", "dnr_g"])
+def test_training_learns_and_beats_the_retriever(method, tmp_path):
+  devices = tuple(jax.devices()[:2])
+  result = train.train_and_evaluate(_config(method), DATA, str(tmp_path),
+                                    devices=devices)
+  hist = result["history"]
+  assert hist[-1]["train"]["l_direct"] < hist[0]["train"]["l_direct"] - 0.02
+  if method == "dnr_g":
+    assert [r["phase"] for r in hist] == ["heuristic"] * 3 + ["model"] * 3
+    assert hist[-1]["train"]["l_z"] < hist[0]["train"]["l_z"]
+    assert np.isfinite(hist[-1]["train"]["l_x"])
+  # The planted preferences are learnable from ids and histories; the retriever's
+  # error is not. A clear margin over the retriever's own ranking on held-out lists:
+  ndcg, retriever = result["test"]["ndcg"], result["retriever"]["ndcg"]
+  assert ndcg > retriever + 0.03, (ndcg, retriever)
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(l)["epoch"] for l in lines] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.slow
+def test_resume_continues_from_the_latest_checkpoint(tmp_path):
+  devices = tuple(jax.devices()[:1])
+  cfg = _config("dnr_b", num_epochs=2, warmup_epochs=1)
+  first = train.train_and_evaluate(cfg, DATA, str(tmp_path), devices=devices)
+  resumed = train.train_and_evaluate(dataclasses.replace(cfg, num_epochs=3), DATA,
+                                     str(tmp_path), devices=devices)
+  assert [r["epoch"] for r in resumed["history"]] == [1, 2, 3]
+  assert resumed["history"][:2] == first["history"]
+  steps_per_epoch = 3072 // 128
+  assert int(resumed["final_state"].step) == 3 * steps_per_epoch
+  # The generator kept training after the resume (phase "model" from epoch 2 on).
+  assert resumed["history"][2]["phase"] == "model"
+
+
+def test_bad_batch_size_fails_before_training():
+  with pytest.raises(ValueError, match="global_batch_size=100 is not divisible"):
+    train.train_and_evaluate(_config("c_score", global_batch_size=100), DATA, None,
+                             devices=tuple(jax.devices()[:8]))
