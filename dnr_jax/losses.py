@@ -78,7 +78,7 @@ def histogram_kl(gen: jax.Array, real: jax.Array, w: jax.Array, *, bins: int,
 
 
 def _weighted_quantiles(x: jax.Array, w: jax.Array, levels: jax.Array) -> jax.Array:
-  x, w = x.reshape(-1), w.reshape(-1)
+  x, w = jnp.reshape(x, -1), jnp.reshape(w, -1)
   # Zero-weight entries are sent past every real value so they never become a quantile.
   order = jnp.argsort(jnp.where(w > 0, x, jnp.inf))
   xs, ws = x[order], w[order]
@@ -153,7 +153,8 @@ def distribution_loss(generated: jax.Array, real: jax.Array, labels: jax.Array,
     raise ValueError(f"loss.lx_estimator={config.lx_estimator!r} is not one of "
                      f"{list(config_lib.LX_ESTIMATORS)}")
   real = jax.lax.stop_gradient(real)
-  valid = mask.astype(jnp.float32)
+  labels = jnp.asarray(labels, jnp.float32)
+  valid = jnp.asarray(mask, jnp.float32)
   if not config.lx_per_class:
     return dist(generated, real, valid)
   total = jnp.maximum(valid.sum(), 1.0)

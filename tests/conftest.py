@@ -13,5 +13,13 @@ if "xla_force_host_platform_device_count" not in flags:
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 # Tests run tiny models: compile time dominates, and optimisation buys nothing.
 jax.config.update("jax_disable_most_optimizations", True)
+# Many tests compile the same programs (same tiny configs); a persistent cache shared
+# by the pytest-xdist workers of one run compiles each once.
+_cache = os.environ.setdefault("DNR_TEST_COMPILE_CACHE",
+                               tempfile.mkdtemp(prefix="dnr-jax-xla-cache-"))
+jax.config.update("jax_compilation_cache_dir", _cache)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
