@@ -21,8 +21,8 @@ def _config(method, **kw):
   cfg = config_lib.TrainConfig(
       model=config_lib.ModelConfig(hidden=32, num_heads=2, dropout=0.1),
       noise=config_lib.NoiseConfig(generator_hidden=16),
-      warmup_epochs=3, num_epochs=6, global_batch_size=128, eval_batch_size=512,
-      learning_rate=3e-3, weight_decay=0.0, log_every_steps=0)
+      warmup_epochs=3, num_epochs=6, global_batch_size=64, eval_batch_size=512,
+      learning_rate=1e-2, weight_decay=0.0, log_every_steps=0)
   return dataclasses.replace(config_lib.apply_method(cfg, method), **kw)
 
 
@@ -36,7 +36,9 @@ def test_training_learns_and_beats_the_retriever(method, tmp_path):
   assert hist[-1]["train"]["l_direct"] < hist[0]["train"]["l_direct"] - 0.02
   if method == "dnr_g":
     assert [r["phase"] for r in hist] == ["heuristic"] * 3 + ["model"] * 3
-    assert hist[-1]["train"]["l_z"] < hist[0]["train"]["l_z"]
+    # Within the heuristic phase the denoising loss falls; the model phase's scores
+    # are adversarial, so its L_z is not comparable with the heuristic one.
+    assert hist[2]["train"]["l_z"] < hist[0]["train"]["l_z"]
     assert np.isfinite(hist[-1]["train"]["l_x"])
   # The planted preferences are learnable from ids and histories; the retriever's
   # error is not. A clear margin over the retriever's own ranking on held-out lists:
@@ -49,13 +51,15 @@ def test_training_learns_and_beats_the_retriever(method, tmp_path):
 @pytest.mark.slow
 def test_resume_continues_from_the_latest_checkpoint(tmp_path):
   devices = tuple(jax.devices()[:1])
+  small = dataclasses.replace(DATA, splits={
+      k: {f: v[:256] for f, v in split.items()} for k, split in DATA.splits.items()})
   cfg = _config("dnr_b", num_epochs=2, warmup_epochs=1)
-  first = train.train_and_evaluate(cfg, DATA, str(tmp_path), devices=devices)
-  resumed = train.train_and_evaluate(dataclasses.replace(cfg, num_epochs=3), DATA,
+  first = train.train_and_evaluate(cfg, small, str(tmp_path), devices=devices)
+  resumed = train.train_and_evaluate(dataclasses.replace(cfg, num_epochs=3), small,
                                      str(tmp_path), devices=devices)
   assert [r["epoch"] for r in resumed["history"]] == [1, 2, 3]
   assert resumed["history"][:2] == first["history"]
-  steps_per_epoch = 3072 // 128
+  steps_per_epoch = 256 // 64
   assert int(resumed["final_state"].step) == 3 * steps_per_epoch
   # The generator kept training after the resume (phase "model" from epoch 2 on).
   assert resumed["history"][2]["phase"] == "model"
