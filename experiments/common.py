@@ -15,10 +15,17 @@ from dnr_jax import config as config_lib
 
 _D = config_lib.TrainConfig()
 
-flags.DEFINE_enum("method", "dnr_g", sorted(config_lib.METHODS),
-                  "Which row of the paper's tables to train.")
+flags.DEFINE_list("methods", ["backbone", "c_score", "dnr_g"],
+                  f"Rows of the paper's tables to train, from {sorted(config_lib.METHODS)}.")
+flags.DEFINE_list("backbones", ["prm"], f"Backbones, from {list(config_lib.BACKBONES)}.")
+flags.DEFINE_list("seeds", ["0"], "One run per seed; tables give mean +- std.")
+flags.DEFINE_string("sweep", None,
+                    "Figure 3 sensitivity sweep, FIELD=V1,V2,..., e.g. "
+                    "noise.lambda_c=0.1,0.3,0.5 (run with --sweep_method).")
+flags.DEFINE_enum("sweep_method", "dnr_g", sorted(config_lib.METHODS),
+                  "The method the sweep trains.")
+flags.DEFINE_bool("plots", True, "Write PNG plots.")
 flags.DEFINE_string("workdir", None, "Where metrics, checkpoints and results go.")
-flags.DEFINE_integer("seed", _D.seed, "Random seed of the run.")
 # Model.
 flags.DEFINE_enum("backbone", _D.model.backbone, config_lib.BACKBONES, "Reranker backbone.")
 flags.DEFINE_enum("score_usage", _D.model.score_usage, config_lib.SCORE_USAGES,
@@ -59,6 +66,22 @@ flags.DEFINE_integer("log_every_steps", _D.log_every_steps, "Log every N steps (
 
 FLAGS = flags.FLAGS
 
+
+class _QuietLibraries:
+  """Drops INFO records of orbax (dozens per checkpoint) from the absl log."""
+
+  def filter(self, record) -> bool:
+    return record.levelno > 20 or "/orbax/" not in record.pathname
+
+
+def setup_logging() -> None:
+  """Per-epoch progress lines stay readable: library chatter is filtered out."""
+  import logging as py_logging  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  py_logging.getLogger("absl").addFilter(_QuietLibraries())
+
 # flag name -> (config section or None for TrainConfig, field name)
 _FIELDS = {
     "backbone": ("model", "backbone"), "score_usage": ("model", "score_usage"),
@@ -76,21 +99,37 @@ _FIELDS = {
     "generator_learning_rate": (None, "generator_learning_rate"),
     "weight_decay": (None, "weight_decay"), "compile": (None, "compile"),
     "eval_k": (None, "eval_k"), "log_every_steps": (None, "log_every_steps"),
-    "seed": (None, "seed"),
 }
 
 
-def config_from_flags(method: str | None = None,
-                      base: config_lib.TrainConfig | None = None) -> config_lib.TrainConfig:
-  """Defaults (or ``base``), then the method preset, then the flags given explicitly."""
-  cfg = config_lib.apply_method(base or config_lib.TrainConfig(), method or FLAGS.method)
-  sections = {"model": {}, "noise": {}, "loss": {}, None: {}}
+def overrides_from_flags() -> dict:
+  """Dotted-key overrides (``config.with_overrides``) of the flags given explicitly."""
+  out = {}
   for name, (section, field) in _FIELDS.items():
     if FLAGS[name].present:
-      sections[section][field] = FLAGS[name].value
-  cfg = dataclasses.replace(
-      cfg, model=dataclasses.replace(cfg.model, **sections["model"]),
-      noise=dataclasses.replace(cfg.noise, **sections["noise"]),
-      loss=dataclasses.replace(cfg.loss, **sections["loss"]), **sections[None])
-  config_lib.validate(cfg)
-  return cfg
+      out[f"{section}.{field}" if section else field] = FLAGS[name].value
+  return out
+
+
+def experiment_from_flags(base: config_lib.TrainConfig | None = None):
+  """The ``ExperimentConfig`` the flags describe; fails at once on bad values."""
+  from dnr_jax import experiment  # pylint: disable=g-import-not-at-top
+  try:
+    seeds = tuple(int(s) for s in FLAGS.seeds)
+  except ValueError as e:
+    raise ValueError(f"--seeds={','.join(FLAGS.seeds)} must be integers") from e
+  sweep_field, sweep_values = None, ()
+  if FLAGS.sweep:
+    sweep_field, _, values = FLAGS.sweep.partition("=")
+    try:
+      sweep_values = tuple(float(v) for v in values.split(","))
+    except ValueError as e:
+      raise ValueError(f"--sweep={FLAGS.sweep!r} must be FIELD=V1,V2,...") from e
+  exp = experiment.ExperimentConfig(
+      base=base or config_lib.TrainConfig(),
+      overrides=tuple(overrides_from_flags().items()),
+      methods=tuple(FLAGS.methods), backbones=tuple(FLAGS.backbones), seeds=seeds,
+      sweep_field=sweep_field, sweep_values=sweep_values,
+      sweep_method=FLAGS.sweep_method, plots=FLAGS.plots)
+  experiment.validate(exp)
+  return exp
