@@ -127,6 +127,12 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
     test metrics, and the retriever's own ranking on the test lists.
   """
   config = with_data_vocab(config, data)
+  if jax.process_count() > 1:
+    # The step and the input pipeline are per-process already; evaluation still
+    # gathers logits on one host, which would silently count lists twice.
+    raise NotImplementedError(
+        f"train_and_evaluate runs in one process (found {jax.process_count()}); "
+        "multi-host evaluation is not implemented yet")
   runner = step_lib.Runner(config, devices or ())
   train = pipeline.complete(data.splits["train"])
   valid = pipeline.complete(data.splits["valid"])
