@@ -7,7 +7,6 @@ A flag overrides the method preset only when it is given explicitly, so
 
 from __future__ import annotations
 
-import dataclasses
 
 from absl import flags
 

@@ -7,7 +7,6 @@ The lists are generated (dnr_jax.synthetic), not real data, and the log and the
 results table say so.
 """
 
-import dataclasses
 
 import jax
 from absl import app, flags, logging

@@ -3,7 +3,6 @@
 import dataclasses
 import glob
 import math
-import os
 
 import numpy as np
 import pytest

@@ -1,6 +1,5 @@
 """Tests of the rerankers: shapes, score usage, padding, permutation, dropout."""
 
-import dataclasses
 
 import chex
 import jax

@@ -1,6 +1,5 @@
 """Tests of the noise generators (Eq. 4 and the model generator)."""
 
-import dataclasses
 
 import chex
 import jax

@@ -4,7 +4,6 @@ conftest.py gives this process 8 fake CPU devices.
 """
 
 import dataclasses
-import functools
 
 import chex
 import jax
