@@ -1,6 +1,6 @@
 """Flags shared by the experiment binaries, and their translation into a TrainConfig.
 
-Binaries stay thin: flags in, ``config_from_flags()``, one library call, results out.
+Binaries stay thin: flags in, ``experiment_from_flags()``, one library call, results out.
 A flag overrides the method preset only when it is given explicitly, so
 ``--method=backbone --lambda_c=0.3`` keeps the preset's ``score_usage=none``.
 """
