@@ -2,7 +2,7 @@
 
 Binaries stay thin: flags in, ``experiment_from_flags()``, one library call, results out.
 A flag overrides the method preset only when it is given explicitly, so
-``--method=backbone --lambda_c=0.3`` keeps the preset's ``score_usage=none``.
+``--methods=backbone --lambda_c=0.3`` keeps the preset's ``score_usage=none``.
 """
 
 from __future__ import annotations
