@@ -94,14 +94,21 @@ def _sort_by_score(items, scores, labels, mask):
   return take(items), take(scores), take(labels), take(mask)
 
 
-def _exposure(log, params, start, config):
-  rows = np.arange(start, log.num_rows)
-  order = np.lexsort((rows, log.user[rows]))     # by user, then time
-  rows = rows[order]
+def _by_user(log, rows):
+  """``rows`` regrouped by user (time order kept within a user).
+
+  Returns ``(rows, users, first, pos_in_user)``: ``first`` marks each user's first
+  row and ``pos_in_user`` counts a row's position within its user's rows.
+  """
+  rows = rows[np.lexsort((rows, log.user[rows]))]
   users = log.user[rows]
   first = np.r_[True, users[1:] != users[:-1]]
   run_start = np.maximum.accumulate(np.where(first, np.arange(len(rows)), 0))
-  pos_in_user = np.arange(len(rows)) - run_start
+  return rows, users, first, np.arange(len(rows)) - run_start
+
+
+def _exposure(log, params, start, config):
+  rows, users, first, pos_in_user = _by_user(log, np.arange(start, log.num_rows))
   new_list = first | (pos_in_user % config.list_size == 0)
   list_id = np.cumsum(new_list) - 1
   slot = pos_in_user % config.list_size
@@ -121,13 +128,8 @@ def _exposure(log, params, start, config):
 
 
 def _retrieval(log, params, start, config):
-  rows = np.flatnonzero(log.label[start:] > 0) + start    # positive interactions
-  order = np.lexsort((rows, log.user[rows]))
-  rows = rows[order]
-  users = log.user[rows]
-  first = np.r_[True, users[1:] != users[:-1]]
-  run_start = np.maximum.accumulate(np.where(first, np.arange(len(rows)), 0))
-  pos_in_user = np.arange(len(rows)) - run_start
+  rows, users, _, pos_in_user = _by_user(
+      log, np.flatnonzero(log.label[start:] > 0) + start)   # positive interactions
   starts = np.flatnonzero(pos_in_user % config.window == 0)
   list_user, list_row = users[starts], rows[starts]
   # The window: the next `window` positives of the same user.
