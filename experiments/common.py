@@ -25,43 +25,60 @@ flags.DEFINE_enum("sweep_method", "dnr_g", sorted(config_lib.METHODS),
                   "The method the sweep trains.")
 flags.DEFINE_bool("plots", True, "Write PNG plots.")
 flags.DEFINE_string("workdir", None, "Where metrics, checkpoints and results go.")
-# Model.
-flags.DEFINE_enum("backbone", _D.model.backbone, config_lib.BACKBONES, "Reranker backbone.")
-flags.DEFINE_enum("score_usage", _D.model.score_usage, config_lib.SCORE_USAGES,
-                  "How retriever scores enter the backbone (overrides the method's).")
-flags.DEFINE_integer("hidden", _D.model.hidden, "Hidden size.")
-flags.DEFINE_integer("num_heads", _D.model.num_heads, "Attention heads.")
-flags.DEFINE_integer("num_layers", _D.model.num_layers, "List encoder layers.")
-flags.DEFINE_float("dropout", _D.model.dropout, "Dropout rate.")
-# Noise.
-flags.DEFINE_enum("heuristic", _D.noise.heuristic, config_lib.HEURISTICS,
-                  "Warm-up noise (overrides the method's).")
-flags.DEFINE_float("lambda_c", _D.noise.lambda_c, "Eq. 4 noise weight lambda_c.")
-flags.DEFINE_float("gaussian_mean", _D.noise.gaussian_mean, "Gaussian eps mean.")
-flags.DEFINE_float("gaussian_std", _D.noise.gaussian_std, "Gaussian eps std.")
-flags.DEFINE_float("beta_a", _D.noise.beta_a, "Beta eps alpha.")
-flags.DEFINE_float("beta_b", _D.noise.beta_b, "Beta eps beta.")
-flags.DEFINE_bool("clip", _D.noise.clip, "Clip generated scores to [0, 1].")
-# Losses.
-flags.DEFINE_float("lambda_m", _D.loss.lambda_m, "Weight of L_z.")
-flags.DEFINE_float("lambda_adv", _D.loss.lambda_adv, "Weight of L_adv.")
-flags.DEFINE_float("lambda_x", _D.loss.lambda_x, "Weight of L_x.")
-flags.DEFINE_enum("lx_estimator", _D.loss.lx_estimator, config_lib.LX_ESTIMATORS,
-                  "Estimator of L_x.")
-flags.DEFINE_bool("lx_per_class", _D.loss.lx_per_class, "Match L_x per label class.")
-# Schedule and optimisation.
-flags.DEFINE_integer("warmup_epochs", _D.warmup_epochs,
-                     "lambda_e: heuristic epochs before the model generator.")
-flags.DEFINE_integer("num_epochs", _D.num_epochs, "Training epochs.")
-flags.DEFINE_integer("batch_size", _D.global_batch_size, "Global batch size (lists).")
-flags.DEFINE_float("learning_rate", _D.learning_rate, "Reranker learning rate.")
-flags.DEFINE_float("generator_learning_rate", _D.generator_learning_rate,
-                   "Generator learning rate.")
-flags.DEFINE_float("weight_decay", _D.weight_decay, "Reranker weight decay.")
-flags.DEFINE_enum("compile", _D.compile, config_lib.COMPILERS,
-                  "Compile the per-device step with jax.pmap or jit(shard_map).")
-flags.DEFINE_integer("eval_k", _D.eval_k, "K of the @K metrics.")
-flags.DEFINE_integer("log_every_steps", _D.log_every_steps, "Log every N steps (0: never).")
+# Flags that set one config field: (flag, dotted config key, help, choices or None).
+# Defaults and types come from the config dataclasses, so the two cannot drift.
+_CONFIG_FLAGS = (
+    ("backbone", "model.backbone", "Reranker backbone.", config_lib.BACKBONES),
+    ("score_usage", "model.score_usage",
+     "How retriever scores enter the backbone (overrides the method's).",
+     config_lib.SCORE_USAGES),
+    ("hidden", "model.hidden", "Hidden size.", None),
+    ("num_heads", "model.num_heads", "Attention heads.", None),
+    ("num_layers", "model.num_layers", "List encoder layers.", None),
+    ("dropout", "model.dropout", "Dropout rate.", None),
+    ("heuristic", "noise.heuristic", "Warm-up noise (overrides the method's).",
+     config_lib.HEURISTICS),
+    ("lambda_c", "noise.lambda_c", "Eq. 4 noise weight lambda_c.", None),
+    ("gaussian_mean", "noise.gaussian_mean", "Gaussian eps mean.", None),
+    ("gaussian_std", "noise.gaussian_std", "Gaussian eps std.", None),
+    ("beta_a", "noise.beta_a", "Beta eps alpha.", None),
+    ("beta_b", "noise.beta_b", "Beta eps beta.", None),
+    ("clip", "noise.clip", "Clip generated scores to [0, 1].", None),
+    ("lambda_m", "loss.lambda_m", "Weight of L_z.", None),
+    ("lambda_adv", "loss.lambda_adv", "Weight of L_adv.", None),
+    ("lambda_x", "loss.lambda_x", "Weight of L_x.", None),
+    ("lx_estimator", "loss.lx_estimator", "Estimator of L_x.", config_lib.LX_ESTIMATORS),
+    ("lx_per_class", "loss.lx_per_class", "Match L_x per label class.", None),
+    ("warmup_epochs", "warmup_epochs",
+     "lambda_e: heuristic epochs before the model generator.", None),
+    ("num_epochs", "num_epochs", "Training epochs.", None),
+    ("batch_size", "global_batch_size", "Global batch size (lists).", None),
+    ("learning_rate", "learning_rate", "Reranker learning rate.", None),
+    ("generator_learning_rate", "generator_learning_rate", "Generator learning rate.",
+     None),
+    ("weight_decay", "weight_decay", "Reranker weight decay.", None),
+    ("compile", "compile", "Compile the per-device step with jax.pmap or jit(shard_map).",
+     config_lib.COMPILERS),
+    ("eval_k", "eval_k", "K of the @K metrics.", None),
+    ("log_every_steps", "log_every_steps", "Log every N steps (0: never).", None),
+)
+
+
+def _default(key: str):
+  section, _, field = key.rpartition(".")
+  return getattr(getattr(_D, section) if section else _D, field)
+
+
+for _name, _key, _help, _choices in _CONFIG_FLAGS:
+  _value = _default(_key)
+  if _choices is not None:
+    flags.DEFINE_enum(_name, _value, _choices, _help)
+  elif isinstance(_value, bool):
+    flags.DEFINE_bool(_name, _value, _help)
+  elif isinstance(_value, int):
+    flags.DEFINE_integer(_name, _value, _help)
+  else:
+    flags.DEFINE_float(_name, _value, _help)
 
 FLAGS = flags.FLAGS
 
@@ -81,33 +98,11 @@ def setup_logging() -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
   py_logging.getLogger("absl").addFilter(_QuietLibraries())
 
-# flag name -> (config section or None for TrainConfig, field name)
-_FIELDS = {
-    "backbone": ("model", "backbone"), "score_usage": ("model", "score_usage"),
-    "hidden": ("model", "hidden"), "num_heads": ("model", "num_heads"),
-    "num_layers": ("model", "num_layers"), "dropout": ("model", "dropout"),
-    "heuristic": ("noise", "heuristic"), "lambda_c": ("noise", "lambda_c"),
-    "gaussian_mean": ("noise", "gaussian_mean"), "gaussian_std": ("noise", "gaussian_std"),
-    "beta_a": ("noise", "beta_a"), "beta_b": ("noise", "beta_b"),
-    "clip": ("noise", "clip"),
-    "lambda_m": ("loss", "lambda_m"), "lambda_adv": ("loss", "lambda_adv"),
-    "lambda_x": ("loss", "lambda_x"), "lx_estimator": ("loss", "lx_estimator"),
-    "lx_per_class": ("loss", "lx_per_class"),
-    "warmup_epochs": (None, "warmup_epochs"), "num_epochs": (None, "num_epochs"),
-    "batch_size": (None, "global_batch_size"), "learning_rate": (None, "learning_rate"),
-    "generator_learning_rate": (None, "generator_learning_rate"),
-    "weight_decay": (None, "weight_decay"), "compile": (None, "compile"),
-    "eval_k": (None, "eval_k"), "log_every_steps": (None, "log_every_steps"),
-}
-
 
 def overrides_from_flags() -> dict:
   """Dotted-key overrides (``config.with_overrides``) of the flags given explicitly."""
-  out = {}
-  for name, (section, field) in _FIELDS.items():
-    if FLAGS[name].present:
-      out[f"{section}.{field}" if section else field] = FLAGS[name].value
-  return out
+  return {key: FLAGS[name].value for name, key, _, _ in _CONFIG_FLAGS
+          if FLAGS[name].present}
 
 
 def experiment_from_flags(base: config_lib.TrainConfig | None = None):
