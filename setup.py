@@ -25,6 +25,7 @@ setuptools.setup(
         "pyarrow>=15",
         "etils[epath]>=1.7",
         "matplotlib>=3.8",
+        "tensorboardX>=2.6",
         "scipy>=1.11",
     ],
     extras_require={
