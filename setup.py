@@ -24,6 +24,7 @@ setuptools.setup(
         "array_record>=0.7",
         "pyarrow>=15",
         "etils[epath]>=1.7",
+        "importlib_resources>=6",  # TFDS download manager needs it, does not declare it
         "matplotlib>=3.8",
         "tensorboardX>=2.6",
         "scipy>=1.11",

@@ -57,7 +57,7 @@ def _retriever(log, config):
 PARAMS, REPORT = _retriever(LOG, CFG)
 
 
-@pytest.mark.parametrize("protocol", lists.PROTOCOLS)
+@pytest.mark.parametrize("protocol", ("exposure", "retrieval"))
 def test_lists_layout_leakage_and_informative_scores(protocol):
   cfg = dataclasses.replace(CFG, protocol=protocol)
   data = lists.build_lists(LOG, PARAMS, cfg)
@@ -110,8 +110,19 @@ def test_splits_are_ordered_by_time():
 
 
 def test_bad_list_config():
-  with pytest.raises(ValueError, match="lists.protocol='paper'"):
-    lists.build_lists(LOG, PARAMS, dataclasses.replace(CFG, protocol="paper"))
+  with pytest.raises(ValueError, match="lists.protocol='cascade'"):
+    lists.build_lists(LOG, PARAMS, dataclasses.replace(CFG, protocol="cascade"))
+  with pytest.raises(ValueError, match="lists.window=10 must be < lists.list_size"):
+    lists.build_lists(LOG, PARAMS, dataclasses.replace(CFG, protocol="paper", window=10))
+
+
+def test_paper_protocol_forces_the_next_interactions_in():
+  cfg = dataclasses.replace(CFG, protocol="paper")
+  data = lists.build_lists(LOG, PARAMS, cfg)
+  train = data.splits["train"]
+  # Only the forced items can be positive; every list holds the top n - W picks.
+  assert train["mask"].sum(1).min() >= cfg.list_size - cfg.window
+  assert train["labels"].sum() > 0
 
 
 @pytest.mark.slow

@@ -35,7 +35,7 @@ from dnr_jax import metrics
 from dnr_jax.data import retriever as retriever_lib
 from dnr_jax.data import types
 
-PROTOCOLS = ("exposure", "retrieval")
+PROTOCOLS = ("exposure", "retrieval", "paper")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +43,7 @@ class ListConfig:
   protocol: str = "exposure"
   list_size: int = 50            # n, the paper's 50 candidates
   history_size: int = 50         # H
-  window: int = 6                # retrieval: the next W interactions label the list
+  window: int = 6                # retrieval / paper: the next W interactions
   retriever_fraction: float = 0.5  # earliest share of rows that trains the retriever
   valid_fraction: float = 0.1    # of the lists, by time
   test_fraction: float = 0.1
@@ -54,6 +54,9 @@ class ListConfig:
     for name in ("list_size", "history_size", "window"):
       if getattr(self, name) < 1:
         raise ValueError(f"lists.{name}={getattr(self, name)} must be >= 1")
+    if self.protocol == "paper" and self.window >= self.list_size:
+      raise ValueError(f"lists.window={self.window} must be < lists.list_size="
+                       f"{self.list_size} for the paper protocol")
     if not 0 < self.retriever_fraction < 1:
       raise ValueError(f"lists.retriever_fraction={self.retriever_fraction} must be "
                        "in (0, 1)")
@@ -146,6 +149,39 @@ def _retrieval(log, params, start, config):
   return list_user, list_row, items, scores, labels, mask
 
 
+def _paper(log, params, start, config):
+  logging.warning(
+      "lists.protocol='paper': the next %d interactions are forced in beside the "
+      "retriever's top %d. They score systematically lower than its own picks, so the "
+      "score alone finds them (inverted, leaked signal; see raw_score_auc). Use it only "
+      "to reproduce the paper's construction, never for conclusions.",
+      config.window, config.list_size - config.window)
+  rows, users, _, pos_in_user = _by_user(log, np.arange(start, log.num_rows))
+  starts = np.flatnonzero(pos_in_user % config.window == 0)
+  list_user, list_row = users[starts], rows[starts]
+  widx = starts[:, None] + np.arange(config.window)[None, :]
+  wvalid = widx < len(rows)
+  widx = np.clip(widx, 0, len(rows) - 1)
+  wvalid &= users[widx] == list_user[:, None]
+  shown = np.where(wvalid, log.item[rows[widx]], 0).astype(np.int32)
+  shown_label = np.where(wvalid, log.label[rows[widx]], 0).astype(np.float32)
+  hist, _ = _histories(log, list_user, list_row, config.history_size)
+  top, top_scores = retriever_lib.top_n(
+      params, list_user, np.concatenate([hist, shown], 1),
+      config.list_size - config.window)
+  shown_scores = np.asarray(retriever_lib.score(
+      params, jnp.asarray(np.repeat(list_user[:, None], config.window, 1)),
+      jnp.asarray(shown)))
+  items = np.concatenate([top, shown], 1)
+  scores = np.concatenate([top_scores, np.where(wvalid, shown_scores, 0.0)], 1)
+  labels = np.concatenate([np.zeros_like(top_scores), shown_label], 1)
+  mask = np.concatenate([np.ones_like(top, bool), wvalid], 1)
+  return list_user, list_row, items, scores.astype(np.float32), labels, mask
+
+
+_BUILDERS = {"exposure": _exposure, "retrieval": _retrieval, "paper": _paper}
+
+
 def build_lists(log: types.Interactions, params: retriever_lib.MFParams,
                 config: ListConfig) -> types.PreparedLists:
   """Lists of ``config.protocol`` from the rows after the retriever's cut-off.
@@ -162,7 +198,7 @@ def build_lists(log: types.Interactions, params: retriever_lib.MFParams,
   """
   config.validate()
   start = retriever_cutoff(log, config)
-  build = _exposure if config.protocol == "exposure" else _retrieval
+  build = _BUILDERS[config.protocol]
   users, first_row, items, scores, labels, mask = build(log, params, start, config)
   if len(users) == 0:
     raise ValueError(f"no {config.protocol} list could be built from rows {start}.. of "

@@ -1,0 +1,276 @@
+"""The shared machinery of the raw-data TFDS builders (``kuairand``, ``movielens``).
+
+A raw data set is a few *tables* (an interaction log, user features, item features),
+each read from one or more delimited files. The builder turns every table into a TFDS
+split of ``array_record`` files whose records are *blocks* of up to ``RECORD_ROWS``
+rows stored column-wise (one 1-D array per column): per-row records would make a
+322M-row log take hours to encode, blocks take minutes, and TFDS reads them back
+without TensorFlow (``as_data_source``).
+
+What the builder guarantees:
+
+* the source files are found in ``source_dir`` (extracted, or as the official archive,
+  whose md5 is checked), or downloaded when ``download=True``; missing files raise one
+  error naming each file and where to put it;
+* every file is streamed in bounded memory and validated (``csv_reader``): bad
+  columns, unparsable rows, missing, NaN or out-of-range values raise ``DataError``
+  naming the file, line, column and problem;
+* categorical string columns become int32 codes (1.., 0 = padding) whose vocabularies
+  go to the data set's metadata;
+* TFDS writes into an ``incomplete.*`` directory renamed only at the end, so an
+  interrupted preparation never looks complete; the next run starts again;
+* generated samples and fixtures carry a marker file (``NOT_REAL_DATA``); the builder
+  records ``is_real=False`` and every log line about them says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import time
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+
+from dnr_jax.data import csv_reader
+from dnr_jax.data.csv_reader import Column, DataError, FileSpec
+
+RECORD_ROWS = 1 << 16
+NOT_REAL_MARKER = "NOT_REAL_DATA"
+DEFAULT_DATA_DIR = os.path.join("~", ".cache", "dnr_jax", "datasets")
+
+
+def default_data_dir() -> str:
+  """``$DNR_DATA_DIR`` or ``~/.cache/dnr_jax/datasets``.
+
+  Not TFDS's ``~/tensorflow_datasets``: TFDS ships an unrelated ``movielens`` data set
+  whose cache would share its directory name.
+  """
+  return os.path.expanduser(os.environ.get("DNR_DATA_DIR", DEFAULT_DATA_DIR))
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+  """One table of a raw data set, read from ``files`` in order into split ``name``."""
+  name: str
+  files: tuple[str, ...]
+  columns: tuple[Column, ...]
+  categorical: tuple[str, ...] = ()   # str columns stored as int32 codes + vocabulary
+  spec: FileSpec = FileSpec()
+
+
+@dataclasses.dataclass
+class RawConfig(tfds.core.BuilderConfig):
+  """A variant of a raw data set: its tables and where its files come from."""
+  tables: tuple[Table, ...] = ()
+  archive: str | None = None          # the official archive's file name
+  url: str | None = None              # where ``download=True`` fetches it
+  md5: str | None = None              # the archive's published md5
+  homepage: str = ""
+  is_sample: bool = False             # a generated sample (never downloaded)
+
+
+def md5sum(path: str, chunk: int = 8 << 20) -> str:
+  h = hashlib.md5()
+  with open(path, "rb") as f:
+    while block := f.read(chunk):
+      h.update(block)
+  return h.hexdigest()
+
+
+def verify_md5(path: str, expected: str) -> None:
+  """Raises ``DataError`` naming the file when its md5 is not ``expected``."""
+  logging.info("checking md5 of %s ...", path)
+  actual = md5sum(path)
+  if actual != expected:
+    raise DataError(f"{path}: md5 {actual} does not match the published {expected}: "
+                    "the file is corrupt or incomplete; delete it and fetch it again")
+
+
+def _find(root: str, names: Sequence[str]) -> dict[str, str]:
+  """Paths of the files called ``names`` anywhere under ``root``."""
+  found = {}
+  if root and os.path.isdir(root):
+    for dirpath, _, files in os.walk(root):
+      for name in names:
+        if name in files and name not in found:
+          found[name] = os.path.join(dirpath, name)
+  return found
+
+
+def _codes(values: np.ndarray, vocab: dict[str, int]) -> np.ndarray:
+  """int32 codes of string values; new values extend ``vocab`` (codes from 1)."""
+  uniq, inverse = np.unique(values.astype(str), return_inverse=True)
+  lookup = np.empty(len(uniq), np.int32)
+  for j, v in enumerate(uniq):
+    lookup[j] = vocab.setdefault(str(v), len(vocab) + 1)
+  return lookup[inverse.reshape(-1)]
+
+
+def _column_dtype(table: Table, name: str) -> np.dtype:
+  if name in table.categorical:
+    return np.dtype(np.int32)
+  col = next(c for c in table.columns if c.name == name)
+  return np.dtype(col.dtype)
+
+
+def stored_columns(table: Table) -> list[str]:
+  return [c.name for c in table.columns] + list(table.categorical)
+
+
+class RawBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Base class of the raw builders: subclasses set ``BUILDER_CONFIGS``."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Column blocks of the raw tables."}
+
+  def __init__(self, *, source_dir: str | None = None, download: bool = False,
+               chunk_bytes: int = 64 << 20, **kwargs):
+    kwargs.setdefault("data_dir", default_data_dir())
+    kwargs.setdefault("file_format", "array_record")
+    super().__init__(**kwargs)
+    self.source_dir = os.path.expanduser(source_dir) if source_dir else None
+    self.download = download
+    self.chunk_bytes = chunk_bytes
+
+  # -- TFDS -----------------------------------------------------------------------------
+  def _info(self) -> tfds.core.DatasetInfo:
+    cfg = self.builder_config
+    features = {
+        t.name: tfds.features.FeaturesDict({
+            c: tfds.features.Tensor(shape=(None,), dtype=_column_dtype(t, c))
+            for c in stored_columns(t)})
+        for t in cfg.tables}
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict(features),
+        metadata=tfds.core.MetadataDict(),
+        disable_shuffling=True,   # keep file order: the log's time order is the truth
+        homepage=cfg.homepage)
+
+  def _locate(self, dl_manager) -> tuple[dict[str, str], bool]:
+    """Paths of every needed file, and whether they are the real data."""
+    cfg = self.builder_config
+    names = sorted({f for t in cfg.tables for f in t.files})
+    found = _find(self.source_dir, names)
+    if len(found) < len(names) and cfg.archive:
+      archive = _find(self.source_dir, [cfg.archive]).get(cfg.archive)
+      if archive is None and self.download and cfg.url:
+        logging.info("downloading %s from %s", cfg.archive, cfg.url)
+        archive = os.fspath(dl_manager.download(cfg.url))
+      if archive is not None:
+        if cfg.md5:
+          verify_md5(archive, cfg.md5)
+        found.update(_find(os.fspath(dl_manager.extract(archive)), names))
+    missing = [n for n in names if n not in found]
+    if missing:
+      where = self.source_dir or "(no source_dir given)"
+      fetch = (f"put the archive {cfg.archive} (from {cfg.homepage}) or its extracted "
+               f"files into {where}, or set download=True (--download)"
+               if cfg.archive else f"put them into {where}")
+      raise DataError(
+          f"{self.name}/{cfg.name}: missing source file(s):\n" +
+          "".join(f"  {n}\n" for n in missing) + f"To fix: {fetch}.")
+    is_real = not any(
+        os.path.exists(os.path.join(os.path.dirname(p), NOT_REAL_MARKER))
+        for p in found.values())
+    return found, is_real
+
+  def _split_generators(self, dl_manager):
+    paths, is_real = self._locate(dl_manager)
+    self.info.metadata["is_real"] = is_real
+    self.info.metadata["source_files"] = {n: os.path.getsize(p) for n, p in paths.items()}
+    if not is_real:
+      logging.warning("%s/%s: preparing a GENERATED sample (%s marker found), NOT the "
+                      "real data", self.name, self.builder_config.name, NOT_REAL_MARKER)
+    return {t.name: self._generate_examples(t, paths)
+            for t in self.builder_config.tables}
+
+  def _generate_examples(self, table: Table, paths: dict[str, str]
+                         ) -> Iterator[tuple[str, Any]]:
+    cfg = self.builder_config
+    vocabs = {c: {} for c in table.categorical}
+    empty = {t.name: {c: np.zeros((0,), _column_dtype(t, c)) for c in stored_columns(t)}
+             for t in cfg.tables if t.name != table.name}
+    total_bytes = sum(os.path.getsize(paths[f]) for f in table.files)
+    done_before, rows, t0, last_log = 0, 0, time.time(), 0.0
+    wanted = [c for c in table.columns if c.name not in table.categorical] + [
+        Column(c, kind="str", dtype="object", nullable=True) for c in table.categorical]
+    for fi, name in enumerate(table.files):
+      for ci, (chunk, done, _) in enumerate(csv_reader.iter_chunks(
+          paths[name], wanted, table.spec, self.chunk_bytes)):
+        for c in table.categorical:
+          chunk[c] = _codes(chunk[c], vocabs[c])
+        n = len(next(iter(chunk.values())))
+        for start in range(0, n, RECORD_ROWS):
+          block = {c: np.ascontiguousarray(chunk[c][start:start + RECORD_ROWS])
+                   for c in stored_columns(table)}
+          yield f"{fi:03d}-{ci:06d}-{start:09d}", {table.name: block, **empty}
+        rows += n
+        now = time.time()
+        if now - last_log > 5 or done == os.path.getsize(paths[name]):
+          last_log = now
+          frac = (done_before + done) / max(total_bytes, 1)
+          speed = rows / max(now - t0, 1e-9)
+          eta = (now - t0) * (1 - frac) / max(frac, 1e-9)
+          logging.info("%s/%s %s: %s %5.1f%% of %.1f MB, %d rows, %.0f rows/s, ETA %.0fs",
+                       self.name, cfg.name, table.name, name, 100 * frac,
+                       total_bytes / 1e6, rows, speed, eta)
+      done_before += os.path.getsize(paths[name])
+    self.info.metadata[f"{table.name}_rows"] = rows
+    self.info.metadata[f"{table.name}_vocab"] = {
+        c: [v for v, _ in sorted(vocabs[c].items(), key=lambda kv: kv[1])]
+        for c in table.categorical}
+
+
+def dense_ids(raw_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Dense ids 1..K for raw ids (sorted), and the raw id of each dense id (0: pad)."""
+  uniq, inverse = np.unique(raw_ids, return_inverse=True)
+  return (inverse.reshape(-1) + 1).astype(np.int32), np.concatenate([[-1], uniq])
+
+
+def feature_table(table: dict[str, np.ndarray], id_col: str, raw_ids: np.ndarray,
+                   features: tuple[str, ...]) -> np.ndarray:
+  """``[len(raw_ids), F]`` codes of ``features`` for each raw id (0: unknown)."""
+  out = np.zeros((len(raw_ids), len(features)), np.int32)
+  if len(table[id_col]):
+    order = np.argsort(table[id_col], kind="stable")
+    ids = table[id_col][order]
+    pos = np.clip(np.searchsorted(ids, raw_ids), 0, len(ids) - 1)
+    hit = ids[pos] == raw_ids
+    for j, f in enumerate(features):
+      out[hit, j] = table[f][order][pos[hit]]
+  return out
+
+
+def prepare(builder: RawBuilder) -> RawBuilder:
+  """Prepares ``builder`` once (a complete earlier preparation is reused)."""
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      try_download_gcs=False))
+  if not builder.info.metadata.get("is_real", True):
+    logging.warning("%s/%s at %s is a GENERATED sample, NOT the real data",
+                    builder.name, builder.builder_config.name, builder.data_dir)
+  return builder
+
+
+def read_table(builder: RawBuilder, table: str, columns: Sequence[str] | None = None,
+               where: tuple[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+  """The split ``table`` (or just ``columns`` of it) as numpy arrays.
+
+  ``where=(column, values)`` keeps only the rows whose ``column`` is in ``values``
+  (filtered block by block, so a large table never sits in memory whole).
+  """
+  source = builder.as_data_source(split=table)
+  parts: dict[str, list[np.ndarray]] = {}
+  for i in range(len(source)):
+    block = source[i][table]
+    keep = np.isin(block[where[0]], where[1]) if where is not None else slice(None)
+    for c in columns or block.keys():
+      parts.setdefault(c, []).append(np.asarray(block[c])[keep])
+  if not parts:
+    spec = next(t for t in builder.builder_config.tables if t.name == table)
+    return {c: np.zeros((0,), _column_dtype(spec, c))
+            for c in columns or stored_columns(spec)}
+  return {c: np.concatenate(v) for c, v in parts.items()}
