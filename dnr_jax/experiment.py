@@ -48,8 +48,10 @@ class ExperimentConfig:
 
   Attributes:
     base: the training configuration every run starts from.
-    overrides: dotted-key overrides (``config.with_overrides``) applied *after* each
-      method's preset: the user's explicit choices win over the preset.
+    overrides: dotted-key overrides (``config.with_overrides``) for every run, except
+      the fields a method's preset fixes (``config.METHODS``): those define the table
+      row, so ``--lambda_m=0.6`` sets DNR's L_z weight but leaves ``c_score`` without
+      L_z, and ``--score_usage`` reaches only methods that do not fix it.
     methods: ``config.METHODS`` names, the table's rows.
     backbones: reranker backbones; every method runs on each.
     seeds: one run per seed; the table reports mean +- std over them.
@@ -72,8 +74,10 @@ def run_config(experiment: ExperimentConfig, method: str, backbone: str, seed: i
                extra: Optional[dict] = None, vocab: bool = True
                ) -> config_lib.TrainConfig:
   """The resolved config of one run: base, method preset, overrides, run identity."""
-  cfg = config_lib.apply_method(experiment.base, method)
-  cfg = config_lib.with_overrides(cfg, dict(experiment.overrides, **(extra or {})))
+  cfg = config_lib.with_overrides(experiment.base,
+                                  dict(experiment.overrides, **(extra or {})))
+  # The preset last: a row of the table is what its method says, whatever the flags.
+  cfg = config_lib.apply_method(cfg, method)
   cfg = dataclasses.replace(cfg, seed=seed,
                             model=dataclasses.replace(cfg.model, backbone=backbone))
   config_lib.validate(cfg, vocab=vocab)

@@ -1,12 +1,14 @@
 """Flags shared by the experiment binaries, and their translation into a TrainConfig.
 
 Binaries stay thin: flags in, ``experiment_from_flags()``, one library call, results out.
-A flag overrides the method preset only when it is given explicitly, so
-``--methods=backbone --lambda_c=0.3`` keeps the preset's ``score_usage=none``.
+Config flags apply to every run, except the fields a method's preset fixes (they
+define the table's row): ``--methods=c_score,dnr_g --lambda_m=0.6`` gives DNR an L_z
+weight of 0.6 and leaves c_score without L_z.
 """
 
 from __future__ import annotations
 
+import dataclasses
 
 from absl import flags
 
@@ -80,14 +82,95 @@ for _name, _key, _help, _choices in _CONFIG_FLAGS:
   else:
     flags.DEFINE_float(_name, _value, _help)
 
+# Data flags (the kuairand / movielens binaries): (flag, DataConfig key, help, choices).
+_DATA_DEFAULT = None  # set lazily: importing dnr_jax.data pulls in TFDS
+_DATA_FLAGS = (
+    ("source_dir", "source_dir", "Where the raw files or official archive are.", None),
+    ("data_dir", "data_dir", "Where prepared TFDS data sets go "
+     "(default $DNR_DATA_DIR or ~/.cache/dnr_jax/datasets).", None),
+    ("download", "download", "Download the official archive if source_dir lacks it.",
+     None),
+    ("label", "label", "KuaiRand's positive signal.", None),
+    ("rating_threshold", "rating_threshold", "MovieLens: ratings >= this are positive.",
+     None),
+    ("include_random", "include_random", "KuaiRand: keep randomly exposed impressions.",
+     None),
+    ("k_core", "k_core", "Drop users and items with fewer rows (paper: 20).", None),
+    ("protocol", "lists.protocol", "List protocol: exposure, retrieval or paper.", None),
+    ("list_size", "lists.list_size", "n, candidates per list.", None),
+    ("history_size", "lists.history_size", "H, history length.", None),
+    ("window", "lists.window", "W, the next interactions that label a list.", None),
+    ("retriever_fraction", "lists.retriever_fraction",
+     "Earliest share of the timeline that trains the retriever.", None),
+    ("retriever_dim", "retriever.dim", "MF embedding size (paper: 128).", None),
+    ("retriever_learning_rate", "retriever.learning_rate", "MF learning rate.", None),
+    ("retriever_epochs", "retriever.epochs", "MF epochs.", None),
+    ("retriever_negatives", "retriever.negatives", "Random negatives per positive.",
+     None),
+    ("sample_users", "sample.num_users", "Generated sample: users.", None),
+    ("sample_items", "sample.num_items", "Generated sample: items.", None),
+    ("sample_rows_per_user", "sample.rows_per_user", "Generated sample: rows per user.",
+     None),
+)
+
+
+def define_data_flags(dataset: str, variants, default_variant: str) -> None:
+  """Defines ``--variant`` and the data flags; defaults from ``DataConfig``."""
+  from dnr_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  global _DATA_DEFAULT
+  _DATA_DEFAULT = prepare.default_config(dataset, default_variant)
+  flags.DEFINE_enum("variant", default_variant, list(variants),
+                    f"Which {dataset} data set (sample: generated, NOT real data).")
+  for name, key, help_, _ in _DATA_FLAGS:
+    value = _lookup(_DATA_DEFAULT, key)
+    if value is None:
+      flags.DEFINE_string(name, None, help_)
+    elif isinstance(value, bool):
+      flags.DEFINE_bool(name, value, help_)
+    elif isinstance(value, int):
+      flags.DEFINE_integer(name, value, help_)
+    elif isinstance(value, float):
+      flags.DEFINE_float(name, value, help_)
+    else:
+      flags.DEFINE_string(name, value, help_)
+
+
+def _lookup(obj, key: str):
+  for part in key.split("."):
+    obj = getattr(obj, part)
+  return obj
+
+
+def _replace(obj, key: str, value):
+  head, _, rest = key.partition(".")
+  if not rest:
+    return dataclasses.replace(obj, **{head: value})
+  return dataclasses.replace(obj, **{head: _replace(getattr(obj, head), rest, value)})
+
+
+def data_config_from_flags():
+  """The ``DataConfig`` the data flags describe; fails at once on bad values."""
+  config = dataclasses.replace(_DATA_DEFAULT, variant=FLAGS.variant)
+  for name, key, _, _ in _DATA_FLAGS:
+    if FLAGS[name].present:
+      config = _replace(config, key, FLAGS[name].value)
+  config.validate()
+  return config
+
+
 FLAGS = flags.FLAGS
+
+
+_CHATTY = ("/orbax/", "/tensorflow_datasets/")
 
 
 class _QuietLibraries:
   """Drops INFO records of orbax (dozens per checkpoint) from the absl log."""
 
   def filter(self, record) -> bool:
-    return record.levelno > 20 or "/orbax/" not in record.pathname
+    if "Using custom data configuration" in record.getMessage():
+      return False   # TFDS, once per cached list set: the config is logged by us
+    return record.levelno > 20 or not any(p in record.pathname for p in _CHATTY)
 
 
 def setup_logging() -> None:
@@ -97,6 +180,8 @@ def setup_logging() -> None:
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   py_logging.getLogger("absl").addFilter(_QuietLibraries())
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds.disable_progress_bar()   # the builders log their own progress lines
 
 
 def overrides_from_flags() -> dict:
@@ -127,3 +212,27 @@ def experiment_from_flags(base: config_lib.TrainConfig | None = None):
       sweep_method=FLAGS.sweep_method, plots=FLAGS.plots)
   experiment.validate(exp)
   return exp
+
+
+def main(argv) -> None:
+  """The data binaries' body: flags -> DataConfig + experiment -> lists -> results."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from absl import app, logging  # pylint: disable=g-import-not-at-top
+  from dnr_jax import experiment  # pylint: disable=g-import-not-at-top
+  from dnr_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  setup_logging()
+  # Every flag is checked before any data work starts.
+  exp = experiment_from_flags()
+  data_config = data_config_from_flags()
+  for method in exp.methods:
+    config_lib.validate(experiment.run_config(exp, method, exp.backbones[0],
+                                              exp.seeds[0], vocab=False),
+                        list_size=data_config.lists.list_size, vocab=False)
+  logging.info("JAX %s on %d %s device(s)", jax.__version__, jax.local_device_count(),
+               jax.default_backend())
+  data = prepare.prepare_lists(data_config)
+  out = experiment.run_experiment(exp, data, FLAGS.workdir)
+  print(out["table"])
+  print(f"outputs: {FLAGS.workdir}")

@@ -41,7 +41,7 @@ def _planted_log(seed=0, per_user=120):
 
 
 LOG = _planted_log()
-CFG = lists.ListConfig(list_size=10, history_size=8, window=6)
+CFG = lists.ListConfig(list_size=10, history_size=8, window=6, min_list_size=5)
 
 
 def _retriever(log, config):

@@ -171,7 +171,9 @@ def iter_chunks(path: str, columns: Sequence[Column], spec: FileSpec = FileSpec(
                                    spec.quoting else False)
   convert_opts = pa_csv.ConvertOptions(
       column_types=types, include_columns=[c.name for c in columns],
-      strings_can_be_null=True, quoted_strings_can_be_null=False)
+      # Only an empty field is missing; "nan" / "NA" stay values (a float NaN, an
+      # unparsable int) so the error says what the file really holds.
+      null_values=[""], strings_can_be_null=True, quoted_strings_can_be_null=False)
   line = 2 if spec.header else 1
   with open(path, "rb") as f:
     if spec.header:

@@ -44,6 +44,9 @@ class ListConfig:
   list_size: int = 50            # n, the paper's 50 candidates
   history_size: int = 50         # H
   window: int = 6                # retrieval / paper: the next W interactions
+  # Exposure lists shorter than this (a user's last, partial run) are dropped: with
+  # few candidates every metric at K is trivially high. Counted in the report.
+  min_list_size: int = 10
   retriever_fraction: float = 0.5  # earliest share of rows that trains the retriever
   valid_fraction: float = 0.1    # of the lists, by time
   test_fraction: float = 0.1
@@ -54,6 +57,9 @@ class ListConfig:
     for name in ("list_size", "history_size", "window"):
       if getattr(self, name) < 1:
         raise ValueError(f"lists.{name}={getattr(self, name)} must be >= 1")
+    if not 1 <= self.min_list_size <= self.list_size:
+      raise ValueError(f"lists.min_list_size={self.min_list_size} must be in 1.."
+                       f"{self.list_size} (lists.list_size)")
     if self.protocol == "paper" and self.window >= self.list_size:
       raise ValueError(f"lists.window={self.window} must be < lists.list_size="
                        f"{self.list_size} for the paper protocol")
@@ -72,9 +78,9 @@ def retriever_cutoff(log: types.Interactions, config: ListConfig) -> int:
 
 
 def _histories(log: types.Interactions, users: np.ndarray, before_row: np.ndarray,
-               size: int) -> tuple[np.ndarray, np.ndarray]:
-  """The ``size`` most recent positive items of each user strictly before a row."""
-  pos = np.flatnonzero(log.label > 0)
+               size: int, positive_only: bool = True) -> tuple[np.ndarray, np.ndarray]:
+  """The ``size`` most recent (positive) items of each user strictly before a row."""
+  pos = np.flatnonzero(log.label > 0) if positive_only else np.arange(log.num_rows)
   # Rows are in time order, so (user, row) sorts a user's positives by time.
   key = log.user[pos].astype(np.int64) * log.num_rows + pos
   order = np.argsort(key, kind="stable")
@@ -130,6 +136,28 @@ def _exposure(log, params, start, config):
   return list_user, list_row, items, scores.astype(np.float32), labels, mask
 
 
+def _retrieve(log, params, users, before_row, n, also_exclude=None, chunk=2048):
+  """The retriever's top ``n`` for each (user, time), excluding EVERY item the user
+  interacted with before (any label): a rated movie is not rated again, so a seen item
+  among the candidates would be a sure negative with a high score (inverted AUC)."""
+  rows_before = np.searchsorted(
+      np.sort(log.user.astype(np.int64) * log.num_rows + np.arange(log.num_rows)),
+      users.astype(np.int64) * log.num_rows + before_row) - np.searchsorted(
+          np.sort(log.user.astype(np.int64)), users)
+  extra = 0 if also_exclude is None else also_exclude.shape[1]
+  size = int(min(max(rows_before.max(initial=1), 1), log.num_items - 1 - n - extra))
+  items, scores = [], []
+  for s in range(0, len(users), chunk):
+    sl = slice(s, s + chunk)
+    seen, _ = _histories(log, users[sl], before_row[sl], size, positive_only=False)
+    if also_exclude is not None:
+      seen = np.concatenate([seen, also_exclude[sl]], 1)
+    i, sc = retriever_lib.top_n(params, users[sl], seen, n)
+    items.append(i)
+    scores.append(sc)
+  return np.concatenate(items), np.concatenate(scores)
+
+
 def _retrieval(log, params, start, config):
   rows, users, _, pos_in_user = _by_user(
       log, np.flatnonzero(log.label[start:] > 0) + start)   # positive interactions
@@ -142,8 +170,7 @@ def _retrieval(log, params, start, config):
   wvalid &= users[widx] == list_user[:, None]
   window_items = np.where(wvalid, log.item[rows[widx]], -1)
   # Everything the user interacted with before the list is excluded from retrieval.
-  hist, _ = _histories(log, list_user, list_row, config.history_size)
-  items, scores = retriever_lib.top_n(params, list_user, hist, config.list_size)
+  items, scores = _retrieve(log, params, list_user, list_row, config.list_size)
   labels = (items[:, :, None] == window_items[:, None, :]).any(-1).astype(np.float32)
   mask = np.ones_like(items, bool)
   return list_user, list_row, items, scores, labels, mask
@@ -165,10 +192,8 @@ def _paper(log, params, start, config):
   wvalid &= users[widx] == list_user[:, None]
   shown = np.where(wvalid, log.item[rows[widx]], 0).astype(np.int32)
   shown_label = np.where(wvalid, log.label[rows[widx]], 0).astype(np.float32)
-  hist, _ = _histories(log, list_user, list_row, config.history_size)
-  top, top_scores = retriever_lib.top_n(
-      params, list_user, np.concatenate([hist, shown], 1),
-      config.list_size - config.window)
+  top, top_scores = _retrieve(log, params, list_user, list_row,
+                              config.list_size - config.window, also_exclude=shown)
   shown_scores = np.asarray(retriever_lib.score(
       params, jnp.asarray(np.repeat(list_user[:, None], config.window, 1)),
       jnp.asarray(shown)))
@@ -200,6 +225,12 @@ def build_lists(log: types.Interactions, params: retriever_lib.MFParams,
   start = retriever_cutoff(log, config)
   build = _BUILDERS[config.protocol]
   users, first_row, items, scores, labels, mask = build(log, params, start, config)
+  short = mask.sum(1) < config.min_list_size
+  if config.protocol == "exposure" and short.any():
+    keep = ~short
+    users, first_row, items, scores, labels, mask = (
+        a[keep] for a in (users, first_row, items, scores, labels, mask))
+  dropped = int(short.sum()) if config.protocol == "exposure" else 0
   if len(users) == 0:
     raise ValueError(f"no {config.protocol} list could be built from rows {start}.. of "
                      f"{log.name!r}")
@@ -215,7 +246,8 @@ def build_lists(log: types.Interactions, params: retriever_lib.MFParams,
   user_features = log.user_features[users]
   item_features = log.item_features[items]
   splits, report = {}, {"protocol": config.protocol, "retriever_rows": start,
-                        "list_rows": log.num_rows - start}
+                        "list_rows": log.num_rows - start,
+                        "short_lists_dropped": dropped}
   for name, idx in bounds.items():
     split = {"user": users[idx].astype(np.int32), "history": history[idx],
              "history_mask": hmask[idx], "items": items[idx], "scores": scores[idx],

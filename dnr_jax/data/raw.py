@@ -90,7 +90,7 @@ def verify_md5(path: str, expected: str) -> None:
                     "the file is corrupt or incomplete; delete it and fetch it again")
 
 
-def _find(root: str, names: Sequence[str]) -> dict[str, str]:
+def find_files(root: str, names: Sequence[str]) -> dict[str, str]:
   """Paths of the files called ``names`` anywhere under ``root``."""
   found = {}
   if root and os.path.isdir(root):
@@ -154,16 +154,16 @@ class RawBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Paths of every needed file, and whether they are the real data."""
     cfg = self.builder_config
     names = sorted({f for t in cfg.tables for f in t.files})
-    found = _find(self.source_dir, names)
+    found = find_files(self.source_dir, names)
     if len(found) < len(names) and cfg.archive:
-      archive = _find(self.source_dir, [cfg.archive]).get(cfg.archive)
+      archive = find_files(self.source_dir, [cfg.archive]).get(cfg.archive)
       if archive is None and self.download and cfg.url:
         logging.info("downloading %s from %s", cfg.archive, cfg.url)
         archive = os.fspath(dl_manager.download(cfg.url))
       if archive is not None:
         if cfg.md5:
           verify_md5(archive, cfg.md5)
-        found.update(_find(os.fspath(dl_manager.extract(archive)), names))
+        found.update(find_files(os.fspath(dl_manager.extract(archive)), names))
     missing = [n for n in names if n not in found]
     if missing:
       where = self.source_dir or "(no source_dir given)"

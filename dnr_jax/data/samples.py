@@ -60,8 +60,8 @@ class SampleConfig:
   latent_dim: int = 8
   num_clusters: int = 16
   focus: float = 0.8            # share of a user's feed from their preferred clusters
-  sharpness: float = 2.0        # how much <u, v> decides a click
-  click_bias: float = -0.6      # sets the click rate (~0.35 for KuaiRand-Pure-like)
+  sharpness: float = 3.0        # how much <u, v> decides a click
+  click_bias: float = -2.0      # sets the click rate (about 0.4)
   seed: int = 0
 
 
