@@ -137,6 +137,14 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
   train = pipeline.complete(data.splits["train"])
   valid = pipeline.complete(data.splits["valid"])
   test = pipeline.complete(data.splits["test"])
+  n_train, n_dev = pipeline.num_lists(train), runner.num_devices * jax.process_count()
+  if config.global_batch_size > n_train >= n_dev:
+    # The paper's batch (2048) exceeds a small data set (the embedded sample): train
+    # with the whole set per step rather than fail, and say so.
+    smaller = n_train // n_dev * n_dev
+    logging.warning("global_batch_size=%d exceeds the %d training lists; using %d",
+                    config.global_batch_size, n_train, smaller)
+    config = dataclasses.replace(config, global_batch_size=smaller)
   eval_bs = config.eval_batch_size or config.global_batch_size
   config_lib.validate(config, list_size=train["items"].shape[1],
                       num_devices=runner.num_devices * jax.process_count())

@@ -1,0 +1,28 @@
+"""Data: raw KuaiRand / MovieLens files to cached reranking lists.
+
+One module per stage: ``csv_reader`` (streaming, validated parsing), ``raw`` (the TFDS
+builder machinery), ``kuairand`` and ``movielens`` (the data sets), ``samples``
+(generated files in the real schemas, NOT real data), ``preprocess`` (k-core),
+``retriever`` (MF), ``lists`` (list protocols), ``prepare`` (``DataConfig``,
+``prepare_lists`` and the cached ``dnr_lists`` data set).
+
+Importing ``dnr_jax.data`` imports TFDS; the core library (``dnr_jax``) does not.
+"""
+
+import importlib
+
+# Public names -> their module, imported on first use (PEP 562), so that
+# ``dnr_jax.data.types`` (used by the trainer) does not pull in TFDS.
+_EXPORTS = {
+    "DataConfig": "prepare", "default_config": "prepare",
+    "load_interactions": "prepare", "prepare_lists": "prepare",
+    "DataError": "csv_reader", "ListConfig": "lists", "RetrieverConfig": "retriever",
+    "Interactions": "types", "PreparedLists": "types",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(f"dnr_jax.data.{_EXPORTS[name]}"), name)
+  raise AttributeError(f"module 'dnr_jax.data' has no attribute {name!r}")

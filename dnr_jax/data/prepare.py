@@ -79,6 +79,9 @@ class DataConfig:
                        f"{DATASETS[self.dataset]} for {self.dataset}")
     if self.dataset == "kuairand" and self.label not in kuairand.LABELS:
       raise ValueError(f"data.label={self.label!r} is not one of {kuairand.LABELS}")
+    if self.dataset == "movielens" and self.label != DataConfig.label:
+      raise ValueError(f"data.label={self.label!r} is KuaiRand's; MovieLens labels come "
+                       "from data.rating_threshold")
     if not 1 <= self.rating_threshold <= 5:
       raise ValueError(f"data.rating_threshold={self.rating_threshold} must be in 1..5")
     if self.k_core < 1:
