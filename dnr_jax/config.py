@@ -65,6 +65,12 @@ class NoiseConfig:
   generator_hidden: int = 64
   generator_noise_dim: int = 8
   generator_use_item: bool = True
+  # Open point 3 again: candidates are stored in the real retriever's rank order and
+  # PRM / DLCM read that order. A list with generated scores x' is presented as a
+  # retriever would have ranked it *by x'* (re-sorted), so the order and the scores
+  # the reranker sees agree, as they always do on real lists. False keeps the real
+  # order beside the generated scores (then the order leaks the real x into L_z).
+  sort_generated: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +172,43 @@ def with_overrides(config: TrainConfig, overrides) -> TrainConfig:
   return dataclasses.replace(
       config, **top, **{name: dataclasses.replace(getattr(config, name), **fields)
                         for name, fields in sections.items()})
+
+
+def field_type(config: TrainConfig, key: str) -> type:
+  """The type of the dotted field ``key`` (``"noise.lambda_c"`` -> ``float``)."""
+  section, _, field = key.rpartition(".")
+  obj = getattr(config, section) if section in ("model", "noise", "loss") else (
+      config if not section else None)
+  if obj is None or field not in {f.name for f in dataclasses.fields(obj)}:
+    raise ValueError(f"unknown config field {key!r}")
+  return type(getattr(obj, field))
+
+
+def parse_value(config: TrainConfig, key: str, text: str):
+  """``text`` as a value of the dotted field ``key``, with the field's type.
+
+  ``"4"`` is an int for ``warmup_epochs`` and a float for ``noise.lambda_c``;
+  booleans accept true/false/1/0. Raises ``ValueError`` naming the field.
+  """
+  kind = field_type(config, key)
+  text = str(text).strip()
+  try:
+    if kind is bool:
+      if text.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(text)
+      return text.lower() in ("true", "1")
+    if kind is int:
+      value = float(text)
+      if not value.is_integer():
+        raise ValueError(text)
+      return int(value)
+    if kind is float:
+      return float(text)
+    if kind is tuple:
+      raise ValueError("tuple fields cannot be overridden from text")
+    return text
+  except ValueError as e:
+    raise ValueError(f"{key}={text!r} is not a valid {kind.__name__}") from e
 
 
 def uses_noise(config: TrainConfig) -> bool:

@@ -86,6 +86,32 @@ class ScoreGenerator(nn.Module):
     return jnp.where(batch.mask, nn.sigmoid(x), 0.0)
 
 
+def generated_list(batch: batch_lib.ListBatch, scores: jax.Array,
+                   sort: bool) -> batch_lib.ListBatch:
+  """``batch`` with its retriever scores replaced by generated ones ``x'``.
+
+  With ``sort`` the candidates are re-ordered by ``x'`` (descending, padding last,
+  ties by the real order), every per-candidate field moving with them: the list then
+  looks like one a retriever with scores ``x'`` would have handed over, which is
+  what the ``dnr_jax.batch`` convention promises every reranker (position ``j`` is
+  the ``j``-th ranked). Without it, the positions keep the real retriever's ranking
+  beside scores that no longer follow it, and the position embedding carries the
+  real scores' order into a loss that is meant to see only synthetic ones.
+
+  The permutation is piecewise constant in ``x'``; gradients reach ``x'`` through the
+  gathered values, so ``L_adv`` still trains the generator.
+  """
+  if not sort:
+    return batch.replace(scores=scores)
+  order = jnp.argsort(jnp.where(batch.mask, -jax.lax.stop_gradient(scores), jnp.inf),
+                      axis=-1, stable=True)
+  take = lambda a: jnp.take_along_axis(a, order.reshape(order.shape + (1,) * (
+      a.ndim - order.ndim)), axis=order.ndim - 1)
+  return batch.replace(items=take(batch.items), scores=take(scores),
+                       labels=take(batch.labels), mask=take(batch.mask),
+                       item_features=take(batch.item_features))
+
+
 def make_generator(noise: config_lib.NoiseConfig,
                    model: config_lib.ModelConfig) -> ScoreGenerator:
   return ScoreGenerator(noise=noise, num_items=model.num_items,

@@ -128,9 +128,10 @@ def reranker_objective(theta: Any, phi: Any, batch: batch_lib.ListBatch,
   x_gen = generated_scores(phi, batch, k_noise, config=config, phase=phase)
   if x_gen is not None:
     x_gen = jax.lax.stop_gradient(x_gen)
-    logits_z = reranker.apply({"params": theta}, batch.replace(scores=x_gen),
-                              train=True, rngs={"dropout": k_drop_z})
-    terms["l_z"] = losses.denoise_loss(logits_z, batch.labels, batch.mask)
+    gen_batch = noise_lib.generated_list(batch, x_gen, config.noise.sort_generated)
+    logits_z = reranker.apply({"params": theta}, gen_batch, train=True,
+                              rngs={"dropout": k_drop_z})
+    terms["l_z"] = losses.denoise_loss(logits_z, gen_batch.labels, gen_batch.mask)
     terms["mean_generated_score"] = jax.lax.stop_gradient(
         losses.masked_mean(x_gen, batch.mask))
     total = total + config.loss.lambda_m * terms["l_z"]
@@ -151,9 +152,10 @@ def generator_objective(phi: Any, theta: Any, batch: batch_lib.ListBatch,
   """
   theta = jax.lax.stop_gradient(theta)
   x = generated_scores(phi, batch, key, config=config, phase="model")
+  gen_batch = noise_lib.generated_list(batch, x, config.noise.sort_generated)
   logits = models.make_reranker(config.model).apply(
-      {"params": theta}, batch.replace(scores=x), train=False)
-  l_adv = losses.adversarial_loss(logits, batch.labels, batch.mask)
+      {"params": theta}, gen_batch, train=False)
+  l_adv = losses.adversarial_loss(logits, gen_batch.labels, gen_batch.mask)
   l_x = losses.distribution_loss(x, batch.scores, batch.labels, batch.mask, config.loss)
   total = config.loss.lambda_adv * l_adv + config.loss.lambda_x * l_x
   return total, {"l_adv": l_adv, "l_x": l_x, "l_phi": total}

@@ -70,3 +70,22 @@ def test_with_overrides_sets_dotted_fields_and_rejects_unknown():
     config_lib.with_overrides(_cfg(), {"loss.lambda_q": 1.0})
   with pytest.raises(ValueError, match="unknown config field 'optim.lr'"):
     config_lib.with_overrides(_cfg(), {"optim.lr": 1.0})
+
+
+@pytest.mark.parametrize("key, text, value", [
+    ("warmup_epochs", "4", 4), ("warmup_epochs", "4.0", 4), ("noise.lambda_c", "0.3", 0.3),
+    ("noise.clip", "false", False), ("loss.lx_estimator", "mmd", "mmd"),
+])
+def test_parse_value_uses_the_field_type(key, text, value):
+  got = config_lib.parse_value(_cfg(), key, text)
+  assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize("key, text, pattern", [
+    ("warmup_epochs", "2.5", r"warmup_epochs='2.5' is not a valid int"),
+    ("noise.clip", "maybe", r"noise.clip='maybe' is not a valid bool"),
+    ("noise.lambda_z", "1", r"unknown config field 'noise.lambda_z'"),
+])
+def test_parse_value_names_bad_text(key, text, pattern):
+  with pytest.raises(ValueError, match=pattern):
+    config_lib.parse_value(_cfg(), key, text)

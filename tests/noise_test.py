@@ -78,3 +78,36 @@ def test_model_generator_shapes_range_padding_and_randomness():
   # Conditioned on z: flipping the labels changes the output.
   x3 = gen.apply(params, b.replace(labels=1 - b.labels), rngs={"noise": jax.random.PRNGKey(2)})
   assert not np.allclose(np.asarray(x1)[valid], np.asarray(x3)[valid])
+
+
+def test_generated_list_is_sorted_by_the_generated_scores():
+  b = _batch(b=5, n=6)
+  x = jax.random.uniform(jax.random.PRNGKey(3), b.labels.shape) * b.mask
+  out = noise.generated_list(b, x, sort=True)
+  xs, m = np.asarray(out.scores), np.asarray(out.mask)
+  # Valid candidates first, in descending generated score; padding last.
+  assert np.all(np.diff(np.where(m, xs, -1.0), axis=1) <= 0)
+  np.testing.assert_array_equal(m, np.asarray(b.mask))   # padding was at the end
+  # Every candidate moved with its label, id and generated score.
+  for i in range(5):
+    before = sorted(zip(np.asarray(b.items)[i], np.asarray(b.labels)[i],
+                        np.asarray(x)[i]))
+    after = sorted(zip(np.asarray(out.items)[i], np.asarray(out.labels)[i], xs[i]))
+    assert before == after
+  same = noise.generated_list(b, x, sort=False)
+  np.testing.assert_array_equal(same.items, b.items)
+  np.testing.assert_array_equal(same.scores, x)
+
+
+def test_generated_list_passes_gradients_to_the_scores():
+  b = _batch()
+  x = jnp.asarray(np.random.default_rng(0).random(b.labels.shape), jnp.float32)
+  weights = jnp.arange(b.labels.shape[1], dtype=jnp.float32)
+  # A loss that depends on the position: the gradient reaches each score at the
+  # position it was sorted to.
+  g = jax.grad(lambda s: (noise.generated_list(b, s, True).scores * weights).sum())(x)
+  order = np.argsort(np.where(np.asarray(b.mask), -np.asarray(x), np.inf), axis=1,
+                     kind="stable")
+  want = np.zeros_like(np.asarray(x))
+  np.put_along_axis(want, order, np.broadcast_to(np.asarray(weights), want.shape), 1)
+  np.testing.assert_allclose(g, want)
