@@ -39,7 +39,40 @@ from dnr_jax.data import types
 # (key in the metrics dicts, column header)
 COLUMNS = (("hr", "H@{k}"), ("ndcg", "N@{k}"), ("map", "M@{k}"), ("f1", "F1@{k}"),
            ("global_auc", "AUC"))
-DNR_METHODS = ("dnr_g", "dnr_b", "dnr_g_no_adv", "dnr_g_no_lx")
+# The rows DNR is tested against: no generated scores at all. Every other row (the
+# heuristic-only ones, DNR and its ablations, variants of them) gets a p-value against
+# the best of these.
+BASELINES = ("backbone", "c_score", "add_score", "w_score")
+VARIANT_SEP = "+"
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, str]]:
+  """A table row: ``"dnr_g"``, or a variant ``"dnr_g+loss.lx_estimator=mmd+warmup_epochs=0"``.
+
+  A variant is a ``config.METHODS`` preset followed by ``+``-separated dotted-field
+  settings that apply *after* the preset, so a variant can change what the preset
+  fixes (``c_score+model.score_usage=add`` is the "+ score" row). Variants let one
+  table compare, say, ``L_x`` estimators against the same baseline runs, with
+  p-values.
+
+  Returns:
+    ``(preset, {dotted key: value text})``.
+  """
+  base, *parts = spec.split(VARIANT_SEP)
+  if base not in config_lib.METHODS:
+    raise ValueError(f"unknown method {base!r} in {spec!r}; expected one of "
+                     f"{sorted(config_lib.METHODS)}")
+  settings = {}
+  for part in parts:
+    key, eq, value = part.partition("=")
+    if not eq or not key or not value:
+      raise ValueError(f"method {spec!r}: {part!r} is not FIELD=VALUE")
+    settings[key] = value
+  return base, settings
+
+
+def is_baseline(spec: str) -> bool:
+  return spec in BASELINES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,11 +85,13 @@ class ExperimentConfig:
       the fields a method's preset fixes (``config.METHODS``): those define the table
       row, so ``--lambda_m=0.6`` sets DNR's L_z weight but leaves ``c_score`` without
       L_z, and ``--score_usage`` reaches only methods that do not fix it.
-    methods: ``config.METHODS`` names, the table's rows.
+    methods: the table's rows: ``config.METHODS`` names or variants of them
+      (``parse_method``).
     backbones: reranker backbones; every method runs on each.
     seeds: one run per seed; the table reports mean +- std over them.
-    sweep_field / sweep_values: Figure 3, e.g. ``"noise.lambda_c"`` over values;
-      ``sweep_method`` is run on the first backbone for each value and seed.
+    sweeps: Figure 3, ``((dotted field, (v1, v2, ...)), ...)``; ``sweep_method`` is
+      run on the first backbone for each value of each field and each seed (one
+      panel per field).
     plots: write the PNG plots.
   """
   base: config_lib.TrainConfig
@@ -64,8 +99,7 @@ class ExperimentConfig:
   methods: tuple[str, ...] = ("backbone", "c_score", "dnr_g")
   backbones: tuple[str, ...] = ("prm",)
   seeds: tuple[int, ...] = (0, 1, 2)
-  sweep_field: Optional[str] = None
-  sweep_values: tuple[float, ...] = ()
+  sweeps: tuple[tuple[str, tuple[Any, ...]], ...] = ()
   sweep_method: str = "dnr_g"
   plots: bool = True
 
@@ -73,11 +107,20 @@ class ExperimentConfig:
 def run_config(experiment: ExperimentConfig, method: str, backbone: str, seed: int,
                extra: Optional[dict] = None, vocab: bool = True
                ) -> config_lib.TrainConfig:
-  """The resolved config of one run: base, method preset, overrides, run identity."""
-  cfg = config_lib.with_overrides(experiment.base,
-                                  dict(experiment.overrides, **(extra or {})))
-  # The preset last: a row of the table is what its method says, whatever the flags.
-  cfg = config_lib.apply_method(cfg, method)
+  """The resolved config of one run: base, overrides, method preset, variant, identity.
+
+  ``extra`` (a sweep point) applies after the preset and the variant: a sweep of
+  ``loss.lambda_m`` must reach DNR's L_z weight, which the preset would otherwise keep.
+  """
+  preset, variant = parse_method(method)
+  cfg = config_lib.with_overrides(experiment.base, dict(experiment.overrides))
+  # The preset after the flags: a row of the table is what its method says.
+  cfg = config_lib.apply_method(cfg, preset)
+  cfg = config_lib.with_overrides(cfg, {
+      k: config_lib.parse_value(cfg, k, v) for k, v in variant.items()})
+  if extra:
+    cfg = config_lib.with_overrides(cfg, {
+        k: config_lib.parse_value(cfg, k, v) for k, v in extra.items()})
   cfg = dataclasses.replace(cfg, seed=seed,
                             model=dataclasses.replace(cfg.model, backbone=backbone))
   config_lib.validate(cfg, vocab=vocab)
@@ -88,15 +131,17 @@ def validate(experiment: ExperimentConfig) -> None:
   """Fails at once, naming the value, for any run the experiment would start."""
   if not experiment.methods or not experiment.backbones or not experiment.seeds:
     raise ValueError("an experiment needs at least one method, backbone and seed")
+  if len(set(experiment.methods)) != len(experiment.methods):
+    raise ValueError(f"methods {list(experiment.methods)} name a row twice")
   for m in experiment.methods:
     for b in experiment.backbones:
       run_config(experiment, m, b, experiment.seeds[0], vocab=False)
-  if experiment.sweep_field:
-    if not experiment.sweep_values:
-      raise ValueError(f"sweep_field={experiment.sweep_field!r} needs sweep_values")
-    for v in experiment.sweep_values:
+  for field, values in experiment.sweeps:
+    if not values:
+      raise ValueError(f"the sweep of {field!r} has no values")
+    for v in values:
       run_config(experiment, experiment.sweep_method, experiment.backbones[0],
-                 experiment.seeds[0], {experiment.sweep_field: v}, vocab=False)
+                 experiment.seeds[0], {field: v}, vocab=False)
 
 
 class _TensorBoard:
@@ -150,7 +195,10 @@ def summarize(rows: list[dict], k: int) -> list[dict]:
 
   Returns:
     One dict per (backbone, method): ``mean``/``std`` per metric key, ``n_seeds``,
-    and for DNR methods ``p_vs`` (the best baseline's name) and ``p_value`` (on NDCG).
+    and for every row that is not a baseline (``BASELINES``) nor the retriever:
+    ``p_vs`` (the best baseline of its backbone by mean NDCG), ``delta_ndcg`` (the
+    mean paired NDCG difference to it) and ``p_value`` (two-sided paired t-test over
+    the seeds both ran).
   """
   groups: dict[tuple, list[dict]] = {}
   for r in rows:
@@ -167,10 +215,10 @@ def summarize(rows: list[dict], k: int) -> list[dict]:
     row["per_seed_ndcg"] = [r["test"]["ndcg"] for r in rs]
     out.append(row)
   for row in out:
-    if row["method"] not in DNR_METHODS:
+    if is_baseline(row["method"]) or row["method"] == "retriever":
       continue
     baselines = [r for r in out if r["backbone"] == row["backbone"]
-                 and r["method"] not in DNR_METHODS and r["method"] != "retriever"]
+                 and is_baseline(r["method"])]
     if not baselines:
       continue
     best = max(baselines, key=lambda r: r["mean"]["ndcg"])
@@ -178,6 +226,7 @@ def summarize(rows: list[dict], k: int) -> list[dict]:
     a = [row["per_seed_ndcg"][row["seeds"].index(s)] for s in common]
     b = [best["per_seed_ndcg"][best["seeds"].index(s)] for s in common]
     row["p_vs"], row["p_value"] = best["method"], paired_t_test(a, b)
+    row["delta_ndcg"] = float(np.mean(np.subtract(a, b))) if common else float("nan")
   return out
 
 
@@ -186,27 +235,53 @@ def write_table(summary: list[dict], k: int, path_md: str, path_csv: str,
   """Writes the results table as Markdown and CSV; returns the Markdown."""
   heads = [h.format(k=k) for _, h in COLUMNS]
   lines = [f"### {title}", "",
-           "| backbone | method | " + " | ".join(heads) + " | p (NDCG) vs best baseline |",
+           "| backbone | method | " + " | ".join(heads)
+           + f" | ΔN@{k} vs best baseline (paired t-test p) |",
            "|---|---|" + "---|" * len(heads) + "---|"]
   with open(path_csv, "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(["backbone", "method", "n_seeds"]
-               + [x for h in heads for x in (h, h + "_std")] + ["p_vs", "p_value"])
+               + [x for h in heads for x in (h, h + "_std")]
+               + ["p_vs", "delta_ndcg", "p_value"])
     for r in summary:
       cells = [f"{100 * r['mean'][key]:.2f} ± {100 * r['std'][key]:.2f}"
                for key, _ in COLUMNS]
       p = r.get("p_value")
-      p_cell = "" if p is None else (f"{p:.3g} vs {r['p_vs']}"
-                                     if not math.isnan(p) else "n/a (1 seed)")
+      if p is None:
+        p_cell = ""
+      else:
+        delta = f"{100 * r['delta_ndcg']:+.2f}"
+        p_cell = (f"{delta} vs {r['p_vs']} (p = {p:.3g})" if not math.isnan(p)
+                  else f"{delta} vs {r['p_vs']} (p n/a: 1 seed)")
       lines.append(f"| {r['backbone']} | {r['method']} | " + " | ".join(cells)
                    + f" | {p_cell} |")
       w.writerow([r["backbone"], r["method"], r["n_seeds"]]
                  + [f"{100 * r[s][key]:.4f}" for key, _ in COLUMNS for s in ("mean", "std")]
-                 + [r.get("p_vs", ""), "" if p is None else p])
+                 + [r.get("p_vs", ""),
+                    "" if p is None else f"{100 * r['delta_ndcg']:.4f}",
+                    "" if p is None else p])
   md = "\n".join(lines) + "\n"
   with open(path_md, "w") as f:
     f.write(md)
   return md
+
+
+def sweep_table(sweep: list[dict], k: int, best: Optional[dict]) -> str:
+  """Figure 3 as a Markdown table: test NDCG@K per swept value, mean ± std over seeds."""
+  lines = [f"### Sensitivity of {sweep[0]['method']} (Figure 3): test N@{k}, mean ± std",
+           ""]
+  if best is not None:
+    lines += [f"Best baseline ({best['method']}): {100 * best['mean']['ndcg']:.2f} ± "
+              f"{100 * best['std']['ndcg']:.2f}", ""]
+  lines += ["| field | value | N@{k} | seeds |".format(k=k), "|---|---|---|---|"]
+  for field in dict.fromkeys(p["field"] for p in sweep):
+    points = [p for p in sweep if p["field"] == field]
+    for v in sorted({p["value"] for p in points}):
+      n = [p["ndcg"] for p in points if p["value"] == v]
+      std = np.std(n, ddof=1) if len(n) > 1 else 0.0
+      lines.append(f"| {field} | {v} | {100 * np.mean(n):.2f} ± {100 * std:.2f} | "
+                   f"{len(n)} |")
+  return "\n".join(lines) + "\n"
 
 
 def noise_samples(data: types.PreparedLists, noise: config_lib.NoiseConfig,
@@ -236,8 +311,8 @@ def noise_samples(data: types.PreparedLists, noise: config_lib.NoiseConfig,
   return out
 
 
-def _plots(workdir: str, rows: list[dict], histories: dict, noise: dict,
-           sweep: list[dict], sweep_field: Optional[str], k: int) -> list[str]:
+def _plots(workdir: str, histories: dict, noise: dict, sweep: list[dict],
+           baseline: Optional[tuple[str, float]], k: int) -> list[str]:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -272,17 +347,25 @@ def _plots(workdir: str, rows: list[dict], histories: dict, noise: dict,
     paths.append(os.path.join(workdir, "plots", "noise_density.png"))
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
-  # Figure 3: sensitivity.
-  if sweep:
-    vals = sorted({s["value"] for s in sweep})
-    means = [np.mean([s["ndcg"] for s in sweep if s["value"] == v]) for v in vals]
-    stds = [np.std([s["ndcg"] for s in sweep if s["value"] == v]) for v in vals]
-    fig, ax = plt.subplots(figsize=(5, 4))
-    ax.errorbar(vals, 100 * np.array(means), yerr=100 * np.array(stds), marker="o")
-    ax.set(xlabel=sweep_field, ylabel=f"test NDCG@{k} (%)",
-           title=f"Sensitivity to {sweep_field} (Figure 3)")
+  # Figure 3: sensitivity, one panel per swept field, the best baseline as a line.
+  fields = list(dict.fromkeys(p["field"] for p in sweep))
+  if fields:
+    fig, axes = plt.subplots(1, len(fields), figsize=(4.5 * len(fields), 4),
+                             squeeze=False)
+    for ax, field in zip(axes[0], fields):
+      points = [p for p in sweep if p["field"] == field]
+      vals = sorted({p["value"] for p in points})
+      ndcg = [[p["ndcg"] for p in points if p["value"] == v] for v in vals]
+      ax.errorbar(vals, [100 * np.mean(n) for n in ndcg],
+                  yerr=[100 * np.std(n) for n in ndcg], marker="o",
+                  label=points[0]["method"])
+      if baseline is not None:
+        ax.axhline(100 * baseline[1], color="gray", ls="--", label=baseline[0])
+      ax.set(xlabel=field, ylabel=f"test NDCG@{k} (%)", title=f"Sensitivity: {field}")
+      ax.legend(fontsize=7)
+    fig.suptitle("Figure 3: sensitivity (mean ± std over seeds)")
     fig.tight_layout()
-    paths.append(os.path.join(workdir, "plots", f"sensitivity_{sweep_field}.png"))
+    paths.append(os.path.join(workdir, "plots", "sensitivity.png"))
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
   return paths
@@ -301,8 +384,8 @@ def run_experiment(experiment: ExperimentConfig, data: types.PreparedLists,
   os.makedirs(workdir, exist_ok=True)
   jobs = [(b, m, s) for b in experiment.backbones for m in experiment.methods
           for s in experiment.seeds]
-  sweep_jobs = [(v, s) for v in experiment.sweep_values for s in experiment.seeds] \
-      if experiment.sweep_field else []
+  sweep_jobs = [(f, v, s) for f, values in experiment.sweeps for v in values
+                for s in experiment.seeds]
   total = len(jobs) + len(sweep_jobs)
   t0 = time.time()
   rows, histories, learned = [], {}, None
@@ -319,20 +402,20 @@ def run_experiment(experiment: ExperimentConfig, data: types.PreparedLists,
                  "best_epoch": result["best_epoch"]})
     histories.setdefault((backbone, method), []).append(result["history"])
     retriever = result["retriever"]
-    if learned is None and method in DNR_METHODS and config_lib.generator_active(
-        cfg, cfg.num_epochs - 1):
+    if learned is None and config_lib.generator_active(cfg, cfg.num_epochs - 1):
       learned = (cfg, result["final_state"].generator.params)
   rows.append({"backbone": "-", "method": "retriever", "seed": 0, "test": retriever})
   sweep = []
-  for j, (value, seed) in enumerate(sweep_jobs):
+  for j, (field, value, seed) in enumerate(sweep_jobs):
     cfg = run_config(experiment, experiment.sweep_method, experiment.backbones[0], seed,
-                     {experiment.sweep_field: value})
-    logging.info("=== run %d/%d: sweep %s=%s seed=%d", len(jobs) + j + 1, total,
-                 experiment.sweep_field, value, seed)
-    run_dir = os.path.join(workdir, "sweep", f"{experiment.sweep_field}={value}",
-                           f"seed{seed}")
+                     {field: value})
+    logging.info("=== run %d/%d: sweep %s=%s seed=%d (%.0fs elapsed)",
+                 len(jobs) + j + 1, total, field, value, seed, time.time() - t0)
+    run_dir = os.path.join(workdir, "sweep", f"{field}={value}", f"seed{seed}")
     result = _run_one(cfg, data, run_dir)
-    sweep.append({"value": value, "seed": seed, "ndcg": result["test"]["ndcg"]})
+    sweep.append({"field": field, "value": config_lib.parse_value(cfg, field, value),
+                  "seed": seed, "method": experiment.sweep_method,
+                  "ndcg": result["test"]["ndcg"]})
 
   summary = summarize(rows, k)
   title = (f"{data.name}: test metrics (%) at the best validation epoch, mean ± std "
@@ -341,6 +424,13 @@ def run_experiment(experiment: ExperimentConfig, data: types.PreparedLists,
     title += " -- NOT the real data"
   md = write_table(summary, k, os.path.join(workdir, "results.md"),
                    os.path.join(workdir, "results.csv"), title)
+  baselines = [r for r in summary if r["backbone"] == experiment.backbones[0]
+               and is_baseline(r["method"])]
+  best = max(baselines, key=lambda r: r["mean"]["ndcg"]) if baselines else None
+  if sweep:
+    md += "\n" + sweep_table(sweep, k, best)
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+      f.write(md)
   outputs = [os.path.join(workdir, "results.md"), os.path.join(workdir, "results.csv")]
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump({"summary": summary, "runs": rows, "sweep": sweep,
@@ -354,7 +444,8 @@ def run_experiment(experiment: ExperimentConfig, data: types.PreparedLists,
                                     num_users=data.num_users)
     noise = noise_samples(data, cfg0.noise, model_cfg,
                           learned[1] if learned else None)
-    outputs += _plots(workdir, rows, histories, noise, sweep, experiment.sweep_field, k)
+    outputs += _plots(workdir, histories, noise, sweep,
+                      (best["method"], best["mean"]["ndcg"]) if best else None, k)
   logging.info("done: %d runs in %.0fs; outputs:\n  %s", total, time.time() - t0,
                "\n  ".join(outputs))
   return {"summary": summary, "table": md, "outputs": outputs, "sweep": sweep}

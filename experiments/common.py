@@ -17,14 +17,19 @@ from dnr_jax import config as config_lib
 _D = config_lib.TrainConfig()
 
 flags.DEFINE_list("methods", ["backbone", "c_score", "dnr_g"],
-                  f"Rows of the paper's tables to train, from {sorted(config_lib.METHODS)}.")
+                  f"Rows of the paper's tables to train, from {sorted(config_lib.METHODS)}, "
+                  "or variants of them: METHOD+FIELD=VALUE+..., e.g. "
+                  "dnr_g+loss.lx_estimator=mmd+warmup_epochs=0 (settings apply after "
+                  "the method's preset).")
 flags.DEFINE_list("backbones", ["prm"], f"Backbones, from {list(config_lib.BACKBONES)}.")
 flags.DEFINE_list("seeds", ["0"], "One run per seed; tables give mean +- std.")
-flags.DEFINE_string("sweep", None,
-                    "Figure 3 sensitivity sweep, FIELD=V1,V2,..., e.g. "
-                    "noise.lambda_c=0.1,0.3,0.5 (run with --sweep_method).")
-flags.DEFINE_enum("sweep_method", "dnr_g", sorted(config_lib.METHODS),
-                  "The method the sweep trains.")
+flags.DEFINE_multi_string(
+    "sweep", [], "Figure 3 sensitivity sweep, FIELD=V1,V2,..., e.g. "
+    "noise.lambda_c=0.1,0.3,0.5; repeat the flag for more fields (one panel each: "
+    "--sweep=noise.lambda_c=... --sweep=loss.lambda_m=... --sweep=warmup_epochs=...). "
+    "Runs --sweep_method for every value and seed.")
+flags.DEFINE_string("sweep_method", "dnr_g",
+                    "The method (or variant, as in --methods) the sweep trains.")
 flags.DEFINE_bool("plots", True, "Write PNG plots.")
 flags.DEFINE_string("workdir", None, "Where metrics, checkpoints and results go.")
 # Flags that set one config field: (flag, dotted config key, help, choices or None).
@@ -46,6 +51,11 @@ _CONFIG_FLAGS = (
     ("beta_a", "noise.beta_a", "Beta eps alpha.", None),
     ("beta_b", "noise.beta_b", "Beta eps beta.", None),
     ("clip", "noise.clip", "Clip generated scores to [0, 1].", None),
+    ("sort_generated", "noise.sort_generated",
+     "Present generated lists in the order of their generated scores.", None),
+    ("generator_hidden", "noise.generator_hidden", "Model generator's MLP width.", None),
+    ("generator_noise_dim", "noise.generator_noise_dim",
+     "Size of the model generator's N(0, 1) draw.", None),
     ("lambda_m", "loss.lambda_m", "Weight of L_z.", None),
     ("lambda_adv", "loss.lambda_adv", "Weight of L_adv.", None),
     ("lambda_x", "loss.lambda_x", "Weight of L_x.", None),
@@ -197,18 +207,17 @@ def experiment_from_flags(base: config_lib.TrainConfig | None = None):
     seeds = tuple(int(s) for s in FLAGS.seeds)
   except ValueError as e:
     raise ValueError(f"--seeds={','.join(FLAGS.seeds)} must be integers") from e
-  sweep_field, sweep_values = None, ()
-  if FLAGS.sweep:
-    sweep_field, _, values = FLAGS.sweep.partition("=")
-    try:
-      sweep_values = tuple(float(v) for v in values.split(","))
-    except ValueError as e:
-      raise ValueError(f"--sweep={FLAGS.sweep!r} must be FIELD=V1,V2,...") from e
+  sweeps = []
+  for spec in FLAGS.sweep:
+    field, eq, values = spec.partition("=")
+    if not eq or not field or not values:
+      raise ValueError(f"--sweep={spec!r} must be FIELD=V1,V2,...")
+    sweeps.append((field, tuple(v for v in values.split(",") if v)))
   exp = experiment.ExperimentConfig(
       base=base or config_lib.TrainConfig(),
       overrides=tuple(overrides_from_flags().items()),
       methods=tuple(FLAGS.methods), backbones=tuple(FLAGS.backbones), seeds=seeds,
-      sweep_field=sweep_field, sweep_values=sweep_values,
+      sweeps=tuple(sweeps),
       sweep_method=FLAGS.sweep_method, plots=FLAGS.plots)
   experiment.validate(exp)
   return exp

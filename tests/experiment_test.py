@@ -38,7 +38,7 @@ def test_single_seed_has_no_p_value(tmp_path):
   assert math.isnan([r for r in summary if r["method"] == "dnr_g"][0]["p_value"])
   md = experiment.write_table(summary, 6, str(tmp_path / "t.md"),
                               str(tmp_path / "t.csv"), "title")
-  assert "n/a (1 seed)" in md and "N@6" in md and "60.00 ± 0.00" in md
+  assert "+10.00 vs c_score (p n/a: 1 seed)" in md and "60.00 ± 0.00" in md
   assert (tmp_path / "t.csv").read_text().splitlines()[0].startswith("backbone,method")
 
 
@@ -48,7 +48,48 @@ def test_bad_experiment_fails_before_any_run():
     experiment.validate(experiment.ExperimentConfig(base=base, methods=("dnr",)))
   with pytest.raises(ValueError, match="unknown config field 'loss.lambda_q'"):
     experiment.validate(experiment.ExperimentConfig(
-        base=base, sweep_field="loss.lambda_q", sweep_values=(0.1,)))
+        base=base, sweeps=(("loss.lambda_q", ("0.1",)),)))
+  with pytest.raises(ValueError, match="warmup_epochs='2.5' is not a valid int"):
+    experiment.validate(experiment.ExperimentConfig(
+        base=base, sweeps=(("warmup_epochs", ("2.5",)),)))
+  with pytest.raises(ValueError, match="'lambda_x' is not FIELD=VALUE"):
+    experiment.validate(experiment.ExperimentConfig(
+        base=base, methods=("dnr_g+lambda_x",)))
+  with pytest.raises(ValueError, match="name a row twice"):
+    experiment.validate(experiment.ExperimentConfig(
+        base=base, methods=("dnr_g", "dnr_g")))
+
+
+def test_variants_apply_after_the_preset_and_sweeps_after_the_variant():
+  base = config_lib.TrainConfig(model=config_lib.ModelConfig(num_items=10))
+  exp = experiment.ExperimentConfig(base=base, overrides=(("loss.lambda_m", 0.6),))
+  cfg = experiment.run_config(exp, "dnr_g+loss.lx_estimator=mmd+warmup_epochs=0", "prm", 3)
+  assert (cfg.method, cfg.loss.lx_estimator, cfg.warmup_epochs, cfg.seed) == \
+      ("dnr_g", "mmd", 0, 3)
+  assert cfg.loss.lambda_m == 0.6                      # the flag reaches DNR
+  assert experiment.run_config(exp, "c_score", "prm", 0).loss.lambda_m == 0.0
+  # A variant may change what the preset fixes: this is the "+ score" row.
+  assert experiment.run_config(exp, "c_score+model.score_usage=add", "prm",
+                               0).model.score_usage == "add"
+  swept = experiment.run_config(exp, "dnr_g+loss.lambda_m=0.2", "prm", 0,
+                                {"loss.lambda_m": "1.0"})
+  assert swept.loss.lambda_m == 1.0 and isinstance(swept.warmup_epochs, int)
+
+
+def test_every_non_baseline_row_is_tested_against_the_best_baseline():
+  rows = ([_row("backbone", s, v) for s, v in enumerate([0.40, 0.41, 0.42])]
+          + [_row("c_score", s, v) for s, v in enumerate([0.50, 0.52, 0.51])]
+          + [_row("heuristic_g", s, v) for s, v in enumerate([0.60, 0.61, 0.62])]
+          + [_row("dnr_g+warmup_epochs=0", s, v)
+             for s, v in enumerate([0.49, 0.53, 0.52])])
+  summary = {r["method"]: r for r in experiment.summarize(rows, k=6)}
+  # heuristic_g is not a baseline even though it is the best row.
+  assert summary["heuristic_g"]["p_vs"] == "c_score"
+  np.testing.assert_allclose(summary["heuristic_g"]["delta_ndcg"], 0.10)
+  assert summary["dnr_g+warmup_epochs=0"]["p_vs"] == "c_score"
+  np.testing.assert_allclose(summary["dnr_g+warmup_epochs=0"]["delta_ndcg"], 0.01 / 3,
+                             atol=1e-4)
+  assert "p_value" not in summary["backbone"]
 
 
 @pytest.mark.slow
@@ -62,15 +103,17 @@ def test_run_experiment_writes_every_output(tmp_path):
       num_epochs=2, warmup_epochs=1, global_batch_size=64, eval_batch_size=64,
       log_every_steps=0)
   exp = experiment.ExperimentConfig(
-      base=base, methods=("c_score", "dnr_g"), seeds=(0, 1),
-      sweep_field="noise.lambda_c", sweep_values=(0.6,), sweep_method="dnr_g")
-  exp = dataclasses.replace(exp, seeds=(0,))
+      base=base, methods=("c_score", "dnr_g"), seeds=(0,),
+      sweeps=(("noise.lambda_c", ("0.6",)), ("warmup_epochs", ("0",))),
+      sweep_method="dnr_g")
   out = experiment.run_experiment(exp, data, str(tmp_path))
   for name in ("results.md", "results.csv", "results.json",
                "plots/learning_curves.png", "plots/noise_density.png",
-               "plots/sensitivity_noise.lambda_c.png"):
+               "plots/sensitivity.png"):
     assert (tmp_path / name).exists(), name
   assert glob.glob(str(tmp_path / "runs/prm/dnr_g/seed0/tb/events.out.tfevents.*"))
   assert "NOT the real data" in out["table"]
+  assert "| noise.lambda_c | 0.6 |" in out["table"]     # the Figure 3 table
+  assert "| warmup_epochs | 0 |" in out["table"]
   methods = [r["method"] for r in out["summary"]]
   assert methods == ["c_score", "dnr_g", "retriever"]
