@@ -237,7 +237,9 @@ class Runner:
   ``compile="pmap"``: the state is replicated with a leading device axis and batches
   are reshaped to ``[devices, B / devices, ...]``. ``compile="shard_map"``: the state is
   a replicated global array and batches are global arrays sharded along a 1-D
-  ``'batch'`` mesh. Callers see neither: they pass host batches and get host values.
+  ``'batch'`` mesh. Callers see neither: they pass host batches and get host values,
+  or place batches ahead with ``put_batch`` (in ``pipeline.prefetch``'s thread, so the
+  copy overlaps the previous step) and pass the placed ``ListBatch``.
 
   Each phase's train step is traced once (``traces`` counts it): a batch of a new
   shape or dtype would recompile, and fails loudly instead.
@@ -304,30 +306,50 @@ class Runner:
     return jax.device_get(state)
 
   def put_batch(self, arrays) -> batch_lib.ListBatch:
+    """Copies this process's host batch to its devices, split along ``'batch'``.
+
+    Thread-safe, so ``pipeline.prefetch`` can run it ahead of the step.
+    """
     b = batch_lib.ListBatch.from_arrays(arrays)
     size = b.items.shape[0]
     if size % self.num_devices:
       raise ValueError(f"batch of {size} lists is not divisible by the "
                        f"{self.num_devices} devices")
-    if self.config.compile == "pmap":
-      d = self.num_devices
-      return jax.tree.map(lambda x: np.reshape(x, (d, x.shape[0] // d) + x.shape[1:]), b)
-    # Each process holds its own slice of the global batch (multi-host input).
     sharding = NamedSharding(self.mesh, P(AXIS))
+    if self.config.compile == "pmap":
+      # One shard per device along the leading axis pmap maps over, copied now
+      # rather than inside the step call (where it would not overlap compute).
+      d = self.num_devices
+      return jax.tree.map(
+          lambda x: jax.device_put(
+              np.reshape(x, (d, x.shape[0] // d) + x.shape[1:]), sharding), b)
+    # Each process holds its own slice of the global batch (multi-host input).
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), b)
 
+  def _placed(self, batch) -> batch_lib.ListBatch:
+    # A ListBatch is one ``put_batch`` already placed; anything else is host arrays.
+    return batch if isinstance(batch, batch_lib.ListBatch) else self.put_batch(batch)
+
   # Steps.
-  def train(self, state: DNRState, arrays, phase: str) -> tuple[DNRState, dict]:
-    """One step on a host batch; ``state`` is donated (do not reuse it)."""
-    state, metrics = self.train_fn(phase)(state, self.put_batch(arrays))
+  def train(self, state: DNRState, batch, phase: str) -> tuple[DNRState, dict]:
+    """One step; ``state`` is donated (do not reuse it).
+
+    Args:
+      state: the placed state (``put_state``).
+      batch: host arrays (a mapping of ``batch.FIELDS``) or the ``ListBatch`` that
+        ``put_batch`` returned for them.
+      phase: one of ``PHASES``.
+    """
+    state, metrics = self.train_fn(phase)(state, self._placed(batch))
     if self.config.compile == "pmap":
       metrics = jax.tree.map(lambda x: x[0], metrics)
     return state, metrics
 
-  def evaluate(self, state: DNRState, arrays) -> tuple[dict, jax.Array]:
+  def evaluate(self, state: DNRState, batch) -> tuple[dict, jax.Array]:
+    """Metric sums and logits of one batch (host arrays or ``put_batch``'s output)."""
     params = state.reranker.params
-    sums, logits = self._eval(params, self.put_batch(arrays))
+    sums, logits = self._eval(params, self._placed(batch))
     if self.config.compile == "pmap":
       sums = jax.tree.map(lambda x: x[0], sums)
       logits = logits.reshape((-1,) + logits.shape[2:])

@@ -45,7 +45,8 @@ def evaluate(runner: step_lib.Runner, state: step_lib.DNRState, arrays,
              batch_size: int, *, num_items: int) -> dict[str, float]:
   """Metrics of the reranker on one split (all lists, padded last batch)."""
   sums, logits = None, []
-  for b in pipeline.batches(arrays, batch_size, shuffle=False):
+  for b in pipeline.prefetch(pipeline.batches(arrays, batch_size, shuffle=False),
+                             size=2, transform=runner.put_batch):
     s, lg = runner.evaluate(state, b)
     sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
     logits.append(lg)
@@ -188,10 +189,14 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
     step_metrics = []
     # The last partial batch is dropped in training (shuffling brings its lists back
     # next epoch) so every train step has the same shape and nothing recompiles.
-    for i, b in enumerate(pipeline.batches(
+    # Batches are assembled and placed on the devices in a background thread while
+    # the previous step runs, so the input pipeline stays off the critical path.
+    host_batches = pipeline.batches(
         train, config.global_batch_size, shuffle=True, seed=config.seed, epoch=epoch,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        pad_last=False)):
+        pad_last=False)
+    for i, b in enumerate(pipeline.prefetch(host_batches, size=2,
+                                            transform=runner.put_batch)):
       state, m = runner.train(state, b, phase)
       step_metrics.append(m)
       if config.log_every_steps and (i + 1) % config.log_every_steps == 0:
