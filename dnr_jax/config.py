@@ -104,7 +104,12 @@ class TrainConfig:
   generator_learning_rate: float = 1e-3
   grad_clip: float = 1.0
   seed: int = 0
-  compile: str = "pmap"          # "pmap" or "shard_map": the same per-device body
+  # The same per-device body compiled by jax.jit(jax.shard_map(...)) (the default:
+  # the current JAX path, one program for one host or many) or by jax.pmap. pmap
+  # keeps every executable it ever compiled (measured on JAX 0.10: ~2,800 memory
+  # maps per DNR run), so a long experiment of many runs exhausts the process's map
+  # limit under pmap; the experiment runner clears JAX's caches between runs.
+  compile: str = "shard_map"
   eval_k: int = 6
   map_normaliser: str = "min_pos_k"
   eval_batch_size: int = 0       # 0: same as global_batch_size

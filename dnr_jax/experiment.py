@@ -168,6 +168,10 @@ def _run_one(cfg: config_lib.TrainConfig, data: types.PreparedLists, run_dir: st
     result = train.train_and_evaluate(cfg, data, run_dir, on_epoch=tb)
   finally:
     tb.close()
+    # Runs share no compiled program (each has its own step closures), and under
+    # jax.pmap the executables of finished runs are never freed: without this, a
+    # table of dozens of runs ends in "LLVM ERROR: Unable to allocate section memory".
+    jax.clear_caches()
   with open(os.path.join(run_dir, "result.json"), "w") as f:
     json.dump({k: result[k] for k in ("best_epoch", "valid", "test", "retriever")}, f,
               indent=2)
