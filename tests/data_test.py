@@ -1,15 +1,20 @@
 """The raw-data builders, the samples, bad input, caching and the list preparation."""
 
 import dataclasses
+import functools
+import http.server
 import os
 import shutil
+import tarfile
+import threading
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from dnr_jax.data import csv_reader, kuairand, lists, movielens, prepare, raw, samples
-from dnr_jax.data import retriever
+from dnr_jax.data import csv_reader, kuairand, lists, movielens, prepare, preprocess, raw
+from dnr_jax.data import retriever, samples, stream
+from dnr_jax.batch import FIELDS
 from dnr_jax.data.csv_reader import Column, DataError
 
 tfds.disable_progress_bar()
@@ -201,7 +206,7 @@ def test_prepare_lists_caches_by_config(tmp_path, monkeypatch):
 
 def test_movielens_retrieval_lists_are_informative(tmp_path):
   samples.write_movielens(str(tmp_path / "src"), samples.SampleConfig(
-      num_users=150, num_items=120, rows_per_user=60), "1m")
+      num_users=300, num_items=400, rows_per_user=60), "1m")
   config = prepare.default_config(
       "movielens", "1m", source_dir=str(tmp_path / "src"), data_dir=str(tmp_path),
       k_core=5, retriever=retriever.RetrieverConfig(dim=16, learning_rate=3e-2,
@@ -223,3 +228,108 @@ def test_movielens_retrieval_lists_are_informative(tmp_path):
 def test_bad_data_config(change, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(")):
     dataclasses.replace(DATA, **change).validate()
+
+
+def _sorted_lists(split):
+  """A split's lists in a canonical order (shards emit them shard by shard)."""
+  key = np.lexsort(tuple(split["items"].T[::-1]) + tuple(split["history"].T[::-1])
+                   + (split["user"],))
+  return {k: v[key] for k, v in split.items()}
+
+
+@pytest.mark.parametrize("protocol", ["exposure", "retrieval"])
+def test_streamed_sharded_build_equals_the_in_memory_one(tmp_path, protocol):
+  """Preparation in user shards of a few hundred rows (the bounded-memory path)
+  makes exactly the lists of loading the whole log, k-core and all, in memory."""
+  config = dataclasses.replace(DATA, data_dir=str(tmp_path), shard_rows=700,
+                               lists=dataclasses.replace(DATA.lists, protocol=protocol))
+  spill = tmp_path / "spill"
+  spill.mkdir()
+  built = prepare.build(config, str(spill))
+  assert built.meta["report"]["shards"] > 3
+  streamed = {name: {k: np.concatenate([np.load(f)[k] for f in files])
+                     for k in FIELDS} for name, files in built.files.items()}
+  # The same stages on the whole log in memory.
+  log = preprocess.k_core(prepare.load_interactions(config), config.k_core)
+  end = built.meta["report"]["time_splits"]["retriever_end"]
+  early = (log.time < end) & (log.label > 0)
+  params, report = prepare.train_retriever(log.user[early], log.item[early],
+                                           log.num_users, log.num_items,
+                                           config.retriever)
+  assert report["heldout_auc"] == built.meta["report"]["retriever"]["heldout_auc"]
+  whole = lists.build_lists(log, params, config.lists, end)
+  assert whole.report["time_splits"] == built.meta["report"]["time_splits"]
+  for name in lists.SPLITS:
+    a, b = _sorted_lists(streamed[name]), _sorted_lists(whole.splits[name])
+    for k in FIELDS:
+      if k == "scores":   # XLA may round a chunk of another shape 1 ulp apart
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-6, err_msg=f"{name}/{k}")
+      else:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name}/{k}")
+    assert built.meta["report"][name] == pytest.approx(whole.report[name], rel=1e-6)
+
+
+@pytest.fixture
+def http_mirror(tmp_path):
+  """A directory served over HTTP on localhost (TFDS downloads http(s) URLs with
+  requests; its copy of local paths needs TensorFlow, which is not a dependency)."""
+  mirror = tmp_path / "mirror"
+  mirror.mkdir()
+  handler = functools.partial(http.server.SimpleHTTPRequestHandler,
+                              directory=str(mirror))
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  yield mirror, f"http://127.0.0.1:{server.server_address[1]}"
+  server.shutdown()
+  server.server_close()
+
+
+def test_kuairand_archive_download_and_checksum(kuairand_dir, tmp_path, http_mirror):
+  """The official archive's path: fetched by TFDS's download manager (from a local
+  HTTP mirror), md5-checked, extracted and prepared."""
+  mirror, url = http_mirror
+  archive = mirror / "KuaiRand-Pure.tar.gz"
+  with tarfile.open(archive, "w:gz") as tar:
+    tar.add(kuairand_dir / "KuaiRand-Pure", arcname="KuaiRand-Pure")
+  config = dataclasses.replace(kuairand.CONFIGS["pure"], name="pure_mirror",
+                               url=f"{url}/{archive.name}?download=1",
+                               md5=raw.md5sum(str(archive)))
+  (tmp_path / "empty").mkdir()
+  builder = kuairand.Kuairand(config=config, data_dir=str(tmp_path / "tfds"),
+                              source_dir=str(tmp_path / "empty"), download=True)
+  raw.prepare(builder)
+  expected = raw.prepare(_builder(kuairand_dir, tmp_path / "plain"))
+  assert builder.info.metadata["log_rows"] == expected.info.metadata["log_rows"]
+  assert builder.info.metadata["is_real"] is False      # the marker came along
+  # The archive placed in the source directory by hand: no download needed.
+  placed = tmp_path / "placed"
+  placed.mkdir()
+  shutil.copy(archive, placed / archive.name)
+  by_hand = kuairand.Kuairand(config=config, data_dir=str(tmp_path / "tfds2"),
+                              source_dir=str(placed))
+  assert raw.prepare(by_hand).info.metadata["log_rows"] == \
+      expected.info.metadata["log_rows"]
+  # The published checksum (the real archive's) does not match this one.
+  real = kuairand.Kuairand(config=dataclasses.replace(config, url=None,
+                                                      md5=kuairand.CONFIGS["pure"].md5),
+                           data_dir=str(tmp_path / "tfds3"), source_dir=str(placed))
+  with pytest.raises(DataError, match=r"KuaiRand-Pure.tar.gz: md5 [0-9a-f]{32} does not "
+                     "match the published 0820331067a3784d9691136f772b35a7"):
+    raw.prepare(real)
+  assert not real.is_prepared()
+
+
+def test_movielens_zip_download(tmp_path, http_mirror):
+  mirror, url = http_mirror
+  samples.write_movielens(str(mirror), ML_TINY, "1m", as_zip=True)
+  shutil.rmtree(mirror / "ml-1m")                     # only the zip is served
+  config = dataclasses.replace(movielens.CONFIGS["1m"], name="1m_mirror",
+                               url=f"{url}/ml-1m.zip",
+                               md5=raw.md5sum(str(mirror / "ml-1m.zip")))
+  (tmp_path / "empty").mkdir()
+  builder = raw.prepare(movielens.Movielens(
+      config=config, data_dir=str(tmp_path / "tfds"), source_dir=str(tmp_path / "empty"),
+      download=True))
+  assert builder.info.metadata["log_rows"] > 0
+  assert builder.info.metadata["is_real"] is False

@@ -44,8 +44,13 @@ LOG = _planted_log()
 CFG = lists.ListConfig(list_size=10, history_size=8, window=6, min_list_size=5)
 
 
+def _cut(log, config):
+  """Rows [0, cut) of the time-sorted log are the retriever's."""
+  return int(np.searchsorted(log.time, lists.retriever_end_of(log.time, config)))
+
+
 def _retriever(log, config):
-  cut = lists.retriever_cutoff(log, config)
+  cut = _cut(log, config)
   pos = np.flatnonzero(log.label[:cut] > 0)
   params, report = retriever.train(
       log.user[pos], log.item[pos], num_users=log.num_users, num_items=log.num_items,
@@ -61,7 +66,7 @@ PARAMS, REPORT = _retriever(LOG, CFG)
 def test_lists_layout_leakage_and_informative_scores(protocol):
   cfg = dataclasses.replace(CFG, protocol=protocol)
   data = lists.build_lists(LOG, PARAMS, cfg)
-  cut = lists.retriever_cutoff(LOG, cfg)
+  cut = _cut(LOG, cfg)
   for name, split in data.splits.items():
     arrays = pipeline.complete(split)
     batch_lib.check_batch(batch_lib.ListBatch.from_arrays(
@@ -82,7 +87,7 @@ def test_lists_layout_leakage_and_informative_scores(protocol):
 
 def test_exposure_lists_are_real_impressions_after_the_cutoff():
   data = lists.build_lists(LOG, PARAMS, CFG)
-  cut = lists.retriever_cutoff(LOG, CFG)
+  cut = _cut(LOG, CFG)
   later = {(u, i, l) for u, i, l in zip(LOG.user[cut:], LOG.item[cut:], LOG.label[cut:])}
   earlier_only = {(u, i) for u, i in zip(LOG.user[:cut], LOG.item[:cut])} - {
       (u, i) for u, i in zip(LOG.user[cut:], LOG.item[cut:])}
@@ -135,3 +140,63 @@ def test_dnr_trains_on_built_lists():
   result = train.train_and_evaluate(cfg, data, None, devices=tuple(jax.devices()[:2]))
   assert [r["phase"] for r in result["history"]] == ["heuristic", "model"]
   assert np.isfinite(result["test"]["ndcg"])
+
+
+def test_time_splits_cut_at_the_configured_shares():
+  end = lists.retriever_end_of(LOG.time, CFG)
+  assert abs((LOG.time < end).mean() - CFG.retriever_fraction) < 0.01
+  data = lists.build_lists(LOG, PARAMS, CFG)
+  n = {name: data.report[name]["lists"] for name in lists.SPLITS}
+  total = sum(n.values())
+  assert abs(n["test"] / total - CFG.test_fraction) < 0.01
+  assert abs(n["valid"] / total - CFG.valid_fraction) < 0.01
+  assert data.report["time_splits"]["retriever_end"] == end
+
+
+def test_lists_go_to_the_split_of_their_first_event():
+  # 4 users, 40 impressions each at known times, every (user, slot) its own item, so
+  # a list's first item names its first event.
+  users = np.repeat(np.arange(1, 5), 40)
+  slot = np.tile(np.arange(40), 4)
+  items = (users - 1) * 40 + slot + 1
+  times = slot * 1000 + users          # interleaved users, increasing per user
+  order = np.argsort(times, kind="stable")
+  log = types.Interactions(
+      user=users[order].astype(np.int32), item=items[order].astype(np.int32),
+      time=times[order].astype(np.int64), label=(slot[order] % 3 == 0).astype(np.int8),
+      columns={}, user_raw_id=np.arange(5), item_raw_id=np.arange(161),
+      user_features=np.zeros((5, 0), np.int32), item_features=np.zeros((161, 0), np.int32),
+      name="hand log", is_real=False)
+  params = retriever.init_params(5, 161, 4, jax.random.PRNGKey(0))
+  cfg = lists.ListConfig(list_size=5, history_size=3, min_list_size=1)
+  data = lists.build_lists(log, params, cfg)
+  splits = lists.TimeSplits(**data.report["time_splits"])
+  time_of = dict(zip(items, times))
+  bounds = {"train": (splits.retriever_end, splits.valid_start),
+            "valid": (splits.valid_start, splits.test_start),
+            "test": (splits.test_start, np.inf)}
+  for name, (lo, hi) in bounds.items():
+    split = data.splits[name]
+    assert data.report[name]["lists"] == len(split["user"]) > 0
+    for its, m in zip(split["items"], split["mask"]):
+      first = min(time_of[i] for i in its[m])
+      assert lo <= first < hi, (name, first, lo, hi)
+  # Every post-cut impression is in exactly one list, in runs of up to 5.
+  listed = np.concatenate([s["items"][s["mask"]] for s in data.splits.values()])
+  assert sorted(listed) == sorted(items[times >= splits.retriever_end])
+
+
+def test_histogram_auc_matches_the_exact_auc():
+  rng = np.random.default_rng(0)
+  labels = (rng.random((200, 10)) < 0.3).astype(np.float32)
+  scores = np.clip(0.5 + 0.2 * (labels - 0.3) + 0.2 * rng.normal(size=labels.shape),
+                   0, 1).astype(np.float32)
+  mask = rng.random(labels.shape) < 0.9
+  stats = lists.ListStats()
+  stats.add_split("train", {"labels": labels * mask, "scores": scores * mask,
+                            "mask": mask})
+  from dnr_jax import metrics  # pylint: disable=g-import-not-at-top
+  exact = float(metrics.global_auc(jnp.asarray(scores), jnp.asarray(labels * mask),
+                                   jnp.asarray(mask)))
+  got = stats.report()["train"]["raw_score_auc"]
+  assert abs(got - exact) < 1e-4 and got > 0.6

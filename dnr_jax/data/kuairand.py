@@ -8,9 +8,10 @@ Configs ``pure``, ``1k`` and ``27k`` are the official releases (Zenodo record
 * ``users``: ``user_features_*`` (categorical columns as codes);
 * ``videos``: ``video_features_basic_*`` (categorical columns as codes).
 
-``to_interactions`` turns the prepared data set into the cleaned, time-sorted
-``Interactions`` log the rest of the pipeline uses, with the label chosen by config
-(``is_click`` by default, ``long_view`` as an option; open point 7 of the paper note).
+``log_stream`` reads the prepared log as the stream of cleaned blocks the list
+preparation passes over (``dnr_jax.data.stream``), with the label chosen by config
+(``is_click`` by default, ``long_view`` as an option; open point 7 of the paper
+note); ``to_interactions`` loads it whole, for logs that fit in memory.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from absl import logging
 
 from dnr_jax.data import raw
+from dnr_jax.data import stream
 from dnr_jax.data import types
 from dnr_jax.data.csv_reader import Column
 
@@ -113,9 +115,9 @@ class Kuairand(raw.RawBuilder, skip_registration=True):
   BUILDER_CONFIGS = list(CONFIGS.values())
 
 
-def to_interactions(builder: Kuairand, label: str = "is_click",
-                    include_random: bool = False) -> types.Interactions:
-  """The prepared log as ``Interactions`` (time-sorted, dense ids, feature tables).
+def log_stream(builder: Kuairand, label: str = "is_click",
+               include_random: bool = False) -> stream.LogStream:
+  """The prepared log as a ``stream.LogStream`` (blocks of raw ids, time, label).
 
   Args:
     builder: a prepared ``Kuairand`` builder.
@@ -125,36 +127,40 @@ def to_interactions(builder: Kuairand, label: str = "is_click",
   """
   if label not in LABELS:
     raise ValueError(f"label={label!r} is not one of {LABELS}")
-  kept = ("is_click", "long_view", "is_rand", "tab")
-  log = raw.read_table(builder, "log", list(dict.fromkeys(
-      ("user_id", "video_id", "time_ms", label) + kept)))
-  if not include_random:
-    keep = log["is_rand"] == 0
-    log = {c: v[keep] for c, v in log.items()}
-  if not len(log["user_id"]):
-    raise ValueError(f"{builder.name}/{builder.builder_config.name}: the log is empty")
-  order = np.argsort(log["time_ms"], kind="stable")
-  log = {c: v[order] for c, v in log.items()}
-  user, user_raw = raw.dense_ids(log["user_id"])
-  item, item_raw = raw.dense_ids(log["video_id"])
-  # Only the rows of ids in the log: KuaiRand-27K describes 32M videos.
-  users = raw.read_table(builder, "users", where=("user_id", user_raw[1:]))
-  videos = raw.read_table(builder, "videos", where=("video_id", item_raw[1:]))
+  source = builder.as_data_source(split="log")
+
+  def read():
+    for i in range(len(source)):
+      b = source[i]["log"]
+      keep = np.ones(len(b["user_id"]), bool) if include_random else b["is_rand"] == 0
+      yield {"user": np.asarray(b["user_id"][keep], np.int64),
+             "item": np.asarray(b["video_id"][keep], np.int64),
+             "time": np.asarray(b["time_ms"][keep], np.int64),
+             "label": np.asarray(b[label][keep], np.int8)}
+
   meta = builder.info.metadata
   is_real = bool(meta.get("is_real", True))
   name = f"KuaiRand-{builder.builder_config.name}"
   if not is_real:
     name += " (GENERATED sample, NOT the real data)"
-  logging.info("%s: %d rows, %d users, %d videos, label %s (%.1f%% positive)", name,
-               len(user), len(user_raw) - 1, len(item_raw) - 1, label,
-               100 * log[label].mean())
-  return types.Interactions(
-      user=user, item=item, time=log["time_ms"].astype(np.int64),
-      label=log[label].astype(np.int8),
-      columns={c: log[c] for c in kept},
-      user_raw_id=user_raw.astype(np.int64), item_raw_id=item_raw.astype(np.int64),
-      user_features=raw.feature_table(users, "user_id", user_raw, USER_FEATURES),
-      item_features=raw.feature_table(videos, "video_id", item_raw, VIDEO_FEATURES),
+  logging.info("%s: %d log rows (random exposures %s), label %s", name,
+               meta.get("log_rows", -1), "kept" if include_random else "dropped", label)
+  # Only the rows of the ids asked for: KuaiRand-27K describes 32M videos.
+  return stream.LogStream(
+      name=name, is_real=is_real, read=read, num_blocks=len(source),
+      user_features=lambda ids: raw.feature_table(
+          raw.read_table(builder, "users", where=("user_id", ids)), "user_id", ids,
+          USER_FEATURES),
+      item_features=lambda ids: raw.feature_table(
+          raw.read_table(builder, "videos", where=("video_id", ids)), "video_id", ids,
+          VIDEO_FEATURES),
       user_feature_vocab=tuple(len(meta["users_vocab"][c]) + 1 for c in USER_FEATURES),
-      item_feature_vocab=tuple(len(meta["videos_vocab"][c]) + 1 for c in VIDEO_FEATURES),
-      name=name, is_real=is_real)
+      item_feature_vocab=tuple(len(meta["videos_vocab"][c]) + 1
+                               for c in VIDEO_FEATURES))
+
+
+def to_interactions(builder: Kuairand, label: str = "is_click",
+                    include_random: bool = False) -> types.Interactions:
+  """The whole prepared log in memory (``log_stream(...).load()``): time-sorted, dense
+  ids, feature tables. For logs that fit in memory; list preparation streams."""
+  return log_stream(builder, label, include_random).load()

@@ -4,8 +4,9 @@ The paper's ML-1M experiment, and ML-100k for quick runs. Configs ``100k`` and `
 read the official zip files (``ml-100k.zip``: ``u.data``, ``u.user``, ``u.item``;
 ``ml-1m.zip``: ``ratings.dat``, ``users.dat``, ``movies.dat``, latin-1 text), from a
 source directory or downloaded (``download=True``); the archive's md5 is checked.
-Splits: ``log`` (ratings), ``users``, ``movies``. ``to_interactions`` labels a rating
-positive when it is at least ``threshold`` (4 by default).
+Splits: ``log`` (ratings), ``users``, ``movies``. ``log_stream`` (and
+``to_interactions``, which loads it whole) labels a rating positive when it is at
+least ``threshold`` (4 by default).
 
 Not to be confused with TFDS's own ``movielens`` data set: this builder is not
 registered with TFDS and keeps its files under ``dnr_jax``'s data directory.
@@ -17,6 +18,7 @@ import numpy as np
 from absl import logging
 
 from dnr_jax.data import raw
+from dnr_jax.data import stream
 from dnr_jax.data import types
 from dnr_jax.data.csv_reader import Column, FileSpec
 
@@ -86,42 +88,44 @@ class Movielens(raw.RawBuilder, skip_registration=True):
   BUILDER_CONFIGS = list(CONFIGS.values())
 
 
-def to_interactions(builder: Movielens, threshold: int = 4) -> types.Interactions:
-  """The prepared ratings as ``Interactions``: label = rating >= ``threshold``."""
+def log_stream(builder: Movielens, threshold: int = 4) -> stream.LogStream:
+  """The prepared ratings as a ``stream.LogStream``: label = rating >= ``threshold``."""
   if not 1 <= threshold <= 5:
     raise ValueError(f"threshold={threshold} must be a rating in 1..5")
-  log = raw.read_table(builder, "log")
-  if not len(log["user_id"]):
-    raise ValueError(f"{builder.name}/{builder.builder_config.name}: no ratings")
-  order = np.argsort(log["timestamp"], kind="stable")
-  log = {c: v[order] for c, v in log.items()}
-  user, user_raw = raw.dense_ids(log["user_id"])
-  item, item_raw = raw.dense_ids(log["movie_id"])
+  source = builder.as_data_source(split="log")
+
+  def read():
+    for i in range(len(source)):
+      b = source[i]["log"]
+      yield {"user": np.asarray(b["user_id"], np.int64),
+             "item": np.asarray(b["movie_id"], np.int64),
+             "time": np.asarray(b["timestamp"], np.int64) * 1000,
+             "label": (np.asarray(b["rating"]) >= threshold).astype(np.int8)}
+
+  meta = builder.info.metadata
   users = raw.read_table(builder, "users")
   movies = raw.read_table(builder, "movies")
-  meta = builder.info.metadata
   if "genres" in movies:            # 1m: the genre list as one category
-    item_features = raw.feature_table(movies, "movie_id", item_raw, ("genres",))
-    item_vocab = (len(meta["movies_vocab"]["genres"]) + 1,)
+    item_cols, item_vocab = ("genres",), (len(meta["movies_vocab"]["genres"]) + 1,)
   else:                             # 100k: the first genre flag set
     flags = np.stack([movies[f"genre_{g}"] for g in GENRES], 1)
     movies = {"movie_id": movies["movie_id"],
               "genre": np.where(flags.any(1), flags.argmax(1) + 1, 0).astype(np.int32)}
-    item_features = raw.feature_table(movies, "movie_id", item_raw, ("genre",))
-    item_vocab = (len(GENRES) + 1,)
+    item_cols, item_vocab = ("genre",), (len(GENRES) + 1,)
   is_real = bool(meta.get("is_real", True))
   name = f"MovieLens-{builder.builder_config.name}"
   if not is_real:
     name += " (GENERATED fixture, NOT the real data)"
-  label = (log["rating"] >= threshold).astype(np.int8)
-  logging.info("%s: %d ratings, %d users, %d movies, %.1f%% rated >= %d", name,
-               len(user), len(user_raw) - 1, len(item_raw) - 1, 100 * label.mean(),
+  logging.info("%s: %d ratings; positive = rating >= %d", name, meta.get("log_rows", -1),
                threshold)
-  return types.Interactions(
-      user=user, item=item, time=log["timestamp"].astype(np.int64) * 1000, label=label,
-      columns={"rating": log["rating"]},
-      user_raw_id=user_raw.astype(np.int64), item_raw_id=item_raw.astype(np.int64),
-      user_features=raw.feature_table(users, "user_id", user_raw, USER_FEATURES),
-      item_features=item_features,
+  return stream.LogStream(
+      name=name, is_real=is_real, read=read, num_blocks=len(source),
+      user_features=lambda ids: raw.feature_table(users, "user_id", ids, USER_FEATURES),
+      item_features=lambda ids: raw.feature_table(movies, "movie_id", ids, item_cols),
       user_feature_vocab=tuple(len(meta["users_vocab"][c]) + 1 for c in USER_FEATURES),
-      item_feature_vocab=item_vocab, name=name, is_real=is_real)
+      item_feature_vocab=item_vocab)
+
+
+def to_interactions(builder: Movielens, threshold: int = 4) -> types.Interactions:
+  """The whole prepared ratings log in memory (``log_stream(...).load()``)."""
+  return log_stream(builder, threshold).load()

@@ -5,16 +5,21 @@ The stages, each a documented config value:
 1. the raw TFDS data set (``kuairand`` / ``movielens``; ``sample`` = the generated
    KuaiRand-Pure-schema demo data, NOT the real data);
 2. the label (KuaiRand ``is_click`` by default, ``long_view`` as an option; MovieLens
-   rating >= 4) and the paper's k-core filter (20), on the time-sorted log;
-3. the MF retriever, trained on the earliest ``lists.retriever_fraction`` of the
-   timeline only (its held-out AUC goes into the report);
-4. the lists (``lists.protocol``), from the later part only, split by time.
+   rating >= 4) and the paper's k-core filter (20);
+3. the time cuts (``lists.TimeSplits``) and the MF retriever, trained on the events
+   before the retriever's cut only (its held-out AUC goes into the report);
+4. the lists (``lists.protocol``), from the later events only, split by time.
+
+Stages 2-4 stream the log (``dnr_jax.data.stream``): passes over its blocks, then
+one user shard of at most about ``shard_rows`` rows in memory at a time, so a log of
+any size (KuaiRand-27K: 322M rows) is prepared in bounded memory; the shards' rows
+and lists wait on disk, in a temporary directory beside the cache, until written.
 
 The result is cached as a versioned TFDS data set, ``dnr_lists``, whose config name is
 a hash of everything that shapes the lists (the data config, ``LISTS_VERSION`` and the
 raw data set's version), so a second run with the same config starts at once and any
-change gives a new data set. The preparation report (counts, retriever AUC, raw-score
-AUC per split) is kept in the data set's metadata and logged.
+change gives a new data set. The preparation report (counts, cuts, retriever AUC,
+raw-score AUC per split) is kept in the data set's metadata and logged.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import tempfile
 import time
 from typing import Any, Iterator
 
@@ -31,11 +37,12 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from dnr_jax.batch import FIELDS
-from dnr_jax.data import kuairand, lists, movielens, preprocess, raw, samples, types
+from dnr_jax.data import kuairand, lists, movielens, raw, samples, types
 from dnr_jax.data import retriever as retriever_lib
+from dnr_jax.data import stream as stream_lib
 
 # Bump when list construction changes: cached lists of older code are then rebuilt.
-LISTS_VERSION = "1.0.0"
+LISTS_VERSION = "2.0.0"   # 2.0.0: time cuts, streamed preparation
 DATASETS = {"kuairand": tuple(kuairand.CONFIGS), "movielens": tuple(movielens.CONFIGS)}
 _LISTS_PER_RECORD = 1024
 
@@ -57,6 +64,8 @@ class DataConfig:
     k_core: the paper's filter (users and items with fewer rows are dropped).
     lists / retriever: list protocol and retriever stage.
     sample: size and truth of the generated sample (``variant="sample"``).
+    shard_rows: rows of the log held in memory at once while lists are built (the
+      memory bound of preparation; it does not change the lists).
   """
   dataset: str = "kuairand"
   variant: str = "sample"
@@ -70,6 +79,7 @@ class DataConfig:
   lists: lists.ListConfig = lists.ListConfig()
   retriever: retriever_lib.RetrieverConfig = retriever_lib.RetrieverConfig()
   sample: samples.SampleConfig = samples.SampleConfig()
+  shard_rows: int = 8_000_000
 
   def validate(self) -> None:
     if self.dataset not in DATASETS:
@@ -86,6 +96,8 @@ class DataConfig:
       raise ValueError(f"data.rating_threshold={self.rating_threshold} must be in 1..5")
     if self.k_core < 1:
       raise ValueError(f"data.k_core={self.k_core} must be >= 1")
+    if self.shard_rows < 1:
+      raise ValueError(f"data.shard_rows={self.shard_rows} must be >= 1")
     self.lists.validate()
     self.retriever.validate()
 
@@ -117,7 +129,7 @@ def _digest(obj: Any) -> str:
 def cache_key(config: DataConfig) -> str:
   """The hash naming the cached lists: every field that shapes them, and versions."""
   fields = dataclasses.asdict(config)
-  for where in ("source_dir", "data_dir", "download"):
+  for where in ("source_dir", "data_dir", "download", "shard_rows"):
     fields.pop(where)
   if not config.is_sample:
     fields.pop("sample")
@@ -146,45 +158,117 @@ def raw_builder(config: DataConfig) -> raw.RawBuilder:
              download=config.download)
 
 
-def load_interactions(config: DataConfig) -> types.Interactions:
-  """The cleaned, time-sorted log of ``config`` (raw data set prepared if needed)."""
+def log_stream(config: DataConfig) -> stream_lib.LogStream:
+  """The cleaned log of ``config`` as a stream of blocks (raw data set prepared if
+  needed)."""
   config.validate()
   builder = raw.prepare(raw_builder(config))
   if config.dataset == "kuairand":
-    return kuairand.to_interactions(builder, config.label, config.include_random)
-  return movielens.to_interactions(builder, config.rating_threshold)
+    return kuairand.log_stream(builder, config.label, config.include_random)
+  return movielens.log_stream(builder, config.rating_threshold)
 
 
-def train_retriever(log: types.Interactions, list_config: lists.ListConfig,
-                    config: retriever_lib.RetrieverConfig):
-  """MF on the positives of the retriever's part of the timeline only."""
-  cut = lists.retriever_cutoff(log, list_config)
-  pos = np.flatnonzero(log.label[:cut] > 0)
-  logging.info("retriever: %d positives in the first %d of %d rows", len(pos), cut,
-               log.num_rows)
-  return retriever_lib.train(log.user[pos], log.item[pos], num_users=log.num_users,
-                             num_items=log.num_items, config=config)
+def load_interactions(config: DataConfig) -> types.Interactions:
+  """The whole cleaned, time-sorted log of ``config`` in memory (before the k-core).
+
+  For analysis of logs that fit in memory; ``prepare_lists`` streams instead.
+  """
+  return log_stream(config).load()
 
 
-def build(config: DataConfig) -> types.PreparedLists:
-  """Runs every stage (no cache): raw data, label, k-core, retriever, lists."""
+def _utc(ms: int) -> str:
+  return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ms / 1000))
+
+
+def train_retriever(users: np.ndarray, items: np.ndarray, num_users: int,
+                    num_items: int, config: retriever_lib.RetrieverConfig):
+  """MF on the positives before the retriever's cut, in a canonical order.
+
+  Sorting by (user, item) makes the retriever independent of the order the log was
+  read in (file order, shards), so streamed and in-memory preparation agree.
+  """
+  order = np.lexsort((items, users))
+  logging.info("retriever: %d positives before the cut", len(users))
+  return retriever_lib.train(users[order], items[order], num_users=num_users,
+                             num_items=num_items, config=config)
+
+
+@dataclasses.dataclass
+class Built:
+  """What ``build`` made: list files per split (in ``spill_dir``) and the metadata."""
+  files: dict[str, list[str]]
+  meta: dict[str, Any]
+
+
+def build(config: DataConfig, spill_dir: str) -> Built:
+  """Runs every stage (no cache), streaming the log; lists go to ``spill_dir``.
+
+  Memory stays O(``config.shard_rows`` + users + items), whatever the log's size.
+  """
   t0 = time.time()
-  log = load_interactions(config)
-  log = preprocess.k_core(log, config.k_core)
+  stream = log_stream(config)
+  seconds = {"raw": time.time() - t0}
+  vocab = stream_lib.k_core(stream, config.k_core)
+  seconds["k_core"] = time.time() - t0 - sum(seconds.values())
   logging.info("after the %d-core: %d rows, %d users, %d items", config.k_core,
-               log.num_rows, log.num_users - 1, log.num_items - 1)
-  params, retriever_report = train_retriever(log, config.lists, config.retriever)
-  data = lists.build_lists(log, params, config.lists)
-  data.report.update({
-      "retriever": retriever_report, "rows": log.num_rows, "users": log.num_users - 1,
-      "items": log.num_items - 1, "positive_rate": float(log.label.mean()),
-      "seconds": time.time() - t0})
-  for split in ("train", "valid", "test"):
-    auc = data.report[split]["raw_score_auc"]
-    if config.lists.protocol != "paper" and auc <= 0.5:
-      logging.warning("%s: the raw retriever score has AUC %.3f <= 0.5 on %s lists: "
-                      "scores are uninformative or inverted", data.name, auc, split)
-  return data
+               vocab.rows, vocab.num_users - 1, vocab.num_items - 1)
+  end = lists.retriever_end(vocab.hist, config.lists)
+  logging.info("the retriever's cut: %s (%d rows before it)", _utc(end),
+               vocab.hist.rows_before(end))
+  shard_of_user = stream_lib.plan_shards(vocab.user_rows, config.shard_rows)
+  num_shards = int(shard_of_user.max()) + 1
+  pos_users, pos_items = stream_lib.partition(stream, vocab, shard_of_user, end,
+                                              spill_dir)
+  seconds["partition"] = time.time() - t0 - sum(seconds.values())
+  params, retriever_report = train_retriever(
+      pos_users, pos_items, vocab.num_users, vocab.num_items, config.retriever)
+  seconds["retriever"] = time.time() - t0 - sum(seconds.values())
+  features = {"user_features": stream.user_features(vocab.user_raw_id),
+              "item_features": stream.item_features(vocab.item_raw_id)}
+  stats = lists.ListStats()
+  shard_files, start_times = [], []
+  t_lists = time.time()
+  for shard in range(num_shards):
+    log = stream_lib.load_shard(spill_dir, shard, vocab, features, stream)
+    built, dropped = lists.build_shard(log, params, config.lists, end)
+    stats.short_lists_dropped += dropped
+    stats.list_rows += int((log.time >= end).sum())
+    if len(built["user"]):
+      shard_files.append((shard, os.path.join(spill_dir, f"lists-{shard:05d}.npz")))
+      np.savez(shard_files[-1][1], **built)
+      start_times.append(built["start_time"])
+    del log, built
+    done = (shard + 1) / num_shards
+    logging.info("lists: shard %d/%d done, %d lists so far, ETA %.0fs", shard + 1,
+                 num_shards, sum(len(t) for t in start_times),
+                 (time.time() - t_lists) * (1 - done) / done)
+  name = f"{stream.name} ({config.lists.protocol} lists)"
+  if not start_times:
+    raise ValueError(f"{name}: no list could be built")
+  splits = lists.time_splits(end, np.concatenate(start_times), config.lists)
+  files: dict[str, list[str]] = {s: [] for s in lists.SPLITS}
+  for shard, path in shard_files:   # each shard's lists, split by the global cuts
+    with np.load(path) as built:
+      out = lists.assign(dict(built), splits)
+    os.remove(path)
+    for split, arrays in out.items():
+      stats.add_split(split, arrays)
+      if len(arrays["user"]):
+        files[split].append(os.path.join(spill_dir, f"lists-{split}-{shard:05d}.npz"))
+        np.savez(files[split][-1], **arrays)
+  seconds["lists"] = time.time() - t0 - sum(seconds.values())
+  report = {"protocol": config.lists.protocol, "time_splits": dataclasses.asdict(splits),
+            "retriever_rows": vocab.hist.rows_before(splits.retriever_end),
+            "shards": num_shards, **stats.report(), "retriever": retriever_report,
+            "rows": vocab.rows, "users": vocab.num_users - 1,
+            "items": vocab.num_items - 1, "seconds": time.time() - t0,
+            "stage_seconds": seconds}
+  lists.check_report(report, name, config.lists.protocol)
+  return Built(files=files, meta={
+      "report": report, "num_items": vocab.num_items, "num_users": vocab.num_users,
+      "user_feature_vocab": list(stream.user_feature_vocab),
+      "item_feature_vocab": list(stream.item_feature_vocab), "name": name,
+      "is_real": stream.is_real})
 
 
 def feature_counts(dataset: str, variant: str) -> tuple[int, int]:
@@ -200,7 +284,11 @@ class ListsConfig(tfds.core.BuilderConfig):
 
 
 class DnrLists(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Prepared reranking lists, one config per ``cache_key`` of a ``DataConfig``."""
+  """Prepared reranking lists, one config per ``cache_key`` of a ``DataConfig``.
+
+  ``spill_dir`` must be set (``prepare_lists`` does) before preparing: the build
+  writes its intermediate files there.
+  """
 
   VERSION = tfds.core.Version(LISTS_VERSION)
 
@@ -210,6 +298,7 @@ class DnrLists(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     kwargs.setdefault("file_format", "array_record")
     super().__init__(config=ListsConfig(name=name, data=data_config,
                                         description="dnr_jax reranking lists"), **kwargs)
+    self.spill_dir: str | None = None
 
   def _info(self) -> tfds.core.DatasetInfo:
     dtypes = {"user": np.int32, "history": np.int32, "history_mask": np.bool_,
@@ -229,21 +318,23 @@ class DnrLists(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    data = build(self.builder_config.data)
-    self.info.metadata.update({
-        "report": data.report, "num_items": data.num_items, "num_users": data.num_users,
-        "user_feature_vocab": list(data.user_feature_vocab),
-        "item_feature_vocab": list(data.item_feature_vocab), "name": data.name,
-        "is_real": data.is_real,
-        "data_config": json.loads(json.dumps(dataclasses.asdict(
-            self.builder_config.data), default=str))})
-    return {name: self._generate_examples(split) for name, split in data.splits.items()}
+    if self.spill_dir is None:
+      raise RuntimeError("DnrLists.spill_dir is not set; use prepare_lists()")
+    built = build(self.builder_config.data, self.spill_dir)
+    self.info.metadata.update(built.meta)
+    self.info.metadata["data_config"] = json.loads(json.dumps(dataclasses.asdict(
+        self.builder_config.data), default=str))
+    return {name: self._generate_examples(files) for name, files in built.files.items()}
 
-  def _generate_examples(self, split: dict[str, np.ndarray]
-                         ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    n = len(split["user"])
-    for i, start in enumerate(range(0, n, _LISTS_PER_RECORD)):
-      yield i, {f: split[f][start:start + _LISTS_PER_RECORD] for f in FIELDS}
+  def _generate_examples(self, files: list[str]
+                         ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+    for f, path in enumerate(files):
+      with np.load(path) as split:
+        n = len(split["user"])
+        arrays = {k: split[k] for k in FIELDS}
+      for start in range(0, n, _LISTS_PER_RECORD):
+        yield f"{f:05d}-{start:09d}", {k: v[start:start + _LISTS_PER_RECORD]
+                                       for k, v in arrays.items()}
 
 
 def prepare_lists(config: DataConfig) -> types.PreparedLists:
@@ -254,11 +345,15 @@ def prepare_lists(config: DataConfig) -> types.PreparedLists:
     logging.info("reusing the cached lists %s", builder.data_dir)
   else:
     logging.info("preparing lists %s (cached for later runs)", builder.data_dir)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        try_download_gcs=False))
+    os.makedirs(_data_dir(config), exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="dnr_lists_spill_",
+                                     dir=_data_dir(config)) as spill:
+      builder.spill_dir = spill
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          try_download_gcs=False))
   meta = builder.info.metadata
   splits = {}
-  for name in ("train", "valid", "test"):
+  for name in lists.SPLITS:
     source = builder.as_data_source(split=name)
     blocks = [source[i] for i in range(len(source))]
     splits[name] = {f: np.concatenate([np.asarray(b[f]) for b in blocks])

@@ -10,6 +10,7 @@ is about having enough data per id, whatever its label.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable, Optional
 
 import numpy as np
 from absl import logging
@@ -24,6 +25,58 @@ def _compact(ids: np.ndarray, keep: np.ndarray) -> np.ndarray:
   return new[ids]
 
 
+CountFn = Callable[[Optional[np.ndarray], Optional[np.ndarray]],
+                   tuple[np.ndarray, np.ndarray]]
+
+
+def k_core_ids(count: CountFn, k: int, name: str = "log", max_rounds: int = 100
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """The ids of the k-core, from repeated counting passes over a log.
+
+  Args:
+    count: ``count(keep_user, keep_item) -> (rows per user id, rows per item id)``
+      over the rows whose user and item are both kept (boolean masks indexed by id;
+      ``None`` keeps every id). A pass over an in-memory log or over a stream of
+      blocks (``dnr_jax.data.stream``): the filter itself never holds the log.
+    k: the threshold.
+    name: for messages.
+    max_rounds: a safety bound on the passes (the k-core converges far sooner).
+
+  Returns:
+    ``(keep_user, keep_item)``: boolean masks over ids, True for the ids of the rows
+    that survive, i.e. whose user and item both have >= ``k`` surviving rows.
+
+  Raises:
+    ValueError: for ``k < 1``, or when nothing survives the filter.
+  """
+  if k < 1:
+    raise ValueError(f"k_core k={k} must be >= 1")
+  keep_u = keep_i = None
+  for rnd in range(max_rounds):
+    cu, ci = count(keep_u, keep_i)
+    rows = int(cu.sum())
+    # A fixpoint when no counted row has an id below the threshold.
+    if not ((cu > 0) & (cu < k)).any() and not ((ci > 0) & (ci < k)).any():
+      logging.info("k-core(%d) of %s: %d rows after %d pass(es)", k, name, rows,
+                   rnd + 1)
+      keep_u, keep_i = cu > 0, ci > 0
+      break
+    keep_u, keep_i = cu >= k, ci >= k
+    logging.info("k-core(%d) of %s, pass %d: %d rows counted, %d users and %d items "
+                 "stay", k, name, rnd + 1, rows, keep_u.sum(), keep_i.sum())
+  else:
+    raise ValueError(f"the {k}-core of {name} did not converge in {max_rounds} passes")
+  if not keep_u.any():
+    raise ValueError(f"no interaction survives the {k}-core filter of {name!r}; lower "
+                     "the threshold")
+  return keep_u, keep_i
+
+
+def keep_mask(keep: Optional[np.ndarray], ids: np.ndarray) -> np.ndarray:
+  """``keep[ids]`` (all True for ``keep=None``)."""
+  return np.ones(len(ids), bool) if keep is None else keep[ids]
+
+
 def k_core(log: types.Interactions, k: int, max_rounds: int = 100) -> types.Interactions:
   """Keeps the rows whose user and item both have >= ``k`` rows, iterated to a fixpoint.
 
@@ -33,22 +86,13 @@ def k_core(log: types.Interactions, k: int, max_rounds: int = 100) -> types.Inte
   Raises:
     ValueError: for ``k < 1``, or when nothing survives the filter.
   """
-  if k < 1:
-    raise ValueError(f"k_core k={k} must be >= 1")
-  rows = np.ones(log.num_rows, bool)
-  for rnd in range(max_rounds):
-    u_count = np.bincount(log.user[rows], minlength=log.num_users)
-    i_count = np.bincount(log.item[rows], minlength=log.num_items)
-    ok = rows & (u_count[log.user] >= k) & (i_count[log.item] >= k)
-    logging.info("k-core(%d) round %d: %d -> %d rows", k, rnd + 1, rows.sum(), ok.sum())
-    if ok.sum() == rows.sum():
-      break
-    rows = ok
-  if not rows.any():
-    raise ValueError(f"no interaction survives the {k}-core filter of {log.name!r} "
-                     f"({log.num_rows} rows); lower the threshold")
-  keep_u = np.bincount(log.user[rows], minlength=log.num_users) > 0
-  keep_i = np.bincount(log.item[rows], minlength=log.num_items) > 0
+  def count(keep_u, keep_i):
+    rows = keep_mask(keep_u, log.user) & keep_mask(keep_i, log.item)
+    return (np.bincount(log.user[rows], minlength=log.num_users),
+            np.bincount(log.item[rows], minlength=log.num_items))
+
+  keep_u, keep_i = k_core_ids(count, k, log.name, max_rounds)
+  rows = keep_u[log.user] & keep_i[log.item]
   keep_u[0] = keep_i[0] = False
   # Row 0 (padding) stays first in the id maps and feature tables.
   u_rows = np.concatenate([[0], np.flatnonzero(keep_u)])

@@ -28,7 +28,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import shutil
+import tarfile
 import time
+import zipfile
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -88,6 +91,43 @@ def verify_md5(path: str, expected: str) -> None:
   if actual != expected:
     raise DataError(f"{path}: md5 {actual} does not match the published {expected}: "
                     "the file is corrupt or incomplete; delete it and fetch it again")
+
+
+def extract_archive(archive: str, into: str, kind: str) -> str:
+  """Extracts a ``.tar.gz`` / ``.tgz`` / ``.zip`` archive into ``into``, once.
+
+  Not TFDS's extractor: it copies through ``tf.io.gfile`` and so needs TensorFlow,
+  which is not a dependency. Extraction goes to a temporary sibling directory renamed
+  at the end, so an interrupted extraction is never taken for a complete one;
+  ``kind`` (the official file name) gives the format, since a downloaded file's name
+  may carry URL parts. Tar members that would land outside ``into`` are refused
+  (``filter="data"``).
+  """
+  if os.path.isdir(into):
+    return into
+  tmp = into + ".incomplete"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  logging.info("extracting %s into %s ...", archive, into)
+  t0 = time.time()
+  try:
+    if kind.endswith(".zip"):
+      with zipfile.ZipFile(archive) as z:
+        z.extractall(tmp)
+    elif kind.endswith((".tar.gz", ".tgz", ".tar")):
+      with tarfile.open(archive) as tar:
+        for member in tar:
+          tar.extract(member, tmp, filter="data")
+          if member.isfile() and member.size > 100 << 20:
+            logging.info("  %s (%.1f GB, %.0fs)", member.name, member.size / 1e9,
+                         time.time() - t0)
+    else:
+      raise DataError(f"{archive}: unknown archive type {kind!r}")
+  except (tarfile.TarError, zipfile.BadZipFile, EOFError) as e:
+    raise DataError(f"{archive}: cannot extract ({e}); the file is corrupt or "
+                    "incomplete: delete it and fetch it again") from e
+  os.rename(tmp, into)
+  return into
 
 
 def find_files(root: str, names: Sequence[str]) -> dict[str, str]:
@@ -163,7 +203,9 @@ class RawBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       if archive is not None:
         if cfg.md5:
           verify_md5(archive, cfg.md5)
-        found.update(find_files(os.fspath(dl_manager.extract(archive)), names))
+        into = os.path.join(os.fspath(dl_manager.download_dir), "extracted",
+                            cfg.archive)
+        found.update(find_files(extract_archive(archive, into, cfg.archive), names))
     missing = [n for n in names if n not in found]
     if missing:
       where = self.source_dir or "(no source_dir given)"

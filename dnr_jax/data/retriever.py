@@ -74,6 +74,32 @@ def score(params: MFParams, users: jax.Array, items: jax.Array) -> jax.Array:
   return jax.nn.sigmoid(logits(params, users, items))
 
 
+@jax.jit
+def _score_chunk(params, users, items):
+  return score(params, users, items)
+
+
+def score_lists(params: MFParams, users: np.ndarray, items: np.ndarray,
+                chunk: int = 2048) -> np.ndarray:
+  """Scores ``[B, n]`` of each list's candidates ``items`` for its ``users`` ``[B]``.
+
+  In chunks of ``chunk`` lists of one compiled shape: scoring materialises
+  ``[chunk, n, dim]`` embeddings, which for all of a large log's lists at once would
+  not fit in memory.
+  """
+  users = np.asarray(users, np.int32)
+  items = np.asarray(items, np.int32)
+  out = np.zeros(items.shape, np.float32)
+  for start in range(0, len(users), chunk):
+    u, i = users[start:start + chunk], items[start:start + chunk]
+    short = chunk - len(u) if len(users) > chunk else 0
+    if short:   # pad the last chunk to the compiled shape
+      u = np.concatenate([u, np.zeros(short, np.int32)])
+      i = np.concatenate([i, np.zeros((short,) + i.shape[1:], np.int32)])
+    out[start:start + chunk] = np.asarray(_score_chunk(params, u, i))[:len(u) - short]
+  return out
+
+
 def _loss(params, users, pos, neg):
   lp = logits(params, users, pos)
   ln = logits(params, users, neg)
@@ -181,6 +207,9 @@ def top_n(params: MFParams, users: np.ndarray, exclude: np.ndarray, n: int,
     ``(items [B, n] int32, scores [B, n] float32)``, scores non-increasing.
   """
   num_items = params.item.shape[0]
+  # Scoring a chunk materialises [chunk, num_items] floats: keep it under ~256 MB
+  # for catalogues of millions of items.
+  chunk = max(1, min(chunk, (1 << 26) // num_items))
   if n > num_items - 1 - exclude.shape[-1]:
     raise ValueError(f"n={n} exceeds the {num_items - 1} items minus "
                      f"{exclude.shape[-1]} excluded")
