@@ -127,13 +127,25 @@ class Vocabulary:
     return len(self.item_raw_id)
 
 
-def _grow(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """``a + b`` for count arrays of different lengths."""
-  if len(a) < len(b):
-    a, b = b, a
-  a = a.copy()
-  a[:len(b)] += b
-  return a
+def _count(counts: np.ndarray, ids: np.ndarray) -> np.ndarray:
+  """``counts`` (indexed by id, grown as needed) plus the occurrences of ``ids``.
+
+  In place, and O(block) rather than O(largest id): KuaiRand-27K's video ids run to
+  32M, and a pass reads thousands of blocks.
+  """
+  if not len(ids):
+    return counts
+  hi = int(ids.max())
+  if hi >= len(counts):
+    grown = np.zeros(max(hi + 1, 2 * len(counts)), np.int64)
+    grown[:len(counts)] = counts
+    counts = grown
+  if hi < 4 * len(ids):    # dense ids (users): one bincount is cheapest
+    counts[:hi + 1] += np.bincount(ids, minlength=hi + 1)
+  else:
+    uniq, n = np.unique(ids, return_counts=True)
+    counts[uniq] += n
+  return counts
 
 
 def k_core(stream: LogStream, k: int) -> Vocabulary:
@@ -155,8 +167,8 @@ def k_core(stream: LogStream, k: int) -> Vocabulary:
     for b in stream.blocks(f"{k}-core pass {state['passes']}"):
       m = preprocess.keep_mask(keep_u, b["user"]) & preprocess.keep_mask(keep_i,
                                                                           b["item"])
-      cu = _grow(cu, np.bincount(b["user"][m]))
-      ci = _grow(ci, np.bincount(b["item"][m]))
+      cu = _count(cu, b["user"][m])
+      ci = _count(ci, b["item"][m])
       if hist is not None:
         hist.add(b["time"][m])
       elif m.any():
@@ -164,10 +176,12 @@ def k_core(stream: LogStream, k: int) -> Vocabulary:
     if hist is None and t_min <= t_max:
       state["t_min"], state["t_max"] = int(t_min), int(t_max)
     state["hist"], state["user_counts"] = hist, cu
-    # Masks indexed by raw id must cover every id of later passes.
-    size = max(len(cu), len(keep_u) if keep_u is not None else 0)
-    isize = max(len(ci), len(keep_i) if keep_i is not None else 0)
-    return np.pad(cu, (0, size - len(cu))), np.pad(ci, (0, isize - len(ci)))
+    # Masks indexed by raw id must cover every id of later passes: every pass
+    # returns arrays as long as the first pass's (ids found then, plus one).
+    state.setdefault("sizes", (len(cu), len(ci)))
+    size, isize = state["sizes"]
+    return cu[:size] if len(cu) >= size else np.pad(cu, (0, size - len(cu))), \
+        ci[:isize] if len(ci) >= isize else np.pad(ci, (0, isize - len(ci)))
 
   keep_u, keep_i = preprocess.k_core_ids(count, k, stream.name)
   hist = state["hist"]
