@@ -29,7 +29,20 @@ class SyntheticConfig:
   positive_rate: float = 0.2
   retriever_noise: float = 1.0   # std of the retriever's error, in relevance units
   label_sharpness: float = 3.0   # how deterministic z is given the relevance
+  # How the retriever's score x comes about (the DNR investigation varies it):
+  # "persistent": sigmoid(relevance + e), e fixed per (user, item): a real
+  #   retriever's error, the same every time it scores the pair;
+  # "fresh": the same with e drawn anew for every impression (noise that ids cannot
+  #   explain);
+  # "eq4": x = clip((1 - score_lambda) z + score_lambda eps, 0, 1), eps ~ N(0.5, 0.25),
+  #   drawn from the feedback itself: DNR's own noise model (Eq. 4, the Gaussian
+  #   heuristic), under which its assumptions hold exactly.
+  score_model: str = "persistent"
+  score_lambda: float = 0.85     # raw-score AUC about 0.70, as the other models
   seed: int = 0
+
+
+SCORE_MODELS = ("persistent", "fresh", "eq4")
 
 
 def _sigmoid(x):
@@ -39,6 +52,8 @@ def _sigmoid(x):
 def generate(config: SyntheticConfig = SyntheticConfig()) -> types.PreparedLists:
   """Draws train / valid / test lists in the ``dnr_jax.batch`` layout."""
   c = config
+  if c.score_model not in SCORE_MODELS:
+    raise ValueError(f"score_model={c.score_model!r} is not one of {SCORE_MODELS}")
   if c.list_size > c.num_items - 1 or c.history_size > c.num_items - 1:
     raise ValueError(f"list_size={c.list_size} and history_size={c.history_size} "
                      f"must be below num_items={c.num_items}")
@@ -65,8 +80,15 @@ def generate(config: SyntheticConfig = SyntheticConfig()) -> types.PreparedLists
                                 p=wi / wi.sum()) for wi in w])
     cand = np.stack([rng.choice(np.arange(1, c.num_items), c.list_size, replace=False)
                      for _ in range(size)])
-    scores = retriever[u[:, None], cand]
     labels = (rng.random(cand.shape) < p_click[u[:, None], cand]).astype(np.float32)
+    if c.score_model == "persistent":
+      scores = retriever[u[:, None], cand]
+    elif c.score_model == "fresh":
+      scores = _sigmoid(relevance[u[:, None], cand] - offset
+                        + c.retriever_noise * rng.normal(size=cand.shape))
+    else:
+      eps = 0.5 + 0.25 * rng.normal(size=cand.shape)
+      scores = np.clip((1 - c.score_lambda) * labels + c.score_lambda * eps, 0.0, 1.0)
     order = np.argsort(-scores, axis=1, kind="stable")     # retriever rank order
     cand = np.take_along_axis(cand, order, 1)
     scores = np.take_along_axis(scores, order, 1)

@@ -20,6 +20,11 @@ flags.DEFINE_integer("num_items", 120, "Synthetic items.")
 flags.DEFINE_integer("list_size", 20, "Candidates per list.")
 flags.DEFINE_integer("train_lists", 3072, "Training lists (valid and test: 1/6 each).")
 flags.DEFINE_float("retriever_noise", 1.5, "Std of the synthetic retriever's error.")
+flags.DEFINE_enum("score_model", "persistent", list(synthetic.SCORE_MODELS),
+                  "How the retriever's scores arise: persistent per (user, item) error, "
+                  "fresh error per impression, or DNR's own Eq. 4 noise on the feedback.")
+flags.DEFINE_float("score_lambda", 0.85,
+                   "lambda of the eq4 score model (0.85: raw-score AUC about 0.70).")
 flags.DEFINE_integer("data_seed", 0, "Seed of the generated data set.")
 flags.mark_flag_as_required("workdir")
 FLAGS = flags.FLAGS
@@ -43,6 +48,7 @@ def main(argv):
   data = synthetic.generate(synthetic.SyntheticConfig(
       num_users=FLAGS.num_users, num_items=FLAGS.num_items, list_size=FLAGS.list_size,
       num_lists=(n, n // 6, n // 6), retriever_noise=FLAGS.retriever_noise,
+      score_model=FLAGS.score_model, score_lambda=FLAGS.score_lambda,
       seed=FLAGS.data_seed))
   out = experiment.run_experiment(exp, data, FLAGS.workdir)
   print(out["table"])
