@@ -113,6 +113,10 @@ class TrainConfig:
   eval_k: int = 6
   map_normaliser: str = "min_pos_k"
   eval_batch_size: int = 0       # 0: same as global_batch_size
+  # Also evaluate the test lists with each list's scores shuffled among its
+  # candidates (test metric "ndcg_shuffled_scores"): how much the reranker relies on
+  # the retriever's scores, beyond their order (positions keep the real order).
+  eval_shuffled_scores: bool = True
   log_every_steps: int = 50
   checkpoint_every_epochs: int = 1
   keep_checkpoints: int = 2

@@ -38,7 +38,7 @@ from dnr_jax.data import types
 
 # (key in the metrics dicts, column header)
 COLUMNS = (("hr", "H@{k}"), ("ndcg", "N@{k}"), ("map", "M@{k}"), ("f1", "F1@{k}"),
-           ("global_auc", "AUC"))
+           ("global_auc", "AUC"), ("ndcg_shuffled_scores", "N@{k}, scores shuffled"))
 # The rows DNR is tested against: no generated scores at all. Every other row (the
 # heuristic-only ones, DNR and its ablations, variants of them) gets a p-value against
 # the best of these.
@@ -213,7 +213,7 @@ def summarize(rows: list[dict], k: int) -> list[dict]:
     row = {"backbone": backbone, "method": method, "n_seeds": len(rs),
            "seeds": [r["seed"] for r in rs], "mean": {}, "std": {}}
     for key, _ in COLUMNS:
-      vals = np.array([r["test"][key] for r in rs])
+      vals = np.array([r["test"].get(key, np.nan) for r in rs])
       row["mean"][key] = float(vals.mean())
       row["std"][key] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
     row["per_seed_ndcg"] = [r["test"]["ndcg"] for r in rs]
@@ -249,7 +249,7 @@ def write_table(summary: list[dict], k: int, path_md: str, path_csv: str,
                + ["p_vs", "delta_ndcg", "p_value"])
     for r in summary:
       cells = [f"{100 * r['mean'][key]:.2f} ± {100 * r['std'][key]:.2f}"
-               for key, _ in COLUMNS]
+               if not math.isnan(r["mean"][key]) else "-" for key, _ in COLUMNS]
       p = r.get("p_value")
       if p is None:
         p_cell = ""

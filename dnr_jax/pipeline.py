@@ -84,6 +84,23 @@ def batches(arrays: ListArrays, batch_size: int, *, shuffle: bool, seed: int = 0
     yield out
 
 
+def shuffle_scores(arrays: ListArrays, seed: int = 0) -> dict[str, np.ndarray]:
+  """``arrays`` with each list's scores permuted among its valid candidates.
+
+  Everything else (ids, labels, order, padding) is kept, so a reranker evaluated on
+  the result loses exactly what the score *values* told it about each candidate.
+  """
+  scores, mask = arrays["scores"], arrays["mask"]
+  keys = np.random.default_rng(seed).random(scores.shape)
+  # Sorting random keys with padding last permutes each list's valid prefix only
+  # (valid candidates come first, see dnr_jax.batch).
+  perm = np.argsort(np.where(mask, keys, np.inf), axis=1)
+  out = dict(arrays)
+  out["scores"] = np.where(mask, np.take_along_axis(scores, perm, 1), 0.0).astype(
+      scores.dtype)
+  return out
+
+
 def steps_per_epoch(arrays: ListArrays, batch_size: int, pad_last: bool) -> int:
   n = num_lists(arrays)
   return -(-n // batch_size) if pad_last else n // batch_size

@@ -138,6 +138,9 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
   train = pipeline.complete(data.splits["train"])
   valid = pipeline.complete(data.splits["valid"])
   test = pipeline.complete(data.splits["test"])
+  # One fixed shuffle (seed 0) for every run, so methods are compared on the same.
+  test_shuffled = (pipeline.shuffle_scores(test) if config.eval_shuffled_scores
+                   else None)
   n_train, n_dev = pipeline.num_lists(train), runner.num_devices * jax.process_count()
   if config.global_batch_size > n_train >= n_dev:
     # The paper's batch (2048) exceeds a small data set (the embedded sample): train
@@ -182,7 +185,7 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
   if steps == 0:
     raise ValueError(f"global_batch_size={config.global_batch_size} exceeds the "
                      f"{pipeline.num_lists(train)} training lists")
-  t_run = time.time()
+  epoch_times: list[float] = []
   for epoch in range(start_epoch, config.num_epochs):
     phase = step_lib.phase_for_epoch(config, epoch)
     t0 = time.time()
@@ -207,13 +210,19 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
     train_time = time.time() - t0
     valid_m = evaluate(runner, state, valid, eval_bs, num_items=data.num_items)
     test_m = evaluate(runner, state, test, eval_bs, num_items=data.num_items)
+    if test_shuffled is not None:
+      test_m["ndcg_shuffled_scores"] = evaluate(
+          runner, state, test_shuffled, eval_bs, num_items=data.num_items)["ndcg"]
     record = {"epoch": epoch + 1, "phase": phase, "train": train_metrics,
               "valid": valid_m, "test": test_m,
               "lists_per_s": steps * config.global_batch_size / train_time,
               "epoch_s": time.time() - t0}
     history.append(record)
-    done = epoch + 1 - start_epoch
-    eta = (time.time() - t_run) / done * (config.num_epochs - epoch - 1)
+    epoch_times.append(record["epoch_s"])
+    # The first epoch of a run (and of each new phase) includes compilation: once
+    # there are others, they predict the remaining epochs better.
+    typical = np.mean(epoch_times[1:] if len(epoch_times) > 1 else epoch_times)
+    eta = typical * (config.num_epochs - epoch - 1)
     logging.info("epoch %d/%d [%s] %.0f lists/s ETA %.0fs | %s | valid %s | test %s",
                  epoch + 1, config.num_epochs, phase, record["lists_per_s"], eta,
                  _fmt(train_metrics, ("l_direct", "l_z", "l_adv", "l_x")),

@@ -148,3 +148,23 @@ def test_prefetch_thread_ends_when_the_consumer_stops_early():
   assert next(it) == "0"
   it.close()
   assert _wait_for_threads(before) == before
+
+
+def test_shuffle_scores_permutes_each_lists_valid_scores_only():
+  rng = np.random.default_rng(0)
+  arrays = _split(6, list_size=5)
+  arrays["scores"] = rng.random((6, 5)).astype(np.float32)
+  arrays["mask"][0, 3:] = False
+  arrays["scores"][0, 3:] = 0.0
+  out = pipeline.shuffle_scores(arrays, seed=1)
+  assert not np.array_equal(out["scores"], arrays["scores"])
+  for i in range(6):
+    m = arrays["mask"][i]
+    np.testing.assert_array_equal(np.sort(out["scores"][i][m]),
+                                  np.sort(arrays["scores"][i][m]))
+    assert np.all(out["scores"][i][~m] == 0)
+  for k in arrays:
+    if k != "scores":
+      np.testing.assert_array_equal(out[k], arrays[k])
+  np.testing.assert_array_equal(pipeline.shuffle_scores(arrays, seed=1)["scores"],
+                                out["scores"])             # a fixed shuffle per seed

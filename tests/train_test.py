@@ -43,6 +43,7 @@ def test_training_learns_and_beats_the_retriever(method, tmp_path):
   # error is not. A clear margin over the retriever's own ranking on held-out lists:
   ndcg, retriever = result["test"]["ndcg"], result["retriever"]["ndcg"]
   assert ndcg > retriever + 0.03, (ndcg, retriever)
+  assert 0 < result["test"]["ndcg_shuffled_scores"] <= 1
   lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(l)["epoch"] for l in lines] == [1, 2, 3, 4, 5, 6]
 
