@@ -63,16 +63,15 @@ def test_kuairand_binary_on_the_embedded_sample(tmp_path):
 
 
 @pytest.mark.slow
-def test_movielens_binary_on_a_fixture(tmp_path):
-  from dnr_jax.data import samples  # pylint: disable=g-import-not-at-top
-  samples.write_movielens(str(tmp_path / "src"), samples.SampleConfig(
-      num_users=80, num_items=90, rows_per_user=40), "100k")
-  proc = _run("experiments.movielens", "--flagfile=experiments/configs/movielens_100k.flags",
+def test_movielens_binary_on_the_embedded_sample(tmp_path):
+  proc = _run("experiments.movielens",
+              "--flagfile=experiments/configs/demo_movielens.flags",
               f"--workdir={tmp_path / 'out'}", f"--data_dir={tmp_path / 'data'}",
-              f"--source_dir={tmp_path / 'src'}", "--seeds=0", *_TINY_DATA[3:],
-              *_TINY_MODEL)
+              "--sample_users=80", "--sample_items=90", "--sample_rows_per_user=40",
+              *_TINY_DATA[3:], *_TINY_MODEL)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "GENERATED fixture, NOT the real data" in proc.stderr
+  assert "MovieLens-sample (GENERATED sample, NOT the real data)" in proc.stderr
+  assert "retrieval lists" in proc.stderr
   assert "| prm | dnr_g |" in proc.stdout
 
 

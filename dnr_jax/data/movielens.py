@@ -1,7 +1,8 @@
 """MovieLens (GroupLens) 100k and 1M as a TFDS data set, and its interaction log.
 
-The paper's ML-1M experiment, and ML-100k for quick runs. Configs ``100k`` and ``1m``
-read the official zip files (``ml-100k.zip``: ``u.data``, ``u.user``, ``u.item``;
+The paper's ML-1M experiment, and ML-100k for quick runs; ``sample`` is a generated
+ML-1M-schema data set (NOT real data, ``dnr_jax.data.samples``). Configs ``100k`` and
+``1m`` read the official zip files (``ml-100k.zip``: ``u.data``, ``u.user``, ``u.item``;
 ``ml-1m.zip``: ``ratings.dat``, ``users.dat``, ``movies.dat``, latin-1 text), from a
 source directory or downloaded (``download=True``); the archive's md5 is checked.
 Splits: ``log`` (ratings), ``users``, ``movies``. ``log_stream`` (and
@@ -79,6 +80,9 @@ CONFIGS = {
         tables=_tables_1m(), archive="ml-1m.zip",
         md5="c4d9eecfca2ab87c1945afe126590906", url=_URL.format("ml-1m.zip"),
         homepage=HOMEPAGE),
+    "sample": raw.RawConfig(
+        name="sample", tables=_tables_1m(), homepage=HOMEPAGE, is_sample=True,
+        description="Generated MovieLens-1M-schema sample: NOT real data."),
 }
 
 
@@ -115,7 +119,8 @@ def log_stream(builder: Movielens, threshold: int = 4) -> stream.LogStream:
   is_real = bool(meta.get("is_real", True))
   name = f"MovieLens-{builder.builder_config.name}"
   if not is_real:
-    name += " (GENERATED fixture, NOT the real data)"
+    kind = "sample" if builder.builder_config.is_sample else "fixture"
+    name += f" (GENERATED {kind}, NOT the real data)"
   logging.info("%s: %d ratings; positive = rating >= %d", name, meta.get("log_rows", -1),
                threshold)
   return stream.LogStream(

@@ -53,7 +53,8 @@ class DataConfig:
 
   Attributes:
     dataset / variant: ``kuairand`` (``sample``, ``pure``, ``1k``, ``27k``) or
-      ``movielens`` (``100k``, ``1m``).
+      ``movielens`` (``sample``, ``100k``, ``1m``); ``sample`` is generated in the
+      real files' schema (NOT real data).
     source_dir: where the raw files or the official archive are (default:
       ``<data_dir>/manual/<dataset>-<variant>``; the sample is generated there).
     data_dir: where the TFDS data sets go (default ``raw.default_data_dir()``).
@@ -147,12 +148,17 @@ def raw_builder(config: DataConfig) -> raw.RawBuilder:
     # Each sample size is its own data set, so a changed SampleConfig is never served
     # from an older sample's cache.
     key = _digest(dataclasses.asdict(config.sample))
-    source = config.source_dir or os.path.join(data_dir, "manual", f"kuairand-sample-{key}")
+    source = config.source_dir or os.path.join(
+        data_dir, "manual", f"{config.dataset}-sample-{key}")
     builder_dir = os.path.join(data_dir, "samples", key)
     if not raw.find_files(source, [raw.NOT_REAL_MARKER]):
-      logging.warning("generating the KuaiRand-Pure-schema sample in %s (NOT the real "
-                      "data)", source)
-      samples.write_kuairand(source, config.sample)
+      schema = "KuaiRand-Pure" if config.dataset == "kuairand" else "MovieLens-1M"
+      logging.warning("generating the %s-schema sample in %s (NOT the real data)",
+                      schema, source)
+      if config.dataset == "kuairand":
+        samples.write_kuairand(source, config.sample)
+      else:
+        samples.write_movielens(source, config.sample, "1m")
   cls = kuairand.Kuairand if config.dataset == "kuairand" else movielens.Movielens
   return cls(config=config.variant, data_dir=builder_dir, source_dir=source,
              download=config.download)
