@@ -42,7 +42,7 @@ from dnr_jax.data import retriever as retriever_lib
 from dnr_jax.data import stream as stream_lib
 
 # Bump when list construction changes: cached lists of older code are then rebuilt.
-LISTS_VERSION = "2.0.0"   # 2.0.0: time cuts, streamed preparation
+LISTS_VERSION = "2.1.0"   # 2.x: time cuts, streamed preparation; 2.1: 2^16 time bins
 DATASETS = {"kuairand": tuple(kuairand.CONFIGS), "movielens": tuple(movielens.CONFIGS)}
 _LISTS_PER_RECORD = 1024
 
