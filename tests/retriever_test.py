@@ -1,6 +1,7 @@
 """Tests of the MF retriever: it learns planted preferences, scores, retrieves."""
 
 import chex
+import jax
 import numpy as np
 import pytest
 
@@ -71,3 +72,31 @@ def test_bad_config(kwargs, pattern):
 def test_bad_ids():
   with pytest.raises(ValueError, match="ids must lie"):
     retriever.train(np.array([1, 5]), np.array([1, 2]), num_users=3, num_items=3)
+
+
+def test_lazy_adam_equals_dense_adam_when_every_row_is_touched():
+  # 4 users x 3 items, each batch holds every user and (as positives) every item, and
+  # the 1 negative per pair covers whatever it draws: with weight decay 0, Adam on the
+  # touched rows only is Adam on all rows, as long as all rows are touched.
+  users = np.array([1, 2, 3, 1, 2, 3], np.int32)
+  items = np.array([1, 2, 3, 2, 3, 1], np.int32)
+  cfg = dict(dim=4, learning_rate=1e-2, negatives=1, batch_size=6, epochs=3,
+             holdout=0.01, seed=1)
+  dense, _ = retriever.train(np.r_[users, 1], np.r_[items, 1], num_users=4, num_items=4,
+                             config=retriever.RetrieverConfig(sparse_updates=False, **cfg))
+  lazy, _ = retriever.train(np.r_[users, 1], np.r_[items, 1], num_users=4, num_items=4,
+                            config=retriever.RetrieverConfig(sparse_updates=True, **cfg))
+  for a, b in zip((dense.user, dense.item, dense.item_bias),
+                  (lazy.user, lazy.item, lazy.item_bias)):
+    np.testing.assert_allclose(np.asarray(a)[1:], np.asarray(b)[1:], rtol=2e-5,
+                               atol=1e-6)
+
+
+def test_lazy_adam_leaves_untouched_rows_alone():
+  params, _ = retriever.train(np.array([1, 1, 2]), np.array([1, 2, 1]), num_users=3,
+                              num_items=50, config=retriever.RetrieverConfig(
+                                  dim=4, negatives=1, batch_size=2, epochs=1,
+                                  holdout=0.34))
+  init = retriever.init_params(3, 50, 4, jax.random.split(jax.random.PRNGKey(0))[1])
+  moved = np.abs(np.asarray(params.item) - np.asarray(init.item)).sum(1) > 0
+  assert 0 < moved.sum() < 50      # some rows trained, most never drawn

@@ -97,7 +97,7 @@ class TimeHistogram:
   """Row counts per time bin: the quantiles of a log's times in bounded memory.
 
   At most ``max_bins`` bins of equal width cover ``[t_min, t_max]`` (for a month of
-  KuaiRand, bins of 40 s; for ML-1M's three years, 24 min); quantiles are bin edges,
+  KuaiRand, bins of 40 s; for ML-1M's 34 months, 23 min); quantiles are bin edges,
   so a cut is exact up to the rows of one bin.
   """
 
