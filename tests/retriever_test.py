@@ -96,7 +96,7 @@ def test_lazy_adam_leaves_untouched_rows_alone():
   params, _ = retriever.train(np.array([1, 1, 2]), np.array([1, 2, 1]), num_users=3,
                               num_items=50, config=retriever.RetrieverConfig(
                                   dim=4, negatives=1, batch_size=2, epochs=1,
-                                  holdout=0.34))
+                                  holdout=0.34, sparse_updates=True))
   init = retriever.init_params(3, 50, 4, jax.random.split(jax.random.PRNGKey(0))[1])
   moved = np.abs(np.asarray(params.item) - np.asarray(init.item)).sum(1) > 0
   assert 0 < moved.sum() < 50      # some rows trained, most never drawn
