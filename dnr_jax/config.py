@@ -66,11 +66,13 @@ class NoiseConfig:
   generator_noise_dim: int = 8
   generator_use_item: bool = True
   # Open point 3 again: candidates are stored in the real retriever's rank order and
-  # PRM / DLCM read that order. A list with generated scores x' is presented as a
-  # retriever would have ranked it *by x'* (re-sorted), so the order and the scores
-  # the reranker sees agree, as they always do on real lists. False keeps the real
-  # order beside the generated scores (then the order leaks the real x into L_z).
-  sort_generated: bool = True
+  # PRM / DLCM read that order. False (the paper's plain reading: swap the scores,
+  # keep the list) leaves the real order beside the generated scores x'. True
+  # re-sorts each list by x', so order and scores agree as on real lists. Measured
+  # (docs/dnr_investigation.md): with Eq. 4 noise, re-sorting teaches the position
+  # embedding that the top of a list is almost surely positive (x' nearly reveals
+  # z), which real lists contradict: heuristic_g lost 1.8 N@6 on synthetic lists.
+  sort_generated: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
