@@ -32,6 +32,10 @@ flags.DEFINE_string("sweep_method", "dnr_g",
                     "The method (or variant, as in --methods) the sweep trains.")
 flags.DEFINE_bool("plots", True, "Write PNG plots.")
 flags.DEFINE_string("workdir", None, "Where metrics, checkpoints and results go.")
+flags.DEFINE_string("compilation_cache", "~/.cache/dnr_jax/xla",
+                    "JAX's persistent compilation cache ('' turns it off): the seeds and "
+                    "sweep points of an experiment compile the same programs, so all "
+                    "runs after the first of each configuration skip compilation.")
 # Flags that set one config field: (flag, dotted config key, help, choices or None).
 # Defaults and types come from the config dataclasses, so the two cannot drift.
 _CONFIG_FLAGS = (
@@ -183,10 +187,19 @@ class _QuietLibraries:
     return record.levelno > 20 or not any(p in record.pathname for p in _CHATTY)
 
 
-def setup_logging() -> None:
-  """Per-epoch progress lines stay readable: library chatter is filtered out."""
+def setup() -> None:
+  """Process set-up of every binary: logging, and the compilation cache.
+
+  Per-epoch progress lines stay readable: library chatter is filtered out.
+  """
+  import os  # pylint: disable=g-import-not-at-top
   import logging as py_logging  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
+  if FLAGS.compilation_cache and not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.expanduser(FLAGS.compilation_cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   py_logging.getLogger("absl").addFilter(_QuietLibraries())
@@ -231,7 +244,7 @@ def main(argv) -> None:
   from dnr_jax.data import prepare  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  setup_logging()
+  setup()
   # Every flag is checked before any data work starts.
   exp = experiment_from_flags()
   data_config = data_config_from_flags()

@@ -40,7 +40,7 @@ BASE = config_lib.TrainConfig(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  common.setup_logging()
+  common.setup()
   logging.info("JAX %s on %d %s device(s)", jax.__version__, jax.local_device_count(),
                jax.default_backend())
   exp = common.experiment_from_flags(BASE)
