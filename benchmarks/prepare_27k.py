@@ -35,7 +35,8 @@ flags.DEFINE_string("workdir", "/tmp/dnr_bench_27k", "Scratch directory (removed
                     "first).")
 flags.DEFINE_bool("lists", True, "Also run stages 2-4 (k-core, retriever, lists).")
 flags.DEFINE_integer("chunk_mb", 64, "CSV chunk size of the streaming reader.")
-flags.DEFINE_integer("shard_rows", 2_000_000, "Rows of a user shard in memory.")
+flags.DEFINE_integer("shard_rows", prepare.DataConfig.shard_rows,
+                     "Rows of a user shard in memory (the library's default).")
 flags.DEFINE_integer("retriever_epochs", 1, "MF epochs (the time scales with them).")
 flags.DEFINE_integer("retriever_dim", 128, "MF embedding size (paper: 128).")
 FLAGS = flags.FLAGS
