@@ -31,6 +31,9 @@ flags.DEFINE_multi_string(
 flags.DEFINE_string("sweep_method", "dnr_g",
                     "The method (or variant, as in --methods) the sweep trains.")
 flags.DEFINE_bool("plots", True, "Write PNG plots.")
+flags.DEFINE_bool("check_flags", False,
+                  "Validate every flag and the configs they make, print them, and exit "
+                  "without touching data or devices (e.g. before queueing a batch job).")
 flags.DEFINE_string("workdir", None, "Where metrics, checkpoints and results go.")
 flags.DEFINE_string("compilation_cache", "~/.cache/dnr_jax/xla",
                     "JAX's persistent compilation cache ('' turns it off): the seeds and "
@@ -236,6 +239,19 @@ def experiment_from_flags(base: config_lib.TrainConfig | None = None):
   return exp
 
 
+def print_checked(exp, data_config=None) -> None:
+  """``--check_flags``: what the flags resolved to, one line per table row."""
+  from dnr_jax import experiment  # pylint: disable=g-import-not-at-top
+  if data_config is not None:
+    print(f"data: {data_config}")
+  rows = list(exp.methods) + [f"{exp.sweep_method} ({field}={','.join(values)})"
+                              for field, values in exp.sweeps]
+  for method in exp.methods:
+    print(f"method {method}: {experiment.run_config(exp, method, exp.backbones[0], exp.seeds[0], vocab=False)}")
+  print(f"flags OK: {len(rows)} row(s) x {len(exp.backbones)} backbone(s) x "
+        f"{len(exp.seeds)} seed(s); workdir {FLAGS.workdir}")
+
+
 def main(argv) -> None:
   """The data binaries' body: flags -> DataConfig + experiment -> lists -> results."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -252,6 +268,9 @@ def main(argv) -> None:
     config_lib.validate(experiment.run_config(exp, method, exp.backbones[0],
                                               exp.seeds[0], vocab=False),
                         list_size=data_config.lists.list_size, vocab=False)
+  if FLAGS.check_flags:
+    print_checked(exp, data_config)
+    return
   logging.info("JAX %s on %d %s device(s)", jax.__version__, jax.local_device_count(),
                jax.default_backend())
   data = prepare.prepare_lists(data_config)

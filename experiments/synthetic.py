@@ -41,9 +41,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   common.setup()
+  exp = common.experiment_from_flags(BASE)
+  if FLAGS.check_flags:
+    common.print_checked(exp)
+    return
   logging.info("JAX %s on %d %s device(s)", jax.__version__, jax.local_device_count(),
                jax.default_backend())
-  exp = common.experiment_from_flags(BASE)
   n = FLAGS.train_lists
   data = synthetic.generate(synthetic.SyntheticConfig(
       num_users=FLAGS.num_users, num_items=FLAGS.num_items, list_size=FLAGS.list_size,

@@ -88,3 +88,38 @@ def test_data_binaries_reject_bad_flags_before_any_work(tmp_path, module, flag,
   assert proc.returncode != 0
   assert message in proc.stderr
   assert not (tmp_path / "d").exists()       # failed before preparing any data
+
+
+_FLAGFILE_BINARY = {
+    "demo": "kuairand", "kuairand_pure": "kuairand", "kuairand_1k": "kuairand",
+    "investigation_kuairand": "kuairand", "demo_movielens": "movielens",
+    "movielens_1m": "movielens", "movielens_100k": "movielens",
+    "investigation_movielens": "movielens", "investigation_synthetic": "synthetic",
+}
+
+
+def test_every_flagfile_has_a_binary():
+  names = {f[:-len(".flags")] for f in os.listdir(os.path.join(ROOT, "experiments",
+                                                               "configs"))
+           if f.endswith(".flags")}
+  assert names == set(_FLAGFILE_BINARY), "map new flagfiles to their binary here"
+
+
+@pytest.mark.parametrize("name", sorted(_FLAGFILE_BINARY))
+def test_shipped_flagfiles_are_valid(tmp_path, name):
+  # The paper experiments run for hours on accelerators: a typo in their flagfiles
+  # must fail here, not in the batch job. --check_flags validates without data.
+  binary = _FLAGFILE_BINARY[name]
+  data = [] if binary == "synthetic" else [f"--data_dir={tmp_path / 'd'}"]
+  proc = _run(f"experiments.{binary}", f"--flagfile=experiments/configs/{name}.flags",
+              "--check_flags", *data, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "flags OK:" in proc.stdout
+  assert not (tmp_path / "d").exists()
+
+
+def test_check_flags_still_rejects_bad_values(tmp_path):
+  proc = _run("experiments.kuairand", "--flagfile=experiments/configs/demo.flags",
+              "--check_flags", "--lambda_m=-1", timeout=120)
+  assert proc.returncode != 0
+  assert "lambda_m" in proc.stderr
