@@ -133,10 +133,12 @@ class LazyAdamState:
   nu: MFParams
 
 
-def _unique_sum(ids: jax.Array, grads: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """The distinct ``ids`` of a batch (padded with id 0) and their summed gradients."""
+def _unique_sum(ids: jax.Array, *grads: jax.Array) -> tuple[jax.Array, ...]:
+  """The distinct ``ids`` of a batch (padded with id 0) and each of ``grads`` summed
+  over them (one sort serves every table the ids index)."""
   uniq, inverse = jnp.unique(ids, size=ids.shape[0], fill_value=0, return_inverse=True)
-  return uniq, jax.ops.segment_sum(grads, inverse.reshape(-1), ids.shape[0])
+  return (uniq,) + tuple(jax.ops.segment_sum(g, inverse.reshape(-1), ids.shape[0])
+                         for g in grads)
 
 
 def _lazy_adam_rows(table, mu, nu, rows, grad, count, *, lr, weight_decay,
@@ -175,8 +177,9 @@ def _lazy_train_step(params, state, users, pos, key, *, num_items, negatives, lr
   hp = dict(lr=lr, weight_decay=weight_decay)
   rows_u, g_u = _unique_sum(users, gu)
   items = jnp.concatenate([pos, neg.reshape(-1)])
-  rows_i, g_i = _unique_sum(items, jnp.concatenate([gvp, gvn.reshape(-1, gvn.shape[-1])]))
-  _, g_b = _unique_sum(items, jnp.concatenate([gbp, gbn.reshape(-1)]))
+  rows_i, g_i, g_b = _unique_sum(
+      items, jnp.concatenate([gvp, gvn.reshape(-1, gvn.shape[-1])]),
+      jnp.concatenate([gbp, gbn.reshape(-1)]))
   user, mu_u, nu_u = _lazy_adam_rows(params.user, state.mu.user, state.nu.user, rows_u,
                                      g_u, count, **hp)
   item, mu_i, nu_i = _lazy_adam_rows(params.item, state.mu.item, state.nu.item, rows_i,
