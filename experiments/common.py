@@ -240,16 +240,18 @@ def experiment_from_flags(base: config_lib.TrainConfig | None = None):
 
 
 def print_checked(exp, data_config=None) -> None:
-  """``--check_flags``: what the flags resolved to, one line per table row."""
+  """``--check_flags``: what the flags resolved to, one line per method and sweep."""
   from dnr_jax import experiment  # pylint: disable=g-import-not-at-top
   if data_config is not None:
     print(f"data: {data_config}")
-  rows = list(exp.methods) + [f"{exp.sweep_method} ({field}={','.join(values)})"
-                              for field, values in exp.sweeps]
   for method in exp.methods:
-    print(f"method {method}: {experiment.run_config(exp, method, exp.backbones[0], exp.seeds[0], vocab=False)}")
-  print(f"flags OK: {len(rows)} row(s) x {len(exp.backbones)} backbone(s) x "
-        f"{len(exp.seeds)} seed(s); workdir {FLAGS.workdir}")
+    cfg = experiment.run_config(exp, method, exp.backbones[0], exp.seeds[0], vocab=False)
+    print(f"method {method}: {cfg}")
+  for field, values in exp.sweeps:
+    print(f"sweep of {exp.sweep_method}: {field} = {', '.join(values)}")
+  print(f"flags OK: {len(exp.methods)} method(s) and {len(exp.sweeps)} sweep(s) x "
+        f"{len(exp.backbones)} backbone(s) x {len(exp.seeds)} seed(s); "
+        f"workdir {FLAGS.workdir}")
 
 
 def main(argv) -> None:

@@ -148,11 +148,12 @@ def _lazy_adam_rows(table, mu, nu, rows, grad, count, *, lr, weight_decay,
   Padding slots of ``rows`` are id 0 with zero gradient: row 0 is the padding id,
   which no positive or negative ever is, so what they write there is never read.
   """
+  t = table[rows]
   m = b1 * mu[rows] + (1 - b1) * grad
   v = b2 * nu[rows] + (1 - b2) * grad ** 2
   m_hat = m / (1 - b1 ** count)
   v_hat = v / (1 - b2 ** count)
-  new = table[rows] - lr * (m_hat / (jnp.sqrt(v_hat) + eps) + weight_decay * table[rows])
+  new = t - lr * (m_hat / (jnp.sqrt(v_hat) + eps) + weight_decay * t)
   return table.at[rows].set(new), mu.at[rows].set(m), nu.at[rows].set(v)
 
 
@@ -237,8 +238,8 @@ def train(users: np.ndarray, items: np.ndarray, *, num_users: int, num_items: in
   if sparse is None:
     sparse = num_users + num_items > 8 * bs * (2 + config.negatives)
   if sparse:
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    opt_state = LazyAdamState(count=jnp.zeros((), jnp.int32), mu=zeros,
+    opt_state = LazyAdamState(count=jnp.zeros((), jnp.int32),   # mu, nu: own buffers
+                              mu=jax.tree.map(jnp.zeros_like, params),  # (donated)
                               nu=jax.tree.map(jnp.zeros_like, params))
     step = functools.partial(_lazy_train_step, num_items=num_items,
                              negatives=config.negatives, lr=config.learning_rate,

@@ -148,6 +148,11 @@ def _count(counts: np.ndarray, ids: np.ndarray) -> np.ndarray:
   return counts
 
 
+def _fit(counts: np.ndarray, size: int) -> np.ndarray:
+  """``counts`` cut or zero-padded to ``size``."""
+  return counts[:size] if len(counts) >= size else np.pad(counts, (0, size - len(counts)))
+
+
 def k_core(stream: LogStream, k: int) -> Vocabulary:
   """The k-core of a streamed log (``preprocess.k_core_ids``), pass by pass.
 
@@ -180,8 +185,7 @@ def k_core(stream: LogStream, k: int) -> Vocabulary:
     # returns arrays as long as the first pass's (ids found then, plus one).
     state.setdefault("sizes", (len(cu), len(ci)))
     size, isize = state["sizes"]
-    return cu[:size] if len(cu) >= size else np.pad(cu, (0, size - len(cu))), \
-        ci[:isize] if len(ci) >= isize else np.pad(ci, (0, isize - len(ci)))
+    return _fit(cu, size), _fit(ci, isize)
 
   keep_u, keep_i = preprocess.k_core_ids(count, k, stream.name)
   hist = state["hist"]
