@@ -27,6 +27,7 @@ from dnr_jax import metrics as metrics_lib
 from dnr_jax import pipeline
 from dnr_jax import step as step_lib
 from dnr_jax.data import types
+from dnr_jax.errors import ConfigError
 
 SELECT_METRIC = "ndcg"
 
@@ -183,8 +184,8 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
   state = runner.put_state(state)
   steps = pipeline.steps_per_epoch(train, config.global_batch_size, pad_last=False)
   if steps == 0:
-    raise ValueError(f"global_batch_size={config.global_batch_size} exceeds the "
-                     f"{pipeline.num_lists(train)} training lists")
+    raise ConfigError(f"global_batch_size={config.global_batch_size} exceeds the "
+                      f"{pipeline.num_lists(train)} training lists")
   epoch_times: list[float] = []
   for epoch in range(start_epoch, config.num_epochs):
     phase = step_lib.phase_for_epoch(config, epoch)
