@@ -18,6 +18,7 @@ and keeps its traceback. Check the work directory early with ``check_workdir``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 import tempfile
@@ -257,7 +258,7 @@ def _fail(error: BaseException, code: int) -> None:
   sys.exit(code)
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with its errors as one line (absl prints two)."""
   try:
     return FLAGS(argv)
@@ -267,13 +268,15 @@ def _parse_flags(argv: list[str]) -> list[str]:
     _fail(e, 2)
 
 
-def run_main(main: Callable[[list[str]], None]) -> None:
-  """``app.run(main)`` with every user error as one line and a non-zero exit status.
+def one_line_errors(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+  """``main`` with its user errors printed as one line and a non-zero exit status.
 
-  See the module doc: ``dnr_jax.errors.DNRError``, absl flag errors and
-  ``app.UsageError`` are printed as ``Kind: message`` and exit with ``exit_code``;
+  ``dnr_jax.errors.DNRError``, absl flag errors and ``app.UsageError`` are printed as
+  ``Kind: message`` and exit with ``exit_code`` (2 for the absl ones);
   ``DNR_TRACEBACK=1`` or ``--verbosity=1`` re-raises them with their traceback.
+  Every other exception passes through unchanged: it is a bug.
   """
+  @functools.wraps(main)
   def guarded(argv):
     traceback = show_traceback()   # before main: setup() resets the verbosity
     try:
@@ -282,8 +285,12 @@ def run_main(main: Callable[[list[str]], None]) -> None:
       if traceback:
         raise
       _fail(e, exit_code(e) if isinstance(e, errors.DNRError) else 2)
+  return guarded
 
-  app.run(guarded, flags_parser=_parse_flags)
+
+def run_main(main: Callable[[list[str]], None]) -> None:
+  """``app.run(main)`` for every binary: flag errors and user errors in one line."""
+  app.run(one_line_errors(main), flags_parser=parse_flags)
 
 
 _CHATTY = ("/orbax/", "/tensorflow_datasets/")
