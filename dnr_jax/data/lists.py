@@ -137,6 +137,8 @@ def retriever_end(hist: TimeHistogram, config: ListConfig) -> int:
 
 def retriever_end_of(times: np.ndarray, config: ListConfig) -> int:
   """``retriever_end`` of an in-memory array of times (the same bins as a stream)."""
+  if not len(times):
+    raise DataError("the log is empty: no time to split")
   hist = TimeHistogram(times.min(), times.max())
   hist.add(times)
   return retriever_end(hist, config)
