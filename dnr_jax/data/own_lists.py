@@ -321,6 +321,7 @@ class Vocabulary:
     for c in ("user", "item") + self.user_features + self.item_features:
       self.columns.setdefault(c, [])
     self._index: dict[str, dict[str, int]] = {}
+    self._arrays: dict[str, pa.Array] = {}
 
   @classmethod
   def fit(cls, values: Mapping[str, Iterable[Any]], user_features: Sequence[str] = (),
@@ -362,13 +363,22 @@ class Vocabulary:
     map to 0 and are counted; missing values (null, "") map to 0 uncounted."""
     if column not in self.columns:
       raise KeyError(f"no vocabulary column {column!r}; have {sorted(self.columns)}")
-    index = self._index.get(column)
-    if index is None:
-      index = self._index[column] = {v: i + 1 for i, v in
-                                     enumerate(self.columns[column])}
     arr = _text(_to_arrow(raw))
     if len(arr) == 0:
       return np.zeros((0,), np.int32), 0
+    values = self.columns[column]
+    if len(values) <= 4 * len(arr):
+      # Vectorised: pyarrow hashes the vocabulary per call, cheap while it is not
+      # much larger than the batch; a large catalogue goes through the dict below.
+      if column not in self._arrays:
+        self._arrays[column] = pa.array(values, pa.string())
+      pos = pc.index_in(arr, value_set=self._arrays[column])
+      ids = pos.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32) + 1
+      present = pc.and_(pc.is_valid(arr), pc.not_equal(arr, "")).fill_null(False)
+      return ids, int(((ids == 0) & present.to_numpy(zero_copy_only=False)).sum())
+    index = self._index.get(column)
+    if index is None:
+      index = self._index[column] = {v: i + 1 for i, v in enumerate(values)}
     enc = pc.dictionary_encode(arr)
     table = np.array([index.get(v, 0) for v in enc.dictionary.to_pylist()] + [0],
                      np.int32)
