@@ -187,6 +187,17 @@ def test_vocabulary_maps_ids_as_text():
   assert vocab.num_items == 4 and vocab.lookup_users(pa.array(["a"]))[0].tolist() == [1]
 
 
+def test_vocabulary_lookup_paths_agree():
+  # A batch much smaller than the vocabulary takes the dict path, a large one the
+  # vectorised path: the same ids and counts either way.
+  vocab = own_lists.Vocabulary.fit({"item": [[f"i{k}" for k in range(40)]]})
+  small = vocab.lookup_items(["i7", "x", None])
+  large = vocab.lookup_items(["i7", "x", None] * 10)
+  assert small[0].tolist() == large[0].tolist()[:3] == [vocab.columns["item"].index(
+      "i7") + 1, 0, 0]
+  assert (small[1], large[1]) == (1, 10)
+
+
 _BAD = [
     ("drop", "score", r"missing column\(s\) \['score'\]"),
     ("set", ("label", 4, 2), r"line 6, column 'label': value 2 is not 0 or 1"),
