@@ -15,7 +15,7 @@ import dataclasses
 import math
 from typing import Optional
 
-BACKBONES = ("prm", "setrank", "dlcm")
+BACKBONES = ("prm", "setrank", "dlcm", "pier")
 SCORE_USAGES = ("none", "concat", "add", "weight")
 HEURISTICS = ("gaussian", "beta")
 LX_ESTIMATORS = ("histogram_kl", "wasserstein", "mmd")
@@ -36,6 +36,9 @@ class ModelConfig:
   num_heads: int = 4
   num_layers: int = 1          # list encoder depth (PRM / SetRank)
   history_layers: int = 1      # user-history encoder depth
+  # PIER only: the history is read as past pseudo-permutations of this many items
+  # (dnr_jax/pier.py says why: our histories hold positives, not shown lists).
+  pier_window: int = 5
   dropout: float = 0.3         # paper, ML-1M and Kuaivideo
   # Open point 3: how retriever scores enter the backbone. "concat" = the paper's
   # "c score" (a score embedding concatenated to the item token), "add" = "+ score"
@@ -264,7 +267,7 @@ def validate(config: TrainConfig, *, list_size: Optional[int] = None,
     _check(m.num_items >= 2,
            f"model.num_items={m.num_items} must be >= 2 (id 0 is padding)")
     _check(m.num_users >= 1, f"model.num_users={m.num_users} must be >= 1")
-  for name in ("hidden", "num_heads", "num_layers", "history_layers"):
+  for name in ("hidden", "num_heads", "num_layers", "history_layers", "pier_window"):
     v = getattr(m, name)
     _check(isinstance(v, int) and v >= 1, f"model.{name}={v!r} must be an integer >= 1")
   _check(m.hidden % m.num_heads == 0,
