@@ -17,12 +17,14 @@ from typing import Optional
 
 from dnr_jax.errors import ConfigError
 
-BACKBONES = ("prm", "setrank", "dlcm")
+BACKBONES = ("prm", "setrank", "dlcm", "pier")
 SCORE_USAGES = ("none", "concat", "add", "weight")
 HEURISTICS = ("gaussian", "beta")
 LX_ESTIMATORS = ("histogram_kl", "wasserstein", "mmd")
 COMPILERS = ("pmap", "shard_map")
 MAP_NORMALISERS = ("min_pos_k", "hits")
+NONFINITE = ("stop", "skip")
+RESUME_MODES = ("check", "force", "never")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +40,9 @@ class ModelConfig:
   num_heads: int = 4
   num_layers: int = 1          # list encoder depth (PRM / SetRank)
   history_layers: int = 1      # user-history encoder depth
+  # PIER only: the history is read as past pseudo-permutations of this many items
+  # (dnr_jax/pier.py says why: our histories hold positives, not shown lists).
+  pier_window: int = 5
   dropout: float = 0.3         # paper, ML-1M and Kuaivideo
   # Open point 3: how retriever scores enter the backbone. "concat" = the paper's
   # "c score" (a score embedding concatenated to the item token), "add" = "+ score"
@@ -124,6 +129,15 @@ class TrainConfig:
   log_every_steps: int = 50
   checkpoint_every_epochs: int = 1
   keep_checkpoints: int = 2
+  # A step whose loss or gradient norm is NaN/inf is never applied (checked inside
+  # the compiled step). "stop": the run raises errors.TrainingDiverged at the next
+  # check (the epoch's end, or a log_every_steps line); "skip": the run goes on and
+  # counts the skipped steps (train metric "skipped_steps").
+  nonfinite: str = "stop"
+  # A workdir that already holds checkpoints: "check" resumes only with the same
+  # config (checkpoints.RESUMABLE_FIELDS may differ), "force" resumes anyway,
+  # "never" moves the old checkpoints aside and starts fresh.
+  resume: str = "check"
 
 
 # name -> (overrides of TrainConfig, ModelConfig, NoiseConfig, LossConfig), the paper's
@@ -267,11 +281,13 @@ def validate(config: TrainConfig, *, list_size: Optional[int] = None,
   _in(ls.lx_estimator, LX_ESTIMATORS, "loss.lx_estimator")
   _in(config.compile, COMPILERS, "compile")
   _in(config.map_normaliser, MAP_NORMALISERS, "map_normaliser")
+  _in(config.nonfinite, NONFINITE, "nonfinite")
+  _in(config.resume, RESUME_MODES, "resume")
   if vocab:
     _check(m.num_items >= 2,
            f"model.num_items={m.num_items} must be >= 2 (id 0 is padding)")
     _check(m.num_users >= 1, f"model.num_users={m.num_users} must be >= 1")
-  for name in ("hidden", "num_heads", "num_layers", "history_layers"):
+  for name in ("hidden", "num_heads", "num_layers", "history_layers", "pier_window"):
     v = getattr(m, name)
     _check(isinstance(v, int) and v >= 1, f"model.{name}={v!r} must be an integer >= 1")
   _check(m.hidden % m.num_heads == 0,
