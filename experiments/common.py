@@ -10,7 +10,7 @@ error (any ``dnr_jax.errors.DNRError``: a bad flag or config, a data file, a
 checkpoint, the work directory; or a flag the parser rejects) is then printed as ONE
 line on stderr, ``ConfigError: --seeds=[0, 0] ...``, and the process exits with
 ``EXIT_CODES`` of its kind (2 flags and configs, 3 data, 4 checkpoints, 5 diverged
-training, 1 any other), without a traceback. ``DNR_TRACEBACK=1`` in the environment
+training, 75 interrupted by SIGTERM / SIGINT, 1 any other), without a traceback. ``DNR_TRACEBACK=1`` in the environment
 or ``--verbosity=1`` shows the traceback instead. Anything else that escapes is a bug
 and keeps its traceback. Check the work directory early with ``check_workdir``.
 """
@@ -232,8 +232,11 @@ def check_workdir(path: str | None, *, create: bool = True,
 
 # The exit status of each kind of user error (absl's flag errors: 2, as a usage error;
 # dnr_jax.data.csv_reader.DataError: 3).
+# An interrupted run (SIGTERM / SIGINT, checkpoint saved) exits with sysexits'
+# EX_TEMPFAIL, 75: "try again", which is what a rerun (resuming) does.
 EXIT_CODES = ((errors.ConfigError, 2), (errors.CheckpointError, 4),
-              (errors.TrainingDiverged, 5), (errors.DNRError, 1))
+              (errors.TrainingDiverged, 5), (errors.Interrupted, 75),
+              (errors.DNRError, 1))
 
 
 def exit_code(error: BaseException) -> int:

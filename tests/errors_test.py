@@ -116,6 +116,7 @@ def _raises(error):
                           "range [1, 5]"), 3),
     (errors.CheckpointError("/w/runs/prm/dnr_g/seed0/checkpoints/4: damaged"), 4),
     (errors.TrainingDiverged("epoch 2, step 17: the loss is NaN"), 5),
+    (errors.Interrupted("training stopped by SIGTERM at epoch 2 step 2/4"), 75),
     (errors.DNRError("anything else the user can fix"), 1),
     (flags.IllegalFlagValueError("flag --seeds=x: not a list"), 2),
     (app.UsageError("unexpected arguments: ['x']"), 2),
