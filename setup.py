@@ -30,7 +30,7 @@ setuptools.setup(
         "scipy>=1.11",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3", "scikit-learn>=1.4"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "scikit-learn>=1.4", "hypothesis>=6"],
         # benchmarks/torch_prm.py, the PyTorch eager reference of benchmarks/step.py
         # --compare_torch; never a dependency of the library.
         "bench": ["torch>=2.1"],
