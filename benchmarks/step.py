@@ -339,6 +339,8 @@ def compare_reference(devices, lists: dict, out=None) -> list[dict]:
            **device_info(devices), "global_batch": FLAGS.batch_size}
     for name in ("before", "after"):
       rec[name] = summary(secs[name], FLAGS.batch_size)
+      flops = runs[name].flops
+      rec[name]["flops_per_list"] = flops / FLAGS.batch_size if flops else None
     rec["speedup_median"] = rec["after"]["lists_per_s"] / rec["before"]["lists_per_s"]
     emit(rec, out)
     records.append(rec)
