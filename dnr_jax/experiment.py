@@ -12,6 +12,9 @@ test), then writes
 * ``plots/``: learning curves, the paper's Figure 5 (density of real retriever noise
   ``x - z`` beside Gaussian, Beta and the learned generator's ``x' - z``) and, with a
   sweep, Figure 3 (sensitivity to one hyper-parameter).
+
+In a multi-process run every process trains and gets the same results; only process
+0 writes these files (``distributed.is_primary``).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from absl import logging
 
 from dnr_jax import batch as batch_lib
 from dnr_jax import config as config_lib
+from dnr_jax import distributed
 from dnr_jax import noise as noise_lib
 from dnr_jax import pipeline
 from dnr_jax import train
@@ -163,15 +167,19 @@ class _TensorBoard:
 
 
 def _run_one(cfg: config_lib.TrainConfig, data: types.PreparedLists, run_dir: str):
-  tb = _TensorBoard(os.path.join(run_dir, "tb"))
+  primary = distributed.is_primary()
+  tb = _TensorBoard(os.path.join(run_dir, "tb")) if primary else None
   try:
     result = train.train_and_evaluate(cfg, data, run_dir, on_epoch=tb)
   finally:
-    tb.close()
+    if tb is not None:
+      tb.close()
     # Runs share no compiled program (each has its own step closures), and under
     # jax.pmap the executables of finished runs are never freed: without this, a
     # table of dozens of runs ends in "LLVM ERROR: Unable to allocate section memory".
     jax.clear_caches()
+  if not primary:
+    return result
   with open(os.path.join(run_dir, "result.json"), "w") as f:
     json.dump({k: result[k] for k in ("best_epoch", "valid", "test", "retriever")}, f,
               indent=2)
@@ -235,14 +243,15 @@ def summarize(rows: list[dict], k: int) -> list[dict]:
 
 
 def write_table(summary: list[dict], k: int, path_md: str, path_csv: str,
-                title: str) -> str:
-  """Writes the results table as Markdown and CSV; returns the Markdown."""
+                title: str, write: bool = True) -> str:
+  """Writes the results table as Markdown and CSV (unless not ``write``); returns the
+  Markdown."""
   heads = [h.format(k=k) for _, h in COLUMNS]
   lines = [f"### {title}", "",
            "| backbone | method | " + " | ".join(heads)
            + f" | ΔN@{k} vs best baseline (paired t-test p) |",
            "|---|---|" + "---|" * len(heads) + "---|"]
-  with open(path_csv, "w", newline="") as f:
+  with open(path_csv if write else os.devnull, "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(["backbone", "method", "n_seeds"]
                + [x for h in heads for x in (h, h + "_std")]
@@ -265,8 +274,9 @@ def write_table(summary: list[dict], k: int, path_md: str, path_csv: str,
                     "" if p is None else f"{100 * r['delta_ndcg']:.4f}",
                     "" if p is None else p])
   md = "\n".join(lines) + "\n"
-  with open(path_md, "w") as f:
-    f.write(md)
+  if write:
+    with open(path_md, "w") as f:
+      f.write(md)
   return md
 
 
@@ -385,7 +395,9 @@ def run_experiment(experiment: ExperimentConfig, data: types.PreparedLists,
   validate(experiment)
   experiment = dataclasses.replace(
       experiment, base=train.with_data_vocab(experiment.base, data))
-  os.makedirs(workdir, exist_ok=True)
+  primary = distributed.is_primary()
+  if primary:
+    os.makedirs(workdir, exist_ok=True)
   jobs = [(b, m, s) for b in experiment.backbones for m in experiment.methods
           for s in experiment.seeds]
   sweep_jobs = [(f, v, s) for f, values in experiment.sweeps for v in values
@@ -427,12 +439,15 @@ def run_experiment(experiment: ExperimentConfig, data: types.PreparedLists,
   if not data.is_real:
     title += " -- NOT the real data"
   md = write_table(summary, k, os.path.join(workdir, "results.md"),
-                   os.path.join(workdir, "results.csv"), title)
+                   os.path.join(workdir, "results.csv"), title, write=primary)
   baselines = [r for r in summary if r["backbone"] == experiment.backbones[0]
                and is_baseline(r["method"])]
   best = max(baselines, key=lambda r: r["mean"]["ndcg"]) if baselines else None
   if sweep:
     md += "\n" + sweep_table(sweep, k, best)
+  if not primary:
+    return {"summary": summary, "table": md, "outputs": [], "sweep": sweep}
+  if sweep:
     with open(os.path.join(workdir, "results.md"), "w") as f:
       f.write(md)
   outputs = [os.path.join(workdir, "results.md"), os.path.join(workdir, "results.csv")]

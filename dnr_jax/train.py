@@ -6,6 +6,11 @@ scores; the model is selected by validation NDCG@K and the test metrics reported
 those of the selected epoch. With a ``workdir`` the loop writes ``metrics.jsonl``
 (one JSON object per epoch) and orbax checkpoints of the whole state (both players,
 optimiser states, key, step) and resumes from the latest one when restarted.
+
+Multi-process (``dnr_jax.distributed``): every process runs this loop on the same
+lists and feeds its own share of each batch; evaluation sums over all processes, so
+every process gets the same metrics; only process 0 writes ``metrics.jsonl``, while
+every process takes part in orbax's checkpointing (which writes once).
 """
 
 from __future__ import annotations
@@ -45,8 +50,12 @@ def evaluate(runner: step_lib.Runner, state: step_lib.DNRState, arrays,
              batch_size: int, *, num_items: int) -> dict[str, float]:
   """Metrics of the reranker on one split (all lists, padded last batch)."""
   sums, logits = None, []
-  for b in pipeline.prefetch(pipeline.batches(arrays, batch_size, shuffle=False),
-                             size=2, transform=runner.put_batch):
+  # Each process scores its share of every batch; the sums and the logits returned
+  # by the runner cover the whole global batch.
+  host_batches = pipeline.batches(arrays, batch_size, shuffle=False,
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+  for b in pipeline.prefetch(host_batches, size=2, transform=runner.put_batch):
     s, lg = runner.evaluate(state, b)
     sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
     logits.append(lg)
@@ -119,8 +128,9 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
     config: the run; ``model`` vocabulary sizes are taken from ``data``.
     data: prepared lists with ``train``, ``valid`` and ``test`` splits.
     workdir: where metrics and checkpoints go; ``None`` keeps nothing on disk.
-    devices: the local devices to run on (default: all).
-    on_epoch: called with each epoch's record (for binaries that plot or report).
+    devices: the devices to run on (default: all, of every process).
+    on_epoch: called with each epoch's record (for binaries that plot or report);
+      in every process, with the same record.
 
   Returns:
     ``{"config", "history", "best_epoch", "valid", "test", "retriever", "data"}``:
@@ -128,12 +138,6 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
     test metrics, and the retriever's own ranking on the test lists.
   """
   config = with_data_vocab(config, data)
-  if jax.process_count() > 1:
-    # The step and the input pipeline are per-process already; evaluation still
-    # gathers logits on one host, which would silently count lists twice.
-    raise NotImplementedError(
-        f"train_and_evaluate runs in one process (found {jax.process_count()}); "
-        "multi-host evaluation is not implemented yet")
   runner = step_lib.Runner(config, devices or ())
   train = pipeline.complete(data.splits["train"])
   valid = pipeline.complete(data.splits["valid"])
@@ -141,7 +145,7 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
   # One fixed shuffle (seed 0) for every run, so methods are compared on the same.
   test_shuffled = (pipeline.shuffle_scores(test) if config.eval_shuffled_scores
                    else None)
-  n_train, n_dev = pipeline.num_lists(train), runner.num_devices * jax.process_count()
+  n_train, n_dev = pipeline.num_lists(train), runner.num_devices
   if config.global_batch_size > n_train >= n_dev:
     # The paper's batch (2048) exceeds a small data set (the embedded sample): train
     # with the whole set per step rather than fail, and say so.
@@ -151,20 +155,21 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
     config = dataclasses.replace(config, global_batch_size=smaller)
   eval_bs = config.eval_batch_size or config.global_batch_size
   config_lib.validate(config, list_size=train["items"].shape[1],
-                      num_devices=runner.num_devices * jax.process_count())
+                      num_devices=runner.num_devices)
   if not data.is_real:
     logging.warning("DATA: %s -- this is NOT the real data; numbers are not comparable "
                     "to the paper.", data.name)
   else:
     logging.info("DATA: %s", data.name)
-  logging.info("method=%s backbone=%s score_usage=%s devices=%d (%s) compile=%s",
-               config.method, config.model.backbone, config.model.score_usage,
-               runner.num_devices, jax.default_backend(), config.compile)
+  logging.info("method=%s backbone=%s score_usage=%s devices=%d (%s, %d process(es)) "
+               "compile=%s", config.method, config.model.backbone,
+               config.model.score_usage, runner.num_devices, jax.default_backend(),
+               jax.process_count(), config.compile)
 
   root = jax.random.PRNGKey(config.seed)
-  local_bs = config.global_batch_size // jax.process_count()
+  per_device = config.global_batch_size // runner.num_devices
   example = batch_lib.ListBatch.from_arrays(
-      {k: v[:local_bs // runner.num_devices] for k, v in train.items()})
+      {k: v[:per_device] for k, v in train.items()})
   state = step_lib.create_state(config, example, root)
 
   history: list[dict] = []
@@ -176,8 +181,10 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
     history = list(meta["history"])
     start_epoch = int(meta["epoch"]) + 1
     logging.info("resumed from %s at epoch %d", workdir, start_epoch)
-  metrics_path = os.path.join(workdir, "metrics.jsonl") if workdir else None
-  if workdir:
+  # One writer: every process holds the same record.
+  metrics_path = (os.path.join(workdir, "metrics.jsonl")
+                  if workdir and jax.process_index() == 0 else None)
+  if metrics_path:
     os.makedirs(workdir, exist_ok=True)
 
   state = runner.put_state(state)
