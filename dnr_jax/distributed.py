@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import os
 from typing import Any, Callable, Optional, TypeVar
 
@@ -38,6 +39,7 @@ from dnr_jax import errors
 
 MODES = ("auto", "on", "off")
 T = TypeVar("T")
+_barriers = itertools.count()   # the coordination service wants unique barrier ids
 
 
 class DistributedError(errors.DNRError):
@@ -212,7 +214,9 @@ def barrier(name: str, timeout_s: int = 24 * 3600) -> None:
   except (ImportError, AttributeError):
     client = None
   if client is not None:
-    client.wait_at_barrier(f"dnr_jax:{name}", timeout_in_ms=timeout_s * 1000)
+    # Every process calls barriers in the same order, so the counter agrees.
+    client.wait_at_barrier(f"dnr_jax:{name}:{next(_barriers)}",
+                           timeout_in_ms=timeout_s * 1000)
   else:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
