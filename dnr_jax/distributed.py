@@ -134,7 +134,7 @@ def _detected_process_count(cluster: str) -> Optional[int]:
                if e.__name__ == cluster)
     return int(env.get_process_count())
   except Exception:  # pylint: disable=broad-except
-    return None   # unknown: connect, JAX will find out
+    return None
 
 
 def is_initialized() -> bool:
@@ -173,7 +173,12 @@ def initialize(config: DistributedConfig = DistributedConfig()) -> dict[str, Any
     connect = True
   elif config.mode == "auto" and cluster is not None:
     count = _detected_process_count(cluster)
-    connect = count is None or count > 1
+    connect = count is not None and count > 1
+    if count is None:
+      # E.g. a CI job inside a Kubernetes pod: guessing would hang on a coordinator
+      # nobody runs, so one process, and the user can say otherwise.
+      logging.warning("distributed: %s detected but its process count is unknown; "
+                      "running as one process (--distributed=on to connect)", cluster)
   if connect:
     _use_cpu_collectives()
     logging.info("distributed: connecting (%s)", "cluster " + cluster if cluster and

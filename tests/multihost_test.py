@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -121,7 +122,6 @@ def test_two_processes_train_like_one(runs):
     assert "process 1 of 2: 2 local / 4 global cpu device(s)" in f.read()
   single, multi = _final_params(_run_dir(tmp / "single")), _final_params(
       _run_dir(tmp / "multi"))
-  import jax  # pylint: disable=g-import-not-at-top
   flat_s, tree_s = jax.tree_util.tree_flatten_with_path(single)
   flat_m, tree_m = jax.tree_util.tree_flatten_with_path(multi)
   assert tree_s == tree_m
@@ -203,3 +203,25 @@ def test_single_process_helpers_are_plain():
   assert distributed.fingerprint(a) == distributed.fingerprint(dict(a))
   assert distributed.fingerprint(a) != distributed.fingerprint(
       {"a": np.arange(3), "b": np.zeros(2, np.float32)})
+
+
+def test_auto_connects_only_to_a_cluster_of_several_processes(monkeypatch):
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  monkeypatch.setattr(distributed, "is_initialized", lambda: False)
+  monkeypatch.setattr(distributed, "_use_cpu_collectives", lambda: None)
+  monkeypatch.setattr(distributed, "detected_cluster", lambda: None)
+  assert distributed.initialize()["process_count"] == 1 and not calls
+  monkeypatch.setattr(distributed, "detected_cluster", lambda: "SlurmCluster")
+  for count in (1, None):    # one task, or a count nobody can tell: stay alone
+    monkeypatch.setattr(distributed, "_detected_process_count", lambda c, n=count: n)
+    distributed.initialize()
+    assert not calls
+  monkeypatch.setattr(distributed, "_detected_process_count", lambda c: 4)
+  distributed.initialize(distributed.DistributedConfig(mode="off"))
+  assert not calls
+  distributed.initialize()
+  assert len(calls) == 1 and calls[0]["coordinator_address"] is None   # JAX detects
+  distributed.initialize(distributed.DistributedConfig(
+      coordinator_address="h:1", num_processes=2, process_id=1))
+  assert calls[1]["coordinator_address"] == "h:1" and calls[1]["process_id"] == 1
