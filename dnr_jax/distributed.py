@@ -255,6 +255,19 @@ def check_same(value: int, what: str) -> None:
         "directory on a file system every process shares")
 
 
+def any_process(flag: bool) -> bool:
+  """Whether ``flag`` is true in any process (a collective: every process must call).
+
+  For decisions every process must take at the same step, such as stopping on a
+  signal that reaches the processes at different times. One process: ``flag``,
+  without waiting for anything.
+  """
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.any(multihost_utils.process_allgather(np.array(bool(flag)))))
+
+
 def primary_first(fn: Callable[[], T], name: str) -> T:
   """``fn()`` on process 0, then on every other process once it has finished.
 
