@@ -189,6 +189,8 @@ def initialize(config: DistributedConfig = DistributedConfig()) -> dict[str, Any
         local_device_ids=(list(config.local_device_ids)
                           if config.local_device_ids is not None else None),
         initialization_timeout=config.initialization_timeout_s)
+  if connect and jax.process_count() > 1:
+    _warm_up_collectives()
   info = {"process_index": jax.process_index(), "process_count": jax.process_count(),
           "local_devices": jax.local_device_count(),
           "global_devices": jax.device_count(), "platform": jax.default_backend(),
@@ -198,6 +200,17 @@ def initialize(config: DistributedConfig = DistributedConfig()) -> dict[str, Any
                info["global_devices"], info["platform"],
                f" (cluster {info['cluster']})" if info["cluster"] else "")
   return info
+
+
+def _warm_up_collectives() -> None:
+  # The first collective over a set of devices opens its communicators (gloo on CPU),
+  # and the processes must all arrive within that library's own short timeout (30 s
+  # for gloo). Were that first collective the train step's, a process still compiling
+  # it (a loaded machine, another cache state) would fail the others. So meet first
+  # at the coordination service's barrier (no such timeout), then open them on a
+  # tiny all-device collective that compiles in no time.
+  barrier("collectives")
+  any_process(False)
 
 
 def is_primary() -> bool:
