@@ -317,7 +317,7 @@ def _child(workdir, sig_at_step=0, sig=0, kill_at_epoch=0):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   return subprocess.run([sys.executable, "-c", _CHILD, str(workdir), str(sig_at_step),
                          str(sig), str(kill_at_epoch)], env=env, capture_output=True,
-                        text=True, timeout=600)
+                        text=True, timeout=1200)
 
 
 def _tb_scalars(logdir):
@@ -345,18 +345,17 @@ def _strip(history):
 def test_killed_and_terminated_runs_end_as_an_uninterrupted_one(tmp_path):
   ref, run = tmp_path / "ref", tmp_path / "run"
   assert _child(ref).returncode == 0
-  # SIGKILL after epoch 1's metrics row (no checkpoint before epoch 2), SIGTERM
-  # mid-epoch 2 (a mid-epoch checkpoint), SIGKILL mid-epoch 2 (after the resume, before
-  # the next checkpoint: a partly trained epoch is lost), SIGKILL after epoch 2's row
-  # (before its checkpoint), then to the end.
+  # SIGKILL mid-epoch 1 (nothing saved yet), then after epoch 1's metrics row
+  # (no checkpoint before epoch 2), SIGTERM mid-epoch 2 (a mid-epoch checkpoint),
+  # SIGKILL after epoch 2's row (before its checkpoint), then to the end.
+  kill = _child(run, sig_at_step=2, sig=signal.SIGKILL)
+  assert kill.returncode == -signal.SIGKILL
   assert _child(run, kill_at_epoch=1).returncode == -signal.SIGKILL
   assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
   term = _child(run, sig_at_step=6, sig=signal.SIGTERM)
   assert term.returncode != 0, term.stderr[-2000:]
   assert "Interrupted: training stopped by SIGTERM at epoch 2 step 2/4" in term.stderr
   assert glob.glob(str(run / "checkpoints" / "6"))
-  kill = _child(run, sig_at_step=1, sig=signal.SIGKILL)
-  assert kill.returncode == -signal.SIGKILL
   assert _child(run, kill_at_epoch=2).returncode == -signal.SIGKILL
   last = _child(run)
   assert last.returncode == 0, last.stderr[-2000:]
