@@ -284,6 +284,8 @@ def summarize(rows: list[dict], k: int) -> list[dict]:
       row["mean"][key] = float(vals.mean())
       row["std"][key] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
     row["per_seed_ndcg"] = [r["test"]["ndcg"] for r in rs]
+    # The selected epoch of these seeds warned (e.g. scores collapsed to a constant).
+    row["warned_seeds"] = [r["seed"] for r in rs if r.get("warnings")]
     out.append(row)
   for row in out:
     if (is_baseline(row["method"]) or row["method"] == "retriever"
@@ -334,6 +336,10 @@ def write_table(summary: list[dict], k: int, path_md: str, path_csv: str,
         delta = f"{100 * r['delta_ndcg']:+.2f}"
         p_cell = (f"{delta} vs {r['p_vs']} (p = {p:.3g})" if not math.isnan(p)
                   else f"{delta} vs {r['p_vs']} (p n/a: 1 seed)")
+      if r.get("warned_seeds"):
+        seeds = ",".join(str(s) for s in r["warned_seeds"])
+        p_cell = (p_cell + "; " if p_cell else "") + (
+            f"WARNING: scores collapsed or not finite (seed {seeds}), see metrics.jsonl")
       lines.append(f"| {r['backbone']} | {r['method']} | " + " | ".join(cells)
                    + f" | {p_cell} |")
       w.writerow([r["backbone"], r["method"], r["n_seeds"]]
@@ -486,9 +492,11 @@ def run_experiment(experiment: ExperimentConfig, data: types.PreparedLists,
                    "failed": result["failed"], "config": dataclasses.asdict(cfg)})
       failed.append(f"{backbone}/{method}/seed{seed}")
       continue
+    selected = next(r for r in result["history"] if r["epoch"] == result["best_epoch"])
     rows.append({"backbone": backbone, "method": method, "seed": seed,
                  "test": result["test"], "valid": result["valid"],
-                 "best_epoch": result["best_epoch"], "config": result["config"]})
+                 "best_epoch": result["best_epoch"], "config": result["config"],
+                 "warnings": selected.get("warnings", [])})
     histories.setdefault((backbone, method), []).append(result["history"])
     retriever = result["retriever"]
     if learned is None and config_lib.generator_active(cfg, cfg.num_epochs - 1):

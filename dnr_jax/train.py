@@ -76,7 +76,7 @@ def _finish(sums, logits, arrays, k: int, num_items: int) -> dict[str, float]:
   out["global_auc"] = float(metrics_lib.global_auc(logits, labels, mask))
   out["coverage"] = float(metrics_lib.coverage(logits, mask, jnp.asarray(arrays["items"]),
                                                k=k, num_items=num_items))
-  out["logit_std"] = guards.logit_spread(logits, mask)
+  out["logit_spread"] = guards.logit_spread(logits, mask)
   return out
 
 
