@@ -3,9 +3,11 @@
 Epochs follow Algorithm 1's schedule (``step.phase_for_epoch``). After every epoch
 the reranker is evaluated on the validation and test lists with the *real* retriever
 scores; the model is selected by validation NDCG@K and the test metrics reported are
-those of the selected epoch. With a ``workdir`` the loop writes ``metrics.jsonl``
-(one JSON object per epoch) and orbax checkpoints of the whole state (both players,
-optimiser states, key, step) and resumes from the latest one when restarted.
+those of the selected epoch. With ``early_stopping_patience`` the loop stops once the
+validation metric stops improving (``dnr_jax.early_stopping``). With a ``workdir`` the
+loop writes ``metrics.jsonl`` (one JSON object per epoch) and orbax checkpoints of the
+whole state (both players, optimiser states, key, step), plus the selected epoch's
+state in ``checkpoints_best/``, and resumes from the latest one when restarted.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from absl import logging
 
 from dnr_jax import batch as batch_lib
 from dnr_jax import config as config_lib
+from dnr_jax import early_stopping
 from dnr_jax import metrics as metrics_lib
 from dnr_jax import pipeline
 from dnr_jax import step as step_lib
@@ -123,9 +126,12 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
     on_epoch: called with each epoch's record (for binaries that plot or report).
 
   Returns:
-    ``{"config", "history", "best_epoch", "valid", "test", "retriever", "data"}``:
-    per-epoch records, the selected epoch (by validation NDCG@K), its validation and
-    test metrics, and the retriever's own ranking on the test lists.
+    ``{"config", "history", "best_epoch", "valid", "test", "retriever", "data",
+    "stop_reason", "under_trained", "best_state", "final_state"}``: per-epoch
+    records, the selected epoch (by validation NDCG@K), its validation and test
+    metrics, the retriever's own ranking on the test lists, why training ended,
+    whether the selected epoch was the last of ``num_epochs`` (still improving), the
+    selected epoch's state (host copy: the model to use) and the last epoch's.
   """
   config = with_data_vocab(config, data)
   if jax.process_count() > 1:
@@ -171,6 +177,11 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
   start_epoch = 0
   ckpt = _Checkpoints(os.path.join(workdir, "checkpoints"), config.keep_checkpoints) \
       if workdir else None
+  # The selected epoch's state: kept on the host while training, and on disk so that
+  # a resumed run still reports the model of an epoch before the restart.
+  best_ckpt = _Checkpoints(os.path.join(workdir, "checkpoints_best"), 1) \
+      if workdir else None
+  best_state = None
   if ckpt is not None and ckpt.latest() is not None:
     state, meta = ckpt.restore(ckpt.latest(), state)
     history = list(meta["history"])
@@ -186,7 +197,12 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
     raise ValueError(f"global_batch_size={config.global_batch_size} exceeds the "
                      f"{pipeline.num_lists(train)} training lists")
   epoch_times: list[float] = []
+  # Early stopping's state is a function of the history, so a resumed run continues
+  # (or stays stopped) exactly where it was.
+  stopping = early_stopping.status(history, config, metric=SELECT_METRIC)
   for epoch in range(start_epoch, config.num_epochs):
+    if stopping.stop:
+      break
     phase = step_lib.phase_for_epoch(config, epoch)
     t0 = time.time()
     step_metrics = []
@@ -232,22 +248,54 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
         f.write(json.dumps(record) + "\n")
     if on_epoch:
       on_epoch(record)
+    stopping = early_stopping.status(history, config, metric=SELECT_METRIC)
+    if stopping.best_epoch == epoch + 1:
+      best_state = runner.get_state(state)
+      # (A rerun of an epoch after a crash finds its own save there already.)
+      if best_ckpt is not None and (best_ckpt.latest() is None
+                                    or best_ckpt.latest() < epoch):
+        best_ckpt.save(epoch, best_state, {"epoch": epoch})
     if ckpt is not None and ((epoch + 1) % config.checkpoint_every_epochs == 0
-                             or epoch + 1 == config.num_epochs):
+                             or epoch + 1 == config.num_epochs or stopping.stop):
       ckpt.save(epoch, runner.get_state(state), {"epoch": epoch, "history": history})
   if ckpt is not None:
     ckpt.close()
+  if not history:
+    raise ValueError(f"no epoch trained: num_epochs={config.num_epochs}")
+  logging.info("training ended: %s", stopping.reason or
+               f"stopped after epoch {len(history)}; best epoch {stopping.best_epoch}")
+  if stopping.under_trained:
+    logging.warning("best epoch %d of %d is the last one: the model may be "
+                    "under-trained (raise num_epochs, or set early_stopping_patience)",
+                    stopping.best_epoch, len(history))
 
-  best = max(history, key=lambda r: r["valid"][SELECT_METRIC])
+  best = history[stopping.best_epoch - 1]
+  final_state = runner.get_state(state)
+  if best["epoch"] == len(history):
+    best_state = final_state
+  elif best_state is None and best_ckpt is not None \
+      and best_ckpt.latest() == best["epoch"] - 1:
+    best_state, _ = best_ckpt.restore(best["epoch"] - 1, final_state)
+  if best_state is None:
+    # A work directory from before checkpoints_best existed: its best epoch's
+    # parameters are gone.
+    logging.warning("the state of the best epoch %d is not available (resumed from "
+                    "an older checkpoint); best_state is the last epoch's",
+                    best["epoch"])
+    best_state = final_state
+  if best_ckpt is not None:
+    best_ckpt.close()
   retriever = evaluate_retriever(test, k=config.eval_k,
                                  map_normaliser=config.map_normaliser,
                                  num_items=data.num_items)
   result = {"config": dataclasses.asdict(config), "history": history,
             "best_epoch": best["epoch"], "valid": best["valid"], "test": best["test"],
             "retriever": retriever, "data": {"name": data.name, "is_real": data.is_real},
-            "final_state": runner.get_state(state)}
+            "stop_reason": stopping.reason, "under_trained": stopping.under_trained,
+            "best_state": best_state, "final_state": final_state}
+  # hr is the paper's H@K (hits / max(K, #positives)); hit_any the binary hit.
   logging.info("best epoch %d by valid %s@%d: test %s | retriever %s", best["epoch"],
                SELECT_METRIC, config.eval_k,
-               _fmt(best["test"], ("hr", "ndcg", "map", "f1", "auc")),
-               _fmt(retriever, ("hr", "ndcg", "map", "f1", "auc")))
+               _fmt(best["test"], ("hr", "hit_any", "ndcg", "map", "f1", "auc")),
+               _fmt(retriever, ("hr", "hit_any", "ndcg", "map", "f1", "auc")))
   return result
