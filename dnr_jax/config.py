@@ -21,6 +21,8 @@ HEURISTICS = ("gaussian", "beta")
 LX_ESTIMATORS = ("histogram_kl", "wasserstein", "mmd")
 COMPILERS = ("pmap", "shard_map")
 MAP_NORMALISERS = ("min_pos_k", "hits")
+NONFINITE = ("stop", "skip")
+RESUME_MODES = ("check", "force", "never")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +129,15 @@ class TrainConfig:
   log_every_steps: int = 50
   checkpoint_every_epochs: int = 1
   keep_checkpoints: int = 2
+  # A step whose loss or gradient norm is NaN/inf is never applied (checked inside
+  # the compiled step). "stop": the run raises errors.TrainingDiverged at the next
+  # check (the epoch's end, or a log_every_steps line); "skip": the run goes on and
+  # counts the skipped steps (train metric "skipped_steps").
+  nonfinite: str = "stop"
+  # A workdir that already holds checkpoints: "check" resumes only with the same
+  # config (checkpoints.RESUMABLE_FIELDS may differ), "force" resumes anyway,
+  # "never" moves the old checkpoints aside and starts fresh.
+  resume: str = "check"
 
 
 # name -> (overrides of TrainConfig, ModelConfig, NoiseConfig, LossConfig), the paper's
@@ -265,6 +276,8 @@ def validate(config: TrainConfig, *, list_size: Optional[int] = None,
   _in(ls.lx_estimator, LX_ESTIMATORS, "loss.lx_estimator")
   _in(config.compile, COMPILERS, "compile")
   _in(config.map_normaliser, MAP_NORMALISERS, "map_normaliser")
+  _in(config.nonfinite, NONFINITE, "nonfinite")
+  _in(config.resume, RESUME_MODES, "resume")
   if vocab:
     _check(m.num_items >= 2,
            f"model.num_items={m.num_items} must be >= 2 (id 0 is padding)")

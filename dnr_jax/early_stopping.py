@@ -71,8 +71,10 @@ def status(history: Sequence[dict], config: config_lib.TrainConfig, *,
   best_epoch, best_value = 0, -math.inf
   ref, last_gain = -math.inf, 0
   for i, record in enumerate(history, 1):
-    value = float(record["valid"][metric])
-    if value > best_value:
+    value = record["valid"][metric]
+    # A non-finite metric is stored as null in the history: never an improvement.
+    value = -math.inf if value is None or not math.isfinite(value) else float(value)
+    if value > best_value or best_epoch == 0:
       best_epoch, best_value = i, value
     if value > ref + delta:
       ref, last_gain = value, i

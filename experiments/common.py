@@ -88,6 +88,14 @@ _CONFIG_FLAGS = (
      config_lib.COMPILERS),
     ("eval_k", "eval_k", "K of the @K metrics.", None),
     ("log_every_steps", "log_every_steps", "Log every N steps (0: never).", None),
+    ("nonfinite", "nonfinite",
+     "A step with a NaN/inf loss or gradient is never applied; stop: the run fails "
+     "(a FAILED row), skip: it goes on and counts the skipped steps.",
+     config_lib.NONFINITE),
+    ("resume", "resume",
+     "A --workdir run that has checkpoints: check: resume only with the same config; "
+     "force: resume with the new settings; never: set the old checkpoints aside and "
+     "start fresh.", config_lib.RESUME_MODES),
 )
 
 
