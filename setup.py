@@ -30,6 +30,6 @@ setuptools.setup(
         "scipy>=1.11",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3", "scikit-learn>=1.4"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "scikit-learn>=1.4", "hypothesis>=6"],
     },
 )

@@ -37,6 +37,7 @@ from dnr_jax import noise as noise_lib
 from dnr_jax import pipeline
 from dnr_jax import train
 from dnr_jax.data import types
+from dnr_jax.errors import ConfigError
 
 # (key in the metrics dicts, column header)
 # H@K is the paper's hit ratio (hits / max(K, #positives), dnr_jax.metrics); HR-any@K
@@ -65,13 +66,13 @@ def parse_method(spec: str) -> tuple[str, dict[str, str]]:
   """
   base, *parts = spec.split(VARIANT_SEP)
   if base not in config_lib.METHODS:
-    raise ValueError(f"unknown method {base!r} in {spec!r}; expected one of "
-                     f"{sorted(config_lib.METHODS)}")
+    raise ConfigError(f"unknown method {base!r} in {spec!r}; expected one of "
+                      f"{sorted(config_lib.METHODS)}")
   settings = {}
   for part in parts:
     key, eq, value = part.partition("=")
     if not eq or not key or not value:
-      raise ValueError(f"method {spec!r}: {part!r} is not FIELD=VALUE")
+      raise ConfigError(f"method {spec!r}: {part!r} is not FIELD=VALUE")
     settings[key] = value
   return base, settings
 
@@ -140,15 +141,22 @@ def run_config(experiment: ExperimentConfig, method: str, backbone: str, seed: i
 def validate(experiment: ExperimentConfig) -> None:
   """Fails at once, naming the value, for any run the experiment would start."""
   if not experiment.methods or not experiment.backbones or not experiment.seeds:
-    raise ValueError("an experiment needs at least one method, backbone and seed")
-  if len(set(experiment.methods)) != len(experiment.methods):
-    raise ValueError(f"methods {list(experiment.methods)} name a row twice")
+    raise ConfigError("an experiment needs at least one method, backbone and seed")
+  # A repeated seed would count one run twice in the mean, the std and the t-test.
+  for name in ("methods", "backbones", "seeds"):
+    values = list(getattr(experiment, name))
+    twice = sorted({v for v in values if values.count(v) > 1}, key=values.index)
+    if twice:
+      raise ConfigError(f"{name} {values} repeat {twice}: each value is one run (a "
+                        "repeat would count the same run twice)")
   for m in experiment.methods:
     for b in experiment.backbones:
       run_config(experiment, m, b, experiment.seeds[0], vocab=False)
   for field, values in experiment.sweeps:
     if not values:
-      raise ValueError(f"the sweep of {field!r} has no values")
+      raise ConfigError(f"the sweep of {field!r} has no values")
+    if len(set(values)) != len(values):
+      raise ConfigError(f"the sweep of {field!r} repeats a value: {list(values)}")
     for v in values:
       run_config(experiment, experiment.sweep_method, experiment.backbones[0],
                  experiment.seeds[0], {field: v}, vocab=False)

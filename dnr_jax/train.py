@@ -188,8 +188,8 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
   state = runner.put_state(state)
   steps = pipeline.steps_per_epoch(train, config.global_batch_size, pad_last=False)
   if steps == 0:
-    raise ValueError(f"global_batch_size={config.global_batch_size} exceeds the "
-                     f"{pipeline.num_lists(train)} training lists")
+    raise errors.ConfigError(f"global_batch_size={config.global_batch_size} exceeds "
+                             f"the {pipeline.num_lists(train)} training lists")
 
   def save(epoch: int, meta: dict) -> Optional[int]:
     if ckpt is None:

@@ -341,6 +341,6 @@ def test_lists_binary_bad_file_is_one_line(tmp_path):
   bad.write_text("list_id,user_id,item_id,score,label\n1,u,a,0.5,1\n1,u,b,0.2,3\n")
   proc = _run(f"--lists={bad}", f"--workdir={tmp_path / 'out'}",
               f"--data_dir={tmp_path / 'data'}", timeout=120)
-  assert proc.returncode == 1
+  assert proc.returncode == 3                 # a data error (experiments.common)
   assert proc.stderr.strip().splitlines()[-1] == (
-      f"error: {bad}: line 3, column 'label': value 3 is not 0 or 1")
+      f"DataError: {bad}: line 3, column 'label': value 3 is not 0 or 1")

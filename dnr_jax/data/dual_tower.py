@@ -38,6 +38,7 @@ import optax
 from absl import logging
 
 from dnr_jax.data import retriever as retriever_lib
+from dnr_jax.data.csv_reader import DataError
 
 
 @flax.struct.dataclass
@@ -216,7 +217,9 @@ def train(users: np.ndarray, items: np.ndarray, times: np.ndarray, *, num_users:
     raise ValueError(f"users {users.shape}, items {items.shape} and times "
                      f"{times.shape} must be equal 1-D")
   if users.size < 2:
-    raise ValueError(f"the retriever needs positives to train on; got {users.size}")
+    raise DataError(f"the dual-tower retriever needs positives to train on; got "
+                    f"{users.size} before the retriever's cut (too few rows, or raise "
+                    "--retriever_fraction)")
   if users.min() < 1 or users.max() >= num_users or items.min() < 1 \
       or items.max() >= num_items:
     raise ValueError("user/item ids must lie in 1..num_users-1 / 1..num_items-1")
