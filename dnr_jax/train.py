@@ -8,6 +8,11 @@ validation metric stops improving (``dnr_jax.early_stopping``). With a ``workdir
 loop writes ``metrics.jsonl`` (one JSON object per epoch) and orbax checkpoints of the
 whole state (both players, optimiser states, key, step), plus the selected epoch's
 state in ``checkpoints_best/``, and resumes from the latest one when restarted.
+
+Multi-process (``dnr_jax.distributed``): every process runs this loop on the same
+lists and feeds its own share of each batch; evaluation sums over all processes, so
+every process gets the same metrics; only process 0 writes ``metrics.jsonl``, while
+every process takes part in orbax's checkpointing (which writes once).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from absl import logging
 from dnr_jax import batch as batch_lib
 from dnr_jax import checkpoints as checkpoints_lib
 from dnr_jax import config as config_lib
+from dnr_jax import distributed
 from dnr_jax import early_stopping
 from dnr_jax import errors
 from dnr_jax import guards
@@ -53,8 +59,12 @@ def evaluate(runner: step_lib.Runner, state: step_lib.DNRState, arrays,
              batch_size: int, *, num_items: int) -> dict[str, float]:
   """Metrics of the reranker on one split (all lists, padded last batch)."""
   sums, logits = None, []
-  for b in pipeline.prefetch(pipeline.batches(arrays, batch_size, shuffle=False),
-                             size=2, transform=runner.put_batch):
+  # Each process scores its share of every batch; the sums and the logits returned
+  # by the runner cover the whole global batch.
+  host_batches = pipeline.batches(arrays, batch_size, shuffle=False,
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+  for b in pipeline.prefetch(host_batches, size=2, transform=runner.put_batch):
     s, lg = runner.evaluate(state, b)
     sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
     logits.append(lg)
@@ -69,7 +79,7 @@ def _finish(sums, logits, arrays, k: int, num_items: int) -> dict[str, float]:
   out["global_auc"] = float(metrics_lib.global_auc(logits, labels, mask))
   out["coverage"] = float(metrics_lib.coverage(logits, mask, jnp.asarray(arrays["items"]),
                                                k=k, num_items=num_items))
-  out["logit_std"] = guards.logit_spread(logits, mask)
+  out["logit_spread"] = guards.logit_spread(logits, mask)
   return out
 
 
@@ -99,8 +109,9 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
     config: the run; ``model`` vocabulary sizes are taken from ``data``.
     data: prepared lists with ``train``, ``valid`` and ``test`` splits.
     workdir: where metrics and checkpoints go; ``None`` keeps nothing on disk.
-    devices: the local devices to run on (default: all).
-    on_epoch: called with each epoch's record (for binaries that plot or report).
+    devices: the devices to run on (default: all, of every process).
+    on_epoch: called with each epoch's record (for binaries that plot or report);
+      in every process, with the same record.
     on_resume: called once before training with the epochs already done (the
       restored history; empty for a fresh run), e.g. to rewrite a TensorBoard log.
 
@@ -113,12 +124,6 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
     selected epoch's state (host copy: the model to use) and the last epoch's.
   """
   config = with_data_vocab(config, data)
-  if jax.process_count() > 1:
-    # The step and the input pipeline are per-process already; evaluation still
-    # gathers logits on one host, which would silently count lists twice.
-    raise NotImplementedError(
-        f"train_and_evaluate runs in one process (found {jax.process_count()}); "
-        "multi-host evaluation is not implemented yet")
   runner = step_lib.Runner(config, devices or ())
   train = pipeline.complete(data.splits["train"])
   valid = pipeline.complete(data.splits["valid"])
@@ -126,7 +131,7 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
   # One fixed shuffle (seed 0) for every run, so methods are compared on the same.
   test_shuffled = (pipeline.shuffle_scores(test) if config.eval_shuffled_scores
                    else None)
-  n_train, n_dev = pipeline.num_lists(train), runner.num_devices * jax.process_count()
+  n_train, n_dev = pipeline.num_lists(train), runner.num_devices
   if config.global_batch_size > n_train >= n_dev:
     # The paper's batch (2048) exceeds a small data set (the embedded sample): train
     # with the whole set per step rather than fail, and say so.
@@ -136,20 +141,21 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
     config = dataclasses.replace(config, global_batch_size=smaller)
   eval_bs = config.eval_batch_size or config.global_batch_size
   config_lib.validate(config, list_size=train["items"].shape[1],
-                      num_devices=runner.num_devices * jax.process_count())
+                      num_devices=runner.num_devices)
   if not data.is_real:
     logging.warning("DATA: %s -- this is NOT the real data; numbers are not comparable "
                     "to the paper.", data.name)
   else:
     logging.info("DATA: %s", data.name)
-  logging.info("method=%s backbone=%s score_usage=%s devices=%d (%s) compile=%s",
-               config.method, config.model.backbone, config.model.score_usage,
-               runner.num_devices, jax.default_backend(), config.compile)
+  logging.info("method=%s backbone=%s score_usage=%s devices=%d (%s, %d process(es)) "
+               "compile=%s", config.method, config.model.backbone,
+               config.model.score_usage, runner.num_devices, jax.default_backend(),
+               jax.process_count(), config.compile)
 
   root = jax.random.PRNGKey(config.seed)
-  local_bs = config.global_batch_size // jax.process_count()
+  per_device = config.global_batch_size // runner.num_devices
   example = batch_lib.ListBatch.from_arrays(
-      {k: v[:local_bs // runner.num_devices] for k, v in train.items()})
+      {k: v[:per_device] for k, v in train.items()})
   state = step_lib.create_state(config, example, root)
 
   history: list[dict] = []
@@ -176,8 +182,10 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
                     for m in meta["epoch_steps"]]
     logging.info("resumed from %s at epoch %d step %d", workdir, start_epoch + 1,
                  start_step)
-  metrics_path = os.path.join(workdir, "metrics.jsonl") if workdir else None
-  if workdir:
+  # One writer: every process holds the same record.
+  metrics_path = (os.path.join(workdir, "metrics.jsonl")
+                  if workdir and distributed.is_primary() else None)
+  if metrics_path:
     os.makedirs(workdir, exist_ok=True)
     # Exactly the restored epochs: rows a killed run wrote after its last
     # checkpoint are dropped here and written again when recomputed.
@@ -241,11 +249,12 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
             raise guards.diverged(config, epoch, i, steps, m)
           logging.info("epoch %d step %d/%d %s", epoch + 1, i + 1, steps,
                        _fmt(m, ("l_theta", "l_phi")))
-        if stop.requested:
+        # Processes stop at the same step, or the others would wait for it forever.
+        if distributed.any_process(stop.requested is not None):
           so_far = done_steps + jax.device_get(step_metrics)
           saved = save(epoch, {"step_in_epoch": i + 1, "epoch_steps": so_far})
-          raise interrupted(stop.requested, f"epoch {epoch + 1} step {i + 1}/{steps}",
-                            saved)
+          raise interrupted(stop.requested or "another process's signal",
+                            f"epoch {epoch + 1} step {i + 1}/{steps}", saved)
       step_metrics = (done_steps if first else []) + jax.device_get(step_metrics)
       train_metrics = guards.epoch_train_metrics(step_metrics)
       bad = guards.first_nonfinite(step_metrics)
@@ -295,11 +304,13 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
                                       or best_ckpt.latest() < int(best_state.step)):
           best_ckpt.save(int(best_state.step), best_state, {"epoch": epoch})
       saved = None
+      signalled = distributed.any_process(stop.requested is not None)
       if ((epoch + 1) % config.checkpoint_every_epochs == 0
-          or epoch + 1 == config.num_epochs or stop.requested or stopping.stop):
+          or epoch + 1 == config.num_epochs or signalled or stopping.stop):
         saved = save(epoch, {})
-      if stop.requested:
-        raise interrupted(stop.requested, f"the end of epoch {epoch + 1}", saved)
+      if signalled:
+        raise interrupted(stop.requested or "another process's signal",
+                          f"the end of epoch {epoch + 1}", saved)
 
     logging.info("training ended: %s", stopping.reason or
                  f"stopped after epoch {len(history)}; best epoch "
