@@ -37,6 +37,7 @@ from dnr_jax import early_stopping
 from dnr_jax import errors
 from dnr_jax import guards
 from dnr_jax import metrics as metrics_lib
+from dnr_jax import pier
 from dnr_jax import pipeline
 from dnr_jax import preemption
 from dnr_jax import step as step_lib
@@ -58,6 +59,16 @@ def with_data_vocab(config: config_lib.TrainConfig,
 def evaluate(runner: step_lib.Runner, state: step_lib.DNRState, arrays,
              batch_size: int, *, num_items: int) -> dict[str, float]:
   """Metrics of the reranker on one split (all lists, padded last batch)."""
+  c = runner.config
+  if c.model.fpsm_permutations:
+    # PIER's FPSM: each list is shown in the permutation its search picks.
+    logits = pier.fpsm_logits(runner.get_state(state).reranker.params, c.model, arrays,
+                              batch_size)
+    per_list = metrics_lib.list_metrics(logits, jnp.asarray(arrays["labels"]),
+                                        jnp.asarray(arrays["mask"]), k=c.eval_k,
+                                        map_normaliser=c.map_normaliser)
+    return _finish(metrics_lib.weighted_sums(per_list), logits, arrays, c.eval_k,
+                   num_items)
   sums, logits = None, []
   # Each process scores its share of every batch; the sums and the logits returned
   # by the runner cover the whole global batch.
