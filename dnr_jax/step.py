@@ -348,7 +348,14 @@ class Runner:
 
   def evaluate(self, state: DNRState, batch) -> tuple[dict, jax.Array]:
     """Metric sums and logits of one batch (host arrays or ``put_batch``'s output)."""
-    params = state.reranker.params
+    return self.evaluate_params(state.reranker.params, batch)
+
+  def evaluate_params(self, params, batch) -> tuple[dict, jax.Array]:
+    """``evaluate`` with the reranker parameters alone (``serving``: no state).
+
+    The same compiled program, so a served reranker's logits are bit-identical to
+    the ones its training run was selected on.
+    """
     sums, logits = self._eval(params, self._placed(batch))
     if self.config.compile == "pmap":
       sums = jax.tree.map(lambda x: x[0], sums)

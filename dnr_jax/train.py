@@ -24,6 +24,7 @@ from absl import logging
 from dnr_jax import batch as batch_lib
 from dnr_jax import config as config_lib
 from dnr_jax import metrics as metrics_lib
+from dnr_jax import params_io
 from dnr_jax import pipeline
 from dnr_jax import step as step_lib
 from dnr_jax.data import types
@@ -123,9 +124,12 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
     on_epoch: called with each epoch's record (for binaries that plot or report).
 
   Returns:
-    ``{"config", "history", "best_epoch", "valid", "test", "retriever", "data"}``:
-    per-epoch records, the selected epoch (by validation NDCG@K), its validation and
-    test metrics, and the retriever's own ranking on the test lists.
+    ``{"config", "history", "best_epoch", "valid", "test", "retriever", "data",
+    "final_state", "best_params"}``: per-epoch records, the selected epoch (by
+    validation NDCG@K), its validation and test metrics, the retriever's own ranking
+    on the test lists, the last state and a host copy of the reranker parameters of
+    the selected epoch (what ``serving`` bundles; with a ``workdir`` they survive a
+    restart in ``<workdir>/best_params/``).
   """
   config = with_data_vocab(config, data)
   if jax.process_count() > 1:
@@ -171,10 +175,15 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
   start_epoch = 0
   ckpt = _Checkpoints(os.path.join(workdir, "checkpoints"), config.keep_checkpoints) \
       if workdir else None
+  # The selected epoch's reranker, kept on disk as it appears: its orbax checkpoint
+  # may be gone (keep_checkpoints) by the end of the run.
+  best_params = params_io.BestParams(
+      os.path.join(workdir, "best_params") if workdir else None, SELECT_METRIC)
   if ckpt is not None and ckpt.latest() is not None:
     state, meta = ckpt.restore(ckpt.latest(), state)
     history = list(meta["history"])
     start_epoch = int(meta["epoch"]) + 1
+    best_params.resume(history, lambda: state.reranker.params)
     logging.info("resumed from %s at epoch %d", workdir, start_epoch)
   metrics_path = os.path.join(workdir, "metrics.jsonl") if workdir else None
   if workdir:
@@ -232,9 +241,11 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
         f.write(json.dumps(record) + "\n")
     if on_epoch:
       on_epoch(record)
+    best_params.offer(record, lambda: runner.get_state(state).reranker.params)
     if ckpt is not None and ((epoch + 1) % config.checkpoint_every_epochs == 0
                              or epoch + 1 == config.num_epochs):
       ckpt.save(epoch, runner.get_state(state), {"epoch": epoch, "history": history})
+      best_params.checkpointed()
   if ckpt is not None:
     ckpt.close()
 
@@ -245,7 +256,7 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
   result = {"config": dataclasses.asdict(config), "history": history,
             "best_epoch": best["epoch"], "valid": best["valid"], "test": best["test"],
             "retriever": retriever, "data": {"name": data.name, "is_real": data.is_real},
-            "final_state": runner.get_state(state)}
+            "final_state": runner.get_state(state), "best_params": best_params.params}
   logging.info("best epoch %d by valid %s@%d: test %s | retriever %s", best["epoch"],
                SELECT_METRIC, config.eval_k,
                _fmt(best["test"], ("hr", "ndcg", "map", "f1", "auc")),
