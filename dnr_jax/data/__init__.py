@@ -4,7 +4,10 @@ One module per stage: ``csv_reader`` (streaming, validated parsing), ``raw`` (th
 builder machinery), ``kuairand`` and ``movielens`` (the data sets), ``samples``
 (generated files in the real schemas, NOT real data), ``preprocess`` (k-core),
 ``retriever`` (MF), ``lists`` (list protocols), ``prepare`` (``DataConfig``,
-``prepare_lists`` and the cached ``dnr_lists`` data set).
+``prepare_lists`` and the cached ``dnr_lists`` data set); ``own_lists`` (your own
+lists: the format, ``Vocabulary``, the streaming ``read_lists``) with
+``own_lists_builder`` (its cached ``dnr_own_lists`` data set) and ``own_lists_sample``
+(a generated example in that format, NOT real data).
 
 Importing ``dnr_jax.data`` imports TFDS; the core library (``dnr_jax``) does not.
 """
@@ -18,6 +21,8 @@ _EXPORTS = {
     "load_interactions": "prepare", "prepare_lists": "prepare",
     "DataError": "csv_reader", "ListConfig": "lists", "RetrieverConfig": "retriever",
     "Interactions": "types", "PreparedLists": "types",
+    "OwnListsConfig": "own_lists", "Vocabulary": "own_lists", "read_lists": "own_lists",
+    "prepare_own_lists": "own_lists_builder",
 }
 __all__ = sorted(_EXPORTS)
 
