@@ -5,7 +5,9 @@ with ``train.train_and_evaluate`` (model selection on validation NDCG@K, numbers
 test), then writes
 
 * ``runs/<backbone>/<method>/seed<s>/``: ``metrics.jsonl``, TensorBoard event files
-  (``tb/``, written with tensorboardX: no TensorFlow needed), orbax checkpoints;
+  (``tb/``, written with tensorboardX: no TensorFlow needed), orbax checkpoints, and
+  ``bundle/``: the selected epoch's reranker as ``serving`` loads it (what
+  ``experiments.rerank --checkpoint=<run dir>`` reads);
 * ``results.md`` and ``results.csv``: mean +- std over seeds of HR/NDCG/MAP/F1@K and
   AUC, in percent, with the retriever's own ranking as a row, and the paired t-test
   p-value (over seeds) of each DNR row against the best baseline of its backbone;
@@ -33,6 +35,7 @@ from dnr_jax import batch as batch_lib
 from dnr_jax import config as config_lib
 from dnr_jax import noise as noise_lib
 from dnr_jax import pipeline
+from dnr_jax import serving
 from dnr_jax import train
 from dnr_jax.data import types
 
@@ -162,7 +165,8 @@ class _TensorBoard:
     self.writer.close()
 
 
-def _run_one(cfg: config_lib.TrainConfig, data: types.PreparedLists, run_dir: str):
+def _run_one(cfg: config_lib.TrainConfig, data: types.PreparedLists, run_dir: str,
+             bundle_assets: Optional[dict] = None):
   tb = _TensorBoard(os.path.join(run_dir, "tb"))
   try:
     result = train.train_and_evaluate(cfg, data, run_dir, on_epoch=tb)
@@ -175,6 +179,12 @@ def _run_one(cfg: config_lib.TrainConfig, data: types.PreparedLists, run_dir: st
   with open(os.path.join(run_dir, "result.json"), "w") as f:
     json.dump({k: result[k] for k in ("best_epoch", "valid", "test", "retriever")}, f,
               indent=2)
+  train_split = data.splits["train"]
+  serving.save_bundle(os.path.join(run_dir, serving.RUN_BUNDLE),
+                      serving.Bundle.from_result(
+                          result, list_size=train_split["items"].shape[1],
+                          history_size=train_split["history"].shape[1],
+                          **(bundle_assets or {})))
   return result
 
 
@@ -376,8 +386,12 @@ def _plots(workdir: str, histories: dict, noise: dict, sweep: list[dict],
 
 
 def run_experiment(experiment: ExperimentConfig, data: types.PreparedLists,
-                   workdir: str) -> dict[str, Any]:
+                   workdir: str, *, bundle_assets: Optional[dict] = None
+                   ) -> dict[str, Any]:
   """Runs every (backbone, method, seed), then the sweep; writes tables and plots.
+
+  ``bundle_assets`` (``data_config``, ``vocabulary_dir``) go into every run's bundle:
+  what reranking new lists of the same data needs (own lists).
 
   Returns:
     ``{"summary": table rows, "table": Markdown, "outputs": paths, "sweep": ...}``.
@@ -400,7 +414,7 @@ def run_experiment(experiment: ExperimentConfig, data: types.PreparedLists,
     logging.info("=== run %d/%d: backbone=%s method=%s seed=%d (%.0fs elapsed)",
                  i + 1, total, backbone, method, seed, time.time() - t0)
     run_dir = os.path.join(workdir, "runs", backbone, method, f"seed{seed}")
-    result = _run_one(cfg, data, run_dir)
+    result = _run_one(cfg, data, run_dir, bundle_assets)
     rows.append({"backbone": backbone, "method": method, "seed": seed,
                  "test": result["test"], "valid": result["valid"],
                  "best_epoch": result["best_epoch"]})
@@ -416,7 +430,7 @@ def run_experiment(experiment: ExperimentConfig, data: types.PreparedLists,
     logging.info("=== run %d/%d: sweep %s=%s seed=%d (%.0fs elapsed)",
                  len(jobs) + j + 1, total, field, value, seed, time.time() - t0)
     run_dir = os.path.join(workdir, "sweep", f"{field}={value}", f"seed{seed}")
-    result = _run_one(cfg, data, run_dir)
+    result = _run_one(cfg, data, run_dir, bundle_assets)
     sweep.append({"field": field, "value": config_lib.parse_value(cfg, field, value),
                   "seed": seed, "method": experiment.sweep_method,
                   "ndcg": result["test"]["ndcg"]})
