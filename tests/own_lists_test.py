@@ -1,6 +1,9 @@
 """Own lists: the format's reader, its vocabulary, the cached builder, the example."""
 
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -289,3 +292,44 @@ def test_prepare_by_split_column(tmp_path):
       "train": 6, "valid": 3, "test": 3}
   assert data.splits["valid"]["items"].shape == (3, 3)
   assert os.path.exists(os.path.join(data.report["vocab_dir"], "vocab.json"))
+
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*flags, timeout=600):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="true",
+             JAX_COMPILATION_CACHE_DIR=os.environ.get("DNR_TEST_COMPILE_CACHE", ""))
+  return subprocess.run([sys.executable, "-m", "experiments.lists", *flags], cwd=_ROOT,
+                        env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_lists_binary_on_the_generated_example(tmp_path):
+  proc = _run("--flagfile=experiments/configs/lists_example.flags",
+              f"--workdir={tmp_path / 'out'}", f"--data_dir={tmp_path / 'data'}",
+              "--example_users=30", "--example_items=60", "--example_lists_per_user=5",
+              "--history_size=8", "--methods=dnr_g", "--num_epochs=2",
+              "--warmup_epochs=1", "--batch_size=32", "--hidden=16", "--plots=false")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "GENERATED example, NOT the real data" in proc.stderr
+  assert "raw upstream score AUC" in proc.stderr           # the preparation report
+  assert "| prm | dnr_g |" in proc.stdout and "NOT the real data" in proc.stdout
+  out = tmp_path / "out"
+  assert (out / "runs/prm/dnr_g/seed0/metrics.jsonl").exists()
+  # What reranking later needs travels with the run.
+  config, vocab = own_lists.load_from_run(str(out))
+  assert config.list_size == 20 and config.history_size == 8
+  assert vocab.num_users == 31 and vocab.user_features == ("u_segment", "u_country")
+  assert json.loads((out / "data_config.json").read_text())["num_items"] == \
+      vocab.num_items
+
+
+def test_lists_binary_bad_file_is_one_line(tmp_path):
+  bad = tmp_path / "bad.csv"
+  bad.write_text("list_id,user_id,item_id,score,label\n1,u,a,0.5,1\n1,u,b,0.2,3\n")
+  proc = _run(f"--lists={bad}", f"--workdir={tmp_path / 'out'}",
+              f"--data_dir={tmp_path / 'data'}", timeout=120)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"error: {bad}: line 3, column 'label': value 3 is not 0 or 1")
