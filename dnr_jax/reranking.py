@@ -171,7 +171,7 @@ def rerank_file(bundle: serving.Bundle, lists: str, output: str, *,
   history = (own_lists.InteractionHistory.load(interactions, vocab, config)
              if interactions else None)
   scorer = serving.Scorer(bundle, devices=devices, batch_size=batch_size)
-  evaluation = serving.Evaluation(bundle.config)
+  evaluation = serving.Evaluation(bundle.config, batch_size=scorer.batch_size)
   progress = _Progress(_total_rows(lists), progress_every_s, log)
   stats = own_lists.ReadStats()
   writer, schema, has_labels, written = None, None, False, 0

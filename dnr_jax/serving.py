@@ -23,6 +23,7 @@ that ``dnr_jax.exported`` loads with jax and numpy alone.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -284,6 +285,15 @@ def rerank(logits: np.ndarray, mask: np.ndarray) -> np.ndarray:
   return np.where(mask, ranks, 0).astype(np.int32)
 
 
+@functools.partial(jax.jit, static_argnames=("k", "map_normaliser"))
+def _list_sums(logits, labels, mask, *, k: int, map_normaliser: str) -> dict:
+  return metrics_lib.weighted_sums(metrics_lib.list_metrics(
+      logits, labels, mask, k=k, map_normaliser=map_normaliser))
+
+
+_global_auc = jax.jit(metrics_lib.global_auc)
+
+
 class Evaluation:
   """The training table's metrics, accumulated over chunks of labelled lists.
 
@@ -291,18 +301,31 @@ class Evaluation:
   ``train.evaluate``); the global AUC needs every valid candidate's logit and label,
   kept compactly (5 bytes a candidate); coverage keeps a seen-item bitmap.
   Two rows: the reranker, and the upstream order (its scores as logits, ties by
-  position: ``train.evaluate_retriever``).
+  position: ``train.evaluate_retriever``). Chunks of any size compile nothing new:
+  the upstream sums run on fixed batches of ``batch_size`` lists.
   """
 
   ROWS = ("reranker", "upstream")
 
-  def __init__(self, config: config_lib.TrainConfig):
+  def __init__(self, config: config_lib.TrainConfig, batch_size: int = 256):
     self.k, self.norm = config.eval_k, config.map_normaliser
     self.num_items = config.model.num_items
+    self.batch_size = batch_size
     self._sums = {r: None for r in self.ROWS}
     self._logits = {r: [] for r in self.ROWS}
     self._labels: list[np.ndarray] = []
     self._seen = {r: np.zeros(self.num_items, bool) for r in self.ROWS}
+
+  def _sums_of(self, logits, arrays) -> dict:
+    sums = None
+    # ("items" only counts the lists for pipeline.batches.)
+    data = {"items": arrays["items"], "logits": np.asarray(logits, np.float32),
+            "labels": arrays["labels"], "mask": arrays["mask"]}
+    for b in pipeline.batches(data, self.batch_size, shuffle=False):
+      s = _list_sums(b["logits"], b["labels"], b["mask"], k=self.k,
+                     map_normaliser=self.norm)
+      sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
+    return jax.device_get(sums)
 
   def add(self, arrays: Mapping[str, np.ndarray], logits: np.ndarray,
           sums: Optional[dict] = None) -> None:
@@ -310,17 +333,12 @@ class Evaluation:
     arrays = pipeline.complete(arrays)
     mask, labels = arrays["mask"], arrays["labels"]
     for row, lg in (("reranker", logits), ("upstream", arrays["scores"])):
-      s = sums if row == "reranker" and sums else jax.device_get(
-          metrics_lib.weighted_sums(metrics_lib.list_metrics(
-              jnp.asarray(lg), jnp.asarray(labels), jnp.asarray(mask), k=self.k,
-              map_normaliser=self.norm)))
+      s = sums if row == "reranker" and sums else self._sums_of(lg, arrays)
       prev = self._sums[row]
       self._sums[row] = s if prev is None else jax.tree.map(np.add, prev, s)
       self._logits[row].append(np.asarray(lg, np.float32)[mask])
-      kk = min(self.k, lg.shape[-1])
-      top = np.asarray(metrics_lib.rank_order(jnp.asarray(lg), jnp.asarray(mask)))[:, :kk]
-      shown = np.take_along_axis(mask, top, -1)
-      items = np.take_along_axis(arrays["items"], top, -1)[shown]
+      shown = mask & (rerank(lg, mask) <= self.k)
+      items = arrays["items"][shown]
       self._seen[row][items[items < self.num_items]] = True
     self._labels.append(labels[mask] > 0)
 
@@ -333,8 +351,7 @@ class Evaluation:
         raise ValueError("Evaluation.results() before any chunk was added")
       m = {k: float(v) for k, v in metrics_lib.means(self._sums[row]).items()}
       lg = jnp.asarray(np.concatenate(self._logits[row]))[None]
-      m["global_auc"] = float(metrics_lib.global_auc(lg, labels,
-                                                     jnp.ones_like(labels)))
+      m["global_auc"] = float(_global_auc(lg, labels, jnp.ones_like(labels)))
       m["coverage"] = float(self._seen[row][1:].sum() / max(self.num_items - 1, 1))
       out[row] = m
     return out
