@@ -31,6 +31,6 @@ setuptools.setup(
         "flatbuffers>=24",  # jax.export serialization (the exported reranker)
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3", "scikit-learn>=1.4"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "scikit-learn>=1.4", "hypothesis>=6"],
     },
 )

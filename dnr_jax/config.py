@@ -15,12 +15,16 @@ import dataclasses
 import math
 from typing import Optional
 
-BACKBONES = ("prm", "setrank", "dlcm")
+from dnr_jax.errors import ConfigError
+
+BACKBONES = ("prm", "setrank", "dlcm", "pier")
 SCORE_USAGES = ("none", "concat", "add", "weight")
 HEURISTICS = ("gaussian", "beta")
 LX_ESTIMATORS = ("histogram_kl", "wasserstein", "mmd")
 COMPILERS = ("pmap", "shard_map")
 MAP_NORMALISERS = ("min_pos_k", "hits")
+NONFINITE = ("stop", "skip")
+RESUME_MODES = ("check", "force", "never")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +40,9 @@ class ModelConfig:
   num_heads: int = 4
   num_layers: int = 1          # list encoder depth (PRM / SetRank)
   history_layers: int = 1      # user-history encoder depth
+  # PIER only: the history is read as past pseudo-permutations of this many items
+  # (dnr_jax/pier.py says why: our histories hold positives, not shown lists).
+  pier_window: int = 5
   dropout: float = 0.3         # paper, ML-1M and Kuaivideo
   # Open point 3: how retriever scores enter the backbone. "concat" = the paper's
   # "c score" (a score embedding concatenated to the item token), "add" = "+ score"
@@ -122,6 +129,15 @@ class TrainConfig:
   log_every_steps: int = 50
   checkpoint_every_epochs: int = 1
   keep_checkpoints: int = 2
+  # A step whose loss or gradient norm is NaN/inf is never applied (checked inside
+  # the compiled step). "stop": the run raises errors.TrainingDiverged at the next
+  # check (the epoch's end, or a log_every_steps line); "skip": the run goes on and
+  # counts the skipped steps (train metric "skipped_steps").
+  nonfinite: str = "stop"
+  # A workdir that already holds checkpoints: "check" resumes only with the same
+  # config (checkpoints.RESUMABLE_FIELDS may differ), "force" resumes anyway,
+  # "never" moves the old checkpoints aside and starts fresh.
+  resume: str = "check"
 
 
 # name -> (overrides of TrainConfig, ModelConfig, NoiseConfig, LossConfig), the paper's
@@ -147,6 +163,11 @@ METHODS: dict[str, dict[str, dict]] = {
 }
 
 
+# The method each score usage gives when no generated score is used (lambda_m = 0).
+SCORE_BASELINES = {"none": "backbone", "concat": "c_score", "add": "add_score",
+                   "weight": "w_score"}
+
+
 def apply_method(config: TrainConfig, method: str) -> TrainConfig:
   """Returns ``config`` with the fields that define ``method`` (a ``METHODS`` key) set.
 
@@ -154,7 +175,7 @@ def apply_method(config: TrainConfig, method: str) -> TrainConfig:
   user's explicit overrides after it.
   """
   if method not in METHODS:
-    raise ValueError(f"unknown method {method!r}; expected one of {sorted(METHODS)}")
+    raise ConfigError(f"unknown method {method!r}; expected one of {sorted(METHODS)}")
   o = METHODS[method]
   return dataclasses.replace(
       config, method=method,
@@ -169,7 +190,7 @@ def with_overrides(config: TrainConfig, overrides) -> TrainConfig:
 
   Keys name a ``TrainConfig`` field (``"num_epochs"``) or a field of one of its
   sections (``"model.hidden"``, ``"noise.lambda_c"``, ``"loss.lx_estimator"``).
-  Unknown keys raise ``ValueError`` naming them.
+  Unknown keys raise ``ConfigError`` naming them.
   """
   sections: dict = {}
   top = {}
@@ -178,7 +199,7 @@ def with_overrides(config: TrainConfig, overrides) -> TrainConfig:
     if section not in ("", "model", "noise", "loss") or field not in {
         f.name for f in dataclasses.fields(getattr(config, section) if section
                                            else config)}:
-      raise ValueError(f"unknown config field {key!r}")
+      raise ConfigError(f"unknown config field {key!r}")
     (sections.setdefault(section, {}) if section else top)[field] = value
   return dataclasses.replace(
       config, **top, **{name: dataclasses.replace(getattr(config, name), **fields)
@@ -191,7 +212,7 @@ def field_type(config: TrainConfig, key: str) -> type:
   obj = getattr(config, section) if section in ("model", "noise", "loss") else (
       config if not section else None)
   if obj is None or field not in {f.name for f in dataclasses.fields(obj)}:
-    raise ValueError(f"unknown config field {key!r}")
+    raise ConfigError(f"unknown config field {key!r}")
   return type(getattr(obj, field))
 
 
@@ -199,27 +220,27 @@ def parse_value(config: TrainConfig, key: str, text: str):
   """``text`` as a value of the dotted field ``key``, with the field's type.
 
   ``"4"`` is an int for ``warmup_epochs`` and a float for ``noise.lambda_c``;
-  booleans accept true/false/1/0. Raises ``ValueError`` naming the field.
+  booleans accept true/false/1/0. Raises ``ConfigError`` naming the field.
   """
   kind = field_type(config, key)
   text = str(text).strip()
   try:
     if kind is bool:
       if text.lower() not in ("true", "false", "1", "0"):
-        raise ValueError(text)
+        raise ConfigError(text)
       return text.lower() in ("true", "1")
     if kind is int:
       value = float(text)
       if not value.is_integer():
-        raise ValueError(text)
+        raise ConfigError(text)
       return int(value)
     if kind is float:
       return float(text)
     if kind is tuple:
-      raise ValueError("tuple fields cannot be overridden from text")
+      raise ConfigError("tuple fields cannot be overridden from text")
     return text
   except ValueError as e:
-    raise ValueError(f"{key}={text!r} is not a valid {kind.__name__}") from e
+    raise ConfigError(f"{key}={text!r} is not a valid {kind.__name__}") from e
 
 
 def uses_noise(config: TrainConfig) -> bool:
@@ -234,7 +255,7 @@ def generator_active(config: TrainConfig, epoch: int) -> bool:
 
 def _check(ok: bool, msg: str) -> None:
   if not ok:
-    raise ValueError(msg)
+    raise ConfigError(msg)
 
 
 def _in(value, choices, name):
@@ -243,7 +264,7 @@ def _in(value, choices, name):
 
 def validate(config: TrainConfig, *, list_size: Optional[int] = None,
              num_devices: Optional[int] = None, vocab: bool = True) -> None:
-  """Raises ``ValueError`` naming the first bad value of ``config``.
+  """Raises ``ConfigError`` (a ``ValueError``) naming the first bad value of ``config``.
 
   Args:
     config: the run's configuration.
@@ -260,11 +281,13 @@ def validate(config: TrainConfig, *, list_size: Optional[int] = None,
   _in(ls.lx_estimator, LX_ESTIMATORS, "loss.lx_estimator")
   _in(config.compile, COMPILERS, "compile")
   _in(config.map_normaliser, MAP_NORMALISERS, "map_normaliser")
+  _in(config.nonfinite, NONFINITE, "nonfinite")
+  _in(config.resume, RESUME_MODES, "resume")
   if vocab:
     _check(m.num_items >= 2,
            f"model.num_items={m.num_items} must be >= 2 (id 0 is padding)")
     _check(m.num_users >= 1, f"model.num_users={m.num_users} must be >= 1")
-  for name in ("hidden", "num_heads", "num_layers", "history_layers"):
+  for name in ("hidden", "num_heads", "num_layers", "history_layers", "pier_window"):
     v = getattr(m, name)
     _check(isinstance(v, int) and v >= 1, f"model.{name}={v!r} must be an integer >= 1")
   _check(m.hidden % m.num_heads == 0,
@@ -279,6 +302,15 @@ def validate(config: TrainConfig, *, list_size: Optional[int] = None,
   for name in ("lambda_m", "lambda_adv", "lambda_x"):
     v = getattr(ls, name)
     _check(math.isfinite(v) and v >= 0, f"loss.{name}={v} must be finite and >= 0")
+  # With lambda_m = 0 the step skips the noise and the generator (``uses_noise``), so
+  # a method defined by its generated scores would be, bit for bit, the baseline of its
+  # score usage under another name: a table row must be what its label says.
+  if ls.lambda_m == 0 and METHODS.get(config.method, {}).get("loss", {}).get(
+      "lambda_m") != 0.0:
+    same = SCORE_BASELINES[m.score_usage]
+    raise ConfigError(
+        f"method={config.method} with loss.lambda_m=0 is {same}: L_z gets no weight, "
+        f"so no generated score is ever used; run {same} instead, or set lambda_m > 0")
   _check(ls.lx_bins >= 2, f"loss.lx_bins={ls.lx_bins} must be >= 2")
   _check(ls.lx_bandwidth > 0, f"loss.lx_bandwidth={ls.lx_bandwidth} must be > 0")
   _check(config.warmup_epochs >= 0, f"warmup_epochs={config.warmup_epochs} must be >= 0")

@@ -22,3 +22,7 @@ class CheckpointError(DNRError):
 
 class TrainingDiverged(DNRError):
   """Training produced non-finite losses or parameters and was stopped."""
+
+
+class Interrupted(DNRError):
+  """SIGTERM or SIGINT stopped training; a checkpoint was saved and a rerun resumes."""

@@ -33,11 +33,13 @@ from absl import logging
 
 from dnr_jax import batch as batch_lib
 from dnr_jax import config as config_lib
+from dnr_jax import errors
 from dnr_jax import noise as noise_lib
 from dnr_jax import pipeline
 from dnr_jax import serving
 from dnr_jax import train
 from dnr_jax.data import types
+from dnr_jax.errors import ConfigError
 
 # (key in the metrics dicts, column header)
 COLUMNS = (("hr", "H@{k}"), ("ndcg", "N@{k}"), ("map", "M@{k}"), ("f1", "F1@{k}"),
@@ -63,13 +65,13 @@ def parse_method(spec: str) -> tuple[str, dict[str, str]]:
   """
   base, *parts = spec.split(VARIANT_SEP)
   if base not in config_lib.METHODS:
-    raise ValueError(f"unknown method {base!r} in {spec!r}; expected one of "
-                     f"{sorted(config_lib.METHODS)}")
+    raise ConfigError(f"unknown method {base!r} in {spec!r}; expected one of "
+                      f"{sorted(config_lib.METHODS)}")
   settings = {}
   for part in parts:
     key, eq, value = part.partition("=")
     if not eq or not key or not value:
-      raise ValueError(f"method {spec!r}: {part!r} is not FIELD=VALUE")
+      raise ConfigError(f"method {spec!r}: {part!r} is not FIELD=VALUE")
     settings[key] = value
   return base, settings
 
@@ -96,6 +98,10 @@ class ExperimentConfig:
       run on the first backbone for each value of each field and each seed (one
       panel per field).
     plots: write the PNG plots.
+    allow_failed_runs: a run that diverges (``errors.TrainingDiverged``) is always
+      a FAILED row of the table and the other runs go on; at the end
+      ``run_experiment`` raises ``TrainingDiverged`` naming the failed runs unless
+      this is True.
   """
   base: config_lib.TrainConfig
   overrides: tuple[tuple[str, Any], ...] = ()
@@ -105,6 +111,7 @@ class ExperimentConfig:
   sweeps: tuple[tuple[str, tuple[Any, ...]], ...] = ()
   sweep_method: str = "dnr_g"
   plots: bool = True
+  allow_failed_runs: bool = False
 
 
 def run_config(experiment: ExperimentConfig, method: str, backbone: str, seed: int,
@@ -133,43 +140,84 @@ def run_config(experiment: ExperimentConfig, method: str, backbone: str, seed: i
 def validate(experiment: ExperimentConfig) -> None:
   """Fails at once, naming the value, for any run the experiment would start."""
   if not experiment.methods or not experiment.backbones or not experiment.seeds:
-    raise ValueError("an experiment needs at least one method, backbone and seed")
-  if len(set(experiment.methods)) != len(experiment.methods):
-    raise ValueError(f"methods {list(experiment.methods)} name a row twice")
+    raise ConfigError("an experiment needs at least one method, backbone and seed")
+  # A repeated seed would count one run twice in the mean, the std and the t-test.
+  for name in ("methods", "backbones", "seeds"):
+    values = list(getattr(experiment, name))
+    twice = sorted({v for v in values if values.count(v) > 1}, key=values.index)
+    if twice:
+      raise ConfigError(f"{name} {values} repeat {twice}: each value is one run (a "
+                        "repeat would count the same run twice)")
   for m in experiment.methods:
     for b in experiment.backbones:
       run_config(experiment, m, b, experiment.seeds[0], vocab=False)
   for field, values in experiment.sweeps:
     if not values:
-      raise ValueError(f"the sweep of {field!r} has no values")
+      raise ConfigError(f"the sweep of {field!r} has no values")
+    if len(set(values)) != len(values):
+      raise ConfigError(f"the sweep of {field!r} repeats a value: {list(values)}")
     for v in values:
       run_config(experiment, experiment.sweep_method, experiment.backbones[0],
                  experiment.seeds[0], {field: v}, vocab=False)
 
 
 class _TensorBoard:
-  """Per-epoch scalars as TensorBoard event files (tensorboardX, no TensorFlow)."""
+  """Per-epoch scalars as TensorBoard event files (tensorboardX, no TensorFlow).
+
+  ``restart`` (``train_and_evaluate``'s ``on_resume``) replaces the event files with
+  the epochs the run resumed from, so after any number of kills and resumes the log
+  holds each epoch exactly once. Non-finite values (a skipped-steps epoch's mean of
+  no step) are left out.
+  """
 
   def __init__(self, logdir: str):
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self.writer = SummaryWriter(logdir)
+    self.logdir = logdir
+    self.writer = None
 
-  def __call__(self, record: dict) -> None:
+  def restart(self, history: list[dict]) -> None:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    if self.writer is not None:
+      self.writer.close()
+    if os.path.isdir(self.logdir):
+      for name in os.listdir(self.logdir):
+        if name.startswith("events.out.tfevents"):
+          os.remove(os.path.join(self.logdir, name))
+    self.writer = SummaryWriter(self.logdir)
+    for record in history:
+      self._write(record)
+    self.writer.flush()
+
+  def _write(self, record: dict) -> None:
     for split in ("train", "valid", "test"):
       for k, v in record[split].items():
-        self.writer.add_scalar(f"{split}/{k}", v, record["epoch"])
+        if v is not None and math.isfinite(v):
+          self.writer.add_scalar(f"{split}/{k}", v, record["epoch"])
     self.writer.add_scalar("lists_per_s", record["lists_per_s"], record["epoch"])
+
+  def __call__(self, record: dict) -> None:
+    if self.writer is None:
+      self.restart([])
+    self._write(record)
     self.writer.flush()
 
   def close(self) -> None:
-    self.writer.close()
+    if self.writer is not None:
+      self.writer.close()
 
 
 def _run_one(cfg: config_lib.TrainConfig, data: types.PreparedLists, run_dir: str,
              bundle_assets: Optional[dict] = None):
+  """One run's result, or ``{"failed": message}`` if it diverged."""
   tb = _TensorBoard(os.path.join(run_dir, "tb"))
   try:
-    result = train.train_and_evaluate(cfg, data, run_dir, on_epoch=tb)
+    result = train.train_and_evaluate(cfg, data, run_dir, on_epoch=tb,
+                                      on_resume=tb.restart)
+  except errors.TrainingDiverged as e:
+    logging.error("run %s FAILED: %s", run_dir, e)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "result.json"), "w") as f:
+      json.dump({"failed": str(e)}, f, indent=2)
+    return {"failed": str(e)}
   finally:
     tb.close()
     # Runs share no compiled program (each has its own step closures), and under
@@ -219,6 +267,16 @@ def summarize(rows: list[dict], k: int) -> list[dict]:
     groups.setdefault((r["backbone"], r["method"]), []).append(r)
   out = []
   for (backbone, method), rs in groups.items():
+    failed = [r for r in rs if r.get("failed")]
+    if failed:
+      # Never a plausible row from a run that diverged: the whole row is FAILED.
+      out.append({"backbone": backbone, "method": method, "n_seeds": len(rs),
+                  "seeds": sorted(r["seed"] for r in rs),
+                  "failed_seeds": sorted(r["seed"] for r in failed),
+                  "failed": failed[0]["failed"],
+                  "mean": {key: float("nan") for key, _ in COLUMNS},
+                  "std": {key: float("nan") for key, _ in COLUMNS}})
+      continue
     rs = sorted(rs, key=lambda r: r["seed"])
     row = {"backbone": backbone, "method": method, "n_seeds": len(rs),
            "seeds": [r["seed"] for r in rs], "mean": {}, "std": {}}
@@ -229,10 +287,11 @@ def summarize(rows: list[dict], k: int) -> list[dict]:
     row["per_seed_ndcg"] = [r["test"]["ndcg"] for r in rs]
     out.append(row)
   for row in out:
-    if is_baseline(row["method"]) or row["method"] == "retriever":
+    if (is_baseline(row["method"]) or row["method"] == "retriever"
+        or row.get("failed")):
       continue
     baselines = [r for r in out if r["backbone"] == row["backbone"]
-                 and is_baseline(r["method"])]
+                 and is_baseline(r["method"]) and not r.get("failed")]
     if not baselines:
       continue
     best = max(baselines, key=lambda r: r["mean"]["ndcg"])
@@ -261,6 +320,14 @@ def write_table(summary: list[dict], k: int, path_md: str, path_csv: str,
       cells = [f"{100 * r['mean'][key]:.2f} ± {100 * r['std'][key]:.2f}"
                if not math.isnan(r["mean"][key]) else "-" for key, _ in COLUMNS]
       p = r.get("p_value")
+      if r.get("failed"):
+        cells = ["FAILED"] * len(COLUMNS)
+        seeds = ",".join(str(s) for s in r["failed_seeds"])
+        lines.append(f"| {r['backbone']} | {r['method']} | " + " | ".join(cells)
+                     + f" | diverged (seed {seeds} of {r['n_seeds']}) |")
+        w.writerow([r["backbone"], r["method"], r["n_seeds"]]
+                   + ["FAILED", ""] * len(COLUMNS) + ["", "", ""])
+        continue
       if p is None:
         p_cell = ""
       else:
@@ -406,7 +473,7 @@ def run_experiment(experiment: ExperimentConfig, data: types.PreparedLists,
                 for s in experiment.seeds]
   total = len(jobs) + len(sweep_jobs)
   t0 = time.time()
-  rows, histories, learned = [], {}, None
+  rows, histories, learned, failed = [], {}, None, []
   k = experiment.base.eval_k
   retriever = None
   for i, (backbone, method, seed) in enumerate(jobs):
@@ -415,13 +482,22 @@ def run_experiment(experiment: ExperimentConfig, data: types.PreparedLists,
                  i + 1, total, backbone, method, seed, time.time() - t0)
     run_dir = os.path.join(workdir, "runs", backbone, method, f"seed{seed}")
     result = _run_one(cfg, data, run_dir, bundle_assets)
+    if result.get("failed"):
+      rows.append({"backbone": backbone, "method": method, "seed": seed,
+                   "failed": result["failed"], "config": dataclasses.asdict(cfg)})
+      failed.append(f"{backbone}/{method}/seed{seed}")
+      continue
     rows.append({"backbone": backbone, "method": method, "seed": seed,
                  "test": result["test"], "valid": result["valid"],
-                 "best_epoch": result["best_epoch"]})
+                 "best_epoch": result["best_epoch"], "config": result["config"]})
     histories.setdefault((backbone, method), []).append(result["history"])
     retriever = result["retriever"]
     if learned is None and config_lib.generator_active(cfg, cfg.num_epochs - 1):
       learned = (cfg, result["final_state"].generator.params)
+  if retriever is None:   # every run failed: the retriever's row still stands
+    retriever = train.evaluate_retriever(
+        pipeline.complete(data.splits["test"]), k=k,
+        map_normaliser=experiment.base.map_normaliser, num_items=data.num_items)
   rows.append({"backbone": "-", "method": "retriever", "seed": 0, "test": retriever})
   sweep = []
   for j, (field, value, seed) in enumerate(sweep_jobs):
@@ -431,6 +507,9 @@ def run_experiment(experiment: ExperimentConfig, data: types.PreparedLists,
                  len(jobs) + j + 1, total, field, value, seed, time.time() - t0)
     run_dir = os.path.join(workdir, "sweep", f"{field}={value}", f"seed{seed}")
     result = _run_one(cfg, data, run_dir, bundle_assets)
+    if result.get("failed"):
+      failed.append(f"sweep {field}={value} seed{seed}")
+      continue
     sweep.append({"field": field, "value": config_lib.parse_value(cfg, field, value),
                   "seed": seed, "method": experiment.sweep_method,
                   "ndcg": result["test"]["ndcg"]})
@@ -443,7 +522,7 @@ def run_experiment(experiment: ExperimentConfig, data: types.PreparedLists,
   md = write_table(summary, k, os.path.join(workdir, "results.md"),
                    os.path.join(workdir, "results.csv"), title)
   baselines = [r for r in summary if r["backbone"] == experiment.backbones[0]
-               and is_baseline(r["method"])]
+               and is_baseline(r["method"]) and not r.get("failed")]
   best = max(baselines, key=lambda r: r["mean"]["ndcg"]) if baselines else None
   if sweep:
     md += "\n" + sweep_table(sweep, k, best)
@@ -451,7 +530,8 @@ def run_experiment(experiment: ExperimentConfig, data: types.PreparedLists,
       f.write(md)
   outputs = [os.path.join(workdir, "results.md"), os.path.join(workdir, "results.csv")]
   with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump({"summary": summary, "runs": rows, "sweep": sweep,
+    json.dump({"experiment": dataclasses.asdict(experiment), "failed": failed,
+               "summary": summary, "runs": rows, "sweep": sweep,
                "data": {"name": data.name, "is_real": data.is_real,
                         "report": data.report}}, f, indent=2, default=str)
   outputs.append(os.path.join(workdir, "results.json"))
@@ -466,4 +546,10 @@ def run_experiment(experiment: ExperimentConfig, data: types.PreparedLists,
                       (best["method"], best["mean"]["ndcg"]) if best else None, k)
   logging.info("done: %d runs in %.0fs; outputs:\n  %s", total, time.time() - t0,
                "\n  ".join(outputs))
+  if failed:
+    message = (f"{len(failed)} of {total} runs diverged ({', '.join(failed)}); the "
+               f"table marks them FAILED: {os.path.join(workdir, 'results.md')}")
+    if not experiment.allow_failed_runs:
+      raise errors.TrainingDiverged(message)
+    logging.error("%s", message)
   return {"summary": summary, "table": md, "outputs": outputs, "sweep": sweep}

@@ -1,4 +1,4 @@
-"""Rerankers ``q_theta(z | x)``: PRM, SetRank and DLCM behind one interface.
+"""Rerankers ``q_theta(z | x)``: PRM, SetRank, DLCM and PIER behind one interface.
 
 ``make_reranker(config)`` returns a Flax module used as::
 
@@ -8,9 +8,10 @@ with ``logits`` ``[B, n]``. The retriever scores are read from ``batch.scores`` 
 train step swaps in generated scores with ``batch.replace(scores=x_prime)``), and
 the model is differentiable in them: the generator is trained through it (L_adv).
 
-All backbones share ``InputTokens``, which builds one token per candidate from its
-item embedding, the user state and the scores (``ModelConfig.score_usage``, the
-paper's "c / + / w score", open point 3).
+PIER is in ``pier.py`` (built on this module's parts). All backbones share
+``InputTokens``, which builds one token per candidate from its item embedding, the
+user state and the scores (``ModelConfig.score_usage``, the paper's "c / + / w
+score", open point 3).
 """
 
 from __future__ import annotations
@@ -185,6 +186,10 @@ _BACKBONES = {"prm": PRM, "setrank": SetRank, "dlcm": DLCM}
 
 def make_reranker(config: config_lib.ModelConfig) -> nn.Module:
   """The reranker module of ``config.backbone``."""
+  # PIER lives in its own module, built on this one's parts (InputTokens), so it is
+  # imported here rather than at the top.
+  from dnr_jax import pier  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  _BACKBONES.setdefault("pier", pier.PIER)
   if config.backbone not in _BACKBONES:
     raise ValueError(f"model.backbone={config.backbone!r} is not one of "
                      f"{sorted(_BACKBONES)}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.serialization
 import jax
@@ -44,6 +44,11 @@ def load(path: str) -> Any:
     raise errors.CheckpointError(f"{path}: damaged parameter file ({e})") from e
 
 
+def _value(record: dict, metric: str) -> float:
+  value = record["valid"].get(metric)
+  return value if value is not None and np.isfinite(value) else -np.inf
+
+
 _NAME = re.compile(r"^epoch(\d+)\.msgpack$")
 
 
@@ -61,15 +66,17 @@ class BestParams:
     params: host copy of the best reranker parameters so far (``None``: none yet).
   """
 
-  def __init__(self, directory: Optional[str], select_metric: str):
+  def __init__(self, directory: Optional[str], select_metric: str, keep: int = 2):
     self.directory = directory
     self.metric = select_metric
     self.epoch = 0
     self.params = None
     self._value = -np.inf
-    # The best epoch as of the previous orbax save: that checkpoint stays restorable
-    # until the next save has finished, so its best file must survive until then.
-    self._keep_prev = 0
+    # The best epoch as of each orbax save still kept (``keep``), plus the one being
+    # written (saves are asynchronous): a damaged latest checkpoint falls back to an
+    # older one (``checkpoints``), whose selected epoch must still have its file.
+    self._keep = max(int(keep), 1) + 1
+    self._kept: list[int] = []
 
   def _path(self, epoch: int) -> str:
     return os.path.join(self.directory, f"epoch{epoch:05d}.msgpack")
@@ -87,32 +94,34 @@ class BestParams:
   def offer(self, record: dict, params_fn) -> None:
     """Keeps ``params_fn()`` if ``record`` (an epoch of the history) is a new best.
 
-    Strictly better only, as ``max`` over the history picks the first best epoch.
-    ``params_fn`` is called only then (it copies the parameters to the host).
+    Strictly better only, as ``max`` over the history picks the first best epoch
+    (a missing or non-finite value counts as ``-inf``, as in ``train``; the first
+    epoch is kept in any case). ``params_fn`` is called only then (it copies the
+    parameters to the host).
     """
-    value = record["valid"][self.metric]
-    if value > self._value:
+    value = _value(record, self.metric)
+    if value > self._value or not self.epoch:
       self._value, self.epoch = value, record["epoch"]
       self.params = jax.device_get(params_fn())
       if self.directory:
         save(self._path(self.epoch), self.params)
 
   def checkpointed(self) -> None:
-    """After an orbax save: deletes files neither this nor the last save may select."""
-    keep = {self.epoch, self._keep_prev}
+    """After an orbax save: deletes files no checkpoint still kept may select."""
+    self._kept = (self._kept + [self.epoch])[-self._keep:]
     for epoch, path in self._files().items():
-      if epoch not in keep:
+      if epoch not in self._kept:
         os.remove(path)
-    self._keep_prev = self.epoch
 
-  def resume(self, history: list[dict], restored_params_fn) -> None:
+  def resume(self, history: list[dict],
+             restored_params_fn: Optional[Callable[[], Any]]) -> None:
     """Picks up the best epoch of a restored ``history``.
 
     Args:
       history: the records up to the restored checkpoint.
-      restored_params_fn: the restored state's reranker parameters (those of the
-        history's last epoch), used when that epoch is the best and its file was not
-        written yet.
+      restored_params_fn: the restored state's reranker parameters when they are
+        those of the history's last epoch (``None`` for a mid-epoch checkpoint),
+        used when that epoch is the best and its file was not written yet.
 
     Raises:
       CheckpointError: the best epoch's parameters are nowhere to be found.
@@ -124,11 +133,11 @@ class BestParams:
     for epoch, path in files.items():
       if epoch > last:
         os.remove(path)     # trained again after the resume
-    best = max(history, key=lambda r: r["valid"][self.metric])
-    self._value, self.epoch = best["valid"][self.metric], best["epoch"]
+    best = max(history, key=lambda r: _value(r, self.metric))
+    self._value, self.epoch = _value(best, self.metric), best["epoch"]
     if self.epoch in files:
       self.params = load(files[self.epoch])
-    elif self.epoch == last:
+    elif self.epoch == last and restored_params_fn is not None:
       self.params = jax.device_get(restored_params_fn())
       if self.directory:
         save(self._path(self.epoch), self.params)
@@ -137,4 +146,4 @@ class BestParams:
           f"{self.directory}: no parameters of the selected epoch {self.epoch} "
           f"(valid {self.metric}={self._value:.4f}); the run cannot report its "
           "selected reranker")
-    self._keep_prev = self.epoch
+    self._kept = [self.epoch]

@@ -183,7 +183,8 @@ def train_step(state: DNRState, batch: batch_lib.ListBatch, *,
 
   Returns:
     The new state and a dict of scalar metrics (loss terms, gradient norms, mean
-    generated score), identical on every device.
+    generated score, ``nonfinite``: 1.0 if the step was not applied because a loss
+    or gradient norm was NaN/inf), identical on every device.
   """
   if phase not in PHASES:
     raise ValueError(f"phase={phase!r} is not one of {PHASES}")
@@ -208,8 +209,29 @@ def train_step(state: DNRState, batch: batch_lib.ListBatch, *,
     metrics["grad_norm_phi"] = optax.global_norm(g_grads)
 
   metrics = jax.lax.pmean(metrics, AXIS)
+  reranker, generator, metrics["nonfinite"] = _guard_nonfinite(
+      state, reranker, generator, metrics)
+  # The step counter advances even for a skipped step, so the next one draws anew.
   new_state = state.replace(step=state.step + 1, reranker=reranker, generator=generator)
   return new_state, metrics
+
+
+def _guard_nonfinite(state: DNRState, reranker, generator, metrics: dict):
+  """Keeps the old players if this step's losses or gradient norms are not finite.
+
+  The checked scalars are already averaged over ``'batch'``, so every device takes
+  the same branch. A few scalar reductions and one select per parameter: no host
+  sync (the flag travels with the metrics the loop already fetches).
+
+  Returns:
+    ``(reranker, generator, nonfinite)``, ``nonfinite`` 1.0 for a skipped step.
+  """
+  names = [k for k in ("l_theta", "grad_norm_theta", "l_phi", "grad_norm_phi")
+           if k in metrics]
+  ok = jnp.all(jnp.stack([jnp.isfinite(metrics[k]) for k in names]))
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+  return (keep(reranker, state.reranker), keep(generator, state.generator),
+          1.0 - ok.astype(jnp.float32))
 
 
 def eval_step(params: Any, batch: batch_lib.ListBatch, *, config: config_lib.TrainConfig

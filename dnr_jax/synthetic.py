@@ -16,6 +16,7 @@ import dataclasses
 import numpy as np
 
 from dnr_jax.data import types
+from dnr_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,10 +54,10 @@ def generate(config: SyntheticConfig = SyntheticConfig()) -> types.PreparedLists
   """Draws train / valid / test lists in the ``dnr_jax.batch`` layout."""
   c = config
   if c.score_model not in SCORE_MODELS:
-    raise ValueError(f"score_model={c.score_model!r} is not one of {SCORE_MODELS}")
+    raise ConfigError(f"score_model={c.score_model!r} is not one of {SCORE_MODELS}")
   if c.list_size > c.num_items - 1 or c.history_size > c.num_items - 1:
-    raise ValueError(f"list_size={c.list_size} and history_size={c.history_size} "
-                     f"must be below num_items={c.num_items}")
+    raise ConfigError(f"list_size={c.list_size} and history_size={c.history_size} "
+                      f"must be below num_items={c.num_items}")
   rng = np.random.default_rng(c.seed)
   users = rng.normal(size=(c.num_users, c.latent_dim)) / np.sqrt(c.latent_dim)
   items = rng.normal(size=(c.num_items, c.latent_dim))

@@ -10,8 +10,9 @@ optimiser states, key, step) and resumes from the latest one when restarted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
+import itertools
 import os
 import time
 from typing import Any, Callable, Optional
@@ -22,10 +23,14 @@ import numpy as np
 from absl import logging
 
 from dnr_jax import batch as batch_lib
+from dnr_jax import checkpoints as checkpoints_lib
 from dnr_jax import config as config_lib
+from dnr_jax import errors
+from dnr_jax import guards
 from dnr_jax import metrics as metrics_lib
 from dnr_jax import params_io
 from dnr_jax import pipeline
+from dnr_jax import preemption
 from dnr_jax import step as step_lib
 from dnr_jax.data import types
 
@@ -62,6 +67,7 @@ def _finish(sums, logits, arrays, k: int, num_items: int) -> dict[str, float]:
   out["global_auc"] = float(metrics_lib.global_auc(logits, labels, mask))
   out["coverage"] = float(metrics_lib.coverage(logits, mask, jnp.asarray(arrays["items"]),
                                                k=k, num_items=num_items))
+  out["logit_std"] = guards.logit_spread(logits, mask)
   return out
 
 
@@ -75,36 +81,6 @@ def evaluate_retriever(arrays, *, k: int, map_normaliser: str,
   return _finish(metrics_lib.weighted_sums(per_list), scores, arrays, k, num_items)
 
 
-class _Checkpoints:
-  """orbax ``CheckpointManager`` over the host copy of the state plus JSON metadata."""
-
-  def __init__(self, directory: str, keep: int):
-    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-    self._ocp = ocp
-    self.manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
-
-  def latest(self) -> Optional[int]:
-    return self.manager.latest_step()
-
-  def save(self, epoch: int, state, meta: dict) -> None:
-    ocp = self._ocp
-    self.manager.save(epoch, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-
-  def restore(self, epoch: int, like):
-    ocp = self._ocp
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    out = self.manager.restore(epoch, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    return out.state, out.meta
-
-  def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
-
-
 def _fmt(metrics: dict[str, float], keys) -> str:
   return " ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics)
 
@@ -112,7 +88,8 @@ def _fmt(metrics: dict[str, float], keys) -> str:
 def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists,
                        workdir: Optional[str] = None, *,
                        devices: Optional[tuple] = None,
-                       on_epoch: Optional[Callable[[dict], None]] = None
+                       on_epoch: Optional[Callable[[dict], None]] = None,
+                       on_resume: Optional[Callable[[list[dict]], None]] = None
                        ) -> dict[str, Any]:
   """Trains the reranker (and generator) of ``config`` on ``data``.
 
@@ -122,6 +99,8 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
     workdir: where metrics and checkpoints go; ``None`` keeps nothing on disk.
     devices: the local devices to run on (default: all).
     on_epoch: called with each epoch's record (for binaries that plot or report).
+    on_resume: called once before training with the epochs already done (the
+      restored history; empty for a fresh run), e.g. to rewrite a TensorBoard log.
 
   Returns:
     ``{"config", "history", "best_epoch", "valid", "test", "retriever", "data",
@@ -172,84 +151,147 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
   state = step_lib.create_state(config, example, root)
 
   history: list[dict] = []
-  start_epoch = 0
-  ckpt = _Checkpoints(os.path.join(workdir, "checkpoints"), config.keep_checkpoints) \
-      if workdir else None
+  start_epoch, start_step, done_steps = 0, 0, []
+  ckpt = checkpoints_lib.Checkpoints(
+      os.path.join(workdir, "checkpoints"), config.keep_checkpoints,
+      config) if workdir else None
+  restored = (ckpt.restore_latest(state, num_epochs=config.num_epochs)
+              if ckpt is not None else None)
   # The selected epoch's reranker, kept on disk as it appears: its orbax checkpoint
   # may be gone (keep_checkpoints) by the end of the run.
   best_params = params_io.BestParams(
-      os.path.join(workdir, "best_params") if workdir else None, SELECT_METRIC)
-  if ckpt is not None and ckpt.latest() is not None:
-    state, meta = ckpt.restore(ckpt.latest(), state)
+      os.path.join(workdir, "best_params") if workdir else None, SELECT_METRIC,
+      keep=config.keep_checkpoints)
+  if restored is not None:
+    state, meta = restored
     history = list(meta["history"])
     start_epoch = int(meta["epoch"]) + 1
-    best_params.resume(history, lambda: state.reranker.params)
-    logging.info("resumed from %s at epoch %d", workdir, start_epoch)
+    if meta.get("step_in_epoch"):
+      # A mid-epoch checkpoint (written on SIGTERM / SIGINT): continue that epoch at
+      # its next batch, with the metrics of the steps it already took.
+      start_epoch, start_step = int(meta["epoch"]), int(meta["step_in_epoch"])
+      done_steps = [{k: np.float32(np.nan if v is None else v) for k, v in m.items()}
+                    for m in meta["epoch_steps"]]
+    # (A mid-epoch state is not the parameters of the history's last epoch.)
+    best_params.resume(history, None if start_step else (
+        lambda: state.reranker.params))
+    logging.info("resumed from %s at epoch %d step %d", workdir, start_epoch + 1,
+                 start_step)
   metrics_path = os.path.join(workdir, "metrics.jsonl") if workdir else None
   if workdir:
     os.makedirs(workdir, exist_ok=True)
+    # Exactly the restored epochs: rows a killed run wrote after its last
+    # checkpoint are dropped here and written again when recomputed.
+    guards.write_jsonl(metrics_path, history)
+  if on_resume:
+    on_resume(history)
 
   state = runner.put_state(state)
   steps = pipeline.steps_per_epoch(train, config.global_batch_size, pad_last=False)
   if steps == 0:
-    raise ValueError(f"global_batch_size={config.global_batch_size} exceeds the "
-                     f"{pipeline.num_lists(train)} training lists")
-  epoch_times: list[float] = []
-  for epoch in range(start_epoch, config.num_epochs):
-    phase = step_lib.phase_for_epoch(config, epoch)
-    t0 = time.time()
-    step_metrics = []
-    # The last partial batch is dropped in training (shuffling brings its lists back
-    # next epoch) so every train step has the same shape and nothing recompiles.
-    # Batches are assembled and placed on the devices in a background thread while
-    # the previous step runs, so the input pipeline stays off the critical path.
-    host_batches = pipeline.batches(
-        train, config.global_batch_size, shuffle=True, seed=config.seed, epoch=epoch,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        pad_last=False)
-    for i, b in enumerate(pipeline.prefetch(host_batches, size=2,
-                                            transform=runner.put_batch)):
-      state, m = runner.train(state, b, phase)
-      step_metrics.append(m)
-      if config.log_every_steps and (i + 1) % config.log_every_steps == 0:
-        logging.info("epoch %d step %d/%d %s", epoch + 1, i + 1, steps,
-                     _fmt(jax.device_get(m), ("l_theta", "l_phi")))
-    train_metrics = {k: float(np.mean([m[k] for m in jax.device_get(step_metrics)]))
-                     for k in step_metrics[0]}
-    train_time = time.time() - t0
-    valid_m = evaluate(runner, state, valid, eval_bs, num_items=data.num_items)
-    test_m = evaluate(runner, state, test, eval_bs, num_items=data.num_items)
-    if test_shuffled is not None:
-      test_m["ndcg_shuffled_scores"] = evaluate(
-          runner, state, test_shuffled, eval_bs, num_items=data.num_items)["ndcg"]
-    record = {"epoch": epoch + 1, "phase": phase, "train": train_metrics,
-              "valid": valid_m, "test": test_m,
-              "lists_per_s": steps * config.global_batch_size / train_time,
-              "epoch_s": time.time() - t0}
-    history.append(record)
-    epoch_times.append(record["epoch_s"])
-    # The first epoch of a run (and of each new phase) includes compilation: once
-    # there are others, they predict the remaining epochs better.
-    typical = np.mean(epoch_times[1:] if len(epoch_times) > 1 else epoch_times)
-    eta = typical * (config.num_epochs - epoch - 1)
-    logging.info("epoch %d/%d [%s] %.0f lists/s ETA %.0fs | %s | valid %s | test %s",
-                 epoch + 1, config.num_epochs, phase, record["lists_per_s"], eta,
-                 _fmt(train_metrics, ("l_direct", "l_z", "l_adv", "l_x")),
-                 _fmt(valid_m, ("ndcg", "auc")), _fmt(test_m, ("ndcg", "auc")))
-    if metrics_path:
-      with open(metrics_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    if on_epoch:
-      on_epoch(record)
-    best_params.offer(record, lambda: runner.get_state(state).reranker.params)
-    if ckpt is not None and ((epoch + 1) % config.checkpoint_every_epochs == 0
-                             or epoch + 1 == config.num_epochs):
-      ckpt.save(epoch, runner.get_state(state), {"epoch": epoch, "history": history})
-      best_params.checkpointed()
-  if ckpt is not None:
-    ckpt.close()
+    raise errors.ConfigError(f"global_batch_size={config.global_batch_size} exceeds "
+                             f"the {pipeline.num_lists(train)} training lists")
 
-  best = max(history, key=lambda r: r["valid"][SELECT_METRIC])
+  def save(epoch: int, meta: dict) -> Optional[int]:
+    if ckpt is None:
+      return None
+    host = runner.get_state(state)
+    ckpt.save(int(host.step), host, guards.json_safe(
+        dict(meta, epoch=epoch, history=history)))
+    return int(host.step)
+
+  def interrupted(signal_name: str, where: str, saved: Optional[int]):
+    if ckpt is not None:
+      ckpt.wait()
+    msg = (f"training stopped by {signal_name} at {where}; " +
+           (f"checkpoint {saved} saved in {ckpt.directory}: rerun the same command "
+            "to resume" if saved is not None else "no workdir: nothing was saved"))
+    logging.warning("%s", msg)
+    return errors.Interrupted(msg)
+
+  epoch_times: list[float] = []
+  stop = preemption.StopRequests()
+  with stop, (ckpt or contextlib.nullcontext()):
+    for epoch in range(start_epoch, config.num_epochs):
+      phase = step_lib.phase_for_epoch(config, epoch)
+      t0 = time.time()
+      first = start_step if epoch == start_epoch else 0
+      step_metrics = []
+      # The last partial batch is dropped in training (shuffling brings its lists back
+      # next epoch) so every train step has the same shape and nothing recompiles.
+      # Batches are assembled and placed on the devices in a background thread while
+      # the previous step runs, so the input pipeline stays off the critical path.
+      host_batches = pipeline.batches(
+          train, config.global_batch_size, shuffle=True, seed=config.seed, epoch=epoch,
+          process_index=jax.process_index(), process_count=jax.process_count(),
+          pad_last=False)
+      for i, b in enumerate(pipeline.prefetch(
+          itertools.islice(host_batches, first, None), size=2,
+          transform=runner.put_batch), start=first):
+        state, m = runner.train(state, b, phase)
+        step_metrics.append(m)
+        if config.log_every_steps and (i + 1) % config.log_every_steps == 0:
+          m = jax.device_get(m)
+          if config.nonfinite == "stop" and m["nonfinite"]:
+            raise guards.diverged(config, epoch, i, steps, m)
+          logging.info("epoch %d step %d/%d %s", epoch + 1, i + 1, steps,
+                       _fmt(m, ("l_theta", "l_phi")))
+        if stop.requested:
+          so_far = done_steps + jax.device_get(step_metrics)
+          saved = save(epoch, {"step_in_epoch": i + 1, "epoch_steps": so_far})
+          raise interrupted(stop.requested, f"epoch {epoch + 1} step {i + 1}/{steps}",
+                            saved)
+      step_metrics = (done_steps if first else []) + jax.device_get(step_metrics)
+      train_metrics = guards.epoch_train_metrics(step_metrics)
+      bad = guards.first_nonfinite(step_metrics)
+      if bad is not None and (config.nonfinite == "stop"
+                              or train_metrics["skipped_steps"] == len(step_metrics)):
+        raise guards.diverged(config, epoch, bad, steps, step_metrics[bad],
+                              "" if config.nonfinite == "stop"
+                              else " (every step of the epoch was skipped)")
+      if train_metrics["skipped_steps"]:
+        logging.warning("epoch %d: %d of %d steps skipped (non-finite loss or "
+                        "gradient), first at step %d", epoch + 1,
+                        train_metrics["skipped_steps"], len(step_metrics), bad + 1)
+      train_time = time.time() - t0
+      valid_m = evaluate(runner, state, valid, eval_bs, num_items=data.num_items)
+      test_m = evaluate(runner, state, test, eval_bs, num_items=data.num_items)
+      if test_shuffled is not None:
+        test_m["ndcg_shuffled_scores"] = evaluate(
+            runner, state, test_shuffled, eval_bs, num_items=data.num_items)["ndcg"]
+      record = {"epoch": epoch + 1, "phase": phase, "train": train_metrics,
+                "valid": valid_m, "test": test_m,
+                "lists_per_s": (steps - first) * config.global_batch_size / train_time,
+                "epoch_s": time.time() - t0}
+      warning = guards.collapse_warning(valid_m)
+      if warning:
+        record["warnings"] = [warning]
+        logging.warning("epoch %d: %s", epoch + 1, warning)
+      history.append(record)
+      epoch_times.append(record["epoch_s"])
+      # The first epoch of a run (and of each new phase) includes compilation: once
+      # there are others, they predict the remaining epochs better.
+      typical = np.mean(epoch_times[1:] if len(epoch_times) > 1 else epoch_times)
+      eta = typical * (config.num_epochs - epoch - 1)
+      logging.info("epoch %d/%d [%s] %.0f lists/s ETA %.0fs | %s | valid %s | test %s",
+                   epoch + 1, config.num_epochs, phase, record["lists_per_s"], eta,
+                   _fmt(train_metrics, ("l_direct", "l_z", "l_adv", "l_x")),
+                   _fmt(valid_m, ("ndcg", "auc")), _fmt(test_m, ("ndcg", "auc")))
+      if metrics_path:
+        with open(metrics_path, "a") as f:
+          f.write(guards.dumps(record) + "\n")
+      if on_epoch:
+        on_epoch(record)
+      best_params.offer(record, lambda: runner.get_state(state).reranker.params)
+      saved = None
+      if ((epoch + 1) % config.checkpoint_every_epochs == 0
+          or epoch + 1 == config.num_epochs or stop.requested):
+        saved = save(epoch, {})
+        best_params.checkpointed()
+      if stop.requested:
+        raise interrupted(stop.requested, f"the end of epoch {epoch + 1}", saved)
+
+  best = max(history, key=lambda r: r["valid"][SELECT_METRIC] or -np.inf)
   retriever = evaluate_retriever(test, k=config.eval_k,
                                  map_normaliser=config.map_normaliser,
                                  num_items=data.num_items)

@@ -4,15 +4,30 @@ Binaries stay thin: flags in, ``experiment_from_flags()``, one library call, res
 Config flags apply to every run, except the fields a method's preset fixes (they
 define the table's row): ``--methods=c_score,dnr_g --lambda_m=0.6`` gives DNR an L_z
 weight of 0.6 and leaves c_score without L_z.
+
+Every binary starts with ``common.run_main(main)`` instead of ``app.run(main)``: a user
+error (any ``dnr_jax.errors.DNRError``: a bad flag or config, a data file, a
+checkpoint, the work directory; or a flag the parser rejects) is then printed as ONE
+line on stderr, ``ConfigError: --seeds=[0, 0] ...``, and the process exits with
+``EXIT_CODES`` of its kind (2 flags and configs, 3 data, 4 checkpoints, 5 diverged
+training, 75 interrupted by SIGTERM / SIGINT, 1 any other), without a traceback. ``DNR_TRACEBACK=1`` in the environment
+or ``--verbosity=1`` shows the traceback instead. Anything else that escapes is a bug
+and keeps its traceback. Check the work directory early with ``check_workdir``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
+import sys
+import tempfile
+from typing import Callable
 
-from absl import flags
+from absl import app, flags
 
 from dnr_jax import config as config_lib
+from dnr_jax import errors
 
 _D = config_lib.TrainConfig()
 
@@ -80,6 +95,14 @@ _CONFIG_FLAGS = (
      config_lib.COMPILERS),
     ("eval_k", "eval_k", "K of the @K metrics.", None),
     ("log_every_steps", "log_every_steps", "Log every N steps (0: never).", None),
+    ("nonfinite", "nonfinite",
+     "A step with a NaN/inf loss or gradient is never applied; stop: the run fails "
+     "(a FAILED row), skip: it goes on and counts the skipped steps.",
+     config_lib.NONFINITE),
+    ("resume", "resume",
+     "A --workdir run that has checkpoints: check: resume only with the same config; "
+     "force: resume with the new settings; never: set the old checkpoints aside and "
+     "start fresh.", config_lib.RESUME_MODES),
 )
 
 
@@ -178,6 +201,109 @@ def data_config_from_flags():
 FLAGS = flags.FLAGS
 
 
+def check_workdir(path: str | None, *, create: bool = True,
+                  flag: str = "--workdir") -> None:
+  """Fails at once, naming ``flag``, when outputs cannot be written under ``path``.
+
+  Runs before any data preparation or training, which can take hours. With
+  ``create=False`` (``--check_flags``) nothing is created: the nearest existing
+  folder must be a writable folder.
+  """
+  if path is None:
+    return
+  path = os.path.abspath(os.path.expanduser(path))
+  try:
+    if create:
+      os.makedirs(path, exist_ok=True)
+      with tempfile.TemporaryFile(dir=path):
+        pass                     # the only test that works for root and on NFS too
+      return
+    existing = path
+    while not os.path.exists(existing):
+      existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+      raise NotADirectoryError(f"{existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+      raise PermissionError(f"{existing} is not writable")
+  except OSError as e:
+    raise errors.ConfigError(f"{flag}={path}: cannot write there "
+                             f"({e.strerror or e})") from e
+
+
+# The exit status of each kind of user error (absl's flag errors: 2, as a usage error;
+# dnr_jax.data.csv_reader.DataError: 3).
+# An interrupted run (SIGTERM / SIGINT, checkpoint saved) exits with sysexits'
+# EX_TEMPFAIL, 75: "try again", which is what a rerun (resuming) does.
+EXIT_CODES = ((errors.ConfigError, 2), (errors.CheckpointError, 4),
+              (errors.TrainingDiverged, 5), (errors.Interrupted, 75),
+              (errors.DNRError, 1))
+
+
+def exit_code(error: BaseException) -> int:
+  """The exit status for a user error (``EXIT_CODES``)."""
+  # Not imported here: dnr_jax.data pulls in TFDS, which the synthetic binary skips;
+  # a DataError can only have been raised if its module was loaded.
+  csv_reader = sys.modules.get("dnr_jax.data.csv_reader")
+  if csv_reader is not None and isinstance(error, csv_reader.DataError):
+    return 3
+  return next((code for kind, code in EXIT_CODES if isinstance(error, kind)), 1)
+
+
+def show_traceback() -> bool:
+  """``DNR_TRACEBACK=1`` or ``--verbosity`` >= 1: user errors keep their traceback."""
+  env = os.environ.get("DNR_TRACEBACK", "").strip().lower()
+  return env not in ("", "0", "false", "no") or (
+      "verbosity" in FLAGS and FLAGS.is_parsed() and FLAGS.verbosity >= 1)
+
+
+def one_line(error: BaseException) -> str:
+  """``Kind: message`` on one line (a multi-line message is joined with "; ")."""
+  text = "; ".join(part.strip() for part in str(error).splitlines() if part.strip())
+  return f"{type(error).__name__}: {text}"
+
+
+def _fail(error: BaseException, code: int) -> None:
+  sys.stderr.flush()
+  sys.stderr.write(one_line(error) + "\n")
+  sys.stderr.flush()
+  sys.exit(code)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with its errors as one line (absl prints two)."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    if show_traceback():
+      raise
+    _fail(e, 2)
+
+
+def one_line_errors(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+  """``main`` with its user errors printed as one line and a non-zero exit status.
+
+  ``dnr_jax.errors.DNRError``, absl flag errors and ``app.UsageError`` are printed as
+  ``Kind: message`` and exit with ``exit_code`` (2 for the absl ones);
+  ``DNR_TRACEBACK=1`` or ``--verbosity=1`` re-raises them with their traceback.
+  Every other exception passes through unchanged: it is a bug.
+  """
+  @functools.wraps(main)
+  def guarded(argv):
+    traceback = show_traceback()   # before main: setup() resets the verbosity
+    try:
+      return main(argv)
+    except (errors.DNRError, flags.Error, app.UsageError) as e:
+      if traceback:
+        raise
+      _fail(e, exit_code(e) if isinstance(e, errors.DNRError) else 2)
+  return guarded
+
+
+def run_main(main: Callable[[list[str]], None]) -> None:
+  """``app.run(main)`` for every binary: flag errors and user errors in one line."""
+  app.run(one_line_errors(main), flags_parser=parse_flags)
+
+
 _CHATTY = ("/orbax/", "/tensorflow_datasets/")
 
 
@@ -222,12 +348,12 @@ def experiment_from_flags(base: config_lib.TrainConfig | None = None):
   try:
     seeds = tuple(int(s) for s in FLAGS.seeds)
   except ValueError as e:
-    raise ValueError(f"--seeds={','.join(FLAGS.seeds)} must be integers") from e
+    raise errors.ConfigError(f"--seeds={','.join(FLAGS.seeds)} must be integers") from e
   sweeps = []
   for spec in FLAGS.sweep:
     field, eq, values = spec.partition("=")
     if not eq or not field or not values:
-      raise ValueError(f"--sweep={spec!r} must be FIELD=V1,V2,...")
+      raise errors.ConfigError(f"--sweep={spec!r} must be FIELD=V1,V2,...")
     sweeps.append((field, tuple(v for v in values.split(",") if v)))
   exp = experiment.ExperimentConfig(
       base=base or config_lib.TrainConfig(),
@@ -257,19 +383,22 @@ def print_checked(exp, data_config=None) -> None:
 def main(argv) -> None:
   """The data binaries' body: flags -> DataConfig + experiment -> lists -> results."""
   import jax  # pylint: disable=g-import-not-at-top
-  from absl import app, logging  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
   from dnr_jax import experiment  # pylint: disable=g-import-not-at-top
   from dnr_jax.data import prepare  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   setup()
-  # Every flag is checked before any data work starts.
+  # Every flag, and where the outputs go, is checked before any data work starts.
   exp = experiment_from_flags()
   data_config = data_config_from_flags()
   for method in exp.methods:
     config_lib.validate(experiment.run_config(exp, method, exp.backbones[0],
                                               exp.seeds[0], vocab=False),
                         list_size=data_config.lists.list_size, vocab=False)
+  check_workdir(FLAGS.workdir, create=not FLAGS.check_flags)
+  check_workdir(prepare.data_dir(data_config), create=not FLAGS.check_flags,
+                flag="--data_dir")
   if FLAGS.check_flags:
     print_checked(exp, data_config)
     return

@@ -10,7 +10,7 @@ checkpoints and plots per run. ``--variant=sample`` (the default) generates a sm
 KuaiRand-Pure-schema data set: NOT the real data, and the log and table say so.
 """
 
-from absl import app, flags
+from absl import flags
 
 from dnr_jax.data import kuairand
 from experiments import common
@@ -19,4 +19,4 @@ common.define_data_flags("kuairand", kuairand.CONFIGS, "sample")
 flags.mark_flag_as_required("workdir")
 
 if __name__ == "__main__":
-  app.run(common.main)
+  common.run_main(common.main)

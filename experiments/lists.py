@@ -15,7 +15,6 @@ call per stage (``prepare_own_lists``, ``run_experiment``), results out as in
 
 import dataclasses
 import os
-import sys
 
 from absl import app, flags, logging
 
@@ -82,6 +81,7 @@ def run(argv) -> None:
     config_lib.validate(experiment.run_config(exp, method, exp.backbones[0],
                                               exp.seeds[0], vocab=False),
                         list_size=data_config.list_size, vocab=False)
+  common.check_workdir(FLAGS.workdir, create=not FLAGS.check_flags)
   if FLAGS.check_flags:
     common.print_checked(exp, data_config)
     return
@@ -116,12 +116,8 @@ def run(argv) -> None:
 
 
 def main(argv) -> None:
-  try:
-    run(argv)
-  except errors.DNRError as e:   # a user's mistake: one line, no traceback
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  run(argv)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_main(main)   # a user's mistake: one line, no traceback

@@ -8,7 +8,7 @@ retriever's top n, labelled by the user's next W positive ratings. Outputs as in
 ``experiments.kuairand``.
 """
 
-from absl import app, flags
+from absl import flags
 
 from dnr_jax.data import movielens
 from experiments import common
@@ -17,4 +17,4 @@ common.define_data_flags("movielens", movielens.CONFIGS, "1m")
 flags.mark_flag_as_required("workdir")
 
 if __name__ == "__main__":
-  app.run(common.main)
+  common.run_main(common.main)

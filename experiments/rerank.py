@@ -11,14 +11,15 @@ flag is repeated. The lists file is in the own-lists format, labels optional; th
 output is Parquet (``dnr_jax/reranking.py`` lists its columns), written atomically.
 With labels, the training table (reranker vs the upstream order) is printed and
 written beside the output (``<output>.metrics.md`` / ``.csv``). ``--export=DIR``
-writes the ``jax.export`` artifact (``--lists`` may then be left out).
+writes the ``jax.export`` artifact (``--lists`` may then be left out). The training
+flags of ``experiments.common`` are defined here too but unused: the model comes
+from the checkpoint. Bad inputs stop with one line (``common.run_main``).
 """
-
-import sys
 
 from absl import app, flags, logging
 
 from dnr_jax import errors
+from experiments import common
 
 flags.DEFINE_string("checkpoint", None, "A run directory, bundle or one-run workdir.")
 flags.DEFINE_string("lists", None, "The lists to rerank (own-lists format, Parquet or "
@@ -30,8 +31,6 @@ flags.DEFINE_integer("top_k", 0, "Keep each list's top K of the new order (0: al
 flags.DEFINE_integer("chunk_rows", 0, "Rows read at once (0: the run's data config).")
 flags.DEFINE_integer("batch_size", 0, "Lists per device step (0: the run's eval batch).")
 flags.DEFINE_string("export", None, "Also write the jax.export artifact to this folder.")
-flags.DEFINE_string("compilation_cache", "~/.cache/dnr_jax/xla",
-                    "JAX's persistent compilation cache ('' turns it off).")
 flags.mark_flag_as_required("checkpoint")
 FLAGS = flags.FLAGS
 
@@ -81,13 +80,5 @@ def run(argv) -> None:
                                   f"{FLAGS.output}.metrics.csv", title))
 
 
-def main(argv) -> None:
-  try:
-    run(argv)
-  except errors.DNRError as e:   # a user's mistake: one line, no traceback
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-
-
 if __name__ == "__main__":
-  app.run(main)
+  common.run_main(run)   # a user's mistake: one line, no traceback

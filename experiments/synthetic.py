@@ -42,6 +42,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   common.setup()
   exp = common.experiment_from_flags(BASE)
+  common.check_workdir(FLAGS.workdir, create=not FLAGS.check_flags)
   if FLAGS.check_flags:
     common.print_checked(exp)
     return
@@ -58,4 +59,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_main(main)

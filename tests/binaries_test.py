@@ -38,8 +38,8 @@ def test_synthetic_binary_end_to_end(tmp_path):
 ])
 def test_bad_flags_fail_at_once(tmp_path, flag, message):
   proc = _run("experiments.synthetic", f"--workdir={tmp_path}", flag, timeout=120)
-  assert proc.returncode != 0
-  assert message in proc.stderr
+  assert proc.returncode == 2                         # a user error: one line
+  assert message in proc.stderr.splitlines()[-1] and "Traceback" not in proc.stderr
   assert not (tmp_path / "runs").exists()   # failed before any training
 
 
@@ -85,8 +85,8 @@ def test_data_binaries_reject_bad_flags_before_any_work(tmp_path, module, flag,
                                                         message):
   proc = _run(module, f"--workdir={tmp_path / 'out'}", f"--data_dir={tmp_path / 'd'}",
               flag, timeout=120)
-  assert proc.returncode != 0
-  assert message in proc.stderr
+  assert proc.returncode == 2                         # a user error: one line
+  assert message in proc.stderr.splitlines()[-1] and "Traceback" not in proc.stderr
   assert not (tmp_path / "d").exists()       # failed before preparing any data
 
 

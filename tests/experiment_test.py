@@ -57,7 +57,7 @@ def test_bad_experiment_fails_before_any_run():
   with pytest.raises(ValueError, match="'lambda_x' is not FIELD=VALUE"):
     experiment.validate(experiment.ExperimentConfig(
         base=base, methods=("dnr_g+lambda_x",)))
-  with pytest.raises(ValueError, match="name a row twice"):
+  with pytest.raises(ValueError, match=r"methods \[.dnr_g., .dnr_g.\] repeat"):
     experiment.validate(experiment.ExperimentConfig(
         base=base, methods=("dnr_g", "dnr_g")))
 

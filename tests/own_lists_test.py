@@ -187,6 +187,17 @@ def test_vocabulary_maps_ids_as_text():
   assert vocab.num_items == 4 and vocab.lookup_users(pa.array(["a"]))[0].tolist() == [1]
 
 
+def test_vocabulary_lookup_paths_agree():
+  # A batch much smaller than the vocabulary takes the dict path, a large one the
+  # vectorised path: the same ids and counts either way.
+  vocab = own_lists.Vocabulary.fit({"item": [[f"i{k}" for k in range(40)]]})
+  small = vocab.lookup_items(["i7", "x", None])
+  large = vocab.lookup_items(["i7", "x", None] * 10)
+  assert small[0].tolist() == large[0].tolist()[:3] == [vocab.columns["item"].index(
+      "i7") + 1, 0, 0]
+  assert (small[1], large[1]) == (1, 10)
+
+
 _BAD = [
     ("drop", "score", r"missing column\(s\) \['score'\]"),
     ("set", ("label", 4, 2), r"line 6, column 'label': value 2 is not 0 or 1"),
@@ -335,6 +346,6 @@ def test_lists_binary_bad_file_is_one_line(tmp_path):
   bad.write_text("list_id,user_id,item_id,score,label\n1,u,a,0.5,1\n1,u,b,0.2,3\n")
   proc = _run(f"--lists={bad}", f"--workdir={tmp_path / 'out'}",
               f"--data_dir={tmp_path / 'data'}", timeout=120)
-  assert proc.returncode == 1
+  assert proc.returncode == 3                 # a data error (experiments.common)
   assert proc.stderr.strip().splitlines()[-1] == (
-      f"error: {bad}: line 3, column 'label': value 3 is not 0 or 1")
+      f"DataError: {bad}: line 3, column 'label': value 3 is not 0 or 1")

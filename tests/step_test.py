@@ -152,3 +152,23 @@ def test_batch_not_divisible_by_devices_fails_clearly():
   runner = step_lib.Runner(cfg, tuple(jax.devices()[:8]))
   with pytest.raises(ValueError, match="12 lists is not divisible by the 8 devices"):
     runner.put_batch(_arrays(12))
+
+
+def test_a_non_finite_step_is_not_applied_but_counted():
+  cfg = _config("dnr_g", compile="shard_map")
+  runner = step_lib.Runner(cfg, tuple(jax.devices()[:1]))
+  state = runner.put_state(_state(cfg))
+  poisoned = _arrays()
+  poisoned["scores"] = poisoned["scores"].copy()
+  poisoned["scores"][3] = np.nan
+  before = runner.get_state(state)
+  state, m = runner.train(state, poisoned, "model")
+  after = runner.get_state(state)
+  assert float(m["nonfinite"]) == 1.0 and not np.isfinite(float(m["l_theta"]))
+  chex.assert_trees_all_equal((before.reranker, before.generator),
+                              (after.reranker, after.generator))
+  assert int(after.step) == int(before.step) + 1   # the randomness moves on
+  state, m = runner.train(state, _arrays(), "model")
+  assert float(m["nonfinite"]) == 0.0
+  assert _nonzero(jax.tree.map(lambda a, b: a - b, runner.get_state(state).reranker.params,
+                               after.reranker.params))

@@ -159,7 +159,8 @@ def iter_chunks(path: str, columns: Sequence[Column], spec: FileSpec = FileSpec(
 
   Raises:
     DataError: the file is missing, lacks a column, or a line is malformed, has a
-      missing, NaN or out-of-range value (message: file, line, column, problem).
+      missing, NaN or out-of-range value, or is a last line without a line end (a
+      cut-off file) (message: file, line, column, problem).
   """
   if not os.path.isfile(path):
     raise DataError(f"{path}: no such file")
@@ -197,6 +198,14 @@ def iter_chunks(path: str, columns: Sequence[Column], spec: FileSpec = FileSpec(
         if not block:
           break
         continue
+      if not block and not data.endswith(b"\n"):
+        # Every line of a complete file ends with a line end; a last line without
+        # one is where a copy or download stopped, and it may still parse (MovieLens
+        # "60::14::2::9" for "60::14::2::978300760": a rating from 1970).
+        last = data.decode(spec.encoding, errors="replace")
+        raise DataError(f"{path}: line {line}: the last line has no line end "
+                        f"({last[:80]!r}): the file looks cut off; fetch it again (or, "
+                        "if it is complete, end it with a newline)")
       done += len(data)
       try:
         table = pa_csv.read_csv(io.BytesIO(_decode(data, spec)), read_options=read_opts,

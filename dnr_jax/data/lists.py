@@ -42,6 +42,8 @@ from absl import logging
 
 from dnr_jax.data import retriever as retriever_lib
 from dnr_jax.data import types
+from dnr_jax.data.csv_reader import DataError
+from dnr_jax.errors import ConfigError
 
 PROTOCOLS = ("exposure", "retrieval", "paper")
 
@@ -61,23 +63,23 @@ class ListConfig:
 
   def validate(self) -> None:
     if self.protocol not in PROTOCOLS:
-      raise ValueError(f"lists.protocol={self.protocol!r} is not one of {PROTOCOLS}")
+      raise ConfigError(f"lists.protocol={self.protocol!r} is not one of {PROTOCOLS}")
     for name in ("list_size", "history_size", "window"):
       if getattr(self, name) < 1:
-        raise ValueError(f"lists.{name}={getattr(self, name)} must be >= 1")
+        raise ConfigError(f"lists.{name}={getattr(self, name)} must be >= 1")
     if not 1 <= self.min_list_size <= self.list_size:
-      raise ValueError(f"lists.min_list_size={self.min_list_size} must be in 1.."
-                       f"{self.list_size} (lists.list_size)")
+      raise ConfigError(f"lists.min_list_size={self.min_list_size} must be in 1.."
+                        f"{self.list_size} (lists.list_size)")
     if self.protocol == "paper" and self.window >= self.list_size:
-      raise ValueError(f"lists.window={self.window} must be < lists.list_size="
-                       f"{self.list_size} for the paper protocol")
+      raise ConfigError(f"lists.window={self.window} must be < lists.list_size="
+                        f"{self.list_size} for the paper protocol")
     if not 0 < self.retriever_fraction < 1:
-      raise ValueError(f"lists.retriever_fraction={self.retriever_fraction} must be "
-                       "in (0, 1)")
+      raise ConfigError(f"lists.retriever_fraction={self.retriever_fraction} must be "
+                        "in (0, 1)")
     if self.valid_fraction <= 0 or self.test_fraction <= 0 or \
         self.valid_fraction + self.test_fraction >= 1:
-      raise ValueError(f"lists.valid_fraction={self.valid_fraction} and "
-                       f"test_fraction={self.test_fraction} must be > 0 and sum < 1")
+      raise ConfigError(f"lists.valid_fraction={self.valid_fraction} and "
+                        f"test_fraction={self.test_fraction} must be > 0 and sum < 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,12 +131,14 @@ class TimeHistogram:
 def retriever_end(hist: TimeHistogram, config: ListConfig) -> int:
   """The time before which ``config.retriever_fraction`` of the rows lie."""
   if hist.total == 0:
-    raise ValueError("the log is empty: no time to split")
+    raise DataError("the log is empty: no time to split")
   return hist.edge(config.retriever_fraction * hist.total)
 
 
 def retriever_end_of(times: np.ndarray, config: ListConfig) -> int:
   """``retriever_end`` of an in-memory array of times (the same bins as a stream)."""
+  if not len(times):
+    raise DataError("the log is empty: no time to split")
   hist = TimeHistogram(times.min(), times.max())
   hist.add(times)
   return retriever_end(hist, config)
@@ -152,7 +156,7 @@ def time_splits(end: int, start_times: np.ndarray, config: ListConfig) -> TimeSp
   n_test = max(1, int(round(n * config.test_fraction)))
   n_valid = max(1, int(round(n * config.valid_fraction)))
   if n < n_test + n_valid + 1:
-    raise ValueError(f"only {n} lists: too few for a train, a valid and a test split")
+    raise DataError(f"only {n} lists: too few for a train, a valid and a test split")
   return TimeSplits(int(end), int(t[n - n_test - n_valid]), int(t[n - n_test]))
 
 
@@ -410,9 +414,9 @@ def check_report(report: dict[str, Any], name: str, protocol: str) -> None:
   """Fails when a split has no list; warns when the raw scores look uninformative."""
   for split in SPLITS:
     if report[split]["lists"] == 0:
-      raise ValueError(f"{name}: no {protocol} list starts in the {split} period; the "
-                       "log is too small or too short for lists.valid_fraction / "
-                       "test_fraction / retriever_fraction")
+      raise DataError(f"{name}: no {protocol} list starts in the {split} period; the "
+                      "log is too small or too short for lists.valid_fraction / "
+                      "test_fraction / retriever_fraction")
     auc = report[split]["raw_score_auc"]
     if protocol != "paper" and auc <= 0.5:
       logging.warning("%s: the raw retriever score has AUC %.3f <= 0.5 on %s lists: "
@@ -438,7 +442,7 @@ def build_lists(log: types.Interactions, params: retriever_lib.MFParams,
   end = retriever_end_of(log.time, config) if end is None else end
   built, dropped = build_shard(log, params, config, end)
   if not len(built["user"]):
-    raise ValueError(f"no {config.protocol} list could be built from {log.name!r}")
+    raise DataError(f"no {config.protocol} list could be built from {log.name!r}")
   splits = time_splits(end, built["start_time"], config)
   out = assign(built, splits)
   stats = ListStats(short_lists_dropped=dropped,

@@ -75,6 +75,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -86,6 +87,7 @@ from absl import logging
 
 from dnr_jax.batch import FIELDS
 from dnr_jax.data.csv_reader import DataError
+from dnr_jax.errors import ConfigError
 
 FORMAT_VERSION = "1.0"
 REQUIRED = ("list_id", "user_id", "item_id", "score")
@@ -132,7 +134,6 @@ class OwnListsConfig:
   name: str = ""
 
   def validate(self) -> None:
-    from dnr_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
     for field in ("list_size", "history_size", "chunk_rows"):
       if getattr(self, field) < 1:
         raise ConfigError(f"own_lists.{field}={getattr(self, field)} must be >= 1")
@@ -321,6 +322,7 @@ class Vocabulary:
     for c in ("user", "item") + self.user_features + self.item_features:
       self.columns.setdefault(c, [])
     self._index: dict[str, dict[str, int]] = {}
+    self._arrays: dict[str, pa.Array] = {}
 
   @classmethod
   def fit(cls, values: Mapping[str, Iterable[Any]], user_features: Sequence[str] = (),
@@ -362,13 +364,22 @@ class Vocabulary:
     map to 0 and are counted; missing values (null, "") map to 0 uncounted."""
     if column not in self.columns:
       raise KeyError(f"no vocabulary column {column!r}; have {sorted(self.columns)}")
-    index = self._index.get(column)
-    if index is None:
-      index = self._index[column] = {v: i + 1 for i, v in
-                                     enumerate(self.columns[column])}
     arr = _text(_to_arrow(raw))
     if len(arr) == 0:
       return np.zeros((0,), np.int32), 0
+    values = self.columns[column]
+    if len(values) <= 4 * len(arr):
+      # Vectorised: pyarrow hashes the vocabulary per call, cheap while it is not
+      # much larger than the batch; a large catalogue goes through the dict below.
+      if column not in self._arrays:
+        self._arrays[column] = pa.array(values, pa.string())
+      pos = pc.index_in(arr, value_set=self._arrays[column])
+      ids = pos.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32) + 1
+      present = pc.and_(pc.is_valid(arr), pc.not_equal(arr, "")).fill_null(False)
+      return ids, int(((ids == 0) & present.to_numpy(zero_copy_only=False)).sum())
+    index = self._index.get(column)
+    if index is None:
+      index = self._index[column] = {v: i + 1 for i, v in enumerate(values)}
     enc = pc.dictionary_encode(arr)
     table = np.array([index.get(v, 0) for v in enc.dictionary.to_pylist()] + [0],
                      np.int32)
@@ -441,7 +452,13 @@ def fit_vocabulary(config: OwnListsConfig) -> Vocabulary:
     if c not in names:
       raise DataError(f"{path}: missing column {c!r}; the header has {names}")
   values: dict[str, list[pa.Array]] = {c: [] for c in ("user", "item", *ufeat, *ifeat)}
+  t0, last, rows = time.time(), time.time(), 0
   for table in src.batches():
+    rows += table.num_rows
+    if time.time() - last > 5:
+      last = time.time()
+      logging.info("vocabulary: %d rows of %s read (%.0f rows/s)", rows, path,
+                   rows / (last - t0))
     values["user"].append(pc.unique(_text(table.column("user_id"))))
     values["item"].append(pc.unique(_text(table.column("item_id"))))
     if "history" in table.column_names and config.interactions is None:
@@ -519,9 +536,9 @@ class InteractionHistory:
       row0 += n
     user = np.concatenate(parts["user"]) if parts["user"] else np.zeros(0, np.int64)
     item = np.concatenate(parts["item"]) if parts["item"] else np.zeros(0, np.int32)
-    time = np.concatenate(parts["time"]) if parts["time"] else np.zeros(0)
-    distinct = np.unique(time)
-    key = user * (len(distinct) + 1) + np.searchsorted(distinct, time)
+    when = np.concatenate(parts["time"]) if parts["time"] else np.zeros(0)
+    distinct = np.unique(when)
+    key = user * (len(distinct) + 1) + np.searchsorted(distinct, when)
     order = np.argsort(key, kind="stable")     # stable: ties keep file order
     logging.info("interactions %s: %d used for histories (%d negatives skipped, %d "
                  "unknown items)", path, stats["interactions"],
@@ -843,6 +860,7 @@ def read_lists(path: str, *, vocab: Vocabulary, config: OwnListsConfig,
     config: list size, history size, score transform, feature prefixes, chunk size.
     history: the interactions the histories come from (``InteractionHistory.load``);
       ``None``: the file's ``history`` column if any, else empty histories.
+      ``config.interactions`` is not read here: load it and pass it.
     require_labels: raise ``DataError`` when the file has no ``label`` column.
 
   Yields:

@@ -18,7 +18,11 @@ and lists wait on disk, in a temporary directory beside the cache, until written
 The result is cached as a versioned TFDS data set, ``dnr_lists``, whose config name is
 a hash of everything that shapes the lists (the data config, ``LISTS_VERSION`` and the
 raw data set's version), so a second run with the same config starts at once and any
-change gives a new data set. The preparation report (counts, cuts, retriever AUC,
+change gives a new data set. The sizes and modification times of the source files
+are recorded with it: when a source file changes, the lists (and the raw data set)
+are prepared again (``integrity``). Preparation holds a lock on the data set's
+folder, where it spills (``incomplete.spill``) and where the leftovers of killed
+preparations are deleted. The preparation report (counts, cuts, retriever AUC,
 raw-score AUC per split) is kept in the data set's metadata and logged.
 """
 
@@ -28,7 +32,7 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
+import shutil
 import time
 from typing import Any, Iterator
 
@@ -37,9 +41,11 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from dnr_jax.batch import FIELDS
-from dnr_jax.data import kuairand, lists, movielens, raw, samples, types
+from dnr_jax.data import integrity, kuairand, lists, movielens, raw, samples, types
 from dnr_jax.data import retriever as retriever_lib
 from dnr_jax.data import stream as stream_lib
+from dnr_jax.data.csv_reader import DataError
+from dnr_jax.errors import ConfigError
 
 # Bump when list construction changes: cached lists of older code are then rebuilt.
 LISTS_VERSION = "2.1.0"   # 2.x: time cuts, streamed preparation; 2.1: 2^16 time bins
@@ -84,21 +90,21 @@ class DataConfig:
 
   def validate(self) -> None:
     if self.dataset not in DATASETS:
-      raise ValueError(f"data.dataset={self.dataset!r} is not one of {list(DATASETS)}")
+      raise ConfigError(f"data.dataset={self.dataset!r} is not one of {list(DATASETS)}")
     if self.variant not in DATASETS[self.dataset]:
-      raise ValueError(f"data.variant={self.variant!r} is not one of "
-                       f"{DATASETS[self.dataset]} for {self.dataset}")
+      raise ConfigError(f"data.variant={self.variant!r} is not one of "
+                        f"{DATASETS[self.dataset]} for {self.dataset}")
     if self.dataset == "kuairand" and self.label not in kuairand.LABELS:
-      raise ValueError(f"data.label={self.label!r} is not one of {kuairand.LABELS}")
+      raise ConfigError(f"data.label={self.label!r} is not one of {kuairand.LABELS}")
     if self.dataset == "movielens" and self.label != DataConfig.label:
-      raise ValueError(f"data.label={self.label!r} is KuaiRand's; MovieLens labels come "
-                       "from data.rating_threshold")
+      raise ConfigError(f"data.label={self.label!r} is KuaiRand's; MovieLens labels come "
+                        "from data.rating_threshold")
     if not 1 <= self.rating_threshold <= 5:
-      raise ValueError(f"data.rating_threshold={self.rating_threshold} must be in 1..5")
+      raise ConfigError(f"data.rating_threshold={self.rating_threshold} must be in 1..5")
     if self.k_core < 1:
-      raise ValueError(f"data.k_core={self.k_core} must be >= 1")
+      raise ConfigError(f"data.k_core={self.k_core} must be >= 1")
     if self.shard_rows < 1:
-      raise ValueError(f"data.shard_rows={self.shard_rows} must be >= 1")
+      raise ConfigError(f"data.shard_rows={self.shard_rows} must be >= 1")
     self.lists.validate()
     self.retriever.validate()
 
@@ -118,7 +124,8 @@ def default_config(dataset: str = "kuairand", variant: str = "sample",
   return dataclasses.replace(base, **overrides)
 
 
-def _data_dir(config: DataConfig) -> str:
+def data_dir(config: DataConfig) -> str:
+  """Where ``config``'s prepared data sets go."""
   return os.path.expanduser(config.data_dir or raw.default_data_dir())
 
 
@@ -140,17 +147,17 @@ def cache_key(config: DataConfig) -> str:
 
 def raw_builder(config: DataConfig) -> raw.RawBuilder:
   """The raw data set's builder (for the sample: generated on first use)."""
-  data_dir = _data_dir(config)
+  root = data_dir(config)
   source = config.source_dir or os.path.join(
-      data_dir, "manual", f"{config.dataset}-{config.variant}")
-  builder_dir = data_dir
+      root, "manual", f"{config.dataset}-{config.variant}")
+  builder_dir = root
   if config.is_sample:
     # Each sample size is its own data set, so a changed SampleConfig is never served
     # from an older sample's cache.
     key = _digest(dataclasses.asdict(config.sample))
     source = config.source_dir or os.path.join(
-        data_dir, "manual", f"{config.dataset}-sample-{key}")
-    builder_dir = os.path.join(data_dir, "samples", key)
+        root, "manual", f"{config.dataset}-sample-{key}")
+    builder_dir = os.path.join(root, "samples", key)
     if not raw.find_files(source, [raw.NOT_REAL_MARKER]):
       schema = "KuaiRand-Pure" if config.dataset == "kuairand" else "MovieLens-1M"
       logging.warning("generating the %s-schema sample in %s (NOT the real data)",
@@ -250,7 +257,7 @@ def build(config: DataConfig, spill_dir: str) -> Built:
                  (time.time() - t_lists) * (1 - done) / done)
   name = f"{stream.name} ({config.lists.protocol} lists)"
   if not start_times:
-    raise ValueError(f"{name}: no list could be built")
+    raise DataError(f"{name}: no list could be built")
   splits = lists.time_splits(end, np.concatenate(start_times), config.lists)
   files: dict[str, list[str]] = {s: [] for s in lists.SPLITS}
   for shard, path in shard_files:   # each shard's lists, split by the global cuts
@@ -300,7 +307,7 @@ class DnrLists(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def __init__(self, *, data_config: DataConfig, **kwargs):
     name = f"{data_config.dataset}-{data_config.variant}-{cache_key(data_config)}"
-    kwargs.setdefault("data_dir", _data_dir(data_config))
+    kwargs.setdefault("data_dir", data_dir(data_config))
     kwargs.setdefault("file_format", "array_record")
     super().__init__(config=ListsConfig(name=name, data=data_config,
                                         description="dnr_jax reranking lists"), **kwargs)
@@ -326,8 +333,11 @@ class DnrLists(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     del dl_manager
     if self.spill_dir is None:
       raise RuntimeError("DnrLists.spill_dir is not set; use prepare_lists()")
+    # Before the build: a file that changes while it is read is then seen as changed.
+    sources = raw_builder(self.builder_config.data).source_fingerprint()
     built = build(self.builder_config.data, self.spill_dir)
     self.info.metadata.update(built.meta)
+    self.info.metadata["source_fingerprint"] = sources
     self.info.metadata["data_config"] = json.loads(json.dumps(dataclasses.asdict(
         self.builder_config.data), default=str))
     return {name: self._generate_examples(files) for name, files in built.files.items()}
@@ -347,16 +357,29 @@ def prepare_lists(config: DataConfig) -> types.PreparedLists:
   """The lists of ``config``: from the cache, or built and cached (see module doc)."""
   config.validate()
   builder = DnrLists(data_config=config)
-  if builder.is_prepared():
-    logging.info("reusing the cached lists %s", builder.data_dir)
-  else:
-    logging.info("preparing lists %s (cached for later runs)", builder.data_dir)
-    os.makedirs(_data_dir(config), exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="dnr_lists_spill_",
-                                     dir=_data_dir(config)) as spill:
-      builder.spill_dir = spill
-      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-          try_download_gcs=False))
+  folder = os.path.dirname(builder.data_dir)
+  with integrity.preparing(folder, f"lists {builder.builder_config.name}"):
+    if builder.is_prepared():
+      changed = integrity.changes(builder.info.metadata.get("source_fingerprint"),
+                                  raw_builder(config).source_fingerprint())
+      if changed:
+        logging.warning("the source files of the cached lists %s changed (%s); "
+                        "preparing them again", builder.data_dir, "; ".join(changed))
+        shutil.rmtree(builder.data_dir)
+        builder = DnrLists(data_config=config)
+    if builder.is_prepared():
+      logging.info("reusing the cached lists %s", builder.data_dir)
+    else:
+      logging.info("preparing lists %s (cached for later runs)", builder.data_dir)
+      # Inside the locked folder: a killed run's spill is deleted by the next one.
+      spill = os.path.join(folder, integrity.INCOMPLETE_PREFIX + "spill")
+      os.makedirs(spill)
+      try:
+        builder.spill_dir = spill
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            try_download_gcs=False))
+      finally:
+        shutil.rmtree(spill, ignore_errors=True)
   meta = builder.info.metadata
   splits = {}
   for name in lists.SPLITS:

@@ -16,6 +16,8 @@ import numpy as np
 from absl import logging
 
 from dnr_jax.data import types
+from dnr_jax.data.csv_reader import DataError
+from dnr_jax.errors import ConfigError
 
 
 def _compact(ids: np.ndarray, keep: np.ndarray) -> np.ndarray:
@@ -50,7 +52,7 @@ def k_core_ids(count: CountFn, k: int, name: str = "log", max_rounds: int = 100
     ValueError: for ``k < 1``, or when nothing survives the filter.
   """
   if k < 1:
-    raise ValueError(f"k_core k={k} must be >= 1")
+    raise ConfigError(f"k_core k={k} must be >= 1")
   keep_u = keep_i = None
   for rnd in range(max_rounds):
     cu, ci = count(keep_u, keep_i)
@@ -67,8 +69,8 @@ def k_core_ids(count: CountFn, k: int, name: str = "log", max_rounds: int = 100
   else:
     raise ValueError(f"the {k}-core of {name} did not converge in {max_rounds} passes")
   if not keep_u.any():
-    raise ValueError(f"no interaction survives the {k}-core filter of {name!r}; lower "
-                     "the threshold")
+    raise DataError(f"no interaction survives the {k}-core filter of {name!r}; lower "
+                    "the threshold")
   return keep_u, keep_i
 
 

@@ -18,7 +18,13 @@ What the builder guarantees:
 * categorical string columns become int32 codes (1.., 0 = padding) whose vocabularies
   go to the data set's metadata;
 * TFDS writes into an ``incomplete.*`` directory renamed only at the end, so an
-  interrupted preparation never looks complete; the next run starts again;
+  interrupted preparation never looks complete; the next run starts again and
+  deletes what the killed one left (``integrity.preparing``);
+* the sizes and modification times of the source files are recorded; when one
+  changes, the next run prepares the data set again (``integrity``);
+* an empty file, or one whose last line has no line end (a cut-off copy whose last
+  line may still parse, e.g. ``60::14::2::9`` for ``60::14::2::978300760``), is a
+  ``DataError`` naming the file;
 * generated samples and fixtures carry a marker file (``NOT_REAL_DATA``); the builder
   records ``is_real=False`` and every log line about them says so.
 """
@@ -39,6 +45,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from dnr_jax.data import csv_reader
+from dnr_jax.data import integrity
 from dnr_jax.data.csv_reader import Column, DataError, FileSpec
 
 RECORD_ROWS = 1 << 16
@@ -175,6 +182,25 @@ class RawBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self.source_dir = os.path.expanduser(source_dir) if source_dir else None
     self.download = download
     self.chunk_bytes = chunk_bytes
+    self._init_kwargs = dict(kwargs, source_dir=source_dir, download=download,
+                             chunk_bytes=chunk_bytes)
+
+  def fresh(self) -> "RawBuilder":
+    """A new builder of the same data set (after its prepared copy was deleted)."""
+    return type(self)(**self._init_kwargs)
+
+  def source_files(self) -> dict[str, str]:
+    """The source files in ``source_dir`` now: the needed files found there, and the
+    official archive when some are not (what ``source_fingerprint`` covers)."""
+    cfg = self.builder_config
+    names = sorted({f for t in cfg.tables for f in t.files})
+    found = find_files(self.source_dir, names)
+    if len(found) < len(names) and cfg.archive:
+      found.update(find_files(self.source_dir, [cfg.archive]))
+    return found
+
+  def source_fingerprint(self) -> dict[str, list[int]]:
+    return integrity.fingerprint(self.source_files())
 
   # -- TFDS -----------------------------------------------------------------------------
   def _info(self) -> tfds.core.DatasetInfo:
@@ -212,9 +238,8 @@ class RawBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       fetch = (f"put the archive {cfg.archive} (from {cfg.homepage}) or its extracted "
                f"files into {where}, or set download=True (--download)"
                if cfg.archive else f"put them into {where}")
-      raise DataError(
-          f"{self.name}/{cfg.name}: missing source file(s):\n" +
-          "".join(f"  {n}\n" for n in missing) + f"To fix: {fetch}.")
+      raise DataError(f"{self.name}/{cfg.name}: missing source file(s) "
+                      f"{', '.join(missing)}; to fix: {fetch}")
     is_real = not any(
         os.path.exists(os.path.join(os.path.dirname(p), NOT_REAL_MARKER))
         for p in found.values())
@@ -224,6 +249,7 @@ class RawBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     paths, is_real = self._locate(dl_manager)
     self.info.metadata["is_real"] = is_real
     self.info.metadata["source_files"] = {n: os.path.getsize(p) for n, p in paths.items()}
+    self.info.metadata["source_fingerprint"] = self.source_fingerprint()
     if not is_real:
       logging.warning("%s/%s: preparing a GENERATED sample (%s marker found), NOT the "
                       "real data", self.name, self.builder_config.name, NOT_REAL_MARKER)
@@ -241,6 +267,7 @@ class RawBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     wanted = [c for c in table.columns if c.name not in table.categorical] + [
         Column(c, kind="str", dtype="object", nullable=True) for c in table.categorical]
     for fi, name in enumerate(table.files):
+      rows_before = rows
       for ci, (chunk, done, _) in enumerate(csv_reader.iter_chunks(
           paths[name], wanted, table.spec, self.chunk_bytes)):
         for c in table.categorical:
@@ -260,6 +287,9 @@ class RawBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           logging.info("%s/%s %s: %s %5.1f%% of %.1f MB, %d rows, %.0f rows/s, ETA %.0fs",
                        self.name, cfg.name, table.name, name, 100 * frac,
                        total_bytes / 1e6, rows, speed, eta)
+      if rows == rows_before:   # TFDS would fail on the empty split, naming no file
+        raise DataError(f"{paths[name]}: no data rows: the file is empty"
+                        + (" but for its header" if table.spec.header else ""))
       done_before += os.path.getsize(paths[name])
     self.info.metadata[f"{table.name}_rows"] = rows
     self.info.metadata[f"{table.name}_vocab"] = {
@@ -288,9 +318,23 @@ def feature_table(table: dict[str, np.ndarray], id_col: str, raw_ids: np.ndarray
 
 
 def prepare(builder: RawBuilder) -> RawBuilder:
-  """Prepares ``builder`` once (a complete earlier preparation is reused)."""
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      try_download_gcs=False))
+  """Prepares ``builder`` once; a complete earlier preparation is reused unless a
+  source file changed since (``integrity``: then it is prepared again).
+
+  Returns the prepared builder (a new one when the data set was prepared again).
+  """
+  what = f"{builder.name}/{builder.builder_config.name}"
+  with integrity.preparing(os.path.dirname(builder.data_dir), what):
+    if builder.is_prepared():
+      changed = integrity.changes(builder.info.metadata.get("source_fingerprint"),
+                                  builder.source_fingerprint())
+      if changed:
+        logging.warning("%s: the source files changed since it was prepared (%s); "
+                        "preparing it again", what, "; ".join(changed))
+        shutil.rmtree(builder.data_dir)
+        builder = builder.fresh()
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        try_download_gcs=False))
   if not builder.info.metadata.get("is_real", True):
     logging.warning("%s/%s at %s is a GENERATED sample, NOT the real data",
                     builder.name, builder.builder_config.name, builder.data_dir)

@@ -24,6 +24,9 @@ import numpy as np
 import optax
 from absl import logging
 
+from dnr_jax.data.csv_reader import DataError
+from dnr_jax.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class RetrieverConfig:
@@ -47,11 +50,11 @@ class RetrieverConfig:
   def validate(self) -> None:
     for name in ("dim", "negatives", "batch_size", "epochs"):
       if getattr(self, name) < 1:
-        raise ValueError(f"retriever.{name}={getattr(self, name)} must be >= 1")
+        raise ConfigError(f"retriever.{name}={getattr(self, name)} must be >= 1")
     if not 0 < self.holdout < 1:
-      raise ValueError(f"retriever.holdout={self.holdout} must be in (0, 1)")
+      raise ConfigError(f"retriever.holdout={self.holdout} must be in (0, 1)")
     if self.learning_rate <= 0:
-      raise ValueError(f"retriever.learning_rate={self.learning_rate} must be > 0")
+      raise ConfigError(f"retriever.learning_rate={self.learning_rate} must be > 0")
 
 
 @flax.struct.dataclass
@@ -222,7 +225,7 @@ def train(users: np.ndarray, items: np.ndarray, *, num_users: int, num_items: in
   if users.shape != items.shape or users.ndim != 1:
     raise ValueError(f"users {users.shape} and items {items.shape} must be equal 1-D")
   if users.size < 2:
-    raise ValueError(f"the retriever needs positives to train on; got {users.size}")
+    raise DataError(f"the retriever needs positives to train on; got {users.size}")
   if users.min() < 1 or users.max() >= num_users or items.min() < 1 \
       or items.max() >= num_items:
     raise ValueError("user/item ids must lie in 1..num_users-1 / 1..num_items-1")
@@ -298,8 +301,8 @@ def top_n(params: MFParams, users: np.ndarray, exclude: np.ndarray, n: int,
   # for catalogues of millions of items.
   chunk = max(1, min(chunk, (1 << 26) // num_items))
   if n > num_items - 1 - exclude.shape[-1]:
-    raise ValueError(f"n={n} exceeds the {num_items - 1} items minus "
-                     f"{exclude.shape[-1]} excluded")
+    raise DataError(f"n={n} exceeds the {num_items - 1} items minus "
+                    f"{exclude.shape[-1]} excluded")
   items, scores = [], []
   for start in range(0, len(users), chunk):
     u = np.asarray(users[start:start + chunk], np.int32)

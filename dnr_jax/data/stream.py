@@ -33,6 +33,7 @@ from dnr_jax.data import lists as lists_lib
 from dnr_jax.data import preprocess
 from dnr_jax.data import raw
 from dnr_jax.data import types
+from dnr_jax.data.csv_reader import DataError
 
 # A block: raw int64 ids, int64 time (ms since the epoch), int8 label; rows in file
 # order, already filtered (e.g. KuaiRand's random exposures dropped).
@@ -85,7 +86,7 @@ class LogStream:
     parts = list(self.blocks("loading"))
     log = {k: np.concatenate([b[k] for b in parts]) for k in _SPILL}
     if not len(log["user"]):
-      raise ValueError(f"{self.name}: the log is empty")
+      raise DataError(f"{self.name}: the log is empty")
     order = np.argsort(log["time"], kind="stable")
     log = {k: v[order] for k, v in log.items()}
     user, user_raw = raw.dense_ids(log["user"])

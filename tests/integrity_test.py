@@ -1,0 +1,164 @@
+"""Data integrity: cut-off and empty files, changed sources, killed preparations."""
+
+import fcntl
+import os
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from dnr_jax.data import csv_reader, integrity, lists, movielens, prepare, raw
+from dnr_jax.data import retriever, samples
+from dnr_jax.data.csv_reader import Column, DataError, FileSpec
+
+tfds.disable_progress_bar()
+ML_TINY = samples.SampleConfig(num_users=40, num_items=60, rows_per_user=30)
+_RATINGS = FileSpec(delimiter="::", header=False,
+                    names=("user_id", "movie_id", "rating", "timestamp"))
+
+
+def _ml1m(tmp_path):
+  folder = samples.write_movielens(str(tmp_path / "src"), ML_TINY, "1m")
+  return tmp_path / "src", os.path.join(folder, "ratings.dat")
+
+
+def _builder(source, tmp_path):
+  return movielens.Movielens(config="1m", data_dir=str(tmp_path / "tfds"),
+                             source_dir=str(source))
+
+
+def test_a_cut_off_last_line_that_still_parses_is_rejected(tmp_path):
+  # The issue's case: "60::14::2::978300760" cut to "60::14::2::9" is a valid rating
+  # from 1970; only the missing line end shows the file is incomplete.
+  path = tmp_path / "ratings.dat"
+  path.write_text("1::10::4::978300760\n60::14::2::9")
+  with pytest.raises(DataError) as e:
+    list(csv_reader.iter_chunks(str(path), movielens._RATING, _RATINGS))
+  assert str(e.value) == (f"{path}: line 2: the last line has no line end "
+                          "('60::14::2::9'): the file looks cut off; fetch it again "
+                          "(or, if it is complete, end it with a newline)")
+  path.write_text("1::10::4::978300760\n60::14::2::978300760\n")     # complete: fine
+  rows = list(csv_reader.iter_chunks(str(path), movielens._RATING, _RATINGS))
+  np.testing.assert_array_equal(rows[0][0]["user_id"], [1, 60])
+
+
+@pytest.mark.parametrize("chunk_bytes", [7, 1 << 20])
+def test_cut_off_line_is_found_whatever_the_chunking(tmp_path, chunk_bytes):
+  path = tmp_path / "x.csv"
+  path.write_text("a,b\n" + "".join(f"{i},{i}\n" for i in range(50)) + "50,5")
+  with pytest.raises(DataError, match=r"x.csv: line 52: the last line has no line end"):
+    list(csv_reader.iter_chunks(str(path), [Column("a"), Column("b")],
+                                chunk_bytes=chunk_bytes))
+
+
+def test_cut_off_ratings_file_fails_the_builder_naming_it(tmp_path):
+  source, ratings = _ml1m(tmp_path)
+  with open(ratings, "rb+") as f:
+    f.truncate(os.path.getsize(ratings) - 4)      # inside the last timestamp
+  builder = _builder(source, tmp_path)
+  with pytest.raises(DataError, match=r"ratings.dat: line \d+: the last line has no "
+                     "line end"):
+    raw.prepare(builder)
+  assert not _builder(source, tmp_path).is_prepared()
+
+
+def test_empty_ratings_file_is_named(tmp_path):
+  # Was a TFDS AssertionError naming no file.
+  source, ratings = _ml1m(tmp_path)
+  open(ratings, "w").close()
+  with pytest.raises(DataError) as e:
+    raw.prepare(_builder(source, tmp_path))
+  assert str(e.value) == f"{ratings}: no data rows: the file is empty"
+
+
+def test_header_only_file_is_named(tmp_path):
+  path = tmp_path / "x.csv"
+  path.write_text("a,b\n")
+  table = raw.Table("t", ("x.csv",), (Column("a"), Column("b")))
+  builder = _builder(tmp_path, tmp_path)
+  with pytest.raises(DataError, match=r"x.csv: no data rows: the file is empty but "
+                     "for its header"):
+    list(builder._generate_examples(table, {"x.csv": str(path)}))
+
+
+def test_missing_files_are_one_line(tmp_path):
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(DataError) as e:
+    raw.prepare(_builder(tmp_path / "empty", tmp_path))
+  msg = str(e.value)
+  assert "\n" not in msg
+  assert msg.startswith("movielens/1m: missing source file(s) movies.dat, ratings.dat, "
+                        "users.dat; to fix: put the archive ml-1m.zip")
+
+
+def test_a_changed_source_is_prepared_again(tmp_path, caplog):
+  source, ratings = _ml1m(tmp_path)
+  first = raw.prepare(_builder(source, tmp_path))
+  rows = first.info.metadata["log_rows"]
+  # The same files: reused, not prepared again.
+  again = _builder(source, tmp_path)
+  assert again.is_prepared() and raw.prepare(again).info.metadata["log_rows"] == rows
+  lines = open(ratings).read().splitlines(keepends=True)
+  with open(ratings, "w") as f:
+    f.writelines(lines[:-3])
+  with caplog.at_level("WARNING"):
+    changed = raw.prepare(_builder(source, tmp_path))
+  assert changed.info.metadata["log_rows"] == rows - 3
+  assert "the source files changed since it was prepared (ratings.dat: " in caplog.text
+  # A deleted source is not a change: the prepared copy stays in use.
+  os.remove(ratings)
+  assert raw.prepare(_builder(source, tmp_path)).info.metadata["log_rows"] == rows - 3
+
+
+def test_fingerprint_changes():
+  before = {"a.csv": [10, 1_000_000_000], "b.csv": [5, 7]}
+  assert integrity.changes(before, dict(before)) == []
+  assert integrity.changes(before, {"a.csv": [11, 1_000_000_000]}) == [
+      "a.csv: 10 -> 11 bytes"]
+  assert integrity.changes(before, {"a.csv": [10, 2_000_000_000]}) == [
+      "a.csv: modified 1970-01-01 00:00:02 UTC (was 1970-01-01 00:00:01 UTC)"]
+  assert integrity.changes(before, {}) == []            # deleted: not a change
+  assert integrity.changes(None, {"a.csv": [1, 1]})     # no record: prepare again
+
+
+def test_preparation_deletes_what_killed_ones_left(tmp_path):
+  folder = tmp_path / "ds" / "cfg"
+  (folder / "incomplete.AB12CD_1.0.0" / "sub").mkdir(parents=True)
+  (folder / "incomplete.spill").mkdir()
+  (folder / "1.0.0").mkdir()
+  with integrity.preparing(str(folder), "ds/cfg"):
+    assert sorted(os.listdir(folder)) == [integrity.LOCK_FILE, "1.0.0"]
+    # Held: another preparation of the same data set waits (flock is per open file).
+    with open(folder / integrity.LOCK_FILE) as other:
+      with pytest.raises(BlockingIOError):
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  with open(folder / integrity.LOCK_FILE) as other:      # released on exit
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_lists_are_prepared_again_when_a_source_changes(tmp_path, monkeypatch):
+  source, ratings = _ml1m(tmp_path)
+  config = prepare.default_config(
+      "movielens", "1m", source_dir=str(source), data_dir=str(tmp_path / "d"),
+      k_core=3, retriever=retriever.RetrieverConfig(dim=4, epochs=1, batch_size=256),
+      lists=lists.ListConfig(protocol="retrieval", list_size=5, history_size=4,
+                             window=2, min_list_size=2))
+  # A killed earlier preparation left its spill and a TFDS temporary folder.
+  name = f"movielens-1m-{prepare.cache_key(config)}"
+  folder = tmp_path / "d" / "dnr_lists" / name
+  (folder / "incomplete.spill").mkdir(parents=True)
+  (folder / "incomplete.QWERTY_2.1.0").mkdir()
+  first = prepare.prepare_lists(config)
+  assert sorted(os.listdir(folder)) == [integrity.LOCK_FILE, prepare.LISTS_VERSION]
+  real_build = prepare.build
+  monkeypatch.setattr(prepare, "build", lambda *a: pytest.fail("rebuilt"))
+  prepare.prepare_lists(config)                       # unchanged: the cache
+  lines = open(ratings).read().splitlines(keepends=True)
+  with open(ratings, "w") as f:
+    f.writelines(lines[:-20])
+  calls = []
+  monkeypatch.setattr(prepare, "build", lambda *a: calls.append(1) or real_build(*a))
+  second = prepare.prepare_lists(config)
+  assert calls == [1]
+  assert second.report["rows"] < first.report["rows"]
+
