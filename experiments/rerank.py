@@ -29,7 +29,8 @@ flags.DEFINE_string("interactions", None, "Interactions file the histories come 
                     "(else the lists' 'history' column, else empty histories).")
 flags.DEFINE_integer("top_k", 0, "Keep each list's top K of the new order (0: all).")
 flags.DEFINE_integer("chunk_rows", 0, "Rows read at once (0: the run's data config).")
-flags.DEFINE_integer("batch_size", 0, "Lists per device step (0: the run's eval batch).")
+flags.DEFINE_integer("rerank_batch_size", 0, "Lists per scoring step across the devices "
+                     "(0: the run's evaluation batch).")
 flags.DEFINE_string("export", None, "Also write the jax.export artifact to this folder.")
 flags.mark_flag_as_required("checkpoint")
 FLAGS = flags.FLAGS
@@ -61,7 +62,7 @@ def run(argv) -> None:
   report = reranking.rerank_file(
       bundle, FLAGS.lists, FLAGS.output, interactions=FLAGS.interactions,
       top_k=FLAGS.top_k, chunk_rows=FLAGS.chunk_rows or None,
-      batch_size=FLAGS.batch_size or None)
+      batch_size=FLAGS.rerank_batch_size or None)
   s = report["stats"]
   print(f"reranked {report['lists']:,} lists ({report['rows']:,} candidates) in "
         f"{report['seconds']:.1f}s: {report['lists_per_s']:,.0f} lists/s on "
