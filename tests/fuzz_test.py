@@ -187,7 +187,7 @@ def _logs(draw):
 
 _LIST_CONFIGS = st.builds(
     lists.ListConfig, protocol=st.sampled_from(lists.PROTOCOLS),
-    list_size=st.integers(3, 6), history_size=st.integers(1, 4),
+    list_size=st.integers(3, NUM_ITEMS + 1), history_size=st.integers(1, 4),
     window=st.integers(1, 2), min_list_size=st.integers(1, 3),
     retriever_fraction=st.sampled_from([0.2, 0.5]),
     valid_fraction=st.just(0.2), test_fraction=st.just(0.2))

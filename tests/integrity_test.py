@@ -162,3 +162,33 @@ def test_lists_are_prepared_again_when_a_source_changes(tmp_path, monkeypatch):
   assert calls == [1]
   assert second.report["rows"] < first.report["rows"]
 
+
+
+def test_unlocked_leftovers_are_deleted_a_day_later(tmp_path):
+  old, fresh = tmp_path / "dnr_lists_spill_abc", tmp_path / "dnr_lists_spill_new"
+  old.mkdir()
+  fresh.mkdir()
+  day_ago = os.path.getmtime(old) - 86401
+  os.utime(old, (day_ago, day_ago))
+  assert integrity.remove_old(str(tmp_path), "dnr_lists_spill_") == [str(old)]
+  assert fresh.exists() and not old.exists()        # may be in use: kept
+
+
+def test_a_killed_sample_generation_is_generated_again(tmp_path, monkeypatch):
+  config = prepare.default_config("movielens", "sample", data_dir=str(tmp_path),
+                                  sample=ML_TINY)
+  real = samples.write_movielens
+
+  def killed(directory, *args, **kwargs):
+    real(directory, *args, **kwargs)
+    raise KeyboardInterrupt("killed")               # files (and marker) written
+
+  monkeypatch.setattr(samples, "write_movielens", killed)
+  with pytest.raises(KeyboardInterrupt):
+    prepare.raw_builder(config)
+  manual = tmp_path / "manual"
+  assert [p.name.startswith("incomplete.") for p in manual.iterdir()] == [True]
+  monkeypatch.setattr(samples, "write_movielens", real)
+  builder = prepare.raw_builder(config)
+  assert raw.find_files(builder.source_dir, [raw.NOT_REAL_MARKER])
+  assert builder.source_dir.startswith(str(manual / "movielens-sample-"))

@@ -85,6 +85,27 @@ def stale_leftovers(folder: str) -> list[str]:
                 if n.startswith(INCOMPLETE_PREFIX))
 
 
+def remove_old(folder: str, prefix: str, max_age_s: float = 86400) -> list[str]:
+  """Deletes the ``prefix*`` folders in ``folder`` not written to for ``max_age_s``.
+
+  For temporary folders no lock guards: the ``dnr_lists_spill_*`` of versions before
+  the preparation lock, and half-generated samples (``manual/incomplete.*``). A day
+  after its last write none is still in use (a whole KuaiRand-27K preparation takes
+  hours at most).
+  """
+  if not os.path.isdir(folder):
+    return []
+  now, gone = time.time(), []
+  for name in sorted(os.listdir(folder)):
+    path = os.path.join(folder, name)
+    if name.startswith(prefix) and os.path.isdir(path) and \
+        now - os.path.getmtime(path) > max_age_s:
+      logging.warning("deleting %s, left by a killed preparation", path)
+      shutil.rmtree(path, ignore_errors=True)
+      gone.append(path)
+  return gone
+
+
 @contextlib.contextmanager
 def preparing(folder: str, what: str) -> Iterator[None]:
   """Holds the preparation lock of ``folder`` (a data set's config folder).

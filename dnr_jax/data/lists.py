@@ -238,6 +238,10 @@ def _retrieve(log, params, users, before_row, n, also_exclude=None, chunk=2048):
   if not len(users):
     return np.zeros((0, n), np.int32), np.zeros((0, n), np.float32)
   extra = 0 if also_exclude is None else also_exclude.shape[1]
+  if log.num_items - 1 - n - extra < 1:   # no room for even one seen item
+    raise DataError(f"{log.name}: lists of {n + extra} candidates need more than "
+                    f"{n + extra + 1} items; the log has {log.num_items - 1} (lower "
+                    "--list_size)")
   size = int(min(max(rows_before.max(initial=1), 1), log.num_items - 1 - n - extra))
   # [chunk, size] seen items at a time: heavy users have seen thousands.
   chunk = max(1, min(chunk, (1 << 24) // size))

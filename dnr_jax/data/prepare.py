@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from typing import Any, Iterator
 
@@ -162,10 +163,23 @@ def raw_builder(config: DataConfig) -> raw.RawBuilder:
       schema = "KuaiRand-Pure" if config.dataset == "kuairand" else "MovieLens-1M"
       logging.warning("generating the %s-schema sample in %s (NOT the real data)",
                       schema, source)
-      if config.dataset == "kuairand":
-        samples.write_kuairand(source, config.sample)
+      write = samples.write_kuairand if config.dataset == "kuairand" else (
+          lambda d, c: samples.write_movielens(d, c, "1m"))
+      if config.source_dir:
+        write(source, config.sample)
       else:
-        samples.write_movielens(source, config.sample, "1m")
+        # Generated beside its place and moved in when complete: the marker file is
+        # written first, so a killed generation would otherwise look complete.
+        os.makedirs(os.path.dirname(source), exist_ok=True)
+        integrity.remove_old(os.path.dirname(source), integrity.INCOMPLETE_PREFIX)
+        tmp = tempfile.mkdtemp(prefix=integrity.INCOMPLETE_PREFIX,
+                               dir=os.path.dirname(source))
+        write(tmp, config.sample)
+        shutil.rmtree(source, ignore_errors=True)   # a killed older version's
+        try:
+          os.rename(tmp, source)
+        except OSError:                    # another run finished it first
+          shutil.rmtree(tmp, ignore_errors=True)
   cls = kuairand.Kuairand if config.dataset == "kuairand" else movielens.Movielens
   return cls(config=config.variant, data_dir=builder_dir, source_dir=source,
              download=config.download)
@@ -356,6 +370,7 @@ class DnrLists(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 def prepare_lists(config: DataConfig) -> types.PreparedLists:
   """The lists of ``config``: from the cache, or built and cached (see module doc)."""
   config.validate()
+  integrity.remove_old(data_dir(config), "dnr_lists_spill_")   # older versions'
   builder = DnrLists(data_config=config)
   folder = os.path.dirname(builder.data_dir)
   with integrity.preparing(folder, f"lists {builder.builder_config.name}"):

@@ -225,7 +225,9 @@ def train(users: np.ndarray, items: np.ndarray, *, num_users: int, num_items: in
   if users.shape != items.shape or users.ndim != 1:
     raise ValueError(f"users {users.shape} and items {items.shape} must be equal 1-D")
   if users.size < 2:
-    raise DataError(f"the retriever needs positives to train on; got {users.size}")
+    raise DataError(f"the retriever needs positives to train on; got {users.size} "
+                    "before its time cut (too few positive labels: lower --k_core or "
+                    "raise --retriever_fraction)")
   if users.min() < 1 or users.max() >= num_users or items.min() < 1 \
       or items.max() >= num_items:
     raise ValueError("user/item ids must lie in 1..num_users-1 / 1..num_items-1")
@@ -302,7 +304,8 @@ def top_n(params: MFParams, users: np.ndarray, exclude: np.ndarray, n: int,
   chunk = max(1, min(chunk, (1 << 26) // num_items))
   if n > num_items - 1 - exclude.shape[-1]:
     raise DataError(f"n={n} exceeds the {num_items - 1} items minus "
-                    f"{exclude.shape[-1]} excluded")
+                    f"{exclude.shape[-1]} excluded: too few items for lists of this "
+                    "size (lower --list_size)")
   items, scores = [], []
   for start in range(0, len(users), chunk):
     u = np.asarray(users[start:start + chunk], np.int32)
