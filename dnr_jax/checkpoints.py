@@ -34,6 +34,7 @@ import numpy as np
 from absl import logging
 
 from dnr_jax import config as config_lib
+from dnr_jax import distributed
 from dnr_jax import errors
 
 RESUME_MODES = config_lib.RESUME_MODES
@@ -129,12 +130,15 @@ class Checkpoints:
     self.keep = keep
     self.config = config_dict(config) if config is not None else None
     self.resume = resume
-    remove_stale_temporaries(self.directory)
-    if resume == "never" and os.path.isdir(self.directory) and os.listdir(self.directory):
-      old = f"{self.directory}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-      os.rename(self.directory, old)
-      logging.warning("resume=never: moved the existing checkpoints to %s; starting "
-                      "fresh", old)
+    if distributed.is_primary():   # one process tidies a shared folder
+      remove_stale_temporaries(self.directory)
+      if (resume == "never" and os.path.isdir(self.directory)
+          and os.listdir(self.directory)):
+        old = f"{self.directory}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.rename(self.directory, old)
+        logging.warning("resume=never: moved the existing checkpoints to %s; starting "
+                        "fresh", old)
+    distributed.barrier("checkpoints-tidied")
     self._open()
 
   def _open(self) -> None:

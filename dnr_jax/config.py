@@ -43,6 +43,12 @@ class ModelConfig:
   # PIER only: the history is read as past pseudo-permutations of this many items
   # (dnr_jax/pier.py says why: our histories hold positives, not shown lists).
   pier_window: int = 5
+  # PIER only: rank each evaluated list by FPSM's permutation search
+  # (pier.fpsm_search: this many candidate permutations, the top-k by SimHash
+  # similarity to the history scored by OCPM) instead of by sorting the logits.
+  # 0 = off (the default ranking, as every other backbone).
+  fpsm_permutations: int = 0
+  fpsm_top_k: int = 4
   dropout: float = 0.3         # paper, ML-1M and Kuaivideo
   # Open point 3: how retriever scores enter the backbone. "concat" = the paper's
   # "c score" (a score embedding concatenated to the item token), "add" = "+ score"
@@ -290,6 +296,12 @@ def validate(config: TrainConfig, *, list_size: Optional[int] = None,
   for name in ("hidden", "num_heads", "num_layers", "history_layers", "pier_window"):
     v = getattr(m, name)
     _check(isinstance(v, int) and v >= 1, f"model.{name}={v!r} must be an integer >= 1")
+  if m.fpsm_permutations:
+    _check(m.backbone == "pier", f"model.fpsm_permutations={m.fpsm_permutations} "
+           f"needs model.backbone='pier', got {m.backbone!r}")
+    _check(m.fpsm_permutations >= 2 and 1 <= m.fpsm_top_k <= m.fpsm_permutations,
+           f"model.fpsm_permutations={m.fpsm_permutations} must be >= 2 and "
+           f"model.fpsm_top_k={m.fpsm_top_k} in [1, fpsm_permutations]")
   _check(m.hidden % m.num_heads == 0,
          f"model.hidden={m.hidden} must be divisible by model.num_heads={m.num_heads}")
   _check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")

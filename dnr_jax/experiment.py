@@ -14,6 +14,9 @@ test), then writes
 * ``plots/``: learning curves, the paper's Figure 5 (density of real retriever noise
   ``x - z`` beside Gaussian, Beta and the learned generator's ``x' - z``) and, with a
   sweep, Figure 3 (sensitivity to one hyper-parameter).
+
+In a multi-process run every process trains and gets the same results; only process
+0 writes these files (``distributed.is_primary``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from absl import logging
 
 from dnr_jax import batch as batch_lib
 from dnr_jax import config as config_lib
+from dnr_jax import distributed
 from dnr_jax import errors
 from dnr_jax import noise as noise_lib
 from dnr_jax import pipeline
@@ -208,22 +212,27 @@ class _TensorBoard:
 def _run_one(cfg: config_lib.TrainConfig, data: types.PreparedLists, run_dir: str,
              bundle_assets: Optional[dict] = None):
   """One run's result, or ``{"failed": message}`` if it diverged."""
-  tb = _TensorBoard(os.path.join(run_dir, "tb"))
+  primary = distributed.is_primary()   # the one writer of the run's files
+  tb = _TensorBoard(os.path.join(run_dir, "tb")) if primary else None
   try:
     result = train.train_and_evaluate(cfg, data, run_dir, on_epoch=tb,
-                                      on_resume=tb.restart)
+                                      on_resume=tb.restart if tb else None)
   except errors.TrainingDiverged as e:
     logging.error("run %s FAILED: %s", run_dir, e)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "result.json"), "w") as f:
-      json.dump({"failed": str(e)}, f, indent=2)
+    if primary:
+      os.makedirs(run_dir, exist_ok=True)
+      with open(os.path.join(run_dir, "result.json"), "w") as f:
+        json.dump({"failed": str(e)}, f, indent=2)
     return {"failed": str(e)}
   finally:
-    tb.close()
+    if tb is not None:
+      tb.close()
     # Runs share no compiled program (each has its own step closures), and under
     # jax.pmap the executables of finished runs are never freed: without this, a
     # table of dozens of runs ends in "LLVM ERROR: Unable to allocate section memory".
     jax.clear_caches()
+  if not primary:
+    return result
   with open(os.path.join(run_dir, "result.json"), "w") as f:
     json.dump({k: result[k] for k in ("best_epoch", "valid", "test", "retriever")}, f,
               indent=2)
@@ -285,6 +294,8 @@ def summarize(rows: list[dict], k: int) -> list[dict]:
       row["mean"][key] = float(vals.mean())
       row["std"][key] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
     row["per_seed_ndcg"] = [r["test"]["ndcg"] for r in rs]
+    # The selected epoch of these seeds warned (e.g. scores collapsed to a constant).
+    row["warned_seeds"] = [r["seed"] for r in rs if r.get("warnings")]
     out.append(row)
   for row in out:
     if (is_baseline(row["method"]) or row["method"] == "retriever"
@@ -304,14 +315,15 @@ def summarize(rows: list[dict], k: int) -> list[dict]:
 
 
 def write_table(summary: list[dict], k: int, path_md: str, path_csv: str,
-                title: str) -> str:
-  """Writes the results table as Markdown and CSV; returns the Markdown."""
+                title: str, write: bool = True) -> str:
+  """Writes the results table as Markdown and CSV (unless not ``write``); returns the
+  Markdown."""
   heads = [h.format(k=k) for _, h in COLUMNS]
   lines = [f"### {title}", "",
            "| backbone | method | " + " | ".join(heads)
            + f" | ΔN@{k} vs best baseline (paired t-test p) |",
            "|---|---|" + "---|" * len(heads) + "---|"]
-  with open(path_csv, "w", newline="") as f:
+  with open(path_csv if write else os.devnull, "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(["backbone", "method", "n_seeds"]
                + [x for h in heads for x in (h, h + "_std")]
@@ -334,6 +346,10 @@ def write_table(summary: list[dict], k: int, path_md: str, path_csv: str,
         delta = f"{100 * r['delta_ndcg']:+.2f}"
         p_cell = (f"{delta} vs {r['p_vs']} (p = {p:.3g})" if not math.isnan(p)
                   else f"{delta} vs {r['p_vs']} (p n/a: 1 seed)")
+      if r.get("warned_seeds"):
+        seeds = ",".join(str(s) for s in r["warned_seeds"])
+        p_cell = (p_cell + "; " if p_cell else "") + (
+            f"WARNING: scores collapsed or not finite (seed {seeds}), see metrics.jsonl")
       lines.append(f"| {r['backbone']} | {r['method']} | " + " | ".join(cells)
                    + f" | {p_cell} |")
       w.writerow([r["backbone"], r["method"], r["n_seeds"]]
@@ -342,8 +358,9 @@ def write_table(summary: list[dict], k: int, path_md: str, path_csv: str,
                     "" if p is None else f"{100 * r['delta_ndcg']:.4f}",
                     "" if p is None else p])
   md = "\n".join(lines) + "\n"
-  with open(path_md, "w") as f:
-    f.write(md)
+  if write:
+    with open(path_md, "w") as f:
+      f.write(md)
   return md
 
 
@@ -466,7 +483,9 @@ def run_experiment(experiment: ExperimentConfig, data: types.PreparedLists,
   validate(experiment)
   experiment = dataclasses.replace(
       experiment, base=train.with_data_vocab(experiment.base, data))
-  os.makedirs(workdir, exist_ok=True)
+  primary = distributed.is_primary()
+  if primary:
+    os.makedirs(workdir, exist_ok=True)
   jobs = [(b, m, s) for b in experiment.backbones for m in experiment.methods
           for s in experiment.seeds]
   sweep_jobs = [(f, v, s) for f, values in experiment.sweeps for v in values
@@ -487,9 +506,11 @@ def run_experiment(experiment: ExperimentConfig, data: types.PreparedLists,
                    "failed": result["failed"], "config": dataclasses.asdict(cfg)})
       failed.append(f"{backbone}/{method}/seed{seed}")
       continue
+    selected = next(r for r in result["history"] if r["epoch"] == result["best_epoch"])
     rows.append({"backbone": backbone, "method": method, "seed": seed,
                  "test": result["test"], "valid": result["valid"],
-                 "best_epoch": result["best_epoch"], "config": result["config"]})
+                 "best_epoch": result["best_epoch"], "config": result["config"],
+                 "warnings": selected.get("warnings", [])})
     histories.setdefault((backbone, method), []).append(result["history"])
     retriever = result["retriever"]
     if learned is None and config_lib.generator_active(cfg, cfg.num_epochs - 1):
@@ -520,12 +541,15 @@ def run_experiment(experiment: ExperimentConfig, data: types.PreparedLists,
   if not data.is_real:
     title += " -- NOT the real data"
   md = write_table(summary, k, os.path.join(workdir, "results.md"),
-                   os.path.join(workdir, "results.csv"), title)
+                   os.path.join(workdir, "results.csv"), title, write=primary)
   baselines = [r for r in summary if r["backbone"] == experiment.backbones[0]
                and is_baseline(r["method"]) and not r.get("failed")]
   best = max(baselines, key=lambda r: r["mean"]["ndcg"]) if baselines else None
   if sweep:
     md += "\n" + sweep_table(sweep, k, best)
+  if not primary:
+    return _finish(experiment, summary, md, [], sweep, failed, total, workdir)
+  if sweep:
     with open(os.path.join(workdir, "results.md"), "w") as f:
       f.write(md)
   outputs = [os.path.join(workdir, "results.md"), os.path.join(workdir, "results.csv")]
@@ -546,6 +570,11 @@ def run_experiment(experiment: ExperimentConfig, data: types.PreparedLists,
                       (best["method"], best["mean"]["ndcg"]) if best else None, k)
   logging.info("done: %d runs in %.0fs; outputs:\n  %s", total, time.time() - t0,
                "\n  ".join(outputs))
+  return _finish(experiment, summary, md, outputs, sweep, failed, total, workdir)
+
+
+def _finish(experiment, summary, md, outputs, sweep, failed, total, workdir):
+  # Every process (not only the one that wrote the files) reports diverged runs.
   if failed:
     message = (f"{len(failed)} of {total} runs diverged ({', '.join(failed)}); the "
                f"table marks them FAILED: {os.path.join(workdir, 'results.md')}")

@@ -20,11 +20,12 @@ import numpy as np
 
 from dnr_jax import errors
 
-# Validation logits whose mean per-list standard deviation is below this are
-# "constant": far below any trained reranker's spread (measured: about 1 on the
-# synthetic lists after one epoch) and what a collapsed one gives (0 up to float
-# rounding).
-COLLAPSE_STD = 1e-4
+# Validation logits whose spread within lists is below this fraction of their size
+# are "constant": a trained reranker's per-list std is a sizeable fraction of its
+# logits (measured: about 1 for logits of order 1 on the synthetic lists), while a
+# run blown up by a huge learning rate gives logits of order 1e8 that differ only by
+# float32 rounding (relative spread about 1e-8: ties everywhere).
+COLLAPSE_SPREAD = 1e-4
 
 
 def json_safe(value: Any) -> Any:
@@ -97,25 +98,31 @@ def diverged(config, epoch: int, step: int, steps: int, metrics: dict,
 
 
 def logit_spread(logits, mask) -> float:
-  """Mean over lists (>= 2 valid candidates) of the std of the valid logits."""
+  """Mean over lists (>= 2 valid candidates) of ``std / (|mean| + 1)`` of the valid logits.
+
+  Relative to the logits' size, so that logits of order 1e8 that differ only by
+  float32 rounding count as constant (the ``+ 1`` keeps logits near 0 absolute).
+  """
   logits, mask = np.asarray(logits, np.float64), np.asarray(mask, bool)
   x = np.where(mask, logits, 0.0)
   n = mask.sum(1)
   mean = x.sum(1) / np.maximum(n, 1)
   var = (np.where(mask, logits - mean[:, None], 0.0) ** 2).sum(1) / np.maximum(n, 1)
   keep = n >= 2
-  return float(np.sqrt(var[keep]).mean()) if keep.any() else float("nan")
+  if not keep.any():
+    return float("nan")
+  return float((np.sqrt(var[keep]) / (np.abs(mean[keep]) + 1.0)).mean())
 
 
 def collapse_warning(valid_metrics: dict) -> Optional[str]:
   """A warning if validation scores are constant within lists (or not finite)."""
-  spread = valid_metrics.get("logit_std")
+  spread = valid_metrics.get("logit_spread")
   if spread is None:
     return None
   if not math.isfinite(spread):
     return "the reranker's validation scores are not finite"
-  if spread < COLLAPSE_STD:
+  if spread < COLLAPSE_SPREAD:
     return (f"the reranker collapsed to constant scores (validation per-list logit "
-            f"std {spread:.2g} < {COLLAPSE_STD:g}): rankings fall back to the "
-            "retriever's order; the learning rate may be too high")
+            f"spread std/(|mean|+1) = {spread:.2g} < {COLLAPSE_SPREAD:g}): rankings "
+            "fall back to the retriever's order; the learning rate may be too high")
   return None

@@ -66,8 +66,11 @@ class BestParams:
     params: host copy of the best reranker parameters so far (``None``: none yet).
   """
 
-  def __init__(self, directory: Optional[str], select_metric: str, keep: int = 2):
+  def __init__(self, directory: Optional[str], select_metric: str, keep: int = 2,
+               writer: bool = True):
     self.directory = directory
+    # With several processes sharing a workdir, one writes and deletes; all read.
+    self.writer = writer
     self.metric = select_metric
     self.epoch = 0
     self.params = None
@@ -103,14 +106,14 @@ class BestParams:
     if value > self._value or not self.epoch:
       self._value, self.epoch = value, record["epoch"]
       self.params = jax.device_get(params_fn())
-      if self.directory:
+      if self.directory and self.writer:
         save(self._path(self.epoch), self.params)
 
   def checkpointed(self) -> None:
     """After an orbax save: deletes files no checkpoint still kept may select."""
     self._kept = (self._kept + [self.epoch])[-self._keep:]
     for epoch, path in self._files().items():
-      if epoch not in self._kept:
+      if epoch not in self._kept and self.writer:
         os.remove(path)
 
   def resume(self, history: list[dict],
@@ -131,7 +134,7 @@ class BestParams:
     files = self._files()
     last = history[-1]["epoch"]
     for epoch, path in files.items():
-      if epoch > last:
+      if epoch > last and self.writer:
         os.remove(path)     # trained again after the resume
     best = max(history, key=lambda r: _value(r, self.metric))
     self._value, self.epoch = _value(best, self.metric), best["epoch"]
@@ -139,7 +142,7 @@ class BestParams:
       self.params = load(files[self.epoch])
     elif self.epoch == last and restored_params_fn is not None:
       self.params = jax.device_get(restored_params_fn())
-      if self.directory:
+      if self.directory and self.writer:
         save(self._path(self.epoch), self.params)
     else:
       raise errors.CheckpointError(

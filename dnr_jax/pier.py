@@ -18,7 +18,10 @@ same interface as PRM, SetRank and DLCM (``models.make_reranker``): ``[B, n]`` l
 for the candidates of each list *in the order they are stored* (the retriever's
 order), padding id 0, the ``score_usage`` variants through ``models.InputTokens``,
 differentiable in the scores (L_adv trains the generator through it). FPSM is
-``fpsm_search``, an option for reranking at inference time.
+``fpsm_search``, an option for reranking at inference time: with
+``ModelConfig.fpsm_permutations > 0`` evaluation ranks each list by the permutation
+it picks (``fpsm_logits``) instead of sorting the logits, so a table row such as
+``c_score+model.fpsm_permutations=16`` measures it.
 
 What is kept:
 
@@ -63,6 +66,7 @@ What is simplified, and why:
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import flax.linen as nn
@@ -72,6 +76,7 @@ import jax.numpy as jnp
 from dnr_jax import batch as batch_lib
 from dnr_jax import config as config_lib
 from dnr_jax import models
+from dnr_jax import pipeline
 
 
 class OmnidirectionalAttention(nn.Module):
@@ -355,3 +360,33 @@ def permutation_logits(permutation: jax.Array) -> jax.Array:
   ranks = jnp.zeros((b, n), jnp.float32).at[jnp.arange(b)[:, None], permutation].set(
       jnp.broadcast_to(jnp.arange(n, dtype=jnp.float32), (b, n)))
   return -ranks
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_search(config: config_lib.ModelConfig):
+  def run(key, params, batch):
+    r = fpsm_rerank(key, params, config, batch, num_permutations=config.fpsm_permutations,
+                    top_k=config.fpsm_top_k)
+    return permutation_logits(r.permutation)
+  return jax.jit(run)
+
+
+def fpsm_logits(params, config: config_lib.ModelConfig, arrays, batch_size: int, *,
+                seed: int = 0) -> jax.Array:
+  """Ranking logits ``[L, n]`` of every list of a split, by FPSM's permutations.
+
+  Args:
+    params: a trained PIER reranker's parameters (host or device arrays).
+    config: its model config; ``fpsm_permutations`` and ``fpsm_top_k`` set the search.
+    arrays: a complete split (``pipeline.complete``) of ``L`` lists.
+    batch_size: lists per search call (the last batch is padded; one compilation).
+    seed: the search's randomness: batch ``i`` uses ``fold_in(PRNGKey(seed), i)``,
+      so every evaluation of a split searches the same candidates.
+  """
+  search = _compiled_search(config)
+  key = jax.random.PRNGKey(seed)
+  out = []
+  for i, b in enumerate(pipeline.batches(arrays, batch_size, shuffle=False)):
+    out.append(search(jax.random.fold_in(key, i), params,
+                      batch_lib.ListBatch.from_arrays(b)))
+  return jnp.concatenate(out)[:pipeline.num_lists(arrays)]

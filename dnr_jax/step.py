@@ -265,13 +265,22 @@ class Runner:
 
   Each phase's train step is traced once (``traces`` counts it): a batch of a new
   shape or dtype would recompile, and fails loudly instead.
+
+  Multi-process (``dnr_jax.distributed``): the mesh spans every process's devices
+  (``jax.devices()``), each process passes its own share of the global batch, and
+  collectives reduce across processes; host values returned are the same in every
+  process (``evaluate`` gathers the logits of the whole global batch).
   """
   config: config_lib.TrainConfig
   devices: tuple = ()
 
   def __post_init__(self):
-    self.devices = tuple(self.devices or jax.local_devices())
+    # Global devices: with several processes the one mesh spans all of them.
+    self.devices = tuple(self.devices or jax.devices())
     self.mesh = Mesh(np.array(self.devices), (AXIS,))
+    self.local_devices = tuple(d for d in self.devices
+                               if d.process_index == jax.process_index())
+    self.multiprocess = len(self.local_devices) < len(self.devices)
     self._train: dict[str, Callable] = {}
     self.traces: dict[str, int] = {}
     self._eval = self._compile(functools.partial(eval_step, config=self.config),
@@ -280,7 +289,13 @@ class Runner:
 
   @property
   def num_devices(self) -> int:
+    """Devices of the mesh, over all processes."""
     return len(self.devices)
+
+  @property
+  def num_local_devices(self) -> int:
+    """This process's devices of the mesh (what one ``put_batch`` is split over)."""
+    return len(self.local_devices)
 
   def _compile(self, body, in_specs, out_specs, donate: bool):
     donate_argnums = (0,) if donate else ()
@@ -317,15 +332,15 @@ class Runner:
       d = self.num_devices
       sharding = NamedSharding(self.mesh, P(AXIS))
       return jax.tree.map(
-          lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (d,) + np.shape(x)),
-                                   sharding), state)
-    return jax.device_put(state, NamedSharding(self.mesh, P()))
+          lambda x: _global_from_host(
+              np.broadcast_to(np.asarray(x), (d,) + np.shape(x)), sharding), state)
+    sharding = NamedSharding(self.mesh, P())
+    return jax.tree.map(lambda x: _global_from_host(np.asarray(x), sharding), state)
 
   def get_state(self, state: DNRState) -> DNRState:
     """The host copy of a placed state (first replica under pmap)."""
-    if self.config.compile == "pmap":
-      state = jax.tree.map(lambda x: x[0], state)
-    return jax.device_get(state)
+    return jax.tree.map(lambda x: _first_replica(x, self.config.compile == "pmap"),
+                        state)
 
   def put_batch(self, arrays) -> batch_lib.ListBatch:
     """Copies this process's host batch to its devices, split along ``'batch'``.
@@ -334,17 +349,17 @@ class Runner:
     """
     b = batch_lib.ListBatch.from_arrays(arrays)
     size = b.items.shape[0]
-    if size % self.num_devices:
+    if size % self.num_local_devices:
       raise ValueError(f"batch of {size} lists is not divisible by the "
-                       f"{self.num_devices} devices")
+                       f"{self.num_local_devices} devices")
     sharding = NamedSharding(self.mesh, P(AXIS))
     if self.config.compile == "pmap":
       # One shard per device along the leading axis pmap maps over, copied now
       # rather than inside the step call (where it would not overlap compute).
-      d = self.num_devices
+      d = self.num_local_devices
       return jax.tree.map(
-          lambda x: jax.device_put(
-              np.reshape(x, (d, x.shape[0] // d) + x.shape[1:]), sharding), b)
+          lambda x: jax.make_array_from_process_local_data(
+              sharding, np.reshape(x, (d, x.shape[0] // d) + x.shape[1:])), b)
     # Each process holds its own slice of the global batch (multi-host input).
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), b)
@@ -365,11 +380,19 @@ class Runner:
     """
     state, metrics = self.train_fn(phase)(state, self._placed(batch))
     if self.config.compile == "pmap":
-      metrics = jax.tree.map(lambda x: x[0], metrics)
+      # x[0] stays on the device (no wait for the step); across processes it would be
+      # a computation on a global array, so there the local replica is read instead.
+      metrics = jax.tree.map(
+          lambda x: _first_replica(x, True) if self.multiprocess else x[0], metrics)
     return state, metrics
 
   def evaluate(self, state: DNRState, batch) -> tuple[dict, jax.Array]:
-    """Metric sums and logits of one batch (host arrays or ``put_batch``'s output)."""
+    """Metric sums and logits of one batch (host arrays or ``put_batch``'s output).
+
+    The sums cover the global batch (``psum`` over every device of every process);
+    so do the logits, ``[global batch, n]``: with several processes they are gathered
+    from all of them (``process_allgather``) for the exact global AUC.
+    """
     return self.evaluate_params(state.reranker.params, batch)
 
   def evaluate_params(self, params, batch) -> tuple[dict, jax.Array]:
@@ -379,7 +402,29 @@ class Runner:
     the ones its training run was selected on.
     """
     sums, logits = self._eval(params, self._placed(batch))
+    if self.config.compile == "pmap" or self.multiprocess:
+      sums = jax.tree.map(
+          lambda x: _first_replica(x, self.config.compile == "pmap"), sums)
+    if self.multiprocess:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      logits = multihost_utils.process_allgather(logits, tiled=True)
     if self.config.compile == "pmap":
-      sums = jax.tree.map(lambda x: x[0], sums)
       logits = logits.reshape((-1,) + logits.shape[2:])
     return sums, logits
+
+
+def _global_from_host(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A global array from a host value every process holds in full (the same one)."""
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def _first_replica(x: jax.Array, leading_device_axis: bool):
+  """The host value of a replicated array, from this process's first shard.
+
+  Read from an addressable shard, so it works when the array spans processes, and
+  moves no data between devices. Under pmap the shard keeps the device axis (size 1).
+  """
+  if not isinstance(x, jax.Array):
+    return x
+  shard = np.asarray(x.addressable_data(0))
+  return shard[0] if leading_device_axis else shard

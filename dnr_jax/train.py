@@ -6,6 +6,11 @@ scores; the model is selected by validation NDCG@K and the test metrics reported
 those of the selected epoch. With a ``workdir`` the loop writes ``metrics.jsonl``
 (one JSON object per epoch) and orbax checkpoints of the whole state (both players,
 optimiser states, key, step) and resumes from the latest one when restarted.
+
+Multi-process (``dnr_jax.distributed``): every process runs this loop on the same
+lists and feeds its own share of each batch; evaluation sums over all processes, so
+every process gets the same metrics; only process 0 writes ``metrics.jsonl``, while
+every process takes part in orbax's checkpointing (which writes once).
 """
 
 from __future__ import annotations
@@ -25,10 +30,12 @@ from absl import logging
 from dnr_jax import batch as batch_lib
 from dnr_jax import checkpoints as checkpoints_lib
 from dnr_jax import config as config_lib
+from dnr_jax import distributed
 from dnr_jax import errors
 from dnr_jax import guards
 from dnr_jax import metrics as metrics_lib
 from dnr_jax import params_io
+from dnr_jax import pier
 from dnr_jax import pipeline
 from dnr_jax import preemption
 from dnr_jax import step as step_lib
@@ -50,9 +57,23 @@ def with_data_vocab(config: config_lib.TrainConfig,
 def evaluate(runner: step_lib.Runner, state: step_lib.DNRState, arrays,
              batch_size: int, *, num_items: int) -> dict[str, float]:
   """Metrics of the reranker on one split (all lists, padded last batch)."""
+  c = runner.config
+  if c.model.fpsm_permutations:
+    # PIER's FPSM: each list is shown in the permutation its search picks.
+    logits = pier.fpsm_logits(runner.get_state(state).reranker.params, c.model, arrays,
+                              batch_size)
+    per_list = metrics_lib.list_metrics(logits, jnp.asarray(arrays["labels"]),
+                                        jnp.asarray(arrays["mask"]), k=c.eval_k,
+                                        map_normaliser=c.map_normaliser)
+    return _finish(metrics_lib.weighted_sums(per_list), logits, arrays, c.eval_k,
+                   num_items)
   sums, logits = None, []
-  for b in pipeline.prefetch(pipeline.batches(arrays, batch_size, shuffle=False),
-                             size=2, transform=runner.put_batch):
+  # Each process scores its share of every batch; the sums and the logits returned
+  # by the runner cover the whole global batch.
+  host_batches = pipeline.batches(arrays, batch_size, shuffle=False,
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+  for b in pipeline.prefetch(host_batches, size=2, transform=runner.put_batch):
     s, lg = runner.evaluate(state, b)
     sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
     logits.append(lg)
@@ -67,7 +88,7 @@ def _finish(sums, logits, arrays, k: int, num_items: int) -> dict[str, float]:
   out["global_auc"] = float(metrics_lib.global_auc(logits, labels, mask))
   out["coverage"] = float(metrics_lib.coverage(logits, mask, jnp.asarray(arrays["items"]),
                                                k=k, num_items=num_items))
-  out["logit_std"] = guards.logit_spread(logits, mask)
+  out["logit_spread"] = guards.logit_spread(logits, mask)
   return out
 
 
@@ -97,8 +118,9 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
     config: the run; ``model`` vocabulary sizes are taken from ``data``.
     data: prepared lists with ``train``, ``valid`` and ``test`` splits.
     workdir: where metrics and checkpoints go; ``None`` keeps nothing on disk.
-    devices: the local devices to run on (default: all).
-    on_epoch: called with each epoch's record (for binaries that plot or report).
+    devices: the devices to run on (default: all, of every process).
+    on_epoch: called with each epoch's record (for binaries that plot or report);
+      in every process, with the same record.
     on_resume: called once before training with the epochs already done (the
       restored history; empty for a fresh run), e.g. to rewrite a TensorBoard log.
 
@@ -111,12 +133,6 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
     restart in ``<workdir>/best_params/``).
   """
   config = with_data_vocab(config, data)
-  if jax.process_count() > 1:
-    # The step and the input pipeline are per-process already; evaluation still
-    # gathers logits on one host, which would silently count lists twice.
-    raise NotImplementedError(
-        f"train_and_evaluate runs in one process (found {jax.process_count()}); "
-        "multi-host evaluation is not implemented yet")
   runner = step_lib.Runner(config, devices or ())
   train = pipeline.complete(data.splits["train"])
   valid = pipeline.complete(data.splits["valid"])
@@ -124,7 +140,7 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
   # One fixed shuffle (seed 0) for every run, so methods are compared on the same.
   test_shuffled = (pipeline.shuffle_scores(test) if config.eval_shuffled_scores
                    else None)
-  n_train, n_dev = pipeline.num_lists(train), runner.num_devices * jax.process_count()
+  n_train, n_dev = pipeline.num_lists(train), runner.num_devices
   if config.global_batch_size > n_train >= n_dev:
     # The paper's batch (2048) exceeds a small data set (the embedded sample): train
     # with the whole set per step rather than fail, and say so.
@@ -134,20 +150,21 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
     config = dataclasses.replace(config, global_batch_size=smaller)
   eval_bs = config.eval_batch_size or config.global_batch_size
   config_lib.validate(config, list_size=train["items"].shape[1],
-                      num_devices=runner.num_devices * jax.process_count())
+                      num_devices=runner.num_devices)
   if not data.is_real:
     logging.warning("DATA: %s -- this is NOT the real data; numbers are not comparable "
                     "to the paper.", data.name)
   else:
     logging.info("DATA: %s", data.name)
-  logging.info("method=%s backbone=%s score_usage=%s devices=%d (%s) compile=%s",
-               config.method, config.model.backbone, config.model.score_usage,
-               runner.num_devices, jax.default_backend(), config.compile)
+  logging.info("method=%s backbone=%s score_usage=%s devices=%d (%s, %d process(es)) "
+               "compile=%s", config.method, config.model.backbone,
+               config.model.score_usage, runner.num_devices, jax.default_backend(),
+               jax.process_count(), config.compile)
 
   root = jax.random.PRNGKey(config.seed)
-  local_bs = config.global_batch_size // jax.process_count()
+  per_device = config.global_batch_size // runner.num_devices
   example = batch_lib.ListBatch.from_arrays(
-      {k: v[:local_bs // runner.num_devices] for k, v in train.items()})
+      {k: v[:per_device] for k, v in train.items()})
   state = step_lib.create_state(config, example, root)
 
   history: list[dict] = []
@@ -161,7 +178,7 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
   # may be gone (keep_checkpoints) by the end of the run.
   best_params = params_io.BestParams(
       os.path.join(workdir, "best_params") if workdir else None, SELECT_METRIC,
-      keep=config.keep_checkpoints)
+      keep=config.keep_checkpoints, writer=distributed.is_primary())
   if restored is not None:
     state, meta = restored
     history = list(meta["history"])
@@ -177,8 +194,10 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
         lambda: state.reranker.params))
     logging.info("resumed from %s at epoch %d step %d", workdir, start_epoch + 1,
                  start_step)
-  metrics_path = os.path.join(workdir, "metrics.jsonl") if workdir else None
-  if workdir:
+  # One writer: every process holds the same record.
+  metrics_path = (os.path.join(workdir, "metrics.jsonl")
+                  if workdir and distributed.is_primary() else None)
+  if metrics_path:
     os.makedirs(workdir, exist_ok=True)
     # Exactly the restored epochs: rows a killed run wrote after its last
     # checkpoint are dropped here and written again when recomputed.
@@ -236,11 +255,12 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
             raise guards.diverged(config, epoch, i, steps, m)
           logging.info("epoch %d step %d/%d %s", epoch + 1, i + 1, steps,
                        _fmt(m, ("l_theta", "l_phi")))
-        if stop.requested:
+        # Processes stop at the same step, or the others would wait for it forever.
+        if distributed.any_process(stop.requested is not None):
           so_far = done_steps + jax.device_get(step_metrics)
           saved = save(epoch, {"step_in_epoch": i + 1, "epoch_steps": so_far})
-          raise interrupted(stop.requested, f"epoch {epoch + 1} step {i + 1}/{steps}",
-                            saved)
+          raise interrupted(stop.requested or "another process's signal",
+                            f"epoch {epoch + 1} step {i + 1}/{steps}", saved)
       step_metrics = (done_steps if first else []) + jax.device_get(step_metrics)
       train_metrics = guards.epoch_train_metrics(step_metrics)
       bad = guards.first_nonfinite(step_metrics)
@@ -284,12 +304,14 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
         on_epoch(record)
       best_params.offer(record, lambda: runner.get_state(state).reranker.params)
       saved = None
+      stopping = distributed.any_process(stop.requested is not None)
       if ((epoch + 1) % config.checkpoint_every_epochs == 0
-          or epoch + 1 == config.num_epochs or stop.requested):
+          or epoch + 1 == config.num_epochs or stopping):
         saved = save(epoch, {})
         best_params.checkpointed()
-      if stop.requested:
-        raise interrupted(stop.requested, f"the end of epoch {epoch + 1}", saved)
+      if stopping:
+        raise interrupted(stop.requested or "another process's signal",
+                          f"the end of epoch {epoch + 1}", saved)
 
   best = max(history, key=lambda r: r["valid"][SELECT_METRIC] or -np.inf)
   retriever = evaluate_retriever(test, k=config.eval_k,

@@ -50,6 +50,18 @@ flags.DEFINE_bool("check_flags", False,
                   "Validate every flag and the configs they make, print them, and exit "
                   "without touching data or devices (e.g. before queueing a batch job).")
 flags.DEFINE_string("workdir", None, "Where metrics, checkpoints and results go.")
+flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                  "Multi-process runs (dnr_jax.distributed): auto connects with the "
+                  "flags below when given, else where JAX detects a cluster (SLURM, "
+                  "MPI, Cloud TPU pod) with several processes; on always connects; "
+                  "off never does.")
+flags.DEFINE_string("coordinator_address", None,
+                    "HOST:PORT of process 0's coordination service (multi-process).")
+flags.DEFINE_integer("num_processes", None, "Processes in the multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes-1.")
+flags.DEFINE_list("local_device_ids", None,
+                  "Local accelerators this process uses (e.g. one GPU per process: "
+                  "its local rank); default all.")
 flags.DEFINE_string("compilation_cache", "~/.cache/dnr_jax/xla",
                     "JAX's persistent compilation cache ('' turns it off): the seeds and "
                     "sweep points of an experiment compile the same programs, so all "
@@ -316,8 +328,26 @@ class _QuietLibraries:
     return record.levelno > 20 or not any(p in record.pathname for p in _CHATTY)
 
 
+def distributed_config_from_flags():
+  """The ``DistributedConfig`` the flags describe; fails at once on bad values."""
+  from dnr_jax import distributed  # pylint: disable=g-import-not-at-top
+  ids = FLAGS.local_device_ids
+  try:
+    ids = tuple(int(i) for i in ids) if ids is not None else None
+  except ValueError as e:
+    raise errors.ConfigError(
+        f"--local_device_ids={','.join(ids)} must be integers") from e
+  config = distributed.DistributedConfig(
+      mode=FLAGS.distributed, coordinator_address=FLAGS.coordinator_address,
+      num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+      local_device_ids=ids)
+  config.validate()
+  return config
+
+
 def setup() -> None:
-  """Process set-up of every binary: logging, and the compilation cache.
+  """Process set-up of every binary: logging, the compilation cache, and joining a
+  multi-process run (``dnr_jax.distributed``) before any JAX computation.
 
   Per-epoch progress lines stay readable: library chatter is filtered out.
   """
@@ -334,6 +364,10 @@ def setup() -> None:
   py_logging.getLogger("absl").addFilter(_QuietLibraries())
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.disable_progress_bar()   # the builders log their own progress lines
+  dist = distributed_config_from_flags()
+  if not FLAGS.check_flags:   # --check_flags touches no device
+    from dnr_jax import distributed  # pylint: disable=g-import-not-at-top
+    distributed.initialize(dist)
 
 
 def overrides_from_flags() -> dict:
@@ -384,7 +418,7 @@ def main(argv) -> None:
   """The data binaries' body: flags -> DataConfig + experiment -> lists -> results."""
   import jax  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
-  from dnr_jax import experiment  # pylint: disable=g-import-not-at-top
+  from dnr_jax import distributed, experiment  # pylint: disable=g-import-not-at-top
   from dnr_jax.data import prepare  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -404,7 +438,11 @@ def main(argv) -> None:
     return
   logging.info("JAX %s on %d %s device(s)", jax.__version__, jax.local_device_count(),
                jax.default_backend())
-  data = prepare.prepare_lists(data_config)
+  # Process 0 prepares (and caches) the lists first; the others then read its cache
+  # or, on a file system of their own, repeat the same deterministic preparation.
+  data = distributed.primary_first(lambda: prepare.prepare_lists(data_config),
+                                   "prepare_lists")
+  distributed.check_same(distributed.fingerprint(data.splits), "the prepared lists")
   out = experiment.run_experiment(exp, data, FLAGS.workdir)
   print(out["table"])
   print(f"outputs: {FLAGS.workdir}")

@@ -69,7 +69,7 @@ def data_config_from_flags() -> own_lists.OwnListsConfig:
 
 def run(argv) -> None:
   import jax  # pylint: disable=g-import-not-at-top
-  from dnr_jax import experiment  # pylint: disable=g-import-not-at-top
+  from dnr_jax import distributed, experiment  # pylint: disable=g-import-not-at-top
   from dnr_jax.data import own_lists_sample, raw  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -87,19 +87,28 @@ def run(argv) -> None:
     return
   logging.info("JAX %s on %d %s device(s)", jax.__version__, jax.local_device_count(),
                jax.default_backend())
-  if data_config.lists is None:
-    lists, inter = own_lists_sample.ensure_example(
-        data_config.data_dir or raw.default_data_dir(), own_lists_sample.ExampleConfig(
-            num_users=FLAGS.example_users, num_items=FLAGS.example_items,
-            lists_per_user=FLAGS.example_lists_per_user))
-    logging.warning("no --lists given: using the GENERATED example %s (NOT real data)",
-                    lists)
-    data_config = dataclasses.replace(data_config, lists=lists, interactions=inter)
-  data = own_lists.prepare_own_lists(data_config)
-  os.makedirs(FLAGS.workdir, exist_ok=True)
-  record = own_lists.save_for_run(FLAGS.workdir, data_config,
-                                  data.report["vocab_dir"])
-  logging.info("vocabulary and data config for reranking: %s", record)
+
+  def prepare(data_config):
+    if data_config.lists is None:
+      lists, inter = own_lists_sample.ensure_example(
+          data_config.data_dir or raw.default_data_dir(),
+          own_lists_sample.ExampleConfig(
+              num_users=FLAGS.example_users, num_items=FLAGS.example_items,
+              lists_per_user=FLAGS.example_lists_per_user))
+      logging.warning("no --lists given: using the GENERATED example %s (NOT real "
+                      "data)", lists)
+      data_config = dataclasses.replace(data_config, lists=lists, interactions=inter)
+    return data_config, own_lists.prepare_own_lists(data_config)
+
+  # Multi-process: process 0 prepares first (dnr_jax.distributed.primary_first).
+  data_config, data = distributed.primary_first(lambda: prepare(data_config),
+                                                "prepare_own_lists")
+  distributed.check_same(distributed.fingerprint(data.splits), "the prepared lists")
+  if distributed.is_primary():
+    os.makedirs(FLAGS.workdir, exist_ok=True)
+    record = own_lists.save_for_run(FLAGS.workdir, data_config,
+                                    data.report["vocab_dir"])
+    logging.info("vocabulary and data config for reranking: %s", record)
   # Every run's bundle carries them too: experiments.rerank --checkpoint=<run dir>.
   out = experiment.run_experiment(exp, data, FLAGS.workdir, bundle_assets={
       "data_config": dataclasses.asdict(data_config),

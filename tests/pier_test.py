@@ -15,10 +15,12 @@ import pytest
 
 from dnr_jax import batch as batch_lib
 from dnr_jax import config as config_lib
+from dnr_jax import metrics as metrics_lib
 from dnr_jax import pier
 from dnr_jax import pipeline
 from dnr_jax import step as step_lib
 from dnr_jax import synthetic
+from dnr_jax import train as train_lib
 
 B, N, H, ITEMS = 4, 7, 8, 30
 
@@ -187,6 +189,23 @@ def test_fpsm_rerank_and_permutation_logits(model):
         CFG, backbone="prm"), b)
 
 
+def test_fpsm_logits_rank_each_list_by_its_search(model):
+  params, _ = model
+  cfg = dataclasses.replace(CFG, fpsm_permutations=4, fpsm_top_k=2)
+  arrays = pipeline.complete(jax.tree.map(np.asarray, _batch().as_dict()))
+  logits = pier.fpsm_logits(params, cfg, arrays, 2, seed=5)   # two batches of 2
+  chex.assert_shape(logits, (B, N))
+  rerank = jax.jit(lambda k, b: pier.fpsm_rerank(k, params, cfg, b, num_permutations=4,
+                                                  top_k=2))
+  for i in range(2):
+    part = batch_lib.ListBatch.from_arrays(
+        {k: v[2 * i:2 * i + 2] for k, v in arrays.items()})
+    r = rerank(jax.random.fold_in(jax.random.PRNGKey(5), i), part)
+    np.testing.assert_array_equal(
+        np.argsort(-np.asarray(logits[2 * i:2 * i + 2]), -1, kind="stable"),
+        r.permutation)
+
+
 DATA = synthetic.generate(synthetic.SyntheticConfig(
     num_users=20, num_items=30, list_size=6, history_size=6, num_lists=(32, 8, 8)))
 
@@ -234,3 +253,33 @@ def test_config_checks_the_window():
   with pytest.raises(ValueError, match="model.pier_window=0"):
     config_lib.validate(_train_config("c_score", model=dataclasses.replace(
         _train_config("c_score").model, pier_window=0)))
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(backbone="prm", fpsm_permutations=8), "needs model.backbone='pier'"),
+    (dict(fpsm_permutations=1), "fpsm_permutations=1 must be >= 2"),
+    (dict(fpsm_permutations=4, fpsm_top_k=5), "fpsm_top_k=5"),
+])
+def test_config_checks_fpsm(fields, message):
+  cfg = _train_config("c_score")
+  with pytest.raises(ValueError, match=message):
+    config_lib.validate(dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, **fields)))
+
+
+@pytest.mark.slow
+def test_fpsm_evaluation_end_to_end():
+  # A table row with FPSM ranking: its test metrics are those of the searched
+  # permutations of the trained model's lists.
+  cfg = _train_config("c_score", num_epochs=1, eval_shuffled_scores=False)
+  cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+      cfg.model, fpsm_permutations=4, fpsm_top_k=2))
+  result = train_lib.train_and_evaluate(cfg, DATA, devices=tuple(jax.devices()[:2]))
+  test = pipeline.complete(DATA.splits["test"])
+  model = train_lib.with_data_vocab(cfg, DATA).model
+  logits = pier.fpsm_logits(result["final_state"].reranker.params, model, test, 16)
+  per_list = metrics_lib.list_metrics(logits, jnp.asarray(test["labels"]),
+                                      jnp.asarray(test["mask"]), k=cfg.eval_k,
+                                      map_normaliser=cfg.map_normaliser)
+  expect = metrics_lib.means(metrics_lib.weighted_sums(per_list))
+  assert result["test"]["ndcg"] == pytest.approx(float(expect["ndcg"]), abs=1e-6)

@@ -114,10 +114,24 @@ def test_collapse_to_constant_scores_is_a_warning():
   constant = np.array([[0.3, 0.3, 0.3, 9.0], [-1.0, -1.0, 5.0, 5.0]])
   assert guards.logit_spread(constant, mask) == 0.0
   assert "collapsed to constant scores" in guards.collapse_warning(
-      {"logit_std": guards.logit_spread(constant, mask)})
+      {"logit_spread": guards.logit_spread(constant, mask)})
+  # Blown-up logits that differ only by float32 rounding are constant too.
+  huge = np.float32(1e8) + np.array([[0, 8, 0, 0], [8, 16, 0, 0]], np.float32)
+  assert "collapsed" in guards.collapse_warning(
+      {"logit_spread": guards.logit_spread(huge, mask)})
   spread = np.array([[0.1, 0.5, 0.9, 0.0], [1.0, -1.0, 0.0, 0.0]])
-  assert guards.collapse_warning({"logit_std": guards.logit_spread(spread, mask)}) is None
-  assert "not finite" in guards.collapse_warning({"logit_std": float("nan")})
+  assert guards.collapse_warning(
+      {"logit_spread": guards.logit_spread(spread, mask)}) is None
+  assert "not finite" in guards.collapse_warning({"logit_spread": float("nan")})
+
+
+@pytest.mark.slow
+def test_a_collapsed_run_warns_in_its_record(tmp_path):
+  result = train.train_and_evaluate(_config(num_epochs=1, learning_rate=100.0), DATA,
+                                    str(tmp_path), devices=DEVICES)
+  assert "collapsed to constant scores" in result["history"][0]["warnings"][0]
+  row = _strict_json((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+  assert row["warnings"] == result["history"][0]["warnings"]
 
 
 def test_failed_runs_are_failed_rows_and_the_experiment_fails(tmp_path):
@@ -137,6 +151,15 @@ def test_failed_runs_are_failed_rows_and_the_experiment_fails(tmp_path):
   out = experiment.run_experiment(dataclasses.replace(exp, allow_failed_runs=True),
                                   DATA, str(tmp_path / "allowed"))
   assert out["summary"][0]["failed"]
+
+
+def test_a_collapsed_seed_is_flagged_in_the_table(tmp_path):
+  test = {key: 0.5 for key, _ in experiment.COLUMNS}
+  rows = [{"backbone": "prm", "method": "c_score", "seed": s, "test": test,
+           "warnings": ["collapsed"] if s == 1 else []} for s in (0, 1)]
+  md = experiment.write_table(experiment.summarize(rows, 6), 6, str(tmp_path / "r.md"),
+                              str(tmp_path / "r.csv"), "t")
+  assert "WARNING: scores collapsed or not finite (seed 1)" in md
 
 
 # ---------------------------------------------------------------- resume checks
@@ -296,7 +319,7 @@ def _child(workdir, sig_at_step=0, sig=0, kill_at_epoch=0):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   return subprocess.run([sys.executable, "-c", _CHILD, str(workdir), str(sig_at_step),
                          str(sig), str(kill_at_epoch)], env=env, capture_output=True,
-                        text=True, timeout=600)
+                        text=True, timeout=1200)
 
 
 def _tb_scalars(logdir):
@@ -324,18 +347,17 @@ def _strip(history):
 def test_killed_and_terminated_runs_end_as_an_uninterrupted_one(tmp_path):
   ref, run = tmp_path / "ref", tmp_path / "run"
   assert _child(ref).returncode == 0
-  # SIGKILL after epoch 1's metrics row (no checkpoint before epoch 2), SIGTERM
-  # mid-epoch 2 (a mid-epoch checkpoint), SIGKILL mid-epoch 2 (after the resume, before
-  # the next checkpoint: a partly trained epoch is lost), SIGKILL after epoch 2's row
-  # (before its checkpoint), then to the end.
+  # SIGKILL mid-epoch 1 (nothing saved yet), then after epoch 1's metrics row
+  # (no checkpoint before epoch 2), SIGTERM mid-epoch 2 (a mid-epoch checkpoint),
+  # SIGKILL after epoch 2's row (before its checkpoint), then to the end.
+  kill = _child(run, sig_at_step=2, sig=signal.SIGKILL)
+  assert kill.returncode == -signal.SIGKILL
   assert _child(run, kill_at_epoch=1).returncode == -signal.SIGKILL
   assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
   term = _child(run, sig_at_step=6, sig=signal.SIGTERM)
   assert term.returncode != 0, term.stderr[-2000:]
   assert "Interrupted: training stopped by SIGTERM at epoch 2 step 2/4" in term.stderr
   assert glob.glob(str(run / "checkpoints" / "6"))
-  kill = _child(run, sig_at_step=1, sig=signal.SIGKILL)
-  assert kill.returncode == -signal.SIGKILL
   assert _child(run, kill_at_epoch=2).returncode == -signal.SIGKILL
   last = _child(run)
   assert last.returncode == 0, last.stderr[-2000:]
