@@ -43,8 +43,10 @@ RESUME_MODES = config_lib.RESUME_MODES
 # program (pmap and shard_map run the same body on the same host state), the
 # guards and the resume policy itself. ``num_epochs`` may grow (train on from the
 # checkpoint; the model's schedule depends on ``warmup_epochs``, not on it); a
-# resume below the checkpoint's epoch is refused in ``restore_latest``.
-RESUMABLE_FIELDS = ("num_epochs", "log_every_steps", "checkpoint_every_epochs",
+# resume below the checkpoint's epoch is refused in ``restore_latest``. The early-
+# stopping settings decide when training stops, not what an epoch computes.
+RESUMABLE_FIELDS = ("num_epochs", "early_stopping_patience", "early_stopping_min_delta",
+                    "log_every_steps", "checkpoint_every_epochs",
                     "keep_checkpoints", "eval_batch_size", "compile", "nonfinite",
                     "resume")
 _TMP_MARK = ".orbax-checkpoint-tmp"

@@ -112,7 +112,12 @@ class TrainConfig:
   # over. ``use_generator=False`` never switches (the "heuristic only" rows).
   warmup_epochs: int = 40
   use_generator: bool = True
-  num_epochs: int = 50
+  num_epochs: int = 50           # with early stopping: the maximum
+  # Training to convergence (dnr_jax.early_stopping): stop after this many epochs
+  # without a validation NDCG@K gain of more than early_stopping_min_delta (never
+  # before a DNR run's generator has had as many epochs); 0: train num_epochs.
+  early_stopping_patience: int = 0
+  early_stopping_min_delta: float = 0.0
   global_batch_size: int = 2048  # paper: 2048, across all devices
   learning_rate: float = 1e-3
   weight_decay: float = 1e-3
@@ -327,6 +332,10 @@ def validate(config: TrainConfig, *, list_size: Optional[int] = None,
   _check(ls.lx_bandwidth > 0, f"loss.lx_bandwidth={ls.lx_bandwidth} must be > 0")
   _check(config.warmup_epochs >= 0, f"warmup_epochs={config.warmup_epochs} must be >= 0")
   _check(config.num_epochs >= 1, f"num_epochs={config.num_epochs} must be >= 1")
+  _check(config.early_stopping_patience >= 0,
+         f"early_stopping_patience={config.early_stopping_patience} must be >= 0")
+  _check(config.early_stopping_min_delta >= 0,
+         f"early_stopping_min_delta={config.early_stopping_min_delta} must be >= 0")
   _check(config.global_batch_size >= 1,
          f"global_batch_size={config.global_batch_size} must be >= 1")
   for name in ("learning_rate", "generator_learning_rate"):

@@ -8,9 +8,10 @@ test), then writes
   (``tb/``, written with tensorboardX: no TensorFlow needed), orbax checkpoints, and
   ``bundle/``: the selected epoch's reranker as ``serving`` loads it (what
   ``experiments.rerank --checkpoint=<run dir>`` reads);
-* ``results.md`` and ``results.csv``: mean +- std over seeds of HR/NDCG/MAP/F1@K and
-  AUC, in percent, with the retriever's own ranking as a row, and the paired t-test
-  p-value (over seeds) of each DNR row against the best baseline of its backbone;
+* ``results.md`` and ``results.csv``: mean +- std over seeds of H/NDCG/MAP/F1@K, AUC
+  and the binary hit HR-any@K, in percent, with the retriever's own ranking as a row,
+  and the paired t-test p-value (over seeds) of each DNR row against the best
+  baseline of its backbone;
 * ``plots/``: learning curves, the paper's Figure 5 (density of real retriever noise
   ``x - z`` beside Gaussian, Beta and the learned generator's ``x' - z``) and, with a
   sweep, Figure 3 (sensitivity to one hyper-parameter).
@@ -46,8 +47,11 @@ from dnr_jax.data import types
 from dnr_jax.errors import ConfigError
 
 # (key in the metrics dicts, column header)
+# H@K is the paper's hit ratio (hits / max(K, #positives), dnr_jax.metrics); HR-any@K
+# the binary "some positive in the top K".
 COLUMNS = (("hr", "H@{k}"), ("ndcg", "N@{k}"), ("map", "M@{k}"), ("f1", "F1@{k}"),
-           ("global_auc", "AUC"), ("ndcg_shuffled_scores", "N@{k}, scores shuffled"))
+           ("global_auc", "AUC"), ("hit_any", "HR-any@{k}"),
+           ("ndcg_shuffled_scores", "N@{k}, scores shuffled"))
 # The rows DNR is tested against: no generated scores at all. Every other row (the
 # heuristic-only ones, DNR and its ablations, variants of them) gets a p-value against
 # the best of these.
@@ -234,8 +238,8 @@ def _run_one(cfg: config_lib.TrainConfig, data: types.PreparedLists, run_dir: st
   if not primary:
     return result
   with open(os.path.join(run_dir, "result.json"), "w") as f:
-    json.dump({k: result[k] for k in ("best_epoch", "valid", "test", "retriever")}, f,
-              indent=2)
+    json.dump({k: result[k] for k in ("best_epoch", "valid", "test", "retriever",
+                                      "stop_reason", "under_trained")}, f, indent=2)
   train_split = data.splits["train"]
   serving.save_bundle(os.path.join(run_dir, serving.RUN_BUNDLE),
                       serving.Bundle.from_result(
@@ -266,7 +270,9 @@ def summarize(rows: list[dict], k: int) -> list[dict]:
 
   Returns:
     One dict per (backbone, method): ``mean``/``std`` per metric key, ``n_seeds``,
-    and for every row that is not a baseline (``BASELINES``) nor the retriever:
+    ``under_trained_seeds`` (the seeds whose best epoch was the last of
+    ``num_epochs``: still improving when training ended), and for every row that is
+    not a baseline (``BASELINES``) nor the retriever:
     ``p_vs`` (the best baseline of its backbone by mean NDCG), ``delta_ndcg`` (the
     mean paired NDCG difference to it) and ``p_value`` (two-sided paired t-test over
     the seeds both ran).
@@ -294,6 +300,7 @@ def summarize(rows: list[dict], k: int) -> list[dict]:
       row["mean"][key] = float(vals.mean())
       row["std"][key] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
     row["per_seed_ndcg"] = [r["test"]["ndcg"] for r in rs]
+    row["under_trained_seeds"] = [r["seed"] for r in rs if r.get("under_trained")]
     # The selected epoch of these seeds warned (e.g. scores collapsed to a constant).
     row["warned_seeds"] = [r["seed"] for r in rs if r.get("warnings")]
     out.append(row)
@@ -357,6 +364,13 @@ def write_table(summary: list[dict], k: int, path_md: str, path_csv: str,
                  + [r.get("p_vs", ""),
                     "" if p is None else f"{100 * r['delta_ndcg']:.4f}",
                     "" if p is None else p])
+  under = [r for r in summary if r.get("under_trained_seeds")]
+  if under:
+    lines += [""] + [
+        f"WARNING: {r['backbone']} / {r['method']}: the best validation epoch is the "
+        f"last epoch in seed(s) {', '.join(map(str, r['under_trained_seeds']))}: "
+        "possibly under-trained (raise --num_epochs or set --early_stopping_patience)."
+        for r in under]
   md = "\n".join(lines) + "\n"
   if write:
     with open(path_md, "w") as f:
@@ -510,6 +524,8 @@ def run_experiment(experiment: ExperimentConfig, data: types.PreparedLists,
     rows.append({"backbone": backbone, "method": method, "seed": seed,
                  "test": result["test"], "valid": result["valid"],
                  "best_epoch": result["best_epoch"], "config": result["config"],
+                 "under_trained": result["under_trained"],
+                 "stop_reason": result["stop_reason"],
                  "warnings": selected.get("warnings", [])})
     histories.setdefault((backbone, method), []).append(result["history"])
     retriever = result["retriever"]

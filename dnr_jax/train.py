@@ -3,9 +3,11 @@
 Epochs follow Algorithm 1's schedule (``step.phase_for_epoch``). After every epoch
 the reranker is evaluated on the validation and test lists with the *real* retriever
 scores; the model is selected by validation NDCG@K and the test metrics reported are
-those of the selected epoch. With a ``workdir`` the loop writes ``metrics.jsonl``
-(one JSON object per epoch) and orbax checkpoints of the whole state (both players,
-optimiser states, key, step) and resumes from the latest one when restarted.
+those of the selected epoch. With ``early_stopping_patience`` the loop stops once the
+validation metric stops improving (``dnr_jax.early_stopping``). With a ``workdir`` the
+loop writes ``metrics.jsonl`` (one JSON object per epoch) and orbax checkpoints of the
+whole state (both players, optimiser states, key, step), plus the selected epoch's
+state in ``checkpoints_best/``, and resumes from the latest one when restarted.
 
 Multi-process (``dnr_jax.distributed``): every process runs this loop on the same
 lists and feeds its own share of each batch; evaluation sums over all processes, so
@@ -31,10 +33,10 @@ from dnr_jax import batch as batch_lib
 from dnr_jax import checkpoints as checkpoints_lib
 from dnr_jax import config as config_lib
 from dnr_jax import distributed
+from dnr_jax import early_stopping
 from dnr_jax import errors
 from dnr_jax import guards
 from dnr_jax import metrics as metrics_lib
-from dnr_jax import params_io
 from dnr_jax import pier
 from dnr_jax import pipeline
 from dnr_jax import preemption
@@ -126,11 +128,12 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
 
   Returns:
     ``{"config", "history", "best_epoch", "valid", "test", "retriever", "data",
-    "final_state", "best_params"}``: per-epoch records, the selected epoch (by
-    validation NDCG@K), its validation and test metrics, the retriever's own ranking
-    on the test lists, the last state and a host copy of the reranker parameters of
-    the selected epoch (what ``serving`` bundles; with a ``workdir`` they survive a
-    restart in ``<workdir>/best_params/``).
+    "stop_reason", "under_trained", "best_state", "final_state", "best_params"}``: per-epoch
+    records, the selected epoch (by validation NDCG@K), its validation and test
+    metrics, the retriever's own ranking on the test lists, why training ended,
+    whether the selected epoch was the last of ``num_epochs`` (still improving), the
+    selected epoch's state (host copy: the model to use) and the last epoch's, and
+    ``best_params``, that state's reranker parameters (what ``serving`` bundles).
   """
   config = with_data_vocab(config, data)
   runner = step_lib.Runner(config, devices or ())
@@ -172,13 +175,13 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
   ckpt = checkpoints_lib.Checkpoints(
       os.path.join(workdir, "checkpoints"), config.keep_checkpoints,
       config) if workdir else None
+  # The selected epoch's state: kept on the host while training, and on disk so that
+  # a resumed run still reports the model of an epoch before the restart.
+  best_ckpt = checkpoints_lib.Checkpoints(
+      os.path.join(workdir, "checkpoints_best"), 1, config) if workdir else None
+  best_state = None
   restored = (ckpt.restore_latest(state, num_epochs=config.num_epochs)
               if ckpt is not None else None)
-  # The selected epoch's reranker, kept on disk as it appears: its orbax checkpoint
-  # may be gone (keep_checkpoints) by the end of the run.
-  best_params = params_io.BestParams(
-      os.path.join(workdir, "best_params") if workdir else None, SELECT_METRIC,
-      keep=config.keep_checkpoints, writer=distributed.is_primary())
   if restored is not None:
     state, meta = restored
     history = list(meta["history"])
@@ -189,9 +192,6 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
       start_epoch, start_step = int(meta["epoch"]), int(meta["step_in_epoch"])
       done_steps = [{k: np.float32(np.nan if v is None else v) for k, v in m.items()}
                     for m in meta["epoch_steps"]]
-    # (A mid-epoch state is not the parameters of the history's last epoch.)
-    best_params.resume(history, None if start_step else (
-        lambda: state.reranker.params))
     logging.info("resumed from %s at epoch %d step %d", workdir, start_epoch + 1,
                  start_step)
   # One writer: every process holds the same record.
@@ -230,8 +230,14 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
 
   epoch_times: list[float] = []
   stop = preemption.StopRequests()
-  with stop, (ckpt or contextlib.nullcontext()):
+  # Early stopping's state is a function of the history, so a resumed run continues
+  # (or stays stopped) exactly where it was.
+  stopping = early_stopping.status(history, config, metric=SELECT_METRIC)
+  with stop, (ckpt or contextlib.nullcontext()), (
+      best_ckpt or contextlib.nullcontext()):
     for epoch in range(start_epoch, config.num_epochs):
+      if stopping.stop:
+        break
       phase = step_lib.phase_for_epoch(config, epoch)
       t0 = time.time()
       first = start_step if epoch == start_epoch else 0
@@ -302,27 +308,59 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
           f.write(guards.dumps(record) + "\n")
       if on_epoch:
         on_epoch(record)
-      best_params.offer(record, lambda: runner.get_state(state).reranker.params)
+      stopping = early_stopping.status(history, config, metric=SELECT_METRIC)
+      if stopping.best_epoch == epoch + 1:
+        best_state = runner.get_state(state)
+        # (A rerun of an epoch after a crash finds its own save there already.)
+        if best_ckpt is not None and (best_ckpt.latest() is None
+                                      or best_ckpt.latest() < int(best_state.step)):
+          best_ckpt.save(int(best_state.step), best_state, {"epoch": epoch})
       saved = None
-      stopping = distributed.any_process(stop.requested is not None)
+      signalled = distributed.any_process(stop.requested is not None)
       if ((epoch + 1) % config.checkpoint_every_epochs == 0
-          or epoch + 1 == config.num_epochs or stopping):
+          or epoch + 1 == config.num_epochs or signalled or stopping.stop):
         saved = save(epoch, {})
-        best_params.checkpointed()
-      if stopping:
+      if signalled:
         raise interrupted(stop.requested or "another process's signal",
                           f"the end of epoch {epoch + 1}", saved)
 
-  best = max(history, key=lambda r: r["valid"][SELECT_METRIC] or -np.inf)
+    logging.info("training ended: %s", stopping.reason or
+                 f"stopped after epoch {len(history)}; best epoch "
+                 f"{stopping.best_epoch}")
+    if stopping.under_trained:
+      logging.warning("best epoch %d of %d is the last one: the model may be "
+                      "under-trained (raise num_epochs, or set "
+                      "early_stopping_patience)", stopping.best_epoch, len(history))
+    best = history[stopping.best_epoch - 1]
+    final_state = runner.get_state(state)
+    if best["epoch"] == len(history):
+      best_state = final_state
+    elif best_state is None and best_ckpt is not None \
+        and best_ckpt.latest() is not None:
+      saved_best, meta = best_ckpt.restore(best_ckpt.latest(), final_state)
+      if int(meta["epoch"]) == best["epoch"] - 1:
+        best_state = saved_best
+    if best_state is None:
+      # A work directory from before checkpoints_best existed: the best epoch's
+      # parameters are gone.
+      logging.warning("the state of the best epoch %d is not available (resumed "
+                      "from an older checkpoint); best_state is the last epoch's",
+                      best["epoch"])
+      best_state = final_state
   retriever = evaluate_retriever(test, k=config.eval_k,
                                  map_normaliser=config.map_normaliser,
                                  num_items=data.num_items)
   result = {"config": dataclasses.asdict(config), "history": history,
             "best_epoch": best["epoch"], "valid": best["valid"], "test": best["test"],
             "retriever": retriever, "data": {"name": data.name, "is_real": data.is_real},
-            "final_state": runner.get_state(state), "best_params": best_params.params}
+            "stop_reason": stopping.reason, "under_trained": stopping.under_trained,
+            "best_state": best_state, "final_state": final_state,
+            # What serving bundles: the selected epoch's reranker (host copy).
+            "best_params": (best_state.reranker.params if best_state is not None
+                            else None)}
+  # hr is the paper's H@K (hits / max(K, #positives)); hit_any the binary hit.
   logging.info("best epoch %d by valid %s@%d: test %s | retriever %s", best["epoch"],
                SELECT_METRIC, config.eval_k,
-               _fmt(best["test"], ("hr", "ndcg", "map", "f1", "auc")),
-               _fmt(retriever, ("hr", "ndcg", "map", "f1", "auc")))
+               _fmt(best["test"], ("hr", "hit_any", "ndcg", "map", "f1", "auc")),
+               _fmt(retriever, ("hr", "hit_any", "ndcg", "map", "f1", "auc")))
   return result

@@ -95,7 +95,7 @@ _FLAGFILE_BINARY = {
     "investigation_kuairand": "kuairand", "demo_movielens": "movielens",
     "movielens_1m": "movielens", "movielens_100k": "movielens",
     "investigation_movielens": "movielens", "investigation_synthetic": "synthetic",
-    "lists_example": "lists",
+    "investigation_rows": "kuairand", "lists_example": "lists",
 }
 
 

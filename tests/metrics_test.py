@@ -23,7 +23,8 @@ def _one(logits, labels, mask=None, k=3, **kw):
 def test_hand_case_with_ties_broken_by_retriever_rank():
   # All logits tie: the retriever order (positions 0, 1, 2, ...) is the ranking.
   m = _one([0.0, 0.0, 0.0, 0.0], [0, 1, 0, 1], k=2)
-  assert m["hr"] == 1.0
+  # One hit in the top 2, two positives: the paper's H@2 = 1 / max(2, 2).
+  assert m["hr"] == 0.5 and m["hit_any"] == 1.0
   assert m["precision"] == 0.5 and m["recall"] == 0.5
   np.testing.assert_allclose(m["f1"], 0.5)
   # DCG = 1/log2(3); IDCG = 1 + 1/log2(3).
@@ -40,12 +41,12 @@ def test_hand_case_with_ties_broken_by_retriever_rank():
 def test_padding_never_counts_even_with_huge_logits():
   m = _one([9.0, 1.0, 100.0, 0.5], [0, 1, 1, 0], mask=[True, True, False, True], k=1)
   # The padded positive with logit 100 is ignored: top-1 is item 0 (a negative).
-  assert m["hr"] == 0.0 and m["ndcg"] == 0.0
+  assert m["hr"] == 0.0 and m["hit_any"] == 0.0 and m["ndcg"] == 0.0
   assert m["recall"] == 0.0
   np.testing.assert_allclose(m["auc"], 0.5)   # pairs: (1 vs 0) wrong, (1 vs 3) right
   # Precision divides by min(K, #valid): a list shorter than K is not penalised.
   short = _one([1.0, 0.0, 5.0], [1, 1, 0], mask=[True, True, False], k=3)
-  assert short["precision"] == 1.0 and short["ndcg"] == 1.0
+  assert short["precision"] == 1.0 and short["ndcg"] == 1.0 and short["hr"] == 1.0
 
 
 def test_list_without_positive_is_excluded():
@@ -54,12 +55,35 @@ def test_list_without_positive_is_excluded():
   per = metrics.list_metrics(logits, labels, jnp.ones((2, 2), bool), k=1)
   np.testing.assert_array_equal(per["weight"], [0.0, 1.0])
   means = metrics.means(jax.device_get(metrics.weighted_sums(per)))
-  assert means["ndcg"] == 1.0 and means["hr"] == 1.0
+  assert means["ndcg"] == 1.0 and means["hr"] == 1.0 and means["hit_any"] == 1.0
+
+
+@pytest.mark.parametrize("logits, labels, k, hr, hit_any, f1", [
+    # 8 candidates, 2 positives ranked 1st and 4th, K = 6: the paper's H@6 counts
+    # hits / K = 2/6; the binary hit is 1; precision 2/6, recall 1, F1 = 1/2.
+    ([8, 7, 6, 5, 4, 3, 2, 1], [1, 0, 0, 1, 0, 0, 0, 0], 6, 2 / 6, 1.0, 0.5),
+    # 8 positives of 8 and K = 6: 6 hits / max(6, 8) = 3/4 (= recall here), F1 6/7.
+    ([8, 7, 6, 5, 4, 3, 2, 1], [1] * 8, 6, 6 / 8, 1.0, 2 * 1 * 0.75 / 1.75),
+    # One positive, ranked 3rd, K = 2: no hit at all.
+    ([3, 2, 1, 0], [0, 0, 1, 0], 2, 0.0, 0.0, 0.0),
+    # One positive at the top, K = 6: H = 1/6 though the ranking is perfect; the
+    # paper's lists have several positives (its H@6 < F1@6 in every row, see the
+    # metrics docstring), which this reproduces: 1/6 < F1 = 2 * (1/6) / (7/6) = 2/7.
+    ([5, 4, 3, 2, 1, 0, -1, -2], [1, 0, 0, 0, 0, 0, 0, 0], 6, 1 / 6, 1.0, 2 / 7),
+])
+def test_paper_hit_ratio_and_binary_hit_hand_cases(logits, labels, k, hr, hit_any, f1):
+  m = _one(logits, labels, k=k)
+  np.testing.assert_allclose(m["hr"], hr, rtol=1e-6)
+  assert m["hit_any"] == hit_any
+  np.testing.assert_allclose(m["f1"], f1, rtol=1e-6)
+  # The paper's H never exceeds F1 when there are at most K positives.
+  assert m["hr"] <= m["f1"] + 1e-7 or sum(labels) > k
 
 
 def _reference(logits, labels, mask, k):
   """A plain-Python reference of the per-list formulas."""
-  out = {n: [] for n in ("hr", "precision", "recall", "f1", "ndcg", "map", "auc")}
+  out = {n: [] for n in ("hr", "hit_any", "precision", "recall", "f1", "ndcg", "map",
+                         "auc")}
   for lg, y, m in zip(logits, labels, mask):
     idx = [i for i in sorted(range(len(lg)), key=lambda i: (-lg[i], i)) if m[i]]
     pos = sum(y[i] for i in idx)
@@ -68,7 +92,8 @@ def _reference(logits, labels, mask, k):
     top = [y[i] for i in idx[:k]]
     hits = sum(top)
     p, r = hits / min(k, len(idx)), hits / pos
-    out["hr"].append(float(hits > 0))
+    out["hr"].append(hits / max(min(k, len(idx)), pos))
+    out["hit_any"].append(float(hits > 0))
     out["precision"].append(p)
     out["recall"].append(r)
     out["f1"].append(2 * p * r / (p + r) if p + r else 0.0)

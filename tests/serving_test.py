@@ -14,7 +14,6 @@ import pytest
 from dnr_jax import config as config_lib
 from dnr_jax import errors
 from dnr_jax import metrics as metrics_lib
-from dnr_jax import params_io
 from dnr_jax import pipeline
 from dnr_jax import serving
 from dnr_jax import step as step_lib
@@ -56,41 +55,6 @@ def test_best_params_are_the_selected_epoch(run):
   again = train.evaluate(runner, _placed_state(runner, result["best_params"]), valid,
                          cfg.eval_batch_size, num_items=DATA.num_items)
   assert again["ndcg"] == result["valid"]["ndcg"]
-  files = os.listdir(os.path.join(run.workdir, "best_params"))
-  assert f"epoch{result['best_epoch']:05d}.msgpack" in files
-
-
-def _record(epoch, ndcg):
-  return {"epoch": epoch, "valid": {"ndcg": ndcg}}
-
-
-def test_best_params_files_survive_and_resume(tmp_path):
-  d = str(tmp_path / "best")
-  best = params_io.BestParams(d, "ndcg")
-  history = []
-  for epoch, ndcg in [(1, 0.5), (2, 0.7), (3, 0.6), (4, 0.65)]:
-    history.append(_record(epoch, ndcg))
-    best.offer(history[-1], lambda e=epoch: {"w": np.full(2, float(e))})
-    best.checkpointed()
-  assert best.epoch == 2 and best.params["w"][0] == 2.0
-  assert sorted(os.listdir(d)) == ["epoch00002.msgpack"]
-  # A restart from the checkpoint of epoch 3: the best file is found on disk.
-  again = params_io.BestParams(d, "ndcg")
-  again.resume(history[:3], lambda: {"w": np.zeros(2)})
-  assert again.epoch == 2 and again.params["w"][0] == 2.0
-  # A new best at the restored epoch whose file was never written: the restored
-  # state is that epoch's, so it is used (and written).
-  h = history[:2] + [_record(3, 0.9)]
-  again = params_io.BestParams(d, "ndcg")
-  again.resume(h, lambda: {"w": np.full(2, 3.0)})
-  assert again.epoch == 3 and again.params["w"][0] == 3.0
-  assert os.path.exists(os.path.join(d, "epoch00003.msgpack"))
-  # Files of epochs after the restored checkpoint are trained again: dropped.
-  again.resume(h[:2], lambda: {"w": np.zeros(2)})
-  assert not os.path.exists(os.path.join(d, "epoch00003.msgpack"))
-  os.remove(os.path.join(d, "epoch00002.msgpack"))
-  with pytest.raises(errors.CheckpointError, match="selected epoch 2"):
-    params_io.BestParams(d, "ndcg").resume(history[:3], lambda: {"w": np.zeros(2)})
 
 
 def test_bundle_round_trip_and_lookup(run, tmp_path):

@@ -69,3 +69,45 @@ def test_bad_batch_size_fails_before_training():
   with pytest.raises(ValueError, match="global_batch_size=100 is not divisible"):
     train.train_and_evaluate(_config("c_score", global_batch_size=100), DATA, None,
                              devices=tuple(jax.devices()[:8]))
+
+
+@pytest.mark.slow
+def test_early_stopping_selects_the_best_epoch_and_survives_a_restart(tmp_path):
+  devices = tuple(jax.devices()[:1])
+  small = dataclasses.replace(DATA, splits={
+      k: {f: v[:256] for f, v in split.items()} for k, split in DATA.splits.items()})
+  steps = 256 // 64
+  # A min_delta no real gain reaches: every epoch after the first is "stale", so the
+  # run stops after 1 + patience = 3 epochs, whatever the metric does.
+  cfg = _config("c_score", num_epochs=8, early_stopping_patience=2,
+                early_stopping_min_delta=0.5)
+  straight = train.train_and_evaluate(cfg, small, str(tmp_path / "a"), devices=devices)
+  assert [r["epoch"] for r in straight["history"]] == [1, 2, 3]
+  assert straight["stop_reason"].startswith("early stop after epoch 3")
+  assert not straight["under_trained"]
+  best = straight["best_epoch"]
+  valid = [r["valid"]["ndcg"] for r in straight["history"]]
+  assert best == 1 + int(np.argmax(valid))
+  assert straight["test"] == straight["history"][best - 1]["test"]
+  # The reported state is the selected epoch's, not the last one's.
+  assert int(straight["best_state"].step) == best * steps
+  assert int(straight["final_state"].step) == 3 * steps
+
+  # The same run interrupted after 2 epochs (its maximum then) and resumed with the
+  # full budget: the stopping state comes back from the checkpoint's history.
+  cut = train.train_and_evaluate(dataclasses.replace(cfg, num_epochs=2), small,
+                                 str(tmp_path / "b"), devices=devices)
+  assert cut["stop_reason"].startswith("reached the maximum of 2 epochs")
+  resumed = train.train_and_evaluate(cfg, small, str(tmp_path / "b"), devices=devices)
+  valid_of = lambda result: [r["valid"]["ndcg"] for r in result["history"]]
+  np.testing.assert_allclose(valid_of(resumed), valid, rtol=1e-5)
+  assert resumed["best_epoch"] == best and resumed["stop_reason"] == straight[
+      "stop_reason"]
+  assert int(resumed["best_state"].step) == best * steps
+  np.testing.assert_array_equal(
+      jax.tree.leaves(resumed["best_state"].reranker.params)[0],
+      jax.tree.leaves(straight["best_state"].reranker.params)[0])
+  # A stopped run stays stopped: restarting it trains nothing more.
+  again = train.train_and_evaluate(cfg, small, str(tmp_path / "b"), devices=devices)
+  assert again["history"] == resumed["history"]
+  assert int(again["final_state"].step) == 3 * steps

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from dnr_jax.data import dual_tower
 from dnr_jax.data import retriever as retriever_lib
 from dnr_jax.data import types
 from dnr_jax.data.csv_reader import DataError
@@ -208,6 +209,20 @@ def _by_user(log, rows):
   return rows, users, first, np.arange(len(rows)) - run_start
 
 
+# A trained retriever: MF's parameters or a dual tower.
+Retriever = retriever_lib.MFParams | dual_tower.DualTower
+
+
+def _retriever_view(log, params, users, rows):
+  """MF-shaped parameters and their user ids for lists of ``users`` starting at
+  ``rows``: MF's own, or one row per list with the dual tower's user tower on the
+  list's history (the user's positives before the list)."""
+  if isinstance(params, retriever_lib.MFParams):
+    return params, users
+  history, hmask = _histories(log, users, rows, params.history_size)
+  return params.as_mf(history, hmask, users), np.arange(len(users), dtype=np.int32)
+
+
 def _exposure(log, params, start, config):
   rows, users, first, pos_in_user = _by_user(log, np.arange(start, log.num_rows))
   new_list = first | (pos_in_user % config.list_size == 0)
@@ -223,7 +238,8 @@ def _exposure(log, params, start, config):
   mask[list_id, slot] = True
   list_user = users[new_list]
   list_row = rows[new_list]                     # the list's first impression
-  scores = np.where(mask, retriever_lib.score_lists(params, list_user, items), 0.0)
+  view, view_users = _retriever_view(log, params, list_user, list_row)
+  scores = np.where(mask, retriever_lib.score_lists(view, view_users, items), 0.0)
   return list_user, list_row, items, scores.astype(np.float32), labels, mask
 
 
@@ -252,7 +268,8 @@ def _retrieve(log, params, users, before_row, n, also_exclude=None, chunk=2048):
     seen, _ = _histories(log, users[sl], before_row[sl], size, index=index)
     if also_exclude is not None:
       seen = np.concatenate([seen, also_exclude[sl]], 1)
-    i, sc = retriever_lib.top_n(params, users[sl], seen, n)
+    view, view_users = _retriever_view(log, params, users[sl], before_row[sl])
+    i, sc = retriever_lib.top_n(view, view_users, seen, n)
     items.append(i)
     scores.append(sc)
   return np.concatenate(items), np.concatenate(scores)
@@ -294,7 +311,8 @@ def _paper(log, params, start, config):
   shown_label = np.where(wvalid, log.label[rows[widx]], 0).astype(np.float32)
   top, top_scores = _retrieve(log, params, list_user, list_row,
                               config.list_size - config.window, also_exclude=shown)
-  shown_scores = retriever_lib.score_lists(params, list_user, shown)
+  view, view_users = _retriever_view(log, params, list_user, list_row)
+  shown_scores = retriever_lib.score_lists(view, view_users, shown)
   items = np.concatenate([top, shown], 1)
   scores = np.concatenate([top_scores, np.where(wvalid, shown_scores, 0.0)], 1)
   labels = np.concatenate([np.zeros_like(top_scores), shown_label], 1)
@@ -363,14 +381,14 @@ def histogram_auc(pos_hist: np.ndarray, neg_hist: np.ndarray) -> float:
 SPLITS = ("train", "valid", "test")
 
 
-def build_shard(log: types.Interactions, params: retriever_lib.MFParams,
-                config: ListConfig, end: int) -> tuple[dict[str, np.ndarray], int]:
+def build_shard(log: types.Interactions, params: Retriever, config: ListConfig,
+                end: int) -> tuple[dict[str, np.ndarray], int]:
   """Lists of ``config.protocol`` from the rows of ``log`` at or after ``end``.
 
   Args:
     log: every row of some users (a shard, or the whole log), sorted by time; ids
       and feature tables of the whole data set.
-    params: the retriever, trained on rows before ``end`` only.
+    params: the retriever (MF or dual tower), trained on rows before ``end`` only.
     config: the list protocol.
     end: the retriever's cut (``retriever_end``), the same for every shard.
 
@@ -427,13 +445,13 @@ def check_report(report: dict[str, Any], name: str, protocol: str) -> None:
                       "scores are uninformative or inverted", name, auc, split)
 
 
-def build_lists(log: types.Interactions, params: retriever_lib.MFParams,
-                config: ListConfig, end: int | None = None) -> types.PreparedLists:
+def build_lists(log: types.Interactions, params: Retriever, config: ListConfig,
+                end: int | None = None) -> types.PreparedLists:
   """All lists of an in-memory log (``build_shard`` on the whole log, then ``assign``).
 
   Args:
     log: the (preprocessed) interaction log, sorted by time.
-    params: the retriever, trained on the rows before ``end``.
+    params: the retriever (MF or dual tower), trained on the rows before ``end``.
     config: the list protocol.
     end: the retriever's cut (default: ``retriever_end_of(log.time, config)``).
 

@@ -42,7 +42,8 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from dnr_jax.batch import FIELDS
-from dnr_jax.data import integrity, kuairand, lists, movielens, raw, samples, types
+from dnr_jax.data import (dual_tower, integrity, kuairand, lists, movielens, raw,
+                           samples, types)
 from dnr_jax.data import retriever as retriever_lib
 from dnr_jax.data import stream as stream_lib
 from dnr_jax.data.csv_reader import DataError
@@ -140,6 +141,11 @@ def cache_key(config: DataConfig) -> str:
   fields = dataclasses.asdict(config)
   for where in ("source_dir", "data_dir", "download", "shard_rows"):
     fields.pop(where)
+  if config.retriever.kind == "mf":
+    # Fields added with the dual tower: left out for MF, so the lists cached before
+    # it existed keep their keys (the dual tower's keys include them).
+    for where in ("kind", "tower_history"):
+      fields["retriever"].pop(where)
   if not config.is_sample:
     fields.pop("sample")
   return _digest({"config": fields, "lists_version": LISTS_VERSION,
@@ -208,16 +214,31 @@ def _utc(ms: int) -> str:
 
 
 def train_retriever(users: np.ndarray, items: np.ndarray, num_users: int,
-                    num_items: int, config: retriever_lib.RetrieverConfig):
-  """MF on the positives before the retriever's cut, in a canonical order.
+                    num_items: int, config: retriever_lib.RetrieverConfig, *,
+                    times: np.ndarray | None = None, features: dict | None = None,
+                    feature_vocab: tuple = ((), ())):
+  """The retriever (``config.kind``) on the positives before the retriever's cut.
 
-  Sorting by (user, item) makes the retriever independent of the order the log was
-  read in (file order, shards), so streamed and in-memory preparation agree.
+  Sorting by (user, item) (the dual tower: by user and time) makes the retriever
+  independent of the order the log was read in (file order, shards), so streamed
+  and in-memory preparation agree. The dual tower needs the positives' ``times``,
+  ``features`` (``user_features`` / ``item_features`` of the whole vocabulary) and
+  the feature columns' vocabulary sizes ``(user, item)``.
   """
+  logging.info("retriever (%s): %d positives before the cut", config.kind, len(users))
+  if config.kind == "dual_tower":
+    if times is None or features is None:
+      raise ValueError("the dual-tower retriever needs the positives' times and the "
+                       "feature tables")
+    return dual_tower.train(
+        users, items, times, num_users=num_users, num_items=num_items,
+        user_features=features["user_features"],
+        item_features=features["item_features"], user_feature_vocab=feature_vocab[0],
+        item_feature_vocab=feature_vocab[1], config=config)
   order = np.lexsort((items, users))
-  logging.info("retriever: %d positives before the cut", len(users))
-  return retriever_lib.train(users[order], items[order], num_users=num_users,
-                             num_items=num_items, config=config)
+  params, report = retriever_lib.train(users[order], items[order], num_users=num_users,
+                                       num_items=num_items, config=config)
+  return params, {"kind": "mf", **report}
 
 
 @dataclasses.dataclass
@@ -244,14 +265,16 @@ def build(config: DataConfig, spill_dir: str) -> Built:
                vocab.hist.rows_before(end))
   shard_of_user = stream_lib.plan_shards(vocab.user_rows, config.shard_rows)
   num_shards = int(shard_of_user.max()) + 1
-  pos_users, pos_items = stream_lib.partition(stream, vocab, shard_of_user, end,
-                                              spill_dir)
+  pos_users, pos_items, pos_times = stream_lib.partition(stream, vocab, shard_of_user,
+                                                         end, spill_dir)
   seconds["partition"] = time.time() - t0 - sum(seconds.values())
-  params, retriever_report = train_retriever(
-      pos_users, pos_items, vocab.num_users, vocab.num_items, config.retriever)
-  seconds["retriever"] = time.time() - t0 - sum(seconds.values())
   features = {"user_features": stream.user_features(vocab.user_raw_id),
               "item_features": stream.item_features(vocab.item_raw_id)}
+  params, retriever_report = train_retriever(
+      pos_users, pos_items, vocab.num_users, vocab.num_items, config.retriever,
+      times=pos_times, features=features,
+      feature_vocab=(stream.user_feature_vocab, stream.item_feature_vocab))
+  seconds["retriever"] = time.time() - t0 - sum(seconds.values())
   stats = lists.ListStats()
   shard_files, start_times = [], []
   t_lists = time.time()
@@ -416,8 +439,9 @@ def _log_report(data: types.PreparedLists) -> None:
   if not data.is_real:
     logging.warning("DATA: %s is GENERATED, NOT the real data", data.name)
   logging.info("lists of %s: %d rows, %d users, %d items after the k-core; retriever "
-               "held-out AUC %.4f", data.name, r.get("rows", -1), r.get("users", -1),
-               r.get("items", -1), r.get("retriever", {}).get("heldout_auc", float("nan")))
+               "(%s) held-out AUC %.4f", data.name, r.get("rows", -1), r.get("users", -1),
+               r.get("items", -1), r.get("retriever", {}).get("kind", "mf"),
+               r.get("retriever", {}).get("heldout_auc", float("nan")))
   for split in ("train", "valid", "test"):
     s = r[split]
     logging.info("  %-5s %7d lists, %.2f positives/list, %d without a positive, raw "

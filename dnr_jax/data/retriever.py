@@ -1,5 +1,9 @@
 """The retriever stage: matrix factorisation with sampled negatives, in JAX.
 
+``RetrieverConfig.kind`` chooses the model: ``"mf"`` (this module) or
+``"dual_tower"`` (``dnr_jax.data.dual_tower``, trained by the same protocol and
+scored through this module's functions).
+
 The paper's retriever (section 3 of the paper note) is MF with embedding size 128,
 learning rate 1e-3 and random negative sampling, trained on an 8:2 split and then
 frozen; it scores the catalogue and keeps the top ``n``. Its scores,
@@ -28,8 +32,12 @@ from dnr_jax.data.csv_reader import DataError
 from dnr_jax.errors import ConfigError
 
 
+KINDS = ("mf", "dual_tower")
+
+
 @dataclasses.dataclass(frozen=True)
 class RetrieverConfig:
+  kind: str = "mf"             # "mf" or "dual_tower" (the paper's App. E.7)
   dim: int = 128               # paper: embedding size 128
   learning_rate: float = 1e-3  # paper: 1e-3
   negatives: int = 4           # random negatives per positive
@@ -46,8 +54,13 @@ class RetrieverConfig:
   # catalogues dense is faster: its whole-table update costs less than the sort).
   sparse_updates: Optional[bool] = None
   seed: int = 0
+  tower_history: int = 20      # dual tower: previous positives the user tower reads
 
   def validate(self) -> None:
+    if self.kind not in KINDS:
+      raise ConfigError(f"retriever.kind={self.kind!r} is not one of {list(KINDS)}")
+    if self.tower_history < 1:
+      raise ConfigError(f"retriever.tower_history={self.tower_history} must be >= 1")
     for name in ("dim", "negatives", "batch_size", "epochs"):
       if getattr(self, name) < 1:
         raise ConfigError(f"retriever.{name}={getattr(self, name)} must be >= 1")

@@ -219,16 +219,18 @@ def plan_shards(user_rows: np.ndarray, shard_rows: int) -> np.ndarray:
 
 
 def partition(stream: LogStream, vocab: Vocabulary, shard_of_user: np.ndarray,
-              retriever_end: int, spill_dir: str) -> tuple[np.ndarray, np.ndarray]:
+              retriever_end: int, spill_dir: str
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Spills the surviving rows into per-shard files; returns the retriever's positives.
 
   Rows keep their file order within a shard (``load_shard`` sorts them by time,
   stably, as the in-memory loader does). The positives (events with a positive
-  label before ``retriever_end``) come back as dense ``(users, items)`` sorted by
-  user then item, an order that does not depend on how the log was read.
+  label before ``retriever_end``) come back as dense ``(users, items, times)``
+  sorted by user, item, then time, an order that does not depend on how the log was
+  read (the dual-tower retriever reads a positive's history from the times).
   """
   files: dict[tuple[int, str], object] = {}
-  pos_u, pos_i = [], []
+  pos_u, pos_i, pos_t = [], [], []
   try:
     for b in stream.blocks("partitioning into user shards"):
       u = vocab.dense_user[b["user"]]
@@ -239,6 +241,7 @@ def partition(stream: LogStream, vocab: Vocabulary, shard_of_user: np.ndarray,
       early = (rows["time"] < retriever_end) & (rows["label"] > 0)
       pos_u.append(rows["user"][early])
       pos_i.append(rows["item"][early])
+      pos_t.append(rows["time"][early])
       shard = shard_of_user[rows["user"]]
       order = np.argsort(shard, kind="stable")
       bounds = np.flatnonzero(np.diff(shard[order])) + 1
@@ -255,8 +258,9 @@ def partition(stream: LogStream, vocab: Vocabulary, shard_of_user: np.ndarray,
     for f in files.values():
       f.close()
   users, items = np.concatenate(pos_u), np.concatenate(pos_i)
-  order = np.lexsort((items, users))
-  return users[order], items[order]
+  times = np.concatenate(pos_t)
+  order = np.lexsort((times, items, users))
+  return users[order], items[order], times[order]
 
 
 def _spill_path(spill_dir: str, shard: int, name: str) -> str:
