@@ -32,5 +32,8 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3", "scikit-learn>=1.4", "hypothesis>=6"],
+        # benchmarks/torch_prm.py, the PyTorch eager reference of benchmarks/step.py
+        # --compare_torch; never a dependency of the library.
+        "bench": ["torch>=2.1"],
     },
 )

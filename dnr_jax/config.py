@@ -23,6 +23,7 @@ HEURISTICS = ("gaussian", "beta")
 LX_ESTIMATORS = ("histogram_kl", "wasserstein", "mmd")
 COMPILERS = ("pmap", "shard_map")
 MAP_NORMALISERS = ("min_pos_k", "hits")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 NONFINITE = ("stop", "skip")
 RESUME_MODES = ("check", "force", "never")
 
@@ -57,6 +58,10 @@ class ModelConfig:
   # the backbone alone. The score embedding is a small MLP on the scalar score, not a
   # bucket lookup, so that L_adv can differentiate through it to the generator.
   score_usage: str = "concat"
+  # Dtype of the backbone's activations and matmuls: "bfloat16" halves the memory
+  # traffic and uses the accelerators' bf16 units; parameters, optimiser state,
+  # losses and the generator stay float32 (mixed precision).
+  compute_dtype: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,6 +293,7 @@ def validate(config: TrainConfig, *, list_size: Optional[int] = None,
   _in(config.method, METHODS, "method")
   _in(m.backbone, BACKBONES, "model.backbone")
   _in(m.score_usage, SCORE_USAGES, "model.score_usage")
+  _in(m.compute_dtype, COMPUTE_DTYPES, "model.compute_dtype")
   _in(nz.heuristic, HEURISTICS, "noise.heuristic")
   _in(ls.lx_estimator, LX_ESTIMATORS, "loss.lx_estimator")
   _in(config.compile, COMPILERS, "compile")

@@ -8,6 +8,15 @@ with ``logits`` ``[B, n]``. The retriever scores are read from ``batch.scores`` 
 train step swaps in generated scores with ``batch.replace(scores=x_prime)``), and
 the model is differentiable in them: the generator is trained through it (L_adv).
 
+``module.apply(..., score_sets=s)`` with ``s`` ``[K, B, n]`` scores the same lists
+under ``K`` score vectors at once and returns ``[K, B, n]``: the user state (the
+history encoder) and the item tokens are computed once and shared, and the list
+encoder runs on the ``K * B`` lists in one pass. The train step scores the real and
+the generated scores of a batch this way (``L_direct`` and ``L_z``).
+
+``ModelConfig.compute_dtype="bfloat16"`` runs activations and matmuls in bfloat16
+(parameters stay float32; the logits are returned in float32).
+
 PIER is in ``pier.py`` (built on this module's parts). All backbones share
 ``InputTokens``, which builds one token per candidate from its item embedding, the
 user state and the scores (``ModelConfig.score_usage``, the paper's "c / + / w
@@ -30,16 +39,18 @@ class EncoderBlock(nn.Module):
   hidden: int
   num_heads: int
   dropout: float
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array, train: bool) -> jax.Array:
-    h = nn.LayerNorm()(x)
+    h = nn.LayerNorm(dtype=self.dtype)(x)
     h = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dropout_rate=self.dropout, deterministic=not train)(
-            h, h, mask=nn.make_attention_mask(mask, mask))
+        num_heads=self.num_heads, dropout_rate=self.dropout, deterministic=not train,
+        dtype=self.dtype)(h, h, mask=nn.make_attention_mask(mask, mask))
     x = x + nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = nn.LayerNorm()(x)
-    h = nn.Dense(self.hidden)(nn.gelu(nn.Dense(2 * self.hidden)(h)))
+    h = nn.LayerNorm(dtype=self.dtype)(x)
+    h = nn.Dense(self.hidden, dtype=self.dtype)(
+        nn.gelu(nn.Dense(2 * self.hidden, dtype=self.dtype)(h)))
     return x + nn.Dropout(self.dropout, deterministic=not train)(h)
 
 
@@ -48,8 +59,34 @@ def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
   return (x * w).sum(-2) / jnp.maximum(w.sum(-2), 1.0)
 
 
+def compute_dtype(config: config_lib.ModelConfig) -> jnp.dtype:
+  """The activations' dtype (``ModelConfig.compute_dtype``)."""
+  if config.compute_dtype not in config_lib.COMPUTE_DTYPES:
+    raise ValueError(f"model.compute_dtype={config.compute_dtype!r} is not one of "
+                     f"{list(config_lib.COMPUTE_DTYPES)}")
+  return jnp.dtype(config.compute_dtype)
+
+
+def _score_sets(batch: batch_lib.ListBatch, score_sets) -> jax.Array:
+  """``[K, B, n]`` score sets: ``batch.scores`` alone (K = 1) unless given."""
+  return batch.scores[None] if score_sets is None else score_sets
+
+
+def _tile_sets(x: jax.Array, k: int) -> jax.Array:
+  """``x`` ``[B, ...]`` repeated for ``k`` score sets, set-major: ``[k * B, ...]``."""
+  return x if k == 1 else jnp.concatenate([x] * k, axis=0)
+
+
+def _per_set(logits: jax.Array, score_sets) -> jax.Array:
+  """``[K * B, n]`` logits back to ``[K, B, n]`` (``[B, n]`` without score sets)."""
+  logits = logits.astype(jnp.float32)
+  if score_sets is None:
+    return logits
+  return logits.reshape(score_sets.shape[:2] + logits.shape[1:])
+
+
 class InputTokens(nn.Module):
-  """Candidate tokens ``[B, n, d]`` from item, user and score inputs.
+  """Candidate tokens ``[K * B, n, d]`` from item, user and ``K`` score inputs.
 
   * item: an item-id embedding plus one embedding per categorical item feature;
   * user: a Transformer over the history (item embeddings shared with the
@@ -61,45 +98,56 @@ class InputTokens(nn.Module):
     the scalar score, scaling the item's whole representation; ``none`` ignores the
     scores. The score embedding is an MLP on the scalar, not a bucket lookup, so the
     logits are differentiable in the scores.
+
+  The item and user parts do not depend on the scores: with ``K`` score sets they are
+  computed once (one history encoder pass) and only the score part is per set. The
+  tokens of set ``k`` are rows ``k * B .. (k + 1) * B - 1``.
   """
   config: config_lib.ModelConfig
 
   @nn.compact
-  def __call__(self, batch: batch_lib.ListBatch, train: bool) -> jax.Array:
+  def __call__(self, batch: batch_lib.ListBatch, train: bool,
+               score_sets=None) -> jax.Array:
     c = self.config
-    d = c.hidden
-    item_embed = nn.Embed(c.num_items, d, name="item_embed")
+    d, dt = c.hidden, compute_dtype(c)
+    scores = _score_sets(batch, score_sets)                       # [K, B, n]
+    item_embed = nn.Embed(c.num_items, d, name="item_embed", dtype=dt)
     item = item_embed(batch.items)
     for j, vocab in enumerate(c.item_feature_vocab):
-      item = item + nn.Embed(vocab, d, name=f"item_feature_{j}")(
+      item = item + nn.Embed(vocab, d, name=f"item_feature_{j}", dtype=dt)(
           batch.item_features[..., j])
-    if c.score_usage == "weight":
-      item = item * batch.scores[..., None]
     # User state from the history.
     hist = item_embed(batch.history)
     hist = hist + self.param("history_position", nn.initializers.normal(0.02),
-                             (batch.history.shape[-1], d))
+                             (batch.history.shape[-1], d)).astype(dt)
     for i in range(c.history_layers):
-      hist = EncoderBlock(d, c.num_heads, c.dropout, name=f"history_{i}")(
+      hist = EncoderBlock(d, c.num_heads, c.dropout, dtype=dt, name=f"history_{i}")(
           hist, batch.history_mask, train)
     user = _masked_mean(hist, batch.history_mask)
-    user = user + nn.Embed(c.num_users, d, name="user_embed")(batch.user)
+    user = user + nn.Embed(c.num_users, d, name="user_embed", dtype=dt)(batch.user)
     for j, vocab in enumerate(c.user_feature_vocab):
-      user = user + nn.Embed(vocab, d, name=f"user_feature_{j}")(
+      user = user + nn.Embed(vocab, d, name=f"user_feature_{j}", dtype=dt)(
           batch.user_features[..., j])
-    tokens = item + nn.Dense(d, name="user_proj")(user)[:, None, :]
+    user = nn.Dense(d, name="user_proj", dtype=dt)(user)[:, None, :]
+    if c.score_usage == "weight":
+      tokens = item * scores[..., None].astype(dt) + user           # [K, B, n, d]
+    else:
+      tokens = jnp.broadcast_to(item + user, scores.shape + (d,))
     if c.score_usage in ("concat", "add"):
-      s = nn.Dense(d, name="score_in")(batch.scores[..., None])
-      s = nn.Dense(d, name="score_out")(nn.gelu(s))
+      s = nn.Dense(d, name="score_in", dtype=dt)(scores[..., None])
+      s = nn.Dense(d, name="score_out", dtype=dt)(nn.gelu(s))
       if c.score_usage == "add":
         tokens = tokens + s
       else:
-        tokens = nn.Dense(d, name="score_concat")(jnp.concatenate([tokens, s], -1))
+        tokens = nn.Dense(d, name="score_concat", dtype=dt)(
+            jnp.concatenate([tokens, s], -1))
+    tokens = tokens.reshape((-1,) + tokens.shape[2:])              # [K * B, n, d]
     return nn.Dropout(c.dropout, deterministic=not train)(tokens)
 
 
-def _head(x: jax.Array, hidden: int) -> jax.Array:
-  return nn.Dense(1, name="head_out")(nn.gelu(nn.Dense(hidden, name="head_in")(x)))[..., 0]
+def _head(x: jax.Array, hidden: int, dtype=jnp.float32) -> jax.Array:
+  return nn.Dense(1, name="head_out", dtype=dtype)(
+      nn.gelu(nn.Dense(hidden, name="head_in", dtype=dtype)(x)))[..., 0]
 
 
 class PRM(nn.Module):
@@ -112,15 +160,18 @@ class PRM(nn.Module):
   config: config_lib.ModelConfig
 
   @nn.compact
-  def __call__(self, batch: batch_lib.ListBatch, train: bool = False) -> jax.Array:
+  def __call__(self, batch: batch_lib.ListBatch, train: bool = False,
+               score_sets=None) -> jax.Array:
     c = self.config
-    x = InputTokens(c, name="tokens")(batch, train)
+    dt = compute_dtype(c)
+    x = InputTokens(c, name="tokens")(batch, train, score_sets)
+    mask = _tile_sets(batch.mask, x.shape[0] // batch.mask.shape[0])
     x = x + self.param("rank_position", nn.initializers.normal(0.02),
-                       (batch.items.shape[-1], c.hidden))
+                       (batch.items.shape[-1], c.hidden)).astype(dt)
     for i in range(c.num_layers):
-      x = EncoderBlock(c.hidden, c.num_heads, c.dropout, name=f"list_{i}")(
-          x, batch.mask, train)
-    return _head(nn.LayerNorm()(x), c.hidden)
+      x = EncoderBlock(c.hidden, c.num_heads, c.dropout, dtype=dt, name=f"list_{i}")(
+          x, mask, train)
+    return _per_set(_head(nn.LayerNorm(dtype=dt)(x), c.hidden, dt), score_sets)
 
 
 class SetRank(nn.Module):
@@ -136,23 +187,27 @@ class SetRank(nn.Module):
   num_inducing: int = 8
 
   @nn.compact
-  def __call__(self, batch: batch_lib.ListBatch, train: bool = False) -> jax.Array:
+  def __call__(self, batch: batch_lib.ListBatch, train: bool = False,
+               score_sets=None) -> jax.Array:
     c = self.config
-    x = InputTokens(c, name="tokens")(batch, train)
+    dt = compute_dtype(c)
+    x = InputTokens(c, name="tokens")(batch, train, score_sets)
     b = x.shape[0]
+    mask = _tile_sets(batch.mask, b // batch.mask.shape[0])
     inducing = self.param("inducing", nn.initializers.normal(0.02),
-                          (self.num_inducing, c.hidden))
+                          (self.num_inducing, c.hidden)).astype(dt)
     q = jnp.broadcast_to(inducing, (b,) + inducing.shape)
     ind_mask = jnp.ones((b, self.num_inducing), bool)
-    h = nn.MultiHeadDotProductAttention(num_heads=c.num_heads, name="induce")(
-        q, x, mask=nn.make_attention_mask(ind_mask, batch.mask))
-    y = nn.MultiHeadDotProductAttention(num_heads=c.num_heads, name="broadcast")(
-        nn.LayerNorm()(x), h, mask=nn.make_attention_mask(batch.mask, ind_mask))
+    h = nn.MultiHeadDotProductAttention(num_heads=c.num_heads, name="induce", dtype=dt)(
+        q, x, mask=nn.make_attention_mask(ind_mask, mask))
+    y = nn.MultiHeadDotProductAttention(num_heads=c.num_heads, name="broadcast",
+                                        dtype=dt)(
+        nn.LayerNorm(dtype=dt)(x), h, mask=nn.make_attention_mask(mask, ind_mask))
     x = x + nn.Dropout(c.dropout, deterministic=not train)(y)
     for i in range(c.num_layers):
-      x = EncoderBlock(c.hidden, c.num_heads, c.dropout, name=f"set_{i}")(
-          x, batch.mask, train)
-    return _head(nn.LayerNorm()(x), c.hidden)
+      x = EncoderBlock(c.hidden, c.num_heads, c.dropout, dtype=dt, name=f"set_{i}")(
+          x, mask, train)
+    return _per_set(_head(nn.LayerNorm(dtype=dt)(x), c.hidden, dt), score_sets)
 
 
 class DLCM(nn.Module):
@@ -167,18 +222,21 @@ class DLCM(nn.Module):
   config: config_lib.ModelConfig
 
   @nn.compact
-  def __call__(self, batch: batch_lib.ListBatch, train: bool = False) -> jax.Array:
+  def __call__(self, batch: batch_lib.ListBatch, train: bool = False,
+               score_sets=None) -> jax.Array:
     c = self.config
-    x = InputTokens(c, name="tokens")(batch, train)
-    lengths = batch.mask.sum(-1).astype(jnp.int32)
+    dt = compute_dtype(c)
+    x = InputTokens(c, name="tokens")(batch, train, score_sets)
+    mask = _tile_sets(batch.mask, x.shape[0] // batch.mask.shape[0])
+    lengths = mask.sum(-1).astype(jnp.int32)
     # Valid candidates are a prefix of the list (padding at the end), so reversing
     # the first `lengths` steps reads them from last to first.
-    carry, out = nn.RNN(nn.GRUCell(c.hidden), reverse=True, keep_order=True,
+    carry, out = nn.RNN(nn.GRUCell(c.hidden, dtype=dt), reverse=True, keep_order=True,
                         return_carry=True, name="gru")(x, seq_lengths=lengths)
     s = jnp.broadcast_to(carry[:, None, :], out.shape)
     h = jnp.concatenate([out, s, out * s], -1)
     h = nn.Dropout(c.dropout, deterministic=not train)(h)
-    return _head(h, c.hidden)
+    return _per_set(_head(h, c.hidden, dt), score_sets)
 
 
 _BACKBONES = {"prm": PRM, "setrank": SetRank, "dlcm": DLCM}

@@ -159,16 +159,19 @@ class PIER(nn.Module):
   config: config_lib.ModelConfig
 
   @nn.compact
-  def __call__(self, batch: batch_lib.ListBatch, train: bool = False) -> jax.Array:
+  def __call__(self, batch: batch_lib.ListBatch, train: bool = False,
+               score_sets=None) -> jax.Array:
     c = self.config
     d = c.hidden
     n = batch.items.shape[-1]
     tokens = models.InputTokens(c, name="tokens")
-    x = tokens(batch, train)
+    x = tokens(batch, train, score_sets)       # [K * B, n, d] (models: score sets)
+    k = x.shape[0] // batch.items.shape[0]
+    mask = models._tile_sets(batch.mask, k)  # pylint: disable=protected-access
     x = x + self.param("position", nn.initializers.normal(0.02), (n, d))
     for i in range(c.num_layers):
       x = OmnidirectionalBlock(d, c.num_heads, c.dropout, name=f"omni_{i}")(
-          x, batch.mask, train)
+          x, mask, train)
     x = nn.LayerNorm(name="context_norm")(x)
 
     # The user's past (pseudo-)permutations, with the item embeddings of the
@@ -180,15 +183,17 @@ class PIER(nn.Module):
     h = h + self.param("window_position", nn.initializers.normal(0.02), (window, d))
     h = nn.Dense(d, name="past_proj")(_masked_mean(h, hmask))             # [B, P, d]
     h = h + self.param("recency", nn.initializers.normal(0.02), (h.shape[-2], d))
+    # The past does not depend on the scores: one copy per score set.
+    h, hmask = (models._tile_sets(a, k) for a in (h, hmask))  # pylint: disable=protected-access
     past = hmask.any(-1)                                                   # [B, P]
     has_past = past.any(-1)                                                # [B]
 
-    perm = nn.Dense(d, name="permutation_proj")(_masked_mean(x, batch.mask))
+    perm = nn.Dense(d, name="permutation_proj")(_masked_mean(x, mask))
     attend = lambda name, q, q_mask: nn.MultiHeadDotProductAttention(
         num_heads=c.num_heads, name=name)(q, h, mask=nn.make_attention_mask(q_mask, past))
     ones = jnp.ones(perm.shape[:1] + (1,), bool)
     perm_interest = attend("permutation_interest", perm[:, None, :], ones)  # [B, 1, d]
-    item_interest = attend("item_interest", x, batch.mask)                 # [B, n, d]
+    item_interest = attend("item_interest", x, mask)                       # [B, n, d]
     # A user with no history has no interest to attend to (the softmax over an
     # all-masked row would average padding).
     keep = has_past[:, None, None].astype(x.dtype)
@@ -196,7 +201,8 @@ class PIER(nn.Module):
     feats = jnp.concatenate(
         [x, item_interest, jnp.broadcast_to(perm_interest, x.shape)], -1)
     feats = nn.Dropout(c.dropout, deterministic=not train)(feats)
-    return models._head(feats, d)  # pylint: disable=protected-access
+    return models._per_set(  # pylint: disable=protected-access
+        models._head(feats, d), score_sets)  # pylint: disable=protected-access
 
 
 # --------------------------------------------------------------------------------------

@@ -113,8 +113,20 @@ def reranker_objective(theta: Any, phi: Any, batch: batch_lib.ListBatch,
   ``phi`` enters only through ``x'``, which is a stop-gradient input here, so this
   objective's gradient with respect to phi is zero by construction.
 
+  The real and the generated scores of a list are scored in ONE reranker pass
+  (``score_sets``): the lists, hence the user's history, are the same, so the history
+  encoder runs once for both terms, and the list encoder runs on the ``2B`` lists
+  together. The loss and its expected gradient are those of two separate passes;
+  with dropout, the history encoder's dropout mask is shared by the two terms (one
+  pass) where two passes would draw one each, and the other dropout masks are drawn
+  for the ``2B`` lists from one key. Without dropout the two formulations agree
+  (``tests/step_test.py``; ``benchmarks/reference_step.py`` keeps the two-pass
+  step). With ``noise.sort_generated`` the generated lists are re-ordered, so they
+  are scored in a second pass.
+
   Args:
-    keys: ``(dropout on real scores, dropout on generated scores, noise)``.
+    keys: ``(dropout on real scores, dropout on generated scores, noise)``; the
+      second key is used only by the two-pass (``sort_generated``) path.
 
   Returns:
     ``(loss, terms)`` with ``terms`` holding ``l_direct``, ``l_z`` (when the phase
@@ -122,21 +134,31 @@ def reranker_objective(theta: Any, phi: Any, batch: batch_lib.ListBatch,
   """
   k_drop, k_drop_z, k_noise = keys
   reranker = models.make_reranker(config.model)
-  logits = reranker.apply({"params": theta}, batch, train=True, rngs={"dropout": k_drop})
-  terms = {"l_direct": losses.direct_loss(logits, batch.labels, batch.mask)}
-  total = terms["l_direct"]
   x_gen = generated_scores(phi, batch, k_noise, config=config, phase=phase)
-  if x_gen is not None:
-    x_gen = jax.lax.stop_gradient(x_gen)
-    gen_batch = noise_lib.generated_list(batch, x_gen, config.noise.sort_generated)
+  if x_gen is None:
+    logits = reranker.apply({"params": theta}, batch, train=True,
+                            rngs={"dropout": k_drop})
+    terms = {"l_direct": losses.direct_loss(logits, batch.labels, batch.mask)}
+    terms["l_theta"] = terms["l_direct"]
+    return terms["l_theta"], terms
+  x_gen = jax.lax.stop_gradient(x_gen)
+  if config.noise.sort_generated:
+    logits = reranker.apply({"params": theta}, batch, train=True,
+                            rngs={"dropout": k_drop})
+    gen_batch = noise_lib.generated_list(batch, x_gen, sort=True)
     logits_z = reranker.apply({"params": theta}, gen_batch, train=True,
                               rngs={"dropout": k_drop_z})
-    terms["l_z"] = losses.denoise_loss(logits_z, gen_batch.labels, gen_batch.mask)
-    terms["mean_generated_score"] = jax.lax.stop_gradient(
-        losses.masked_mean(x_gen, batch.mask))
-    total = total + config.loss.lambda_m * terms["l_z"]
-  terms["l_theta"] = total
-  return total, terms
+  else:
+    gen_batch = noise_lib.generated_list(batch, x_gen, sort=False)
+    logits, logits_z = reranker.apply(
+        {"params": theta}, batch, train=True, rngs={"dropout": k_drop},
+        score_sets=jnp.stack([batch.scores, x_gen]))
+  terms = {"l_direct": losses.direct_loss(logits, batch.labels, batch.mask),
+           "l_z": losses.denoise_loss(logits_z, gen_batch.labels, gen_batch.mask),
+           "mean_generated_score": jax.lax.stop_gradient(
+               losses.masked_mean(x_gen, batch.mask))}
+  terms["l_theta"] = terms["l_direct"] + config.loss.lambda_m * terms["l_z"]
+  return terms["l_theta"], terms
 
 
 def generator_objective(phi: Any, theta: Any, batch: batch_lib.ListBatch,
@@ -309,6 +331,10 @@ class Runner:
     return jax.jit(jax.shard_map(body, mesh=self.mesh, in_specs=in_specs,
                                  out_specs=out_specs, check_vma=False),
                    donate_argnums=donate_argnums)
+
+  def eval_fn(self) -> Callable:
+    """The compiled eval step ``(params, placed batch) -> (sums, logits)``."""
+    return self._eval
 
   def train_fn(self, phase: str) -> Callable:
     if phase not in self._train:

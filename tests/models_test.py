@@ -130,3 +130,34 @@ def test_dropout_only_in_training(backbone):
 def test_unknown_backbone():
   with pytest.raises(ValueError, match="backbone='gru4rec'"):
     models.make_reranker(config_lib.ModelConfig(backbone="gru4rec"))
+
+
+@pytest.mark.parametrize("backbone", config_lib.BACKBONES)
+def test_score_sets_equal_separate_passes(backbone):
+  # The train step scores real and generated scores in one pass (score_sets); it
+  # must give each set the logits a pass of its own gives.
+  module, params = _model(backbone)
+  b = _batch()
+  other = jnp.asarray(np.random.default_rng(5).random((B, N)), jnp.float32) * b.mask
+  both = module.apply(params, b, train=False, score_sets=jnp.stack([b.scores, other]))
+  chex.assert_shape(both, (2, B, N))
+  np.testing.assert_allclose(both[0], module.apply(params, b, train=False), atol=1e-5)
+  np.testing.assert_allclose(both[1], module.apply(params, b.replace(scores=other),
+                                                   train=False), atol=1e-5)
+
+
+@pytest.mark.parametrize("backbone", config_lib.BACKBONES)
+def test_bfloat16_compute_keeps_float32_params_and_logits(backbone):
+  cfg = config_lib.ModelConfig(backbone=backbone, num_items=30, num_users=4,
+                               user_feature_vocab=(3,), item_feature_vocab=(5, 5),
+                               hidden=16, num_heads=2, compute_dtype="bfloat16")
+  module = models.make_reranker(cfg)
+  params = module.init({"params": jax.random.PRNGKey(0)}, _batch(), train=False)
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+  logits = module.apply(params, _batch(), train=False)
+  assert logits.dtype == jnp.float32
+  # Same parameters in float32: bfloat16 (8 bits of mantissa) is close, not equal.
+  ref = models.make_reranker(config_lib.ModelConfig(
+      **{**cfg.__dict__, "compute_dtype": "float32"})).apply(params, _batch(), train=False)
+  np.testing.assert_allclose(logits, ref, atol=0.1)
+  assert not np.array_equal(logits, ref)

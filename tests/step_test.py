@@ -6,6 +6,7 @@ conftest.py gives this process 8 fake CPU devices.
 import dataclasses
 
 import chex
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -152,6 +153,49 @@ def test_batch_not_divisible_by_devices_fails_clearly():
   runner = step_lib.Runner(cfg, tuple(jax.devices()[:8]))
   with pytest.raises(ValueError, match="12 lists is not divisible by the 8 devices"):
     runner.put_batch(_arrays(12))
+
+
+def test_shared_pass_step_equals_reference_two_pass_step():
+  # benchmarks/reference_step.py is the step before the shared reranker pass (three
+  # full forward passes). Without dropout the two formulations are the same
+  # computation. (With dropout they differ only in which dropout masks are drawn;
+  # see step.reranker_objective.)
+  from benchmarks import reference_step
+  cfg = _config("dnr_g", compile="shard_map")
+  cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dropout=0.0))
+  state = _state(cfg)
+  b = batch_lib.ListBatch.from_arrays(_arrays())
+  keys = tuple(jax.random.split(jax.random.PRNGKey(1), 3))
+  grads = {}
+  for name, module in (("new", step_lib), ("ref", reference_step)):
+    grads[name] = jax.jit(jax.grad(lambda th, m=module: m.reranker_objective(
+        th, state.generator.params, b, keys, config=cfg, phase="model")[0]))(
+            state.reranker.params)
+  chex.assert_trees_all_close(grads["new"], grads["ref"], rtol=1e-4, atol=1e-7)
+
+  # And the whole step, both players, over three steps. Adam turns float rounding in
+  # tiny gradients into parameter differences of a fraction of the learning rate
+  # (1e-3 per step), so parameters agree to 2e-4, well below one step's change;
+  # except the attention key biases, whose gradient is zero in exact arithmetic
+  # (softmax ignores a shift shared by all keys): Adam normalises their rounding
+  # noise into steps of up to the learning rate.
+  runner = step_lib.Runner(cfg, tuple(jax.devices()[:2]))
+  ref_fn = runner._compile(  # pylint: disable=protected-access
+      lambda s, b: reference_step.train_step(s, b, config=cfg, phase="model"),
+      in_specs=(P(), P(step_lib.AXIS)), out_specs=(P(), P()), donate=False)
+  new, ref = runner.put_state(_state(cfg)), runner.put_state(_state(cfg))
+  for i in range(3):
+    batch = runner.put_batch(_arrays(16, 16 * i))
+    new, m_new = runner.train(new, batch, "model")
+    ref, m_ref = ref_fn(ref, batch)
+  flat_new = flax.traverse_util.flatten_dict(jax.device_get(new.reranker.params), sep="/")
+  flat_ref = flax.traverse_util.flatten_dict(jax.device_get(ref.reranker.params), sep="/")
+  for name, value in flat_ref.items():
+    atol = 3 * cfg.learning_rate if name.endswith("key/bias") else 2e-4
+    np.testing.assert_allclose(flat_new[name], value, atol=atol, err_msg=name)
+  chex.assert_trees_all_close(new.generator.params, ref.generator.params, atol=2e-4)
+  for k in m_ref:
+    np.testing.assert_allclose(m_new[k], m_ref[k], rtol=1e-3, atol=1e-5, err_msg=k)
 
 
 def test_a_non_finite_step_is_not_applied_but_counted():

@@ -1,0 +1,95 @@
+"""The step benchmark and the GPU check, run as users run them, on tiny shapes.
+
+These check that the benchmarks run and print their fields, not how fast anything is.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ("--batch_size=8", "--list_size=6", "--history_size=4", "--hidden=8",
+        "--num_heads=2", "--items=30", "--users=10", "--warmup=1", "--repeats=2",
+        "--iters=1")
+STEP_FIELDS = ("step", "method", "dtype", "platform", "device_kind", "devices",
+               "global_batch", "per_device_batch", "lists_per_s", "lists_per_s_min",
+               "lists_per_s_max", "step_ms_median", "repeats", "compile_s",
+               "flops_per_list", "achieved_flops_per_s", "peak_rss_gb",
+               "peak_device_bytes")
+
+
+def _run(module, *args, env=None, timeout=1800):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="true",
+             PYTHONPATH=ROOT, **(env or {}))
+  env.pop("XLA_FLAGS", None)   # the benchmark asks for its own host devices
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def _records(text):
+  return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_step_benchmark_prints_one_json_line_per_step_and_device_count():
+  proc = _run("benchmarks.step", *TINY, "--devices=1,2")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  recs = _records(proc.stdout)
+  assert [(r["devices"], r["step"]) for r in recs] == [
+      (k, s) for k in (1, 2) for s in ("direct", "heuristic", "model", "eval")]
+  for r in recs:
+    assert r["bench"] == "step"
+    for field in STEP_FIELDS:
+      assert field in r, field
+    # Fixed per-device batch: the global batch grows with the devices.
+    assert r["per_device_batch"] == 8 and r["global_batch"] == 8 * r["devices"]
+    assert r["lists_per_s_min"] <= r["lists_per_s"] <= r["lists_per_s_max"]
+    assert r["flops_per_list"] > 0 and r["achieved_flops_per_s"] > 0
+    assert r["peak_rss_gb"] > 0 and r["platform"] == "cpu"
+  by_step = {r["step"]: r for r in recs if r["devices"] == 1}
+  # The adversarial step does more work than the backbone step (XLA's count).
+  assert by_step["model"]["flops_per_list"] > by_step["direct"]["flops_per_list"]
+
+
+def test_step_benchmark_rejects_bad_flags():
+  proc = _run("benchmarks.step", *TINY, "--steps=direct,train")
+  assert proc.returncode != 0
+  assert "--steps=direct,train" in proc.stderr
+
+
+@pytest.mark.slow
+def test_gpu_check_quick_runs_every_section(tmp_path):
+  proc = _run("benchmarks.gpu_check", "--quick", "--budget_s=1e9",
+              env={"OUT": str(tmp_path)})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  printed = _records(proc.stdout)
+  written = _records((tmp_path / "gpu.jsonl").read_text())
+  assert printed == written
+  assert not [r for r in written if "error" in r or "skipped" in r], written
+  steps = [(r["section"], r["step"]) for r in written if r["bench"] == "step"]
+  assert steps == [(f"step_{d}", s) for d in ("fp32", "bf16")
+                   for s in ("direct", "heuristic", "model", "eval")]
+  (epoch,) = [r for r in written if r["bench"] == "ml1m_epoch"]
+  assert epoch["steps"] > 0 and epoch["epoch_s_on_device"] > 0
+  assert len(epoch["epoch_s_pipeline"]) == 2
+  if importlib.util.find_spec("torch") is not None:
+    vs = [r for r in written if r["bench"] == "vs_torch"]
+    assert [r["step"] for r in vs] == ["direct", "model"]
+    assert all(r["jax_over_torch"] > 0 for r in vs)
+  assert written[-1] == {**written[-1], "bench": "gpu_check", "done": True}
+
+
+def test_gpu_check_imports_no_tensorflow_datasets():
+  # The GPU machine has neither TFDS nor tensorboardX.
+  code = ("import sys, benchmarks.gpu_check, benchmarks.torch_prm, dnr_jax.step, "
+          "dnr_jax.pipeline; bad = [m for m in ('tensorflow_datasets', 'tensorboardX', "
+          "'tensorflow') if m in sys.modules]; assert not bad, bad")
+  if importlib.util.find_spec("torch") is None:
+    code = code.replace("benchmarks.torch_prm, ", "")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
