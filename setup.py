@@ -28,6 +28,7 @@ setuptools.setup(
         "matplotlib>=3.8",
         "tensorboardX>=2.6",
         "scipy>=1.11",
+        "flatbuffers>=24",  # jax.export serialization (the exported reranker)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3", "scikit-learn>=1.4", "hypothesis>=6"],

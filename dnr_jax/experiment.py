@@ -5,7 +5,9 @@ with ``train.train_and_evaluate`` (model selection on validation NDCG@K, numbers
 test), then writes
 
 * ``runs/<backbone>/<method>/seed<s>/``: ``metrics.jsonl``, TensorBoard event files
-  (``tb/``, written with tensorboardX: no TensorFlow needed), orbax checkpoints;
+  (``tb/``, written with tensorboardX: no TensorFlow needed), orbax checkpoints, and
+  ``bundle/``: the selected epoch's reranker as ``serving`` loads it (what
+  ``experiments.rerank --checkpoint=<run dir>`` reads);
 * ``results.md`` and ``results.csv``: mean +- std over seeds of H/NDCG/MAP/F1@K, AUC
   and the binary hit HR-any@K, in percent, with the retriever's own ranking as a row,
   and the paired t-test p-value (over seeds) of each DNR row against the best
@@ -39,6 +41,7 @@ from dnr_jax import distributed
 from dnr_jax import errors
 from dnr_jax import noise as noise_lib
 from dnr_jax import pipeline
+from dnr_jax import serving
 from dnr_jax import train
 from dnr_jax.data import types
 from dnr_jax.errors import ConfigError
@@ -210,7 +213,8 @@ class _TensorBoard:
       self.writer.close()
 
 
-def _run_one(cfg: config_lib.TrainConfig, data: types.PreparedLists, run_dir: str):
+def _run_one(cfg: config_lib.TrainConfig, data: types.PreparedLists, run_dir: str,
+             bundle_assets: Optional[dict] = None):
   """One run's result, or ``{"failed": message}`` if it diverged."""
   primary = distributed.is_primary()   # the one writer of the run's files
   tb = _TensorBoard(os.path.join(run_dir, "tb")) if primary else None
@@ -236,6 +240,12 @@ def _run_one(cfg: config_lib.TrainConfig, data: types.PreparedLists, run_dir: st
   with open(os.path.join(run_dir, "result.json"), "w") as f:
     json.dump({k: result[k] for k in ("best_epoch", "valid", "test", "retriever",
                                       "stop_reason", "under_trained")}, f, indent=2)
+  train_split = data.splits["train"]
+  serving.save_bundle(os.path.join(run_dir, serving.RUN_BUNDLE),
+                      serving.Bundle.from_result(
+                          result, list_size=train_split["items"].shape[1],
+                          history_size=train_split["history"].shape[1],
+                          **(bundle_assets or {})))
   return result
 
 
@@ -474,8 +484,12 @@ def _plots(workdir: str, histories: dict, noise: dict, sweep: list[dict],
 
 
 def run_experiment(experiment: ExperimentConfig, data: types.PreparedLists,
-                   workdir: str) -> dict[str, Any]:
+                   workdir: str, *, bundle_assets: Optional[dict] = None
+                   ) -> dict[str, Any]:
   """Runs every (backbone, method, seed), then the sweep; writes tables and plots.
+
+  ``bundle_assets`` (``data_config``, ``vocabulary_dir``) go into every run's bundle:
+  what reranking new lists of the same data needs (own lists).
 
   Returns:
     ``{"summary": table rows, "table": Markdown, "outputs": paths, "sweep": ...}``.
@@ -500,7 +514,7 @@ def run_experiment(experiment: ExperimentConfig, data: types.PreparedLists,
     logging.info("=== run %d/%d: backbone=%s method=%s seed=%d (%.0fs elapsed)",
                  i + 1, total, backbone, method, seed, time.time() - t0)
     run_dir = os.path.join(workdir, "runs", backbone, method, f"seed{seed}")
-    result = _run_one(cfg, data, run_dir)
+    result = _run_one(cfg, data, run_dir, bundle_assets)
     if result.get("failed"):
       rows.append({"backbone": backbone, "method": method, "seed": seed,
                    "failed": result["failed"], "config": dataclasses.asdict(cfg)})
@@ -529,7 +543,7 @@ def run_experiment(experiment: ExperimentConfig, data: types.PreparedLists,
     logging.info("=== run %d/%d: sweep %s=%s seed=%d (%.0fs elapsed)",
                  len(jobs) + j + 1, total, field, value, seed, time.time() - t0)
     run_dir = os.path.join(workdir, "sweep", f"{field}={value}", f"seed{seed}")
-    result = _run_one(cfg, data, run_dir)
+    result = _run_one(cfg, data, run_dir, bundle_assets)
     if result.get("failed"):
       failed.append(f"sweep {field}={value} seed{seed}")
       continue

@@ -419,7 +419,14 @@ class Runner:
     so do the logits, ``[global batch, n]``: with several processes they are gathered
     from all of them (``process_allgather``) for the exact global AUC.
     """
-    params = state.reranker.params
+    return self.evaluate_params(state.reranker.params, batch)
+
+  def evaluate_params(self, params, batch) -> tuple[dict, jax.Array]:
+    """``evaluate`` with the reranker parameters alone (``serving``: no state).
+
+    The same compiled program, so a served reranker's logits are bit-identical to
+    the ones its training run was selected on.
+    """
     sums, logits = self._eval(params, self._placed(batch))
     if self.config.compile == "pmap" or self.multiprocess:
       sums = jax.tree.map(

@@ -128,11 +128,12 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
 
   Returns:
     ``{"config", "history", "best_epoch", "valid", "test", "retriever", "data",
-    "stop_reason", "under_trained", "best_state", "final_state"}``: per-epoch
+    "stop_reason", "under_trained", "best_state", "final_state", "best_params"}``: per-epoch
     records, the selected epoch (by validation NDCG@K), its validation and test
     metrics, the retriever's own ranking on the test lists, why training ended,
     whether the selected epoch was the last of ``num_epochs`` (still improving), the
-    selected epoch's state (host copy: the model to use) and the last epoch's.
+    selected epoch's state (host copy: the model to use) and the last epoch's, and
+    ``best_params``, that state's reranker parameters (what ``serving`` bundles).
   """
   config = with_data_vocab(config, data)
   runner = step_lib.Runner(config, devices or ())
@@ -353,7 +354,10 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
             "best_epoch": best["epoch"], "valid": best["valid"], "test": best["test"],
             "retriever": retriever, "data": {"name": data.name, "is_real": data.is_real},
             "stop_reason": stopping.reason, "under_trained": stopping.under_trained,
-            "best_state": best_state, "final_state": final_state}
+            "best_state": best_state, "final_state": final_state,
+            # What serving bundles: the selected epoch's reranker (host copy).
+            "best_params": (best_state.reranker.params if best_state is not None
+                            else None)}
   # hr is the paper's H@K (hits / max(K, #positives)); hit_any the binary hit.
   logging.info("best epoch %d by valid %s@%d: test %s | retriever %s", best["epoch"],
                SELECT_METRIC, config.eval_k,

@@ -109,10 +109,19 @@ def run(argv) -> None:
     record = own_lists.save_for_run(FLAGS.workdir, data_config,
                                     data.report["vocab_dir"])
     logging.info("vocabulary and data config for reranking: %s", record)
-  out = experiment.run_experiment(exp, data, FLAGS.workdir)
+  # Every run's bundle carries them too: experiments.rerank --checkpoint=<run dir>.
+  out = experiment.run_experiment(exp, data, FLAGS.workdir, bundle_assets={
+      "data_config": dataclasses.asdict(data_config),
+      "vocabulary_dir": os.path.join(FLAGS.workdir, "vocab")})
   print(out["table"])
   print(f"outputs: {FLAGS.workdir} (vocab/vocab.json and data_config.json for "
-        "reranking)")
+        "reranking; each run's bundle/ for experiments.rerank)")
+  run_dir = os.path.join(FLAGS.workdir, "runs", exp.backbones[0], exp.methods[-1],
+                         f"seed{exp.seeds[0]}")
+  inter = (f" --interactions={data_config.interactions}" if data_config.interactions
+           else "")
+  print(f"rerank lists with: python -m experiments.rerank --checkpoint={run_dir} "
+        f"--lists={data_config.lists}{inter} --output=reranked.parquet")
 
 
 def main(argv) -> None:

@@ -334,6 +334,11 @@ def test_lists_binary_on_the_generated_example(tmp_path):
   assert vocab.num_users == 31 and vocab.user_features == ("u_segment", "u_country")
   assert json.loads((out / "data_config.json").read_text())["num_items"] == \
       vocab.num_items
+  # ... and in each run's bundle, which experiments.rerank reads.
+  from dnr_jax import serving  # pylint: disable=g-import-not-at-top
+  bundle = serving.load_bundle(str(out / "runs/prm/dnr_g/seed0"))
+  assert bundle.vocabulary() == vocab
+  assert bundle.data_config["list_size"] == 20 and bundle.meta["history_size"] == 8
 
 
 def test_lists_binary_bad_file_is_one_line(tmp_path):

@@ -304,6 +304,8 @@ _CHILD = textwrap.dedent("""
     tb.close()
     params = jax.tree.leaves(result["final_state"])
     np.savez(os.path.join(workdir, "final.npz"), *[np.asarray(p) for p in params])
+    np.savez(os.path.join(workdir, "best.npz"),
+             *[np.asarray(p) for p in jax.tree.leaves(result["best_params"])])
     with open(os.path.join(workdir, "history.json"), "w") as f:
       json.dump(result["history"], f)
 """).format(root=ROOT)
@@ -363,6 +365,10 @@ def test_killed_and_terminated_runs_end_as_an_uninterrupted_one(tmp_path):
 
   a, b = np.load(ref / "final.npz"), np.load(run / "final.npz")
   assert a.files == b.files
+  for k in a.files:
+    np.testing.assert_array_equal(a[k], b[k])
+  # The selected epoch's reranker survived the kills too (serving bundles it).
+  a, b = np.load(ref / "best.npz"), np.load(run / "best.npz")
   for k in a.files:
     np.testing.assert_array_equal(a[k], b[k])
   h_ref = json.loads((ref / "history.json").read_text())
