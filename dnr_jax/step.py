@@ -62,8 +62,37 @@ def phase_for_epoch(config: config_lib.TrainConfig, epoch: int) -> str:
   return "model" if config_lib.generator_active(config, epoch) else "heuristic"
 
 
+def global_norm(tree: Any) -> jax.Array:
+  """The L2 norm of a pytree, as one dot product of its flattened leaves.
+
+  Why not ``optax.tree.norm`` (a sum of per-leaf sums of squares): XLA's GPU compiler
+  (jax 0.11.2 on an H200) rejects the model-phase step built with it at the paper's
+  shapes ("Expected instruction to have shape equal to f32[], actual shape is
+  f32[1]"); the same step with this form compiled and ran (benchmarks/gpu_check.py).
+  The parameters are a few hundred thousand floats, so the concatenation is cheap.
+  """
+  leaves = [jnp.ravel(x) for x in jax.tree.leaves(tree)]
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  vec = jnp.concatenate(leaves)
+  return jnp.sqrt(jnp.dot(vec, vec))
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """``optax.clip_by_global_norm`` (same rule, same empty state) with ``global_norm``."""
+  def update(updates, state, params=None):
+    del params
+    g_norm = global_norm(updates)
+    trigger = g_norm < max_norm
+    updates = jax.tree.map(
+        lambda t: jnp.where(trigger, t, (t / g_norm.astype(t.dtype)) * max_norm),
+        updates)
+    return updates, state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def _optimizer(lr: float, weight_decay: float, clip: float) -> optax.GradientTransformation:
-  return optax.chain(optax.clip_by_global_norm(clip),
+  return optax.chain(clip_by_global_norm(clip),
                      optax.adamw(lr, weight_decay=weight_decay))
 
 
@@ -220,7 +249,7 @@ def train_step(state: DNRState, batch: batch_lib.ListBatch, *,
       config=config, phase=phase)
   grads = jax.lax.pmean(grads, AXIS)
   reranker = reranker.apply_gradients(grads=grads)
-  metrics["grad_norm_theta"] = optax.global_norm(grads)
+  metrics["grad_norm_theta"] = global_norm(grads)
 
   if phase == "model":
     g_grads, g_terms = jax.grad(generator_objective, has_aux=True)(
@@ -228,7 +257,7 @@ def train_step(state: DNRState, batch: batch_lib.ListBatch, *,
     g_grads = jax.lax.pmean(g_grads, AXIS)
     generator = generator.apply_gradients(grads=g_grads)
     metrics.update(g_terms)
-    metrics["grad_norm_phi"] = optax.global_norm(g_grads)
+    metrics["grad_norm_phi"] = global_norm(g_grads)
 
   metrics = jax.lax.pmean(metrics, AXIS)
   reranker, generator, metrics["nonfinite"] = _guard_nonfinite(

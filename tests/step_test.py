@@ -216,3 +216,19 @@ def test_a_non_finite_step_is_not_applied_but_counted():
   assert float(m["nonfinite"]) == 0.0
   assert _nonzero(jax.tree.map(lambda a, b: a - b, runner.get_state(state).reranker.params,
                                after.reranker.params))
+
+
+def test_global_norm_and_clipping_equal_optax():
+  # step.py computes norms as one dot product (XLA GPU rejected optax's form in the
+  # model phase); the rule must stay optax's clip_by_global_norm exactly.
+  import optax  # pylint: disable=g-import-not-at-top
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+  tree = {"w": jax.random.normal(k1, (5, 3)), "b": jax.random.normal(k2, (1,)),
+          "s": jax.random.normal(k3, ())}
+  np.testing.assert_allclose(step_lib.global_norm(tree), optax.tree.norm(tree),
+                             rtol=1e-6)
+  for max_norm in (0.5, 100.0):  # clipped, and left alone
+    ours, _ = step_lib.clip_by_global_norm(max_norm).update(tree, optax.EmptyState())
+    ref, _ = optax.clip_by_global_norm(max_norm).update(tree, optax.EmptyState())
+    chex.assert_trees_all_close(ours, ref, rtol=1e-6)
+  assert float(step_lib.global_norm({})) == 0.0
