@@ -145,9 +145,22 @@ class Checkpoints:
 
   def _open(self) -> None:
     ocp = self._ocp
+    multi = jax.process_count() > 1
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True))
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=self.keep, create=True,
+            # Across processes orbax syncs with device collectives
+            # (sync_global_devices). From its background save thread they would
+            # interleave with the training step's collectives in a different order
+            # in each process, which deadlocks (seen under load with gloo): save on
+            # the main thread, in program order, instead. One process keeps the
+            # asynchronous save, whose syncs are no-ops there.
+            enable_async_checkpointing=not multi,
+            # Two managers (latest and best) may save the same step: their barrier
+            # names must differ.
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix=os.path.basename(self.directory))))
 
   def latest(self) -> Optional[int]:
     return self.manager.latest_step()

@@ -37,6 +37,8 @@ positives and ``hits = sum_{i<=K} rel_i``:
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -52,6 +54,7 @@ def rank_order(logits: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.lexsort((pos, -logits, ~mask), axis=-1)
 
 
+@functools.partial(jax.jit, static_argnames=("k", "map_normaliser"))
 def list_metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array, *, k: int,
                  map_normaliser: str = "min_pos_k") -> dict[str, jax.Array]:
   """Per-list metrics at ``k`` (formulas in the module docstring).
@@ -124,6 +127,7 @@ def list_auc(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array
   return jnp.where(n_pairs > 0, (score * pair).sum((1, 2)) / jnp.maximum(n_pairs, 1), 0.0)
 
 
+@jax.jit
 def weighted_sums(per_list: dict[str, jax.Array]) -> dict[str, jax.Array]:
   """Sums of ``metric * weight`` over lists, and the weight sums, for aggregation.
 
@@ -147,6 +151,7 @@ def means(sums: dict) -> dict[str, float]:
   return out
 
 
+@jax.jit
 def global_auc(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
   """AUC over all valid candidates of all lists pooled (ties counting 1/2).
 
@@ -167,6 +172,7 @@ def global_auc(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Arr
   return jnp.where((n_pos > 0) & (n_neg > 0), u / jnp.maximum(n_pos * n_neg, 1.0), 0.5)
 
 
+@functools.partial(jax.jit, static_argnames=("k", "num_items"))
 def coverage(logits: jax.Array, mask: jax.Array, items: jax.Array, *, k: int,
              num_items: int) -> jax.Array:
   """Fraction of the catalogue (ids ``1..num_items-1``) shown in some list's top K."""
