@@ -77,6 +77,9 @@ flags.DEFINE_bool("compare_torch", False,
                   "Also time the PyTorch eager reference, interleaved (needs torch).")
 flags.DEFINE_bool("reference_step", False,
                   "Also time the pre-optimisation step (benchmarks/reference_step.py).")
+flags.DEFINE_enum("host_allocator", "auto", ["auto", "reuse", "system"],
+                  "As the binaries' flag (dnr_jax/host_allocator.py): auto keeps freed "
+                  "step memory for reuse when computing on the CPU.")
 flags.DEFINE_string("torch_device", "", "torch device; '': cuda when available, else cpu.")
 flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0: torch's default).")
 FLAGS = flags.FLAGS
@@ -265,8 +268,11 @@ def summary(step_secs: list[float], lists_per_step: int) -> dict:
 
 def device_info(devices) -> dict:
   import jax
+  from dnr_jax import host_allocator
   return {"platform": devices[0].platform, "device_kind": devices[0].device_kind,
-          "devices": len(devices), "jax": jax.__version__}
+          "devices": len(devices), "jax": jax.__version__,
+          # What this process's allocator does (configure() only reports, once set).
+          "host_allocator": host_allocator.configure("system")}
 
 
 def shape_record(dtype: str = "fp32") -> dict:
@@ -397,6 +403,10 @@ def main(argv):
                          f"--dtype={','.join(FLAGS.dtype)} from fp32, bf16 and "
                          f"--devices={','.join(FLAGS.devices)} positive integers")
   _set_host_devices(max(counts))
+  # Before JAX starts its CPU thread pools; the same setting as the binaries'
+  # default (--host_allocator=auto), and torch in this process gets it too.
+  from dnr_jax import host_allocator
+  host_allocator.configure(FLAGS.host_allocator)
   import jax   # after XLA_FLAGS
   available = jax.local_devices()
   if counts[-1] > len(available):

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from dnr_jax import batch as batch_lib
 from dnr_jax import config as config_lib
+from dnr_jax import dropout as dropout_lib
 
 
 class EncoderBlock(nn.Module):
@@ -47,11 +48,11 @@ class EncoderBlock(nn.Module):
     h = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dropout_rate=self.dropout, deterministic=not train,
         dtype=self.dtype)(h, h, mask=nn.make_attention_mask(mask, mask))
-    x = x + nn.Dropout(self.dropout, deterministic=not train)(h)
+    x = x + dropout_lib.Dropout(self.dropout, deterministic=not train)(h)
     h = nn.LayerNorm(dtype=self.dtype)(x)
     h = nn.Dense(self.hidden, dtype=self.dtype)(
         nn.gelu(nn.Dense(2 * self.hidden, dtype=self.dtype)(h)))
-    return x + nn.Dropout(self.dropout, deterministic=not train)(h)
+    return x + dropout_lib.Dropout(self.dropout, deterministic=not train)(h)
 
 
 def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -142,7 +143,7 @@ class InputTokens(nn.Module):
         tokens = nn.Dense(d, name="score_concat", dtype=dt)(
             jnp.concatenate([tokens, s], -1))
     tokens = tokens.reshape((-1,) + tokens.shape[2:])              # [K * B, n, d]
-    return nn.Dropout(c.dropout, deterministic=not train)(tokens)
+    return dropout_lib.Dropout(c.dropout, deterministic=not train)(tokens)
 
 
 def _head(x: jax.Array, hidden: int, dtype=jnp.float32) -> jax.Array:
@@ -203,7 +204,7 @@ class SetRank(nn.Module):
     y = nn.MultiHeadDotProductAttention(num_heads=c.num_heads, name="broadcast",
                                         dtype=dt)(
         nn.LayerNorm(dtype=dt)(x), h, mask=nn.make_attention_mask(mask, ind_mask))
-    x = x + nn.Dropout(c.dropout, deterministic=not train)(y)
+    x = x + dropout_lib.Dropout(c.dropout, deterministic=not train)(y)
     for i in range(c.num_layers):
       x = EncoderBlock(c.hidden, c.num_heads, c.dropout, dtype=dt, name=f"set_{i}")(
           x, mask, train)
@@ -235,7 +236,7 @@ class DLCM(nn.Module):
                         return_carry=True, name="gru")(x, seq_lengths=lengths)
     s = jnp.broadcast_to(carry[:, None, :], out.shape)
     h = jnp.concatenate([out, s, out * s], -1)
-    h = nn.Dropout(c.dropout, deterministic=not train)(h)
+    h = dropout_lib.Dropout(c.dropout, deterministic=not train)(h)
     return _per_set(_head(h, c.hidden, dt), score_sets)
 
 

@@ -75,6 +75,7 @@ import jax.numpy as jnp
 
 from dnr_jax import batch as batch_lib
 from dnr_jax import config as config_lib
+from dnr_jax import dropout as dropout_lib
 from dnr_jax import models
 from dnr_jax import pipeline
 
@@ -114,10 +115,10 @@ class OmnidirectionalBlock(nn.Module):
   def __call__(self, x: jax.Array, mask: jax.Array, train: bool) -> jax.Array:
     h = OmnidirectionalAttention(self.hidden, self.num_heads, name="attention")(
         nn.LayerNorm()(x), mask)
-    x = x + nn.Dropout(self.dropout, deterministic=not train)(h)
+    x = x + dropout_lib.Dropout(self.dropout, deterministic=not train)(h)
     h = nn.LayerNorm()(x)
     h = nn.Dense(self.hidden)(nn.gelu(nn.Dense(2 * self.hidden)(h)))
-    return x + nn.Dropout(self.dropout, deterministic=not train)(h)
+    return x + dropout_lib.Dropout(self.dropout, deterministic=not train)(h)
 
 
 def history_permutations(history: jax.Array, history_mask: jax.Array,
@@ -200,7 +201,7 @@ class PIER(nn.Module):
     perm_interest, item_interest = perm_interest * keep, item_interest * keep
     feats = jnp.concatenate(
         [x, item_interest, jnp.broadcast_to(perm_interest, x.shape)], -1)
-    feats = nn.Dropout(c.dropout, deterministic=not train)(feats)
+    feats = dropout_lib.Dropout(c.dropout, deterministic=not train)(feats)
     return models._per_set(  # pylint: disable=protected-access
         models._head(feats, d), score_sets)  # pylint: disable=protected-access
 
