@@ -166,7 +166,10 @@ def _check_evaluation(runs):
     res1 = json.load(f)
   with open(tmp / "multi" / "results.json") as f:
     res2 = json.load(f)
-  assert res2["runs"][0]["test"] == pytest.approx(res1["runs"][0]["test"], rel=1e-4)
+  # The tolerance of the per-epoch records above: 2x2 and 1x4 devices reduce in a
+  # different order (logit_spread, a ratio of small sums, moves by ~1e-4 relative).
+  assert res2["runs"][0]["test"] == pytest.approx(res1["runs"][0]["test"], rel=1e-4,
+                                                  abs=1e-5)
 
 
 def _check_single_writer(runs):
