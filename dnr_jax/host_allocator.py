@@ -21,9 +21,8 @@ when the computation will run on the CPU.
 ``configure`` must run before JAX creates its CPU thread pools (before the first
 computation or ``jax.devices()``): threads made earlier keep their own arenas. The
 binaries call it first thing (``experiments/common.py``, ``benchmarks/step.py``);
-library users call it themselves, or set the equivalent environment variables
-before Python starts: ``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0
-MALLOC_TRIM_THRESHOLD_=-1``... (glibc tunables; see ``ENV``).
+library users call it themselves, or set the equivalent glibc environment
+variables (``ENV``) before Python starts.
 """
 
 from __future__ import annotations
