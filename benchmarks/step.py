@@ -271,8 +271,7 @@ def device_info(devices) -> dict:
   from dnr_jax import host_allocator
   return {"platform": devices[0].platform, "device_kind": devices[0].device_kind,
           "devices": len(devices), "jax": jax.__version__,
-          # What this process's allocator does (configure() only reports, once set).
-          "host_allocator": host_allocator.configure("system")}
+          "host_allocator": host_allocator.applied()}
 
 
 def shape_record(dtype: str = "fp32") -> dict:

@@ -12,7 +12,7 @@ new randomness for every call (``make_rng``), none when deterministic.
 
 The masks differ from ``nn.Dropout``'s for the same key (a different generator),
 which changes no expectation; tests pin the keep rate, the scaling and the
-independence between calls (``tests/models_test.py``).
+independence between calls (``tests/dropout_test.py``).
 """
 
 from __future__ import annotations

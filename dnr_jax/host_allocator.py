@@ -70,6 +70,11 @@ def _backend_started() -> bool:
     return False
 
 
+def applied() -> str:
+  """What this process's allocator does now (for logs and benchmark records)."""
+  return _applied or "system allocator (unchanged)"
+
+
 def configure(mode: str = "auto") -> str:
   """Applies the allocator settings; returns what was done, for the log.
 

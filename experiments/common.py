@@ -328,8 +328,7 @@ def one_line_errors(main: Callable[[list[str]], None]) -> Callable[[list[str]], 
     traceback = show_traceback()   # before main: setup() resets the verbosity
     try:
       # Before JAX starts its CPU thread pools (host_allocator's docstring).
-      allocator = host_allocator.configure(FLAGS["host_allocator"].value
-                                           if "host_allocator" in FLAGS else "auto")
+      allocator = host_allocator.configure(FLAGS.host_allocator)
       logging.info("host allocator: %s", allocator)
       return main(argv)
     except (errors.DNRError, flags.Error, app.UsageError) as e:
