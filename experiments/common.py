@@ -327,9 +327,6 @@ def one_line_errors(main: Callable[[list[str]], None]) -> Callable[[list[str]], 
   def guarded(argv):
     traceback = show_traceback()   # before main: setup() resets the verbosity
     try:
-      # Before JAX starts its CPU thread pools (host_allocator's docstring).
-      allocator = host_allocator.configure(FLAGS.host_allocator)
-      logging.info("host allocator: %s", allocator)
       return main(argv)
     except (errors.DNRError, flags.Error, app.UsageError) as e:
       if traceback:
@@ -338,9 +335,21 @@ def one_line_errors(main: Callable[[list[str]], None]) -> Callable[[list[str]], 
   return guarded
 
 
+def with_host_allocator(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+  """``main`` run after ``--host_allocator`` is applied (flags must be parsed)."""
+  @functools.wraps(main)
+  def configured(argv):
+    # Before JAX starts its CPU thread pools (host_allocator's docstring).
+    allocator = host_allocator.configure(FLAGS.host_allocator)
+    logging.info("host allocator: %s", allocator)
+    return main(argv)
+  return configured
+
+
 def run_main(main: Callable[[list[str]], None]) -> None:
-  """``app.run(main)`` for every binary: flag errors and user errors in one line."""
-  app.run(one_line_errors(main), flags_parser=parse_flags)
+  """``app.run(main)`` for every binary: flag errors and user errors in one line,
+  the host allocator set before JAX starts."""
+  app.run(one_line_errors(with_host_allocator(main)), flags_parser=parse_flags)
 
 
 _CHATTY = ("/orbax/", "/tensorflow_datasets/")

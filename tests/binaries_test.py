@@ -24,6 +24,7 @@ def test_synthetic_binary_end_to_end(tmp_path):
               "--batch_size=32", "--hidden=16")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "NOT the real data" in proc.stderr          # the log says so
+  assert "host allocator: reuse" in proc.stderr      # applied before JAX, on CPU
   assert "| prm | dnr_g |" in proc.stdout            # the table is printed
   for name in ("results.md", "results.csv", "plots/noise_density.png",
                "runs/prm/dnr_g/seed0/metrics.jsonl"):
