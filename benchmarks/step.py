@@ -5,6 +5,7 @@ r"""Benchmark of the compiled DNR steps: lists/s, compile time, memory, FLOPs.
   python -m benchmarks.step --devices=1,2,4,8 --batch_size=64   # scaling, per-device batch
   python -m benchmarks.step --dtype=bf16
   python -m benchmarks.step --compare_torch --batch_size=256 --num_heads=2 --num_layers=2
+  python -m benchmarks.step --compare_orders --steps= --batch_size=256 --num_heads=2 --num_layers=2
 
 Prints ONE JSON object per line and measurement. For every device count of
 ``--devices`` and every step of ``--steps`` (``direct``: the backbone step of
@@ -28,6 +29,10 @@ share the machine's cores, so CPU scaling rows show overhead, not speed-up.
 ``--compare_torch`` also times the PyTorch eager reference (``benchmarks/torch_prm.py``,
 the optional ``bench`` extra) on the same shapes, interleaved with dnr-jax repeat by
 repeat, and prints the ratios (the backbone step with c score, the adversarial step).
+
+``--compare_orders`` times the backbone step and the model step in both adversarial
+orders (``--adversarial_order`` sets the order of the other records), interleaved,
+and prints each order's model/backbone step-time ratio.
 
 ``--reference_step`` times ``benchmarks/reference_step.py``, the step as it was before
 issue 12's optimisations, beside the current one (interleaved; ``before`` / ``after``).
@@ -75,6 +80,11 @@ flags.DEFINE_integer("iters", 5, "Steps per timed repeat.")
 flags.DEFINE_enum("compile", "shard_map", ["shard_map", "pmap"], "Step compilation.")
 flags.DEFINE_bool("compare_torch", False,
                   "Also time the PyTorch eager reference, interleaved (needs torch).")
+flags.DEFINE_enum("adversarial_order", "sequential", ["sequential", "simultaneous"],
+                  "Order of the model step's two updates (TrainConfig.adversarial_order).")
+flags.DEFINE_bool("compare_orders", False,
+                  "Also time the backbone step and the model step in both adversarial "
+                  "orders, interleaved, and print each order's model/backbone ratio.")
 flags.DEFINE_bool("reference_step", False,
                   "Also time the pre-optimisation step (benchmarks/reference_step.py).")
 flags.DEFINE_enum("host_allocator", "auto", ["auto", "reuse", "system"],
@@ -142,7 +152,7 @@ def make_config(*, method: str, batch_size: int, backbone: str = "prm",
                 history_layers: int = 1, dropout: float = 0.3, users: int = 6_041,
                 items: int = 3_707, user_feature_vocab: tuple = (),
                 item_feature_vocab: tuple = (), dtype: str = "fp32",
-                compile: str = "shard_map"):
+                compile: str = "shard_map", adversarial_order: str = "sequential"):
   """The ``TrainConfig`` of ``method`` at these shapes (generator on from epoch 0)."""
   from dnr_jax import config as config_lib
   model = config_lib.ModelConfig(
@@ -153,7 +163,7 @@ def make_config(*, method: str, batch_size: int, backbone: str = "prm",
       compute_dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype])
   cfg = config_lib.TrainConfig(model=model, global_batch_size=batch_size,
                                eval_batch_size=batch_size, warmup_epochs=0,
-                               compile=compile)
+                               compile=compile, adversarial_order=adversarial_order)
   return config_lib.apply_method(cfg, method)
 
 
@@ -282,14 +292,16 @@ def shape_record(dtype: str = "fp32") -> dict:
           "compile": FLAGS.compile}
 
 
-def _config_from_flags(method: str, batch_size: int, dtype: str = "fp32"):
+def _config_from_flags(method: str, batch_size: int, dtype: str = "fp32",
+                       adversarial_order: Optional[str] = None):
   return make_config(
       method=method, batch_size=batch_size, backbone=FLAGS.backbone, hidden=FLAGS.hidden,
       num_heads=FLAGS.num_heads, num_layers=FLAGS.num_layers,
       history_layers=FLAGS.history_layers, dropout=FLAGS.dropout, users=FLAGS.users,
       items=FLAGS.items, user_feature_vocab=(FLAGS.feature_vocab,) * FLAGS.user_features,
       item_feature_vocab=(FLAGS.feature_vocab,) * FLAGS.item_features, dtype=dtype,
-      compile=FLAGS.compile)
+      compile=FLAGS.compile,
+      adversarial_order=adversarial_order or FLAGS.adversarial_order)
 
 
 def _lists(num: int) -> dict:
@@ -317,6 +329,8 @@ def measure(step: str, devices, global_batch: int, lists: dict, out=None,
            **device_info(devices), "global_batch": global_batch,
            "per_device_batch": per_device, **summary(secs[dt], global_batch),
            "compile_s": runner.compile_s}
+    if step == "model":
+      rec["adversarial_order"] = FLAGS.adversarial_order
     rec["flops_per_list"] = runner.flops / per_device if runner.flops else None
     rec["achieved_flops_per_s"] = (rec["flops_per_list"] * rec["lists_per_s"]
                                    if rec["flops_per_list"] else None)
@@ -350,6 +364,32 @@ def compare_reference(devices, lists: dict, out=None) -> list[dict]:
     emit(rec, out)
     records.append(rec)
   return records
+
+
+def compare_orders(devices, lists: dict, out=None) -> dict:
+  """Backbone step vs the model step in both adversarial orders, interleaved.
+
+  Issue 12's target is a model step at most 2.0x the backbone step; Algorithm 1's
+  order ("sequential", the default) and the one-pass order ("simultaneous") are
+  timed in the same repeats, so their ratios compare on one machine state.
+  """
+  runs = {"direct": CompiledStep("direct", _config_from_flags(
+      FLAGS.direct_method, FLAGS.batch_size), devices, lists)}
+  for order in ("sequential", "simultaneous"):
+    runs[order] = CompiledStep("model", _config_from_flags(
+        FLAGS.method, FLAGS.batch_size, adversarial_order=order), devices, lists)
+  secs = time_interleaved({k: r.run for k, r in runs.items()}, warmup=FLAGS.warmup,
+                          repeats=FLAGS.repeats, iters=FLAGS.iters)
+  rec = {"bench": "adversarial_orders", "method": FLAGS.method,
+         "direct_method": FLAGS.direct_method, **shape_record(), **device_info(devices),
+         "global_batch": FLAGS.batch_size}
+  for name in runs:
+    rec[name] = summary(secs[name], FLAGS.batch_size)
+  for order in ("sequential", "simultaneous"):
+    rec[f"{order}_over_direct_step_time"] = (statistics.median(secs[order])
+                                             / statistics.median(secs["direct"]))
+  emit(rec, out)
+  return rec
 
 
 def compare_torch(devices, lists: dict, out=None, torch_device: str = "") -> list[dict]:
@@ -425,6 +465,8 @@ def main(argv):
                              f"devices")
       for step in FLAGS.steps:
         measure(step, devices, global_batch, lists, out, dtypes=FLAGS.dtype)
+    if FLAGS.compare_orders:
+      compare_orders(available[:1], lists, out)
     if FLAGS.reference_step:
       compare_reference(available[:1], lists, out)
     if FLAGS.compare_torch:

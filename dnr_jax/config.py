@@ -26,6 +26,7 @@ MAP_NORMALISERS = ("min_pos_k", "hits")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 NONFINITE = ("stop", "skip")
 RESUME_MODES = ("check", "force", "never")
+ADVERSARIAL_ORDERS = ("sequential", "simultaneous")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +118,12 @@ class TrainConfig:
   # over. ``use_generator=False`` never switches (the "heuristic only" rows).
   warmup_epochs: int = 40
   use_generator: bool = True
+  # The adversarial phase's order. "sequential" is Algorithm 1: theta is updated, then
+  # phi against the UPDATED theta (the reranker run again, without dropout).
+  # "simultaneous" computes phi's gradient from theta's own forward and backward pass
+  # (phi against the pre-update, dropout-on reranker): fewer passes, another method
+  # (dnr_jax/step.py, simultaneous_grads; docs/dnr_investigation.md).
+  adversarial_order: str = "sequential"
   num_epochs: int = 50           # with early stopping: the maximum
   # Training to convergence (dnr_jax.early_stopping): stop after this many epochs
   # without a validation NDCG@K gain of more than early_stopping_min_delta (never
@@ -299,6 +306,7 @@ def validate(config: TrainConfig, *, list_size: Optional[int] = None,
   _in(config.compile, COMPILERS, "compile")
   _in(config.map_normaliser, MAP_NORMALISERS, "map_normaliser")
   _in(config.nonfinite, NONFINITE, "nonfinite")
+  _in(config.adversarial_order, ADVERSARIAL_ORDERS, "adversarial_order")
   _in(config.resume, RESUME_MODES, "resume")
   if vocab:
     _check(m.num_items >= 2,

@@ -172,15 +172,23 @@ def reranker_objective(theta: Any, phi: Any, batch: batch_lib.ListBatch,
     generates scores) and ``l_theta``.
   """
   k_drop, k_drop_z, k_noise = keys
-  reranker = models.make_reranker(config.model)
   x_gen = generated_scores(phi, batch, k_noise, config=config, phase=phase)
+  if x_gen is not None:
+    x_gen = jax.lax.stop_gradient(x_gen)
+  return _reranker_loss(theta, batch, x_gen, (k_drop, k_drop_z), config=config)
+
+
+def _reranker_loss(theta: Any, batch: batch_lib.ListBatch, x_gen: Optional[jax.Array],
+                   keys: tuple[jax.Array, jax.Array], *, config: config_lib.TrainConfig):
+  """Eq. 5's ``L_theta`` given the generated scores ``x'`` (None: ``L_direct`` only)."""
+  k_drop, k_drop_z = keys
+  reranker = models.make_reranker(config.model)
   if x_gen is None:
     logits = reranker.apply({"params": theta}, batch, train=True,
                             rngs={"dropout": k_drop})
     terms = {"l_direct": losses.direct_loss(logits, batch.labels, batch.mask)}
     terms["l_theta"] = terms["l_direct"]
     return terms["l_theta"], terms
-  x_gen = jax.lax.stop_gradient(x_gen)
   if config.noise.sort_generated:
     logits = reranker.apply({"params": theta}, batch, train=True,
                             rngs={"dropout": k_drop})
@@ -198,6 +206,47 @@ def reranker_objective(theta: Any, phi: Any, batch: batch_lib.ListBatch,
                losses.masked_mean(x_gen, batch.mask))}
   terms["l_theta"] = terms["l_direct"] + config.loss.lambda_m * terms["l_z"]
   return terms["l_theta"], terms
+
+
+def simultaneous_grads(theta: Any, phi: Any, batch: batch_lib.ListBatch,
+                       keys: tuple[jax.Array, jax.Array, jax.Array], *,
+                       config: config_lib.TrainConfig):
+  """Both players' gradients from one reranker pass (``adversarial_order="simultaneous"``).
+
+  theta's gradient and loss terms are ``reranker_objective``'s for the same keys (the
+  same ``x'``, the same dropout masks). phi's is the gradient of Eq. 5's
+  ``L_phi = lambda_adv L_adv + lambda_x L_x`` with ``L_adv`` taken on that same pass:
+  against the **pre-update** theta with dropout on, where Algorithm 1 (the default,
+  ``generator_objective``) attacks the updated theta without dropout.
+
+  Why one backward pass serves both players: ``L_adv = -L_z`` (Eq. 5) and ``x'``
+  enters ``L_theta`` only through ``lambda_m L_z``, so the gradient that theta's
+  backward pass delivers to ``x'`` is ``lambda_m dL_z/dx'`` and
+  ``dL_adv/dx' = -(that) / lambda_m`` (``lambda_m > 0`` in every generator method:
+  ``config.validate``). The generator runs once, its forward pass kept by ``jax.vjp``
+  for phi's backward pass. Per step this drops the second reranker forward pass and
+  its input backward pass: docs/dnr_investigation.md has the measured cost.
+
+  Returns:
+    ``(theta_grads, phi_grads, terms)``; ``terms`` as ``reranker_objective``'s plus
+    ``l_adv``, ``l_x`` and ``l_phi``.
+  """
+  k_drop, k_drop_z, k_noise = keys
+  lc = config.loss
+  generator = noise_lib.make_generator(config.noise, config.model)
+  x_gen, generator_vjp = jax.vjp(
+      lambda p: generator.apply({"params": p}, batch, rngs={"noise": k_noise}), phi)
+  (_, terms), (theta_grads, dl_theta_dx) = jax.value_and_grad(
+      _reranker_loss, argnums=(0, 2), has_aux=True)(
+          theta, batch, x_gen, (k_drop, k_drop_z), config=config)
+  l_x, dl_x_dx = jax.value_and_grad(losses.distribution_loss)(
+      x_gen, batch.scores, batch.labels, batch.mask, lc)
+  dl_adv_dx = -dl_theta_dx / lc.lambda_m
+  (phi_grads,) = generator_vjp(lc.lambda_adv * dl_adv_dx + lc.lambda_x * dl_x_dx)
+  terms["l_adv"] = -terms["l_z"]
+  terms["l_x"] = l_x
+  terms["l_phi"] = lc.lambda_adv * terms["l_adv"] + lc.lambda_x * l_x
+  return theta_grads, phi_grads, terms
 
 
 def generator_objective(phi: Any, theta: Any, batch: batch_lib.ListBatch,
@@ -226,9 +275,11 @@ def train_step(state: DNRState, batch: batch_lib.ListBatch, *,
                config: config_lib.TrainConfig, phase: str) -> tuple[DNRState, dict]:
   """One DNR iteration on this device's shard; call only under a ``'batch'`` axis.
 
-  Order (Algorithm 1): theta is updated with ``reranker_objective`` (phi frozen), then
-  phi with ``generator_objective`` against the reranker's **post-update** parameters
-  (theta frozen), so the generator always attacks the current reranker.
+  Order (Algorithm 1, ``adversarial_order="sequential"``, the default): theta is
+  updated with ``reranker_objective`` (phi frozen), then phi with
+  ``generator_objective`` against the reranker's **post-update** parameters (theta
+  frozen), so the generator always attacks the current reranker. With
+  ``"simultaneous"`` both gradients come from one pass (``simultaneous_grads``).
 
   Randomness: ``fold_in(key, step)`` then ``fold_in(., axis_index('batch'))``, so every
   step and every device draws its own noise and dropout.
@@ -254,14 +305,22 @@ def train_step(state: DNRState, batch: batch_lib.ListBatch, *,
   k_drop, k_drop_z, k_noise, k_gen = jax.random.split(key, 4)
   reranker, generator = state.reranker, state.generator
 
-  grads, metrics = jax.grad(reranker_objective, has_aux=True)(
-      reranker.params, generator.params, batch, (k_drop, k_drop_z, k_noise),
-      config=config, phase=phase)
+  if phase == "model" and config.adversarial_order == "simultaneous":
+    grads, g_grads, metrics = simultaneous_grads(
+        reranker.params, generator.params, batch, (k_drop, k_drop_z, k_noise),
+        config=config)
+    g_grads = jax.lax.pmean(g_grads, AXIS)
+    generator = generator.apply_gradients(grads=g_grads)
+    metrics["grad_norm_phi"] = global_norm(g_grads)
+  else:
+    grads, metrics = jax.grad(reranker_objective, has_aux=True)(
+        reranker.params, generator.params, batch, (k_drop, k_drop_z, k_noise),
+        config=config, phase=phase)
   grads = jax.lax.pmean(grads, AXIS)
   reranker = reranker.apply_gradients(grads=grads)
   metrics["grad_norm_theta"] = global_norm(grads)
 
-  if phase == "model":
+  if phase == "model" and config.adversarial_order == "sequential":
     g_grads, g_terms = jax.grad(generator_objective, has_aux=True)(
         generator.params, reranker.params, batch, k_gen, config=config)
     g_grads = jax.lax.pmean(g_grads, AXIS)

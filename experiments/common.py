@@ -104,6 +104,10 @@ _CONFIG_FLAGS = (
     ("lambda_x", "loss.lambda_x", "Weight of L_x.", None),
     ("lx_estimator", "loss.lx_estimator", "Estimator of L_x.", config_lib.LX_ESTIMATORS),
     ("lx_per_class", "loss.lx_per_class", "Match L_x per label class.", None),
+    ("adversarial_order", "adversarial_order",
+     "The adversarial phase: sequential (Algorithm 1: phi against the updated theta) "
+     "or simultaneous (phi's gradient from theta's own pass: fewer passes per step, "
+     "another method; docs/dnr_investigation.md).", config_lib.ADVERSARIAL_ORDERS),
     ("warmup_epochs", "warmup_epochs",
      "lambda_e: heuristic epochs before the model generator.", None),
     ("num_epochs", "num_epochs", "Training epochs (with early stopping: the maximum).",
