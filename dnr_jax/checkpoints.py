@@ -74,8 +74,15 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def config_differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
-  """``(dotted field, old, new)`` for every field that differs and may not."""
-  a, b = _flatten(old), _flatten(new)
+  """``(dotted field, old, new)`` for every field that differs and may not.
+
+  A field that a checkpoint written by an older dnr-jax lacks counts as its default:
+  that run trained with the behaviour the default names (a field is added with the
+  old behaviour as its default), so adding a config field does not block resumes.
+  """
+  defaults = _flatten(config_dict(config_lib.TrainConfig()))
+  a = {**{k: v for k, v in defaults.items() if k in _flatten(new)}, **_flatten(old)}
+  b = _flatten(new)
   return [(k, a.get(k, "<absent>"), b.get(k, "<absent>"))
           for k in sorted(set(a) | set(b))
           if k not in RESUMABLE_FIELDS and a.get(k, "<absent>") != b.get(k, "<absent>")]

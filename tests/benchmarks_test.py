@@ -54,6 +54,20 @@ def test_step_benchmark_prints_one_json_line_per_step_and_device_count():
   assert by_step["model"]["flops_per_list"] > by_step["direct"]["flops_per_list"]
 
 
+def test_step_benchmark_compares_the_adversarial_orders():
+  proc = _run("benchmarks.step", *TINY, "--steps=", "--compare_orders")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (rec,) = _records(proc.stdout)
+  assert rec["bench"] == "adversarial_orders"
+  for name in ("direct", "sequential", "simultaneous"):
+    assert rec[name]["lists_per_s"] > 0 and rec[name]["repeats"] == 2
+  for order in ("sequential", "simultaneous"):
+    ratio = rec[f"{order}_over_direct_step_time"]   # of the median step times
+    d, o = rec["direct"], rec[order]
+    assert (d["lists_per_s_min"] / o["lists_per_s_max"] <= ratio
+            <= d["lists_per_s_max"] / o["lists_per_s_min"])
+
+
 def test_step_benchmark_rejects_bad_flags():
   proc = _run("benchmarks.step", *TINY, "--steps=direct,train")
   assert proc.returncode != 0

@@ -204,6 +204,17 @@ def test_resume_with_another_config_names_the_fields(tmp_path):
   assert glob.glob(d + ".old-*")
 
 
+def test_a_field_an_older_checkpoint_lacks_counts_as_its_default():
+  cfg = _config()
+  old = checkpoints.config_dict(cfg)
+  del old["adversarial_order"]              # written before the field existed
+  del old["model"]["compute_dtype"]
+  assert checkpoints.config_differences(old, checkpoints.config_dict(cfg)) == []
+  new = dataclasses.replace(cfg, adversarial_order="simultaneous")
+  assert checkpoints.config_differences(old, checkpoints.config_dict(new)) == [
+      ("adversarial_order", "sequential", "simultaneous")]
+
+
 @pytest.mark.slow
 def test_resume_with_another_hidden_size_is_one_line(tmp_path):
   train.train_and_evaluate(_config(num_epochs=1), DATA, str(tmp_path), devices=DEVICES)
