@@ -3,7 +3,8 @@
 Two processes with 2 CPU devices each (gloo collectives) run the synthetic binary
 and must give what one process with 4 devices gives: the same parameters in the
 final checkpoint and the same per-epoch training, validation and test metrics; and
-only one of them writes the run's files.
+only one of them writes the run's files. A 2-process run stopped after one epoch and
+started again resumes from its checkpoint and ends where the uninterrupted one did.
 """
 
 import json
@@ -105,6 +106,21 @@ def runs(tmp_path_factory):
           [f"--coordinator_address=localhost:{port}", "--num_processes=2",
            f"--process_id={i}"])
     _wait_all(procs, logs)
+    # A 2-process run stopped after epoch 1 and run again to EPOCHS: it resumes from
+    # its multi-process checkpoint (both processes restore the same step).
+    for phase, epochs in (("first", 1), ("resumed", EPOCHS)):
+      names = [f"{phase}{i}" for i in range(2)]
+      for n in names:
+        logs[n] = str(tmp / f"{n}.log")
+        handles[n] = open(logs[n], "w")
+      port = _free_port()
+      phase_procs = {n: _start(
+          tmp / "resume", 2, handles[n],
+          [f"--coordinator_address=localhost:{port}", "--num_processes=2",
+           f"--process_id={i}", f"--num_epochs={epochs}"])
+                     for i, n in enumerate(names)}
+      procs.update(phase_procs)
+      _wait_all(phase_procs, logs)
   finally:
     for p in procs.values():
       if p.poll() is None:
@@ -126,6 +142,7 @@ def test_two_processes_train_evaluate_and_write_like_one(runs):
   _check_training(runs)
   _check_evaluation(runs)
   _check_single_writer(runs)
+  _check_resume(runs)
 
 
 def _check_training(runs):
@@ -187,6 +204,25 @@ def _check_single_writer(runs):
   ckpts = lambda root: sorted(os.listdir(os.path.join(_run_dir(root), "checkpoints")))
   assert ckpts(tmp / "multi") == ckpts(tmp / "single")
   assert len(ckpts(tmp / "multi")) == EPOCHS
+
+
+def _check_resume(runs):
+  tmp, logs = runs
+  for i in range(2):
+    with open(logs[f"resumed{i}"]) as f:
+      log = f.read()
+    assert "resumed from" in log and "at epoch 2" in log, log[-2000:]
+  # The same parameters and the same epochs, each once, as the uninterrupted run.
+  whole, resumed = _final_params(_run_dir(tmp / "multi")), _final_params(
+      _run_dir(tmp / "resume"))
+  for (path, a), (_, b) in zip(jax.tree_util.tree_flatten_with_path(whole)[0],
+                               jax.tree_util.tree_flatten_with_path(resumed)[0]):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+  one, two = _metrics(_run_dir(tmp / "multi")), _metrics(_run_dir(tmp / "resume"))
+  assert [r["epoch"] for r in two] == list(range(1, EPOCHS + 1))
+  for r1, r2 in zip(one, two):
+    assert r2["test"] == pytest.approx(r1["test"], rel=1e-5, abs=1e-6), r1["epoch"]
 
 
 def test_config_validation_names_the_problem():
