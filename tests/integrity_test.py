@@ -192,3 +192,61 @@ def test_a_killed_sample_generation_is_generated_again(tmp_path, monkeypatch):
   builder = prepare.raw_builder(config)
   assert raw.find_files(builder.source_dir, [raw.NOT_REAL_MARKER])
   assert builder.source_dir.startswith(str(manual / "movielens-sample-"))
+
+
+def _can_lock(folder, mode) -> bool:
+  """Whether another open file (as another process would) gets ``mode`` on it now."""
+  with open(os.path.join(folder, integrity.LOCK_FILE)) as other:
+    try:
+      fcntl.flock(other, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+      return False
+    fcntl.flock(other, fcntl.LOCK_UN)
+    return True
+
+
+def test_readers_share_the_lock_and_keep_preparations_out(tmp_path):
+  folder = str(tmp_path / "ds" / "cfg")
+  with integrity.reading(folder, "ds/cfg"):
+    assert _can_lock(folder, fcntl.LOCK_SH)          # readers do not wait for each other
+    assert not _can_lock(folder, fcntl.LOCK_EX)      # a re-preparation waits
+    with integrity.reading(folder, "ds/cfg"):        # re-entrant in one process
+      pass
+    with pytest.raises(RuntimeError, match="cannot prepare while this process reads"):
+      with integrity.preparing(folder, "ds/cfg"):
+        pass
+  with integrity.preparing(folder, "ds/cfg"):
+    assert not _can_lock(folder, fcntl.LOCK_SH)      # nobody reads a half-prepared set
+    with integrity.preparing(folder, "ds/cfg"), integrity.reading(folder, "ds/cfg"):
+      pass                                           # re-entrant under the exclusive one
+  assert _can_lock(folder, fcntl.LOCK_EX)            # all released
+
+
+def test_lists_and_the_raw_log_are_read_under_the_shared_lock(tmp_path, monkeypatch):
+  source, _ = _ml1m(tmp_path)
+  config = prepare.default_config(
+      "movielens", "1m", source_dir=str(source), data_dir=str(tmp_path / "d"),
+      k_core=3, retriever=retriever.RetrieverConfig(dim=4, epochs=1, batch_size=256),
+      lists=lists.ListConfig(protocol="retrieval", list_size=5, history_size=4,
+                             window=2, min_list_size=2))
+  raw_folder = os.path.dirname(prepare.raw_builder(config).data_dir)
+  lists_folder = os.path.dirname(prepare.DnrLists(data_config=config).data_dir)
+  seen = []
+  real_build, real_load = prepare._build, prepare._load  # pylint: disable=protected-access
+
+  def build(*a):
+    # While lists are built from the raw log, the raw data set cannot be deleted.
+    seen.append(("build", _can_lock(raw_folder, fcntl.LOCK_SH),
+                 _can_lock(raw_folder, fcntl.LOCK_EX)))
+    return real_build(*a)
+
+  def load(*a):
+    seen.append(("load", _can_lock(lists_folder, fcntl.LOCK_SH),
+                 _can_lock(lists_folder, fcntl.LOCK_EX)))
+    return real_load(*a)
+
+  monkeypatch.setattr(prepare, "_build", build)
+  monkeypatch.setattr(prepare, "_load", load)
+  prepare.prepare_lists(config)          # prepared, then loaded
+  prepare.prepare_lists(config)          # from the cache
+  assert seen == [("build", True, False), ("load", True, False), ("load", True, False)]

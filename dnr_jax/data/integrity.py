@@ -21,7 +21,10 @@ Two guarantees of the caches under ``$DNR_DATA_DIR`` (the raw TFDS data sets and
   ``incomplete.*`` folder there belongs to a preparation that is no longer running,
   and deletes it. The lock also makes two runs that want the same data set at once
   prepare it one after the other instead of writing over each other; the second then
-  finds it prepared. (A TFDS preparation started outside ``raw.prepare`` /
+  finds it prepared. Readers hold the same lock *shared* while they read (``reading``:
+  lists while they are loaded, a raw data set while lists are built from it, which
+  can take hours), so a data set whose sources changed is never deleted under a job
+  still reading it, and readers never wait for each other. (A TFDS preparation started outside ``raw.prepare`` /
   ``prepare_lists`` does not take the lock; nothing in this project does that.)
 """
 
@@ -106,22 +109,54 @@ def remove_old(folder: str, prefix: str, max_age_s: float = 86400) -> list[str]:
   return gone
 
 
-@contextlib.contextmanager
-def preparing(folder: str, what: str) -> Iterator[None]:
-  """Holds the preparation lock of ``folder`` (a data set's config folder).
+# Folders whose lock this process holds -> [shared?, nesting depth]. flock locks
+# belong to an open file, so a second lock of the same folder in this process would
+# wait for itself; it re-enters instead (preparation is single-threaded).
+_HELD: dict[str, list] = {}
 
-  On entry, once the lock is held, deletes the ``incomplete.*`` leftovers of killed
-  preparations in ``folder``. Waits (and says so) while another process prepares.
-  """
+
+@contextlib.contextmanager
+def _locked(folder: str, what: str, shared: bool) -> Iterator[bool]:
+  """Holds ``folder``'s lock; yields whether this call took it (not a re-entry)."""
+  key = os.path.realpath(folder)
+  held = _HELD.get(key)
+  if held:
+    if held[0] and not shared:
+      raise RuntimeError(f"{what}: cannot prepare while this process reads it")
+    held[1] += 1
+    try:
+      yield False
+    finally:
+      held[1] -= 1
+    return
   os.makedirs(folder, exist_ok=True)
   with open(os.path.join(folder, LOCK_FILE), "a+") as lock:
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     try:
-      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      fcntl.flock(lock, mode | fcntl.LOCK_NB)
     except BlockingIOError:
-      logging.info("%s: another process is preparing it; waiting for it to finish",
-                   what)
-      fcntl.flock(lock, fcntl.LOCK_EX)
+      logging.info("%s: another process is %s; waiting for it to finish", what,
+                   "preparing it" if shared else "preparing or reading it")
+      fcntl.flock(lock, mode)
+    _HELD[key] = [shared, 1]
     try:
+      yield True
+    finally:
+      _HELD.pop(key, None)
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def preparing(folder: str, what: str) -> Iterator[None]:
+  """Holds the exclusive lock of ``folder`` (a data set's config folder): to prepare,
+  or to delete a data set whose sources changed.
+
+  On entry, once the lock is held, deletes the ``incomplete.*`` leftovers of killed
+  preparations in ``folder``. Waits (and says so) while another process prepares or
+  reads the data set (``reading``).
+  """
+  with _locked(folder, what, shared=False) as took:
+    if took:
       for path in stale_leftovers(folder):
         logging.warning("%s: deleting %s, left by a preparation that was killed",
                         what, path)
@@ -129,6 +164,12 @@ def preparing(folder: str, what: str) -> Iterator[None]:
           shutil.rmtree(path, ignore_errors=True)
         else:
           os.remove(path)
-      yield
-    finally:
-      fcntl.flock(lock, fcntl.LOCK_UN)
+    yield
+
+
+@contextlib.contextmanager
+def reading(folder: str, what: str) -> Iterator[None]:
+  """Holds the shared lock of ``folder``: while held, no process prepares or deletes
+  the data set (they wait), and any number of processes read it at once."""
+  with _locked(folder, what, shared=True):
+    yield

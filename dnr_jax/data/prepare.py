@@ -191,11 +191,12 @@ def raw_builder(config: DataConfig) -> raw.RawBuilder:
              download=config.download)
 
 
-def log_stream(config: DataConfig) -> stream_lib.LogStream:
+def log_stream(config: DataConfig,
+               builder: raw.RawBuilder | None = None) -> stream_lib.LogStream:
   """The cleaned log of ``config`` as a stream of blocks (raw data set prepared if
-  needed)."""
+  needed; ``builder``: already prepared, read as it is)."""
   config.validate()
-  builder = raw.prepare(raw_builder(config))
+  builder = builder or raw.prepare(raw_builder(config))
   if config.dataset == "kuairand":
     return kuairand.log_stream(builder, config.label, config.include_random)
   return movielens.log_stream(builder, config.rating_threshold)
@@ -252,9 +253,25 @@ def build(config: DataConfig, spill_dir: str) -> Built:
   """Runs every stage (no cache), streaming the log; lists go to ``spill_dir``.
 
   Memory stays O(``config.shard_rows`` + users + items), whatever the log's size.
+  The raw data set's shared lock is held throughout: the log is read in several
+  passes, and another process that finds its sources changed would otherwise delete
+  it in between (``integrity``).
   """
+  builder = raw.prepare(raw_builder(config))
+  what = f"{builder.name}/{builder.builder_config.name}"
+  with integrity.reading(os.path.dirname(builder.data_dir), what):
+    # A fresh builder: between the two locks another process may have prepared the
+    # data set again (complete, under its exclusive lock) or failed to.
+    builder = raw_builder(config)
+    if not builder.is_prepared():
+      raise DataError(f"{builder.data_dir}: the raw data set was deleted by another "
+                      "process while this one was about to read it; run again")
+    return _build(config, spill_dir, builder)
+
+
+def _build(config: DataConfig, spill_dir: str, builder: raw.RawBuilder) -> Built:
   t0 = time.time()
-  stream = log_stream(config)
+  stream = log_stream(config, builder)
   seconds = {"raw": time.time() - t0}
   vocab = stream_lib.k_core(stream, config.k_core)
   seconds["k_core"] = time.time() - t0 - sum(seconds.values())
@@ -396,35 +413,41 @@ def prepare_lists(config: DataConfig) -> types.PreparedLists:
   integrity.remove_old(data_dir(config), "dnr_lists_spill_")   # older versions'
   builder = DnrLists(data_config=config)
   folder = os.path.dirname(builder.data_dir)
-  with integrity.preparing(folder, f"lists {builder.builder_config.name}"):
-    if builder.is_prepared():
-      changed = integrity.changes(builder.info.metadata.get("source_fingerprint"),
-                                  raw_builder(config).source_fingerprint())
-      if changed:
-        logging.warning("the source files of the cached lists %s changed (%s); "
-                        "preparing them again", builder.data_dir, "; ".join(changed))
-        shutil.rmtree(builder.data_dir)
-        builder = DnrLists(data_config=config)
-    if builder.is_prepared():
-      logging.info("reusing the cached lists %s", builder.data_dir)
-    else:
-      logging.info("preparing lists %s (cached for later runs)", builder.data_dir)
-      # Inside the locked folder: a killed run's spill is deleted by the next one.
-      spill = os.path.join(folder, integrity.INCOMPLETE_PREFIX + "spill")
-      os.makedirs(spill)
-      try:
-        builder.spill_dir = spill
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-            try_download_gcs=False))
-      finally:
-        shutil.rmtree(spill, ignore_errors=True)
+  what = f"lists {builder.builder_config.name}"
+  # Read under the shared lock: a process that finds the sources changed deletes the
+  # lists under the exclusive one, never while they are being loaded (integrity).
+  with integrity.reading(folder, what):
+    splits = _load_if_current(builder, config)
+  if splits is None:
+    with integrity.preparing(folder, what):
+      if builder.is_prepared():
+        changed = integrity.changes(builder.info.metadata.get("source_fingerprint"),
+                                    raw_builder(config).source_fingerprint())
+        if changed:
+          logging.warning("the source files of the cached lists %s changed (%s); "
+                          "preparing them again", builder.data_dir, "; ".join(changed))
+          shutil.rmtree(builder.data_dir)
+          builder = DnrLists(data_config=config)
+      if builder.is_prepared():   # another process prepared them meanwhile
+        logging.info("reusing the cached lists %s", builder.data_dir)
+      else:
+        logging.info("preparing lists %s (cached for later runs)", builder.data_dir)
+        # Inside the locked folder: a killed run's spill is deleted by the next one.
+        spill = os.path.join(folder, integrity.INCOMPLETE_PREFIX + "spill")
+        os.makedirs(spill)
+        try:
+          builder.spill_dir = spill
+          builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+              try_download_gcs=False))
+        finally:
+          shutil.rmtree(spill, ignore_errors=True)
+    with integrity.reading(folder, what):
+      builder = DnrLists(data_config=config)   # as now on disk
+      if not builder.is_prepared():
+        raise DataError(f"{builder.data_dir}: the lists were deleted by another "
+                        "process while this one was about to read them; run again")
+      splits = _load(builder)
   meta = builder.info.metadata
-  splits = {}
-  for name in lists.SPLITS:
-    source = builder.as_data_source(split=name)
-    blocks = [source[i] for i in range(len(source))]
-    splits[name] = {f: np.concatenate([np.asarray(b[f]) for b in blocks])
-                    for f in FIELDS}
   data = types.PreparedLists(
       splits=splits, num_items=int(meta["num_items"]), num_users=int(meta["num_users"]),
       user_feature_vocab=tuple(meta["user_feature_vocab"]),
@@ -432,6 +455,26 @@ def prepare_lists(config: DataConfig) -> types.PreparedLists:
       name=meta["name"], is_real=bool(meta["is_real"]))
   _log_report(data)
   return data
+
+
+def _load(builder: "DnrLists") -> dict[str, dict[str, np.ndarray]]:
+  splits = {}
+  for name in lists.SPLITS:
+    source = builder.as_data_source(split=name)
+    blocks = [source[i] for i in range(len(source))]
+    splits[name] = {f: np.concatenate([np.asarray(b[f]) for b in blocks])
+                    for f in FIELDS}
+  return splits
+
+
+def _load_if_current(builder: "DnrLists", config: DataConfig):
+  """The cached lists' splits, or None when they are missing or their sources changed."""
+  if not builder.is_prepared() or integrity.changes(
+      builder.info.metadata.get("source_fingerprint"),
+      raw_builder(config).source_fingerprint()):
+    return None
+  logging.info("reusing the cached lists %s", builder.data_dir)
+  return _load(builder)
 
 
 def _log_report(data: types.PreparedLists) -> None:

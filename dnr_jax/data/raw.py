@@ -324,7 +324,16 @@ def prepare(builder: RawBuilder) -> RawBuilder:
   Returns the prepared builder (a new one when the data set was prepared again).
   """
   what = f"{builder.name}/{builder.builder_config.name}"
-  with integrity.preparing(os.path.dirname(builder.data_dir), what):
+  folder = os.path.dirname(builder.data_dir)
+  # The common case, a prepared and unchanged data set, under the shared lock: a
+  # process building lists from it (``prepare.build``, hours for KuaiRand-27K) holds
+  # that lock, and other readers must not wait for it.
+  with integrity.reading(folder, what):
+    ready = builder.is_prepared() and not integrity.changes(
+        builder.info.metadata.get("source_fingerprint"), builder.source_fingerprint())
+  if ready:
+    return _announce(builder)
+  with integrity.preparing(folder, what):
     if builder.is_prepared():
       changed = integrity.changes(builder.info.metadata.get("source_fingerprint"),
                                   builder.source_fingerprint())
@@ -335,6 +344,10 @@ def prepare(builder: RawBuilder) -> RawBuilder:
         builder = builder.fresh()
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         try_download_gcs=False))
+  return _announce(builder)
+
+
+def _announce(builder: RawBuilder) -> RawBuilder:
   if not builder.info.metadata.get("is_real", True):
     logging.warning("%s/%s at %s is a GENERATED sample, NOT the real data",
                     builder.name, builder.builder_config.name, builder.data_dir)
