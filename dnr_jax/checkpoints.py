@@ -80,9 +80,9 @@ def config_differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
   that run trained with the behaviour the default names (a field is added with the
   old behaviour as its default), so adding a config field does not block resumes.
   """
-  defaults = _flatten(config_dict(config_lib.TrainConfig()))
-  a = {**{k: v for k, v in defaults.items() if k in _flatten(new)}, **_flatten(old)}
   b = _flatten(new)
+  defaults = _flatten(config_dict(config_lib.TrainConfig()))
+  a = {**{k: v for k, v in defaults.items() if k in b}, **_flatten(old)}
   return [(k, a.get(k, "<absent>"), b.get(k, "<absent>"))
           for k in sorted(set(a) | set(b))
           if k not in RESUMABLE_FIELDS and a.get(k, "<absent>") != b.get(k, "<absent>")]

@@ -136,13 +136,17 @@ def test_preparation_deletes_what_killed_ones_left(tmp_path):
     fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-def test_lists_are_prepared_again_when_a_source_changes(tmp_path, monkeypatch):
-  source, ratings = _ml1m(tmp_path)
-  config = prepare.default_config(
+def _lists_config(source, tmp_path):
+  return prepare.default_config(
       "movielens", "1m", source_dir=str(source), data_dir=str(tmp_path / "d"),
       k_core=3, retriever=retriever.RetrieverConfig(dim=4, epochs=1, batch_size=256),
       lists=lists.ListConfig(protocol="retrieval", list_size=5, history_size=4,
                              window=2, min_list_size=2))
+
+
+def test_lists_are_prepared_again_when_a_source_changes(tmp_path, monkeypatch):
+  source, ratings = _ml1m(tmp_path)
+  config = _lists_config(source, tmp_path)
   # A killed earlier preparation left its spill and a TFDS temporary folder.
   name = f"movielens-1m-{prepare.cache_key(config)}"
   folder = tmp_path / "d" / "dnr_lists" / name
@@ -224,15 +228,11 @@ def test_readers_share_the_lock_and_keep_preparations_out(tmp_path):
 
 def test_lists_and_the_raw_log_are_read_under_the_shared_lock(tmp_path, monkeypatch):
   source, _ = _ml1m(tmp_path)
-  config = prepare.default_config(
-      "movielens", "1m", source_dir=str(source), data_dir=str(tmp_path / "d"),
-      k_core=3, retriever=retriever.RetrieverConfig(dim=4, epochs=1, batch_size=256),
-      lists=lists.ListConfig(protocol="retrieval", list_size=5, history_size=4,
-                             window=2, min_list_size=2))
+  config = _lists_config(source, tmp_path)
   raw_folder = os.path.dirname(prepare.raw_builder(config).data_dir)
   lists_folder = os.path.dirname(prepare.DnrLists(data_config=config).data_dir)
   seen = []
-  real_build, real_load = prepare._build, prepare._load  # pylint: disable=protected-access
+  real_build, real_load = prepare._build, prepare.load_splits  # pylint: disable=protected-access
 
   def build(*a):
     # While lists are built from the raw log, the raw data set cannot be deleted.
@@ -246,7 +246,7 @@ def test_lists_and_the_raw_log_are_read_under_the_shared_lock(tmp_path, monkeypa
     return real_load(*a)
 
   monkeypatch.setattr(prepare, "_build", build)
-  monkeypatch.setattr(prepare, "_load", load)
+  monkeypatch.setattr(prepare, "load_splits", load)
   prepare.prepare_lists(config)          # prepared, then loaded
   prepare.prepare_lists(config)          # from the cache
   assert seen == [("build", True, False), ("load", True, False), ("load", True, False)]

@@ -24,8 +24,9 @@ Two guarantees of the caches under ``$DNR_DATA_DIR`` (the raw TFDS data sets and
   finds it prepared. Readers hold the same lock *shared* while they read (``reading``:
   lists while they are loaded, a raw data set while lists are built from it, which
   can take hours), so a data set whose sources changed is never deleted under a job
-  still reading it, and readers never wait for each other. (A TFDS preparation started outside ``raw.prepare`` /
-  ``prepare_lists`` does not take the lock; nothing in this project does that.)
+  still reading it, and readers never wait for each other. (A TFDS preparation
+  started outside ``raw.prepare`` / ``prepare_lists`` does not take the lock;
+  nothing in this project does that.)
 """
 
 from __future__ import annotations
@@ -109,25 +110,20 @@ def remove_old(folder: str, prefix: str, max_age_s: float = 86400) -> list[str]:
   return gone
 
 
-# Folders whose lock this process holds -> [shared?, nesting depth]. flock locks
+# Folders whose lock this process holds -> whether it holds it shared. flock locks
 # belong to an open file, so a second lock of the same folder in this process would
 # wait for itself; it re-enters instead (preparation is single-threaded).
-_HELD: dict[str, list] = {}
+_HELD: dict[str, bool] = {}
 
 
 @contextlib.contextmanager
 def _locked(folder: str, what: str, shared: bool) -> Iterator[bool]:
   """Holds ``folder``'s lock; yields whether this call took it (not a re-entry)."""
   key = os.path.realpath(folder)
-  held = _HELD.get(key)
-  if held:
-    if held[0] and not shared:
+  if key in _HELD:
+    if _HELD[key] and not shared:
       raise RuntimeError(f"{what}: cannot prepare while this process reads it")
-    held[1] += 1
-    try:
-      yield False
-    finally:
-      held[1] -= 1
+    yield False
     return
   os.makedirs(folder, exist_ok=True)
   with open(os.path.join(folder, LOCK_FILE), "a+") as lock:
@@ -138,7 +134,7 @@ def _locked(folder: str, what: str, shared: bool) -> Iterator[bool]:
       logging.info("%s: another process is %s; waiting for it to finish", what,
                    "preparing it" if shared else "preparing or reading it")
       fcntl.flock(lock, mode)
-    _HELD[key] = [shared, 1]
+    _HELD[key] = shared
     try:
       yield True
     finally:

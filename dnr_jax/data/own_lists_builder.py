@@ -35,7 +35,7 @@ from absl import logging
 
 from dnr_jax.batch import FIELDS
 from dnr_jax.data import lists as lists_lib
-from dnr_jax.data import own_lists, raw, types
+from dnr_jax.data import own_lists, prepare, raw, types
 from dnr_jax.data.csv_reader import DataError
 
 # Bump when the arrays built from the same files change: older caches are rebuilt.
@@ -287,12 +287,7 @@ def prepare_own_lists(config: own_lists.OwnListsConfig) -> types.PreparedLists:
           try_download_gcs=False, manual_dir=os.path.dirname(
               os.path.abspath(config.lists))))
   meta = builder.info.metadata
-  splits = {}
-  for name in own_lists.SPLITS:
-    source = builder.as_data_source(split=name)
-    blocks = [source[i] for i in range(len(source))]
-    splits[name] = {f: np.concatenate([np.asarray(b[f]) for b in blocks])
-                    for f in FIELDS}
+  splits = prepare.load_splits(builder, own_lists.SPLITS)
   report = dict(meta["report"])
   report["vocab_dir"] = os.path.join(os.fspath(builder.data_dir), "vocab")
   report["data_config"] = dataclasses.asdict(config)

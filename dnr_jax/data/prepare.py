@@ -446,7 +446,7 @@ def prepare_lists(config: DataConfig) -> types.PreparedLists:
       if not builder.is_prepared():
         raise DataError(f"{builder.data_dir}: the lists were deleted by another "
                         "process while this one was about to read them; run again")
-      splits = _load(builder)
+      splits = load_splits(builder)
   meta = builder.info.metadata
   data = types.PreparedLists(
       splits=splits, num_items=int(meta["num_items"]), num_users=int(meta["num_users"]),
@@ -457,9 +457,11 @@ def prepare_lists(config: DataConfig) -> types.PreparedLists:
   return data
 
 
-def _load(builder: "DnrLists") -> dict[str, dict[str, np.ndarray]]:
+def load_splits(builder: tfds.core.DatasetBuilder, names=lists.SPLITS
+                ) -> dict[str, dict[str, np.ndarray]]:
+  """The prepared list splits ``names`` of ``builder`` (ours or own lists') in memory."""
   splits = {}
-  for name in lists.SPLITS:
+  for name in names:
     source = builder.as_data_source(split=name)
     blocks = [source[i] for i in range(len(source))]
     splits[name] = {f: np.concatenate([np.asarray(b[f]) for b in blocks])
@@ -474,7 +476,7 @@ def _load_if_current(builder: "DnrLists", config: DataConfig):
       raw_builder(config).source_fingerprint()):
     return None
   logging.info("reusing the cached lists %s", builder.data_dir)
-  return _load(builder)
+  return load_splits(builder)
 
 
 def _log_report(data: types.PreparedLists) -> None:
