@@ -6,6 +6,7 @@ r"""Benchmark of the compiled DNR steps: lists/s, compile time, memory, FLOPs.
   python -m benchmarks.step --dtype=bf16
   python -m benchmarks.step --compare_torch --batch_size=256 --num_heads=2 --num_layers=2
   python -m benchmarks.step --compare_orders --steps= --batch_size=256 --num_heads=2 --num_layers=2
+  python -m benchmarks.step --roofline --compare_torch --batch_size=256 --num_heads=2 --num_layers=2
 
 Prints ONE JSON object per line and measurement. For every device count of
 ``--devices`` and every step of ``--steps`` (``direct``: the backbone step of
@@ -33,6 +34,12 @@ repeat, and prints the ratios (the backbone step with c score, the adversarial s
 ``--compare_orders`` times the backbone step and the model step in both adversarial
 orders (``--adversarial_order`` sets the order of the other records), interleaved,
 and prints each order's model/backbone step-time ratio.
+
+``--roofline`` times fp32 matrix products of the model's dense shapes (JAX, and
+PyTorch with ``--compare_torch``) and prints each measured step's ceiling: its FLOPs
+per list at the faster of those rates, everything else free (``benchmarks/roofline.py``),
+with the measured lists/s as a fraction of it and, with ``--compare_torch``, where
+twice PyTorch's lists/s would stand.
 
 ``--reference_step`` times ``benchmarks/reference_step.py``, the step as it was before
 issue 12's optimisations, beside the current one (interleaved; ``before`` / ``after``).
@@ -85,6 +92,10 @@ flags.DEFINE_enum("adversarial_order", "sequential", ["sequential", "simultaneou
 flags.DEFINE_bool("compare_orders", False,
                   "Also time the backbone step and the model step in both adversarial "
                   "orders, interleaved, and print each order's model/backbone ratio.")
+flags.DEFINE_bool("roofline", False,
+                  "Also time fp32 matrix products of the model's dense shapes (JAX, and "
+                  "PyTorch with --compare_torch) and print the lists/s ceiling they put "
+                  "on each measured step (benchmarks/roofline.py).")
 flags.DEFINE_bool("reference_step", False,
                   "Also time the pre-optimisation step (benchmarks/reference_step.py).")
 flags.DEFINE_enum("host_allocator", "auto", ["auto", "reuse", "system"],
@@ -420,6 +431,7 @@ def compare_torch(devices, lists: dict, out=None, torch_device: str = "") -> lis
            "torch_timing": summary(secs["torch"], FLAGS.batch_size)}
     rec["jax_over_torch"] = (rec["jax_timing"]["lists_per_s"]
                              / rec["torch_timing"]["lists_per_s"])
+    rec["flops_per_list"] = jax_run.flops / FLAGS.batch_size if jax_run.flops else None
     emit(rec, out)
     records.append(rec)
   ratio = {impl: statistics.median(secs_all["model"][impl])
@@ -430,6 +442,60 @@ def compare_torch(devices, lists: dict, out=None, torch_device: str = "") -> lis
         "jax_over_torch_direct": records[0]["jax_over_torch"],
         "jax_over_torch_model": records[1]["jax_over_torch"]}, out)
   return records
+
+
+def roofline(devices, step_records: list[dict], torch_records: list[dict], out=None,
+             torch_device: str = "") -> dict:
+  """The matrix-product ceiling of the measured steps (``benchmarks/roofline.py``).
+
+  Times fp32 products of the model's dense shapes over one device's tokens (JAX, and
+  PyTorch when ``torch_records`` came from ``--compare_torch``), interleaved, and for
+  every step measured on one device in fp32 reports its ceiling (XLA's FLOPs per list
+  at the faster rate), the measured lists/s over it and, with PyTorch, twice
+  PyTorch's lists/s over it: above 1, no code computing these FLOPs reaches 2x here.
+  """
+  from benchmarks import roofline as roofline_lib
+  gemms = roofline_lib.model_gemms(FLAGS.batch_size * FLAGS.list_size, FLAGS.hidden)
+  runners = {}
+  for m, k, n in gemms:
+    runners[f"jax {m}x{k}x{n}"] = roofline_lib.jax_gemm(m, k, n)
+    if torch_records:
+      runners[f"torch {m}x{k}x{n}"] = roofline_lib.torch_gemm(
+          m, k, n, device=torch_records[0]["torch_device"])
+  # A product takes milliseconds: more of them per repeat than steps.
+  secs = time_interleaved(runners, warmup=FLAGS.warmup, repeats=FLAGS.repeats,
+                          iters=10 * FLAGS.iters)
+  impls = ["jax"] + (["torch"] if torch_records else [])
+  rates = {impl: roofline_lib.gemm_rate(
+      gemms, [statistics.median(secs[f"{impl} {m}x{k}x{n}"]) for m, k, n in gemms])
+      for impl in impls}
+  best = max(rates.values())
+  measured = {}   # step -> (flops per list, dnr-jax lists/s, PyTorch lists/s)
+  for r in step_records:
+    if r["devices"] == 1 and r["dtype"] == "fp32":
+      measured[r["step"]] = (r["flops_per_list"], r["lists_per_s"], None)
+  for r in torch_records:
+    measured[r["step"]] = (r["flops_per_list"], r["jax_timing"]["lists_per_s"],
+                           r["torch_timing"]["lists_per_s"])
+  steps = {}
+  for step, (flops, jax_rate, torch_rate) in measured.items():
+    if not flops:
+      continue
+    ceiling = roofline_lib.ceiling(best, flops)
+    steps[step] = {"flops_per_list": flops, "ceiling_lists_per_s": ceiling,
+                   "lists_per_s": jax_rate, "of_ceiling": jax_rate / ceiling}
+    if torch_rate:
+      steps[step].update(torch_lists_per_s=torch_rate,
+                         torch_of_ceiling=torch_rate / ceiling,
+                         twice_torch_over_ceiling=2 * torch_rate / ceiling)
+  rec = {"bench": "roofline", **shape_record(), **device_info(devices),
+         "gemms": [list(g) for g in gemms],
+         **{f"{impl}_gemm_flops_per_s": rate for impl, rate in rates.items()},
+         "steps": steps}
+  if torch_records:
+    rec["torch_device"] = torch_records[0]["torch_device"]
+  emit(rec, out)
+  return rec
 
 
 def main(argv):
@@ -457,6 +523,7 @@ def main(argv):
     per_device = len(counts) > 1
     biggest = FLAGS.batch_size * (counts[-1] if per_device else 1)
     lists = _lists(max(4 * biggest, 2 * biggest))
+    step_records, torch_records = [], []
     for k in counts:
       devices = available[:k]
       global_batch = FLAGS.batch_size * k if per_device else FLAGS.batch_size
@@ -464,13 +531,16 @@ def main(argv):
         raise app.UsageError(f"--batch_size={global_batch} is not divisible by {k} "
                              f"devices")
       for step in FLAGS.steps:
-        measure(step, devices, global_batch, lists, out, dtypes=FLAGS.dtype)
+        step_records += measure(step, devices, global_batch, lists, out,
+                                dtypes=FLAGS.dtype)
     if FLAGS.compare_orders:
       compare_orders(available[:1], lists, out)
     if FLAGS.reference_step:
       compare_reference(available[:1], lists, out)
     if FLAGS.compare_torch:
-      compare_torch(available[:1], lists, out, FLAGS.torch_device)
+      torch_records = compare_torch(available[:1], lists, out, FLAGS.torch_device)
+    if FLAGS.roofline:
+      roofline(available[:1], step_records, torch_records, out)
   finally:
     if out is not None:
       out.close()

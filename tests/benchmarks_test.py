@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from benchmarks import roofline
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ("--batch_size=8", "--list_size=6", "--history_size=4", "--hidden=8",
         "--num_heads=2", "--items=30", "--users=10", "--warmup=1", "--repeats=2",
@@ -66,6 +68,48 @@ def test_step_benchmark_compares_the_adversarial_orders():
     d, o = rec["direct"], rec[order]
     assert (d["lists_per_s_min"] / o["lists_per_s_max"] <= ratio
             <= d["lists_per_s_max"] / o["lists_per_s_min"])
+
+
+def test_step_benchmark_puts_the_measured_steps_under_their_matmul_ceiling():
+  with_torch = importlib.util.find_spec("torch") is not None
+  proc = _run("benchmarks.step", *TINY, "--steps=direct,model", "--roofline",
+              *(["--compare_torch"] if with_torch else []))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  recs = _records(proc.stdout)
+  step = {r["step"]: r for r in recs if r["bench"] == "step"}
+  (rec,) = [r for r in recs if r["bench"] == "roofline"]
+  # The model's dense shapes over one step's tokens (batch 8 x 6 candidates, d = 8).
+  assert rec["gemms"] == [[48, 8, 8], [48, 8, 16], [48, 16, 8]]
+  rates = [rec["jax_gemm_flops_per_s"]] + ([rec["torch_gemm_flops_per_s"]]
+                                           if with_torch else [])
+  assert min(rates) > 0
+  assert sorted(rec["steps"]) == ["direct", "model"]
+  vs = {r["step"]: r for r in recs if r["bench"] == "vs_torch"}
+  for name, s in rec["steps"].items():
+    assert s["flops_per_list"] == step[name]["flops_per_list"]
+    assert s["ceiling_lists_per_s"] == pytest.approx(max(rates) / s["flops_per_list"])
+    # With --compare_torch, the interleaved comparison's dnr-jax timing is the one.
+    measured = (vs[name]["jax_timing"] if with_torch else step[name])["lists_per_s"]
+    assert s["lists_per_s"] == measured
+    assert s["of_ceiling"] == pytest.approx(measured / s["ceiling_lists_per_s"])
+    if with_torch:
+      torch_rate = vs[name]["torch_timing"]["lists_per_s"]
+      assert s["twice_torch_over_ceiling"] == pytest.approx(
+          2 * torch_rate / s["ceiling_lists_per_s"])
+
+
+def test_roofline_arithmetic():
+  gemms = roofline.model_gemms(100, 4)
+  assert gemms == [(100, 4, 4), (100, 4, 8), (100, 8, 4)]
+  # 2 * 100 * (16 + 32 + 32) FLOPs in 4 s.
+  assert roofline.gemm_rate(gemms, [1.0, 1.0, 2.0]) == pytest.approx(16_000 / 4)
+  assert roofline.ceiling(4_000.0, 50.0) == 80.0
+  with pytest.raises(ValueError, match="one positive time per shape"):
+    roofline.gemm_rate(gemms, [1.0, 1.0])
+  with pytest.raises(ValueError, match="one positive time per shape"):
+    roofline.gemm_rate(gemms, [1.0, 0.0, 1.0])
+  with pytest.raises(ValueError, match="positive"):
+    roofline.ceiling(4_000.0, 0.0)
 
 
 def test_step_benchmark_rejects_bad_flags():
