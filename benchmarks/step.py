@@ -444,8 +444,8 @@ def compare_torch(devices, lists: dict, out=None, torch_device: str = "") -> lis
   return records
 
 
-def roofline(devices, step_records: list[dict], torch_records: list[dict], out=None,
-             torch_device: str = "") -> dict:
+def roofline(devices, step_records: list[dict], torch_records: list[dict],
+             out=None) -> dict:
   """The matrix-product ceiling of the measured steps (``benchmarks/roofline.py``).
 
   Times fp32 products of the model's dense shapes over one device's tokens (JAX, and
