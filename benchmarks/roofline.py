@@ -26,7 +26,7 @@ default may use TF32 where PyTorch's does not (the ceiling takes the faster rate
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 
 def model_gemms(rows: int, hidden: int) -> list[tuple[int, int, int]]:

@@ -32,9 +32,7 @@ def _config(**kw):
       # Weights other than 1 so that a wrong scale in the one-pass trick shows.
       loss=config_lib.LossConfig(lambda_m=0.4, lambda_adv=0.7, lambda_x=1.3),
       warmup_epochs=0, global_batch_size=16, eval_batch_size=16)
-  cfg = config_lib.apply_method(cfg, "dnr_g")
-  return dataclasses.replace(cfg, loss=dataclasses.replace(
-      cfg.loss, lambda_m=0.4, lambda_adv=0.7, lambda_x=1.3), **kw)
+  return dataclasses.replace(config_lib.apply_method(cfg, "dnr_g"), **kw)
 
 
 def _batch():

@@ -70,7 +70,7 @@ def test_step_benchmark_compares_the_adversarial_orders():
             <= d["lists_per_s_max"] / o["lists_per_s_min"])
 
 
-def test_step_benchmark_puts_the_measured_steps_under_their_matmul_ceiling():
+def test_step_benchmark_reports_each_steps_matmul_ceiling():
   with_torch = importlib.util.find_spec("torch") is not None
   proc = _run("benchmarks.step", *TINY, "--steps=direct,model", "--roofline",
               *(["--compare_torch"] if with_torch else []))
