@@ -35,5 +35,7 @@ setuptools.setup(
         # benchmarks/torch_prm.py, the PyTorch eager reference of benchmarks/step.py
         # --compare_torch; never a dependency of the library.
         "bench": ["torch>=2.1"],
+        # The docs site (mkdocs.yml): ``mkdocs serve``, ``mkdocs build --strict``.
+        "docs": ["mkdocs>=1.6", "mkdocs-material>=9"],
     },
 )

@@ -1,4 +1,4 @@
-r"""One-shot accelerator check of issue 12: step speed, bf16, vs PyTorch, an ML-1M epoch.
+r"""One-shot accelerator check: step speed, bf16, vs PyTorch, an ML-1M-sized epoch.
 
 On a GPU machine, from the repository root (no install needed; about 4-5 minutes):
 
@@ -23,7 +23,7 @@ spent the remaining sections print ``"skipped"`` lines instead of running):
    ``Runner.put_batch``) and again with one batch already on the device; the target
    is an epoch under 5 s and the pipeline never the bottleneck;
 3. ``vs_torch``: dnr-jax vs the PyTorch eager reference (``benchmarks/torch_prm.py``)
-   at issue 12's shapes (batch 256, n = 50, H = 50, hidden 128, 2 heads, 1 history
+   at the comparison's shapes (batch 256, n = 50, H = 50, hidden 128, 2 heads, 1 history
    and 2 list layers), interleaved, on the same GPU;
 4. ``step`` again in bf16 (``ModelConfig.compute_dtype="bfloat16"``).
 
@@ -32,7 +32,7 @@ Imports neither TensorFlow Datasets nor tensorboardX (the GPU machine has neithe
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import os
 import sys
 import time
@@ -68,7 +68,7 @@ def section_steps(out, dtype: str) -> None:
       num_layers=1, history_layers=1, steps=list(bench.STEPS),
       devices=["1"], warmup=1 if quick else 3, repeats=2 if quick else 5,
       iters=1 if quick else 10, users=ML1M["users"], items=ML1M["items"])
-  lists = bench._lists(4 * FLAGS.batch_size)  # pylint: disable=protected-access
+  lists = bench.lists_from_flags(4 * FLAGS.batch_size)
   for step in bench.STEPS:
     bench.measure(step, jax.local_devices()[:1], FLAGS.batch_size, lists, out,
                   extra={"section": f"step_{dtype}"}, dtypes=(dtype,))
@@ -83,7 +83,7 @@ def section_vs_torch(out) -> None:
       num_layers=2, history_layers=1, warmup=1 if quick else 3,
       repeats=2 if quick else 5, iters=1 if quick else 10, users=ML1M["users"],
       items=ML1M["items"])
-  lists = bench._lists(4 * FLAGS.batch_size)  # pylint: disable=protected-access
+  lists = bench.lists_from_flags(4 * FLAGS.batch_size)
   bench.compare_torch(jax.local_devices()[:1], lists, out)
 
 
@@ -91,8 +91,9 @@ def section_epoch(out) -> None:
   """An ML-1M-sized DNR epoch: real pipeline vs a batch already on the device."""
   import jax
   from dnr_jax import batch as batch_lib
-  from dnr_jax import pipeline
+  from dnr_jax.runtime import pipeline
   from dnr_jax import step as step_lib
+  from dnr_jax.runtime import runner as runner_lib
   quick = FLAGS.quick
   num = 2_000 if quick else FLAGS.epoch_lists
   batch_size = 64 if quick else 2048
@@ -105,7 +106,7 @@ def section_epoch(out) -> None:
                              items=ML1M["items"],
                              user_feature_vocab=ML1M["user_feature_vocab"],
                              item_feature_vocab=ML1M["item_feature_vocab"])
-  runner = step_lib.Runner(config)
+  runner = runner_lib.Runner(config)
   per_device = batch_size // runner.num_devices
   example = batch_lib.ListBatch.from_arrays({k: v[:per_device] for k, v in split.items()})
   state = runner.put_state(step_lib.create_state(config, example, jax.random.PRNGKey(0)))
@@ -154,6 +155,10 @@ def section_epoch(out) -> None:
   bench.emit(rec, out)
 
 
+# Sections that need an optional package (the ``bench`` extra), by module name.
+SECTION_NEEDS = {"vs_torch": ("torch",)}
+
+
 def main(argv):
   del argv
   import jax
@@ -174,6 +179,12 @@ def main(argv):
       if elapsed > FLAGS.budget_s:
         bench.emit({"bench": name, "skipped": f"budget of {FLAGS.budget_s:.0f}s spent "
                                               f"({elapsed:.0f}s)"}, out)
+        continue
+      missing = [m for m in SECTION_NEEDS.get(name, ())
+                 if importlib.util.find_spec(m) is None]
+      if missing:
+        bench.emit({"bench": name, "unavailable": f"needs {', '.join(missing)}: pip "
+                                                  "install -e '.[bench]'"}, out)
         continue
       try:
         run()

@@ -30,8 +30,9 @@ import numpy as np
 
 from dnr_jax import batch as batch_lib
 from dnr_jax import config as config_lib
-from dnr_jax import pipeline
+from dnr_jax.runtime import pipeline
 from dnr_jax import step as step_lib
+from dnr_jax.runtime import runner as runner_lib
 
 flags.DEFINE_integer("lists", 200_000, "Lists in the split.")
 flags.DEFINE_integer("list_size", 50, "Candidates per list (n).")
@@ -127,7 +128,7 @@ def main(argv):
         f"{secs:.2f}s = {host_rate:,.0f} lists/s", flush=True)
 
   config = make_config(step_batch)
-  runner = step_lib.Runner(config)
+  runner = runner_lib.Runner(config)
   config_lib.validate(config, list_size=FLAGS.list_size,
                       num_devices=runner.num_devices)
   secs, lists = time_epoch(pipeline.prefetch(epoch(1), size=FLAGS.prefetch,

@@ -1,9 +1,9 @@
-"""The DNR train step as it was before issue 12's optimisations, frozen for comparison.
+"""The DNR train step before its CPU optimisations, frozen for comparison.
 
 ``python -m benchmarks.step --reference_step`` times this beside ``dnr_jax.step`` in
-one run (interleaved), so the before/after figures of README's performance section
-can be measured again on any machine. It is a verbatim copy of the PRM backbone
-(``dnr_jax/models.py``) and of the step's objectives and ``train_step``
+one run (interleaved), so the before/after figures of ``docs/performance.md`` can be
+measured again on any machine. It is a verbatim copy of the PRM backbone (now
+``dnr_jax/models/listwise.py``) and of the step's objectives and ``train_step``
 (``dnr_jax/step.py``) at the commit before the optimisations: the reranker's forward
 pass runs in full (history encoder included) for the real lists, again for the
 generated lists, and again for the generator's objective. Same parameter tree as
@@ -23,7 +23,7 @@ from dnr_jax import batch as batch_lib
 from dnr_jax import config as config_lib
 from dnr_jax import losses
 from dnr_jax import noise as noise_lib
-from dnr_jax.step import AXIS, PHASES, device_step_key
+from dnr_jax.step import AXIS, PHASES, DNRState, device_step_key
 
 
 class EncoderBlock(nn.Module):

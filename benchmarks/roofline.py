@@ -17,8 +17,8 @@ computes the same FLOPs; ``benchmarks/step.py --roofline`` prints it beside the
 measured steps.
 
 Each product is one dispatched call, so the rate is the compute rate only where a
-product takes far longer than a dispatch (milliseconds at issue 12's shapes: batch
-256 x 50 tokens, hidden 128). At toy shapes it measures dispatch, and a compiled
+product takes far longer than a dispatch (milliseconds at the PyTorch comparison's shapes:
+batch 256 x 50 tokens, hidden 128). At toy shapes it measures dispatch, and a compiled
 step, which dispatches once, can beat its "ceiling". Both libraries multiply at their
 default fp32 precision, as the steps do: on CPUs full fp32; on recent NVIDIA GPUs JAX's
 default may use TF32 where PyTorch's does not (the ceiling takes the faster rate).

@@ -1,7 +1,7 @@
 r"""Benchmark of the compiled DNR steps: lists/s, compile time, memory, FLOPs.
 
   python -m benchmarks.step                       # the paper's shapes, batch 2048
-  python -m benchmarks.step --batch_size=256 --num_heads=2 --num_layers=2   # issue 12's
+  python -m benchmarks.step --batch_size=256 --num_heads=2 --num_layers=2   # vs PyTorch's
   python -m benchmarks.step --devices=1,2,4,8 --batch_size=64   # scaling, per-device batch
   python -m benchmarks.step --dtype=bf16
   python -m benchmarks.step --compare_torch --batch_size=256 --num_heads=2 --num_layers=2
@@ -42,7 +42,7 @@ with the measured lists/s as a fraction of it and, with ``--compare_torch``, whe
 twice PyTorch's lists/s would stand.
 
 ``--reference_step`` times ``benchmarks/reference_step.py``, the step as it was before
-issue 12's optimisations, beside the current one (interleaved; ``before`` / ``after``).
+its CPU optimisations, beside the current one (interleaved; ``before`` / ``after``).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ import resource
 import statistics
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from absl import app, flags
 
@@ -99,7 +99,7 @@ flags.DEFINE_bool("roofline", False,
 flags.DEFINE_bool("reference_step", False,
                   "Also time the pre-optimisation step (benchmarks/reference_step.py).")
 flags.DEFINE_enum("host_allocator", "auto", ["auto", "reuse", "system"],
-                  "As the binaries' flag (dnr_jax/host_allocator.py): auto keeps freed "
+                  "As the binaries' flag (dnr_jax/runtime/host_allocator.py): auto keeps freed "
                   "step memory for reuse when computing on the CPU.")
 flags.DEFINE_string("torch_device", "", "torch device; '': cuda when available, else cpu.")
 flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0: torch's default).")
@@ -217,8 +217,9 @@ class CompiledStep:
     from jax.sharding import PartitionSpec as P
     from dnr_jax import batch as batch_lib
     from dnr_jax import step as step_lib
+    from dnr_jax.runtime import runner as runner_lib
     self.step, self.config = step, config
-    runner = step_lib.Runner(config, devices=tuple(devices))
+    runner = runner_lib.Runner(config, devices=tuple(devices))
     self.num_devices = runner.num_devices
     self.global_batch = config.global_batch_size
     per_device = self.global_batch // self.num_devices
@@ -289,7 +290,7 @@ def summary(step_secs: list[float], lists_per_step: int) -> dict:
 
 def device_info(devices) -> dict:
   import jax
-  from dnr_jax import host_allocator
+  from dnr_jax.runtime import host_allocator
   return {"platform": devices[0].platform, "device_kind": devices[0].device_kind,
           "devices": len(devices), "jax": jax.__version__,
           "host_allocator": host_allocator.applied()}
@@ -315,7 +316,8 @@ def _config_from_flags(method: str, batch_size: int, dtype: str = "fp32",
       adversarial_order=adversarial_order or FLAGS.adversarial_order)
 
 
-def _lists(num: int) -> dict:
+def lists_from_flags(num: int) -> dict:
+  """``num`` random lists in the shapes the flags give."""
   return random_lists(num, list_size=FLAGS.list_size, history_size=FLAGS.history_size,
                       users=FLAGS.users, items=FLAGS.items,
                       user_feature_vocab=(FLAGS.feature_vocab,) * FLAGS.user_features,
@@ -406,7 +408,7 @@ def compare_orders(devices, lists: dict, out=None) -> dict:
 def compare_torch(devices, lists: dict, out=None, torch_device: str = "") -> list[dict]:
   """dnr-jax vs the PyTorch eager reference, interleaved; backbone and model steps.
 
-  Also reports the ratio model step / backbone step of each implementation (issue 12:
+  Also reports the ratio model step / backbone step of each implementation (the target:
   dnr-jax's adversarial step at most 2.0x its backbone step).
   """
   import torch
@@ -510,7 +512,7 @@ def main(argv):
   _set_host_devices(max(counts))
   # Before JAX starts its CPU thread pools; the same setting as the binaries'
   # default (--host_allocator=auto), and torch in this process gets it too.
-  from dnr_jax import host_allocator
+  from dnr_jax.runtime import host_allocator
   host_allocator.configure(FLAGS.host_allocator)
   import jax   # after XLA_FLAGS
   available = jax.local_devices()
@@ -522,7 +524,7 @@ def main(argv):
   try:
     per_device = len(counts) > 1
     biggest = FLAGS.batch_size * (counts[-1] if per_device else 1)
-    lists = _lists(max(4 * biggest, 2 * biggest))
+    lists = lists_from_flags(4 * biggest)
     step_records, torch_records = [], []
     for k in counts:
       devices = available[:k]

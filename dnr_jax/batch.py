@@ -6,15 +6,22 @@ Conventions (every producer of lists must keep them):
   item the retriever ranked ``j``-th (scores non-increasing over valid positions).
   Rerankers read the position as the "initial ranking" feature, and metrics break ties
   in the reranker's logits by this position (a stable sort), which is the paper's
-  "ties broken by retriever rank" (open point 6 of the paper note).
+  "ties broken by retriever rank" (open point 6 in ``docs/paper.md``).
 * Item and user ids are ``int32`` and start at 1; ``0`` is reserved for padding.
 * Padded candidates have ``mask == False``, ``labels == 0`` and ``scores == 0``; they
   never enter a loss or a metric. A list whose mask is all ``False`` (a padding list,
   used to fill the last partial batch) contributes nothing either.
+* Candidates are padded last; the history is padded first (right-aligned: its most
+  recent item is the last position), so that a window of the last ``k`` positions is
+  the user's ``k`` most recent items.
+
+``SCHEMA`` states this once for every writer of list arrays (the prepared data sets,
+own lists, the exported reranker's signature).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import chex
@@ -22,9 +29,60 @@ import flax
 import jax.numpy as jnp
 import numpy as np
 
-# Field name -> (dtype, trailing shape description) of a ListBatch, in numpy terms.
+# The names of a ListBatch's fields, in the order every file and signature uses.
 FIELDS = ("user", "history", "history_mask", "items", "scores", "labels", "mask",
           "user_features", "item_features")
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldSpec:
+  """One field of the list arrays.
+
+  Attributes:
+    dtype: numpy dtype.
+    dims: per-list dimensions, by name: ``"n"`` (list size), ``"h"`` (history
+      size), ``"fu"`` / ``"fi"`` (user / item feature columns).
+    padding: ``"last"`` (valid entries first), ``"first"`` (right-aligned) or
+      ``"none"``.
+    meaning: one line for a reader of exported files.
+  """
+  dtype: Any
+  dims: tuple[str, ...]
+  padding: str
+  meaning: str
+
+
+SCHEMA: dict[str, FieldSpec] = {
+    "user": FieldSpec(np.int32, (), "none", "user id (vocabulary id; 0 = unknown / none)"),
+    "history": FieldSpec(
+        np.int32, ("h",), "first",
+        "the user's previous item ids, most recent LAST, right-aligned: padding (0) "
+        "comes first; 0 = padding / unknown"),
+    "history_mask": FieldSpec(np.bool_, ("h",), "first",
+                              "True where history holds a real item (the last ones)"),
+    "items": FieldSpec(np.int32, ("n",), "last",
+                       "candidate item ids in upstream order (position 0 = upstream's "
+                       "first); padding (0) comes last; 0 = padding / unknown"),
+    "scores": FieldSpec(np.float32, ("n",), "last",
+                        "the upstream (retriever) score of each candidate, in [0, 1]; "
+                        "0 for padding"),
+    "labels": FieldSpec(np.float32, ("n",), "last",
+                        "binary feedback z (1 = positive); 0 for padding"),
+    "mask": FieldSpec(np.bool_, ("n",), "last",
+                      "True for real candidates, False for padding (padding goes last)"),
+    "user_features": FieldSpec(np.int32, ("fu",), "none",
+                               "categorical user feature ids, one column per feature"),
+    "item_features": FieldSpec(np.int32, ("n", "fi"), "last",
+                               "categorical item feature ids, one column per feature"),
+}
+
+
+def array_shapes(*, list_size: int, history_size: int, num_user_features: int,
+                 num_item_features: int, batch: Any = None) -> dict[str, tuple]:
+  """Each field's full shape, with ``batch`` (any value, e.g. None) as its lead."""
+  sizes = {"n": list_size, "h": history_size, "fu": num_user_features,
+           "fi": num_item_features}
+  return {f: (batch,) + tuple(sizes[d] for d in s.dims) for f, s in SCHEMA.items()}
 
 
 @flax.struct.dataclass

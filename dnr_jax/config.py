@@ -1,7 +1,6 @@
 """Typed configuration for dnr-jax. The library reads these, never flags.
 
-Every open point of the paper note (``shared/docs/dnr-paper.md`` section 5) that the
-method touches is a field here, with the choice this project makes as its default and
+Every open point of the paper (``docs/paper.md``, "Open points") that the method touches is a field here, with the choice this project makes as its default and
 the reason in a comment. ``validate`` checks a whole config at start, so a bad value
 fails before any compilation with a message that names it.
 
@@ -13,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+import typing
+from typing import Any, Mapping, Optional
 
 from dnr_jax.errors import ConfigError
 
@@ -43,7 +43,7 @@ class ModelConfig:
   num_layers: int = 1          # list encoder depth (PRM / SetRank)
   history_layers: int = 1      # user-history encoder depth
   # PIER only: the history is read as past pseudo-permutations of this many items
-  # (dnr_jax/pier.py says why: our histories hold positives, not shown lists).
+  # (dnr_jax/models/pier.py says why: our histories hold positives, not shown lists).
   pier_window: int = 5
   # PIER only: rank each evaluated list by FPSM's permutation search
   # (pier.fpsm_search: this many candidate permutations, the top-k by SimHash
@@ -125,7 +125,7 @@ class TrainConfig:
   # (dnr_jax/step.py, simultaneous_grads; docs/dnr_investigation.md).
   adversarial_order: str = "sequential"
   num_epochs: int = 50           # with early stopping: the maximum
-  # Training to convergence (dnr_jax.early_stopping): stop after this many epochs
+  # Training to convergence (dnr_jax.runtime.early_stopping): stop after this many epochs
   # without a validation NDCG@K gain of more than early_stopping_min_delta (never
   # before a DNR run's generator has had as many epochs); 0: train num_epochs.
   early_stopping_patience: int = 0
@@ -266,6 +266,57 @@ def parse_value(config: TrainConfig, key: str, text: str):
     raise ConfigError(f"{key}={text!r} is not a valid {kind.__name__}") from e
 
 
+def to_dict(config) -> dict:
+  """A config dataclass as plain JSON values (tuples become lists, as JSON reads them).
+
+  The one serialiser of configs: checkpoints, bundles, results and exports all write
+  this, and ``from_dict`` reads it back.
+  """
+  def plain(v):
+    if isinstance(v, dict):
+      return {k: plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+      return [plain(x) for x in v]
+    return v
+  return plain(dataclasses.asdict(config))
+
+
+def _from_dict(cls, d: Mapping[str, Any], where: str):
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - fields)
+  if unknown:
+    raise ConfigError(f"{where}: unknown config fields {unknown} (written by a newer "
+                      "dnr-jax?)")
+  hints = typing.get_type_hints(cls)
+  out = {}
+  for name, value in d.items():
+    kind = hints[name]
+    if dataclasses.is_dataclass(kind):
+      value = _from_dict(kind, value, f"{where}.{name}")
+    elif typing.get_origin(kind) is tuple:
+      value = tuple(value)
+    out[name] = value
+  # A field the file lacks keeps its default: a field is added with the old
+  # behaviour as its default, so older files still mean what they meant.
+  return cls(**out)
+
+
+def from_dict(d: Mapping[str, Any], where: str = "config") -> TrainConfig:
+  """The ``TrainConfig`` that ``to_dict`` wrote; ``where`` names the source in errors."""
+  return _from_dict(TrainConfig, d, where)
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """A nested config dict as dotted keys (``{"model.hidden": 128, ...}``)."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, Mapping):
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
 def uses_noise(config: TrainConfig) -> bool:
   """Whether the method trains on generated scores at all (``L_z`` has weight > 0)."""
   return config.loss.lambda_m > 0
@@ -342,6 +393,15 @@ def validate(config: TrainConfig, *, list_size: Optional[int] = None,
     raise ConfigError(
         f"method={config.method} with loss.lambda_m=0 is {same}: L_z gets no weight, "
         f"so no generated score is ever used; run {same} instead, or set lambda_m > 0")
+  # Likewise a method whose model generator never gets an epoch is its heuristic-only
+  # row under another name.
+  if (uses_noise(config) and config.use_generator
+      and config.warmup_epochs >= config.num_epochs):
+    raise ConfigError(
+        f"method={config.method} with warmup_epochs={config.warmup_epochs} >= "
+        f"num_epochs={config.num_epochs} never trains its model generator (only the "
+        "heuristic warm-up runs): lower warmup_epochs, raise num_epochs, or run a "
+        "heuristic_* method")
   _check(ls.lx_bins >= 2, f"loss.lx_bins={ls.lx_bins} must be >= 2")
   _check(ls.lx_bandwidth > 0, f"loss.lx_bandwidth={ls.lx_bandwidth} must be > 0")
   _check(config.warmup_epochs >= 0, f"warmup_epochs={config.warmup_epochs} must be >= 0")

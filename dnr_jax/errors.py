@@ -16,6 +16,10 @@ class ConfigError(DNRError, ValueError):
   """A flag or config field has a bad value, or settings contradict each other."""
 
 
+class DataError(DNRError, ValueError):
+  """A data file is missing, malformed or inconsistent (the message says where)."""
+
+
 class CheckpointError(DNRError):
   """A checkpoint is missing, damaged, or belongs to a different configuration."""
 

@@ -1,6 +1,6 @@
 """Ranking metrics at any K, jittable and computed on device.
 
-Conventions (open point 6 of the paper note, decided here):
+Conventions (open point 6 in ``docs/paper.md``, decided here):
 
 * **Ranking.** Candidates are sorted by the reranker's logit, descending; ties are
   broken by retriever rank, i.e. by position in the list (candidates are stored in
@@ -42,6 +42,7 @@ import functools
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 LIST_METRICS = ("hr", "hit_any", "precision", "recall", "f1", "ndcg", "map", "auc")
 
@@ -172,13 +173,94 @@ def global_auc(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Arr
   return jnp.where((n_pos > 0) & (n_neg > 0), u / jnp.maximum(n_pos * n_neg, 1.0), 0.5)
 
 
+@functools.partial(jax.jit, static_argnames=("k",))
+def top_k_items(logits: jax.Array, mask: jax.Array, items: jax.Array, *,
+                k: int) -> jax.Array:
+  """The item ids each list shows in its top K, ``[B, min(K, n)]`` (0: no item)."""
+  order = rank_order(logits, mask)[:, :min(k, logits.shape[-1])]
+  top = jnp.take_along_axis(items, order, -1)
+  return jnp.where(jnp.take_along_axis(mask, order, -1), top, 0)
+
+
 @functools.partial(jax.jit, static_argnames=("k", "num_items"))
 def coverage(logits: jax.Array, mask: jax.Array, items: jax.Array, *, k: int,
              num_items: int) -> jax.Array:
   """Fraction of the catalogue (ids ``1..num_items-1``) shown in some list's top K."""
-  kk = min(k, logits.shape[-1])
-  order = rank_order(logits, mask)[:, :kk]
-  top = jnp.take_along_axis(items, order, -1)
-  shown = jnp.take_along_axis(mask, order, -1)
-  seen = jnp.zeros((num_items,), bool).at[jnp.where(shown, top, 0)].set(True)
+  seen = jnp.zeros((num_items,), bool).at[top_k_items(logits, mask, items, k=k)].set(True)
   return seen[1:].sum() / max(num_items - 1, 1)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "map_normaliser"))
+def list_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array, *, k: int,
+              map_normaliser: str = "min_pos_k") -> dict[str, jax.Array]:
+  """``weighted_sums`` of ``list_metrics``: what batches of a split add up."""
+  return weighted_sums(list_metrics(logits, labels, mask, k=k,
+                                    map_normaliser=map_normaliser))
+
+
+class Accumulator:
+  """The metrics of one ranking, accumulated over chunks of lists (host side).
+
+  Per-list means come from summed ``weighted_sums`` (given by the caller, e.g. from
+  the devices' eval step, or computed here); the global AUC is exact, so every valid
+  candidate's logit and label is kept (5 bytes a candidate); coverage keeps a bitmap
+  of the items shown in some top K. The training loop, the retriever row and the
+  reranking of files all report through this one class.
+
+  Args:
+    k: the K of the @K metrics.
+    map_normaliser: see ``list_metrics``.
+    num_items: catalogue size (ids ``1..num_items-1``), for coverage.
+    batch_size: when the sums are computed here, lists per computation (fixed, so
+      chunks of any size compile nothing new); None: the whole chunk at once.
+  """
+
+  def __init__(self, *, k: int, map_normaliser: str, num_items: int,
+               batch_size: int | None = None):
+    self.k, self.map_normaliser, self.num_items = k, map_normaliser, num_items
+    self.batch_size = batch_size
+    self._sums = None
+    self._logits: list[np.ndarray] = []
+    self._labels: list[np.ndarray] = []
+    self._seen = np.zeros(num_items, bool)
+
+  def _sums_of(self, logits, labels, mask) -> dict:
+    n = len(logits)
+    step = self.batch_size or max(n, 1)
+    sums = None
+    for i in range(0, n, step):
+      part = [x[i:i + step] for x in (logits, labels, mask)]
+      pad = step - len(part[0])
+      if pad and self.batch_size:   # padding lists: mask False, they count nothing
+        part = [np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+                for x in part]
+      s = jax.device_get(list_sums(*part, k=self.k, map_normaliser=self.map_normaliser))
+      sums = s if sums is None else jax.tree.map(np.add, sums, s)
+    return sums
+
+  def add(self, logits, labels, mask, items, sums: dict | None = None) -> None:
+    """Adds a chunk of lists: ``[B, n]`` logits, labels, mask and item ids.
+
+    ``sums``: this chunk's ``weighted_sums`` if already computed (else computed).
+    """
+    logits = np.asarray(logits, np.float32)
+    labels, mask = np.asarray(labels, np.float32), np.asarray(mask, bool)
+    if sums is None:
+      sums = self._sums_of(logits, labels, mask)
+    sums = jax.device_get(sums)
+    self._sums = sums if self._sums is None else jax.tree.map(np.add, self._sums, sums)
+    self._logits.append(logits[mask])
+    self._labels.append(labels[mask] > 0)
+    top = np.asarray(top_k_items(logits, mask, np.asarray(items), k=self.k))
+    self._seen[top[top < self.num_items]] = True
+
+  def results(self) -> dict[str, float]:
+    """The per-list means (``means``), ``global_auc`` and ``coverage``."""
+    if self._sums is None:
+      raise ValueError("Accumulator.results() before any chunk was added")
+    out = {k: float(v) for k, v in means(self._sums).items()}
+    labels = np.concatenate(self._labels)[None]
+    out["global_auc"] = float(global_auc(np.concatenate(self._logits)[None], labels,
+                                         np.ones_like(labels)))
+    out["coverage"] = float(self._seen[1:].sum() / max(self.num_items - 1, 1))
+    return out

@@ -1,6 +1,6 @@
 """Noise generators ``f_phi``: synthetic retriever-like scores from the feedback ``z``.
 
-Two kinds, as in the paper (section 2 of the paper note):
+Two kinds, as in the paper (section 2 of ``docs/paper.md``):
 
 * Heuristic (no parameters): ``x' = (1 - lambda_c) z + lambda_c eps`` (**Eq. 4**), with
   ``eps`` Gaussian (DNR-G) or Beta(a, b) (DNR-B).
@@ -47,7 +47,7 @@ def heuristic_scores(key: jax.Array, labels: jax.Array, mask: jax.Array,
 class ScoreGenerator(nn.Module):
   """The model-based generator ``f_phi(u, z)``: a 2-layer MLP, output in (0, 1).
 
-  Per candidate its input is (open point 2 of the paper note) the concatenation of
+  Per candidate its input is (open point 2 in ``docs/paper.md``) the concatenation of
 
   * a user state: mean of the history's item embeddings plus a user-id embedding (the
     generator has its own embeddings: the two players share no parameters, so each

@@ -1,10 +1,11 @@
-"""The DNR train step (Algorithm 1) and the eval step, compiled across devices.
+"""Algorithm 1: the DNR train step and the eval step, as per-device bodies.
 
 One per-device body, ``train_step``, does a whole DNR iteration on its shard of the
 global batch: draw the noise, update the reranker theta with the generator frozen,
 then update the generator phi with the reranker frozen. Gradients and metrics are
 averaged over the ``'batch'`` axis with named collectives, so the same body compiles
-under ``jax.pmap`` and under ``jax.jit(jax.shard_map(...))`` (``TrainConfig.compile``).
+under ``jax.pmap`` and under ``jax.jit(jax.shard_map(...))``; ``runtime.runner.Runner``
+compiles and places it (``TrainConfig.compile``).
 
 Phases (static: each compiles once):
 
@@ -15,17 +16,14 @@ Phases (static: each compiles once):
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax.training import train_state
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dnr_jax import batch as batch_lib
 from dnr_jax import config as config_lib
@@ -175,10 +173,10 @@ def reranker_objective(theta: Any, phi: Any, batch: batch_lib.ListBatch,
   x_gen = generated_scores(phi, batch, k_noise, config=config, phase=phase)
   if x_gen is not None:
     x_gen = jax.lax.stop_gradient(x_gen)
-  return _reranker_loss(theta, batch, x_gen, (k_drop, k_drop_z), config=config)
+  return reranker_loss(theta, batch, x_gen, (k_drop, k_drop_z), config=config)
 
 
-def _reranker_loss(theta: Any, batch: batch_lib.ListBatch, x_gen: Optional[jax.Array],
+def reranker_loss(theta: Any, batch: batch_lib.ListBatch, x_gen: Optional[jax.Array],
                    keys: tuple[jax.Array, jax.Array], *, config: config_lib.TrainConfig):
   """Eq. 5's ``L_theta`` given the generated scores ``x'`` (None: ``L_direct`` only)."""
   k_drop, k_drop_z = keys
@@ -237,7 +235,7 @@ def simultaneous_grads(theta: Any, phi: Any, batch: batch_lib.ListBatch,
   x_gen, generator_vjp = jax.vjp(
       lambda p: generator.apply({"params": p}, batch, rngs={"noise": k_noise}), phi)
   (_, terms), (theta_grads, dl_theta_dx) = jax.value_and_grad(
-      _reranker_loss, argnums=(0, 2), has_aux=True)(
+      reranker_loss, argnums=(0, 2), has_aux=True)(
           theta, batch, x_gen, (k_drop, k_drop_z), config=config)
   l_x, dl_x_dx = jax.value_and_grad(losses.distribution_loss)(
       x_gen, batch.scores, batch.labels, batch.mask, lc)
@@ -269,6 +267,58 @@ def generator_objective(phi: Any, theta: Any, batch: batch_lib.ListBatch,
   l_x = losses.distribution_loss(x, batch.scores, batch.labels, batch.mask, config.loss)
   total = config.loss.lambda_adv * l_adv + config.loss.lambda_x * l_x
   return total, {"l_adv": l_adv, "l_x": l_x, "l_phi": total}
+
+
+def sequential_update(reranker, generator, batch: batch_lib.ListBatch, keys, *,
+                      config: config_lib.TrainConfig, phase: str):
+  """Algorithm 1's order: theta first (phi frozen), then phi against the new theta.
+
+  Args:
+    reranker, generator: the players' ``TrainState``s.
+    keys: ``(dropout, dropout on generated scores, noise, generator's noise)``.
+
+  Returns:
+    ``(reranker, generator, metrics)``, gradients ``pmean``-ed over ``'batch'``.
+  """
+  k_drop, k_drop_z, k_noise, k_gen = keys
+  grads, metrics = jax.grad(reranker_objective, has_aux=True)(
+      reranker.params, generator.params, batch, (k_drop, k_drop_z, k_noise),
+      config=config, phase=phase)
+  grads = jax.lax.pmean(grads, AXIS)
+  reranker = reranker.apply_gradients(grads=grads)
+  metrics["grad_norm_theta"] = global_norm(grads)
+  if phase == "model":
+    g_grads, g_terms = jax.grad(generator_objective, has_aux=True)(
+        generator.params, reranker.params, batch, k_gen, config=config)
+    g_grads = jax.lax.pmean(g_grads, AXIS)
+    generator = generator.apply_gradients(grads=g_grads)
+    metrics.update(g_terms)
+    metrics["grad_norm_phi"] = global_norm(g_grads)
+  return reranker, generator, metrics
+
+
+def simultaneous_update(reranker, generator, batch: batch_lib.ListBatch, keys, *,
+                        config: config_lib.TrainConfig, phase: str):
+  """Both players from one pass (``simultaneous_grads``) in the ``model`` phase.
+
+  The other phases train theta alone, exactly as ``sequential_update`` does.
+  """
+  if phase != "model":
+    return sequential_update(reranker, generator, batch, keys, config=config,
+                             phase=phase)
+  grads, g_grads, metrics = simultaneous_grads(
+      reranker.params, generator.params, batch, keys[:3], config=config)
+  g_grads = jax.lax.pmean(g_grads, AXIS)
+  generator = generator.apply_gradients(grads=g_grads)
+  metrics["grad_norm_phi"] = global_norm(g_grads)
+  grads = jax.lax.pmean(grads, AXIS)
+  reranker = reranker.apply_gradients(grads=grads)
+  metrics["grad_norm_theta"] = global_norm(grads)
+  return reranker, generator, metrics
+
+
+# ``TrainConfig.adversarial_order`` -> the update it names.
+_UPDATES = {"sequential": sequential_update, "simultaneous": simultaneous_update}
 
 
 def train_step(state: DNRState, batch: batch_lib.ListBatch, *,
@@ -303,31 +353,10 @@ def train_step(state: DNRState, batch: batch_lib.ListBatch, *,
   batch_lib.check_batch(batch)
   key = device_step_key(state.key, state.step)
   k_drop, k_drop_z, k_noise, k_gen = jax.random.split(key, 4)
-  reranker, generator = state.reranker, state.generator
-
-  if phase == "model" and config.adversarial_order == "simultaneous":
-    grads, g_grads, metrics = simultaneous_grads(
-        reranker.params, generator.params, batch, (k_drop, k_drop_z, k_noise),
-        config=config)
-    g_grads = jax.lax.pmean(g_grads, AXIS)
-    generator = generator.apply_gradients(grads=g_grads)
-    metrics["grad_norm_phi"] = global_norm(g_grads)
-  else:
-    grads, metrics = jax.grad(reranker_objective, has_aux=True)(
-        reranker.params, generator.params, batch, (k_drop, k_drop_z, k_noise),
-        config=config, phase=phase)
-  grads = jax.lax.pmean(grads, AXIS)
-  reranker = reranker.apply_gradients(grads=grads)
-  metrics["grad_norm_theta"] = global_norm(grads)
-
-  if phase == "model" and config.adversarial_order == "sequential":
-    g_grads, g_terms = jax.grad(generator_objective, has_aux=True)(
-        generator.params, reranker.params, batch, k_gen, config=config)
-    g_grads = jax.lax.pmean(g_grads, AXIS)
-    generator = generator.apply_gradients(grads=g_grads)
-    metrics.update(g_terms)
-    metrics["grad_norm_phi"] = global_norm(g_grads)
-
+  update = _UPDATES[config.adversarial_order]
+  reranker, generator, metrics = update(
+      state.reranker, state.generator, batch, (k_drop, k_drop_z, k_noise, k_gen),
+      config=config, phase=phase)
   metrics = jax.lax.pmean(metrics, AXIS)
   reranker, generator, metrics["nonfinite"] = _guard_nonfinite(
       state, reranker, generator, metrics)
@@ -370,185 +399,3 @@ def eval_step(params: Any, batch: batch_lib.ListBatch, *, config: config_lib.Tra
                                       map_normaliser=config.map_normaliser)
   sums = metrics_lib.weighted_sums(per_list)
   return jax.lax.psum(sums, AXIS), logits
-
-
-@dataclasses.dataclass
-class Runner:
-  """Places state and batches on the devices and runs the compiled steps.
-
-  ``compile="pmap"``: the state is replicated with a leading device axis and batches
-  are reshaped to ``[devices, B / devices, ...]``. ``compile="shard_map"``: the state is
-  a replicated global array and batches are global arrays sharded along a 1-D
-  ``'batch'`` mesh. Callers see neither: they pass host batches and get host values,
-  or place batches ahead with ``put_batch`` (in ``pipeline.prefetch``'s thread, so the
-  copy overlaps the previous step) and pass the placed ``ListBatch``.
-
-  Each phase's train step is traced once (``traces`` counts it): a batch of a new
-  shape or dtype would recompile, and fails loudly instead.
-
-  Multi-process (``dnr_jax.distributed``): the mesh spans every process's devices
-  (``jax.devices()``), each process passes its own share of the global batch, and
-  collectives reduce across processes; host values returned are the same in every
-  process (``evaluate`` gathers the logits of the whole global batch).
-  """
-  config: config_lib.TrainConfig
-  devices: tuple = ()
-
-  def __post_init__(self):
-    # Global devices: with several processes the one mesh spans all of them.
-    self.devices = tuple(self.devices or jax.devices())
-    self.mesh = Mesh(np.array(self.devices), (AXIS,))
-    self.local_devices = tuple(d for d in self.devices
-                               if d.process_index == jax.process_index())
-    self.multiprocess = len(self.local_devices) < len(self.devices)
-    self._train: dict[str, Callable] = {}
-    self.traces: dict[str, int] = {}
-    self._eval = self._compile(functools.partial(eval_step, config=self.config),
-                               in_specs=(P(), P(AXIS)), out_specs=(P(), P(AXIS)),
-                               donate=False)
-
-  @property
-  def num_devices(self) -> int:
-    """Devices of the mesh, over all processes."""
-    return len(self.devices)
-
-  @property
-  def num_local_devices(self) -> int:
-    """This process's devices of the mesh (what one ``put_batch`` is split over)."""
-    return len(self.local_devices)
-
-  def _compile(self, body, in_specs, out_specs, donate: bool):
-    donate_argnums = (0,) if donate else ()
-    if self.config.compile == "pmap":
-      return jax.pmap(body, axis_name=AXIS, devices=self.devices,
-                      donate_argnums=donate_argnums)
-    # check_vma=False gives shard_map pmap's semantics: the gradient of a replicated
-    # parameter is the *local* gradient, which the body averages with pmean. (With
-    # varying-axis checking on, shard_map would already psum it, and the one body
-    # would train 8x faster on 8 devices than under pmap.)
-    return jax.jit(jax.shard_map(body, mesh=self.mesh, in_specs=in_specs,
-                                 out_specs=out_specs, check_vma=False),
-                   donate_argnums=donate_argnums)
-
-  def eval_fn(self) -> Callable:
-    """The compiled eval step ``(params, placed batch) -> (sums, logits)``."""
-    return self._eval
-
-  def train_fn(self, phase: str) -> Callable:
-    if phase not in self._train:
-      def body(state, batch):
-        # Runs only while tracing: counts compilations of this phase.
-        self.traces[phase] = self.traces.get(phase, 0) + 1
-        if self.traces[phase] > 1:
-          raise RuntimeError(
-              f"the {phase!r} train step is being compiled a second time (batch "
-              f"shapes {jax.tree.map(jnp.shape, batch.as_dict())}); every step of a "
-              f"run must see the same per-device batch shape")
-        return train_step(state, batch, config=self.config, phase=phase)
-      self._train[phase] = self._compile(body, in_specs=(P(), P(AXIS)),
-                                         out_specs=(P(), P()), donate=True)
-    return self._train[phase]
-
-  # Placement.
-  def put_state(self, state: DNRState) -> DNRState:
-    if self.config.compile == "pmap":
-      # A leading device axis, one replica per device (what pmap maps over).
-      d = self.num_devices
-      sharding = NamedSharding(self.mesh, P(AXIS))
-      return jax.tree.map(
-          lambda x: _global_from_host(
-              np.broadcast_to(np.asarray(x), (d,) + np.shape(x)), sharding), state)
-    sharding = NamedSharding(self.mesh, P())
-    return jax.tree.map(lambda x: _global_from_host(np.asarray(x), sharding), state)
-
-  def get_state(self, state: DNRState) -> DNRState:
-    """The host copy of a placed state (first replica under pmap)."""
-    return jax.tree.map(lambda x: _first_replica(x, self.config.compile == "pmap"),
-                        state)
-
-  def put_batch(self, arrays) -> batch_lib.ListBatch:
-    """Copies this process's host batch to its devices, split along ``'batch'``.
-
-    Thread-safe, so ``pipeline.prefetch`` can run it ahead of the step.
-    """
-    b = batch_lib.ListBatch.from_arrays(arrays)
-    size = b.items.shape[0]
-    if size % self.num_local_devices:
-      raise ValueError(f"batch of {size} lists is not divisible by the "
-                       f"{self.num_local_devices} devices")
-    sharding = NamedSharding(self.mesh, P(AXIS))
-    if self.config.compile == "pmap":
-      # One shard per device along the leading axis pmap maps over, copied now
-      # rather than inside the step call (where it would not overlap compute).
-      d = self.num_local_devices
-      return jax.tree.map(
-          lambda x: jax.make_array_from_process_local_data(
-              sharding, np.reshape(x, (d, x.shape[0] // d) + x.shape[1:])), b)
-    # Each process holds its own slice of the global batch (multi-host input).
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), b)
-
-  def _placed(self, batch) -> batch_lib.ListBatch:
-    # A ListBatch is one ``put_batch`` already placed; anything else is host arrays.
-    return batch if isinstance(batch, batch_lib.ListBatch) else self.put_batch(batch)
-
-  # Steps.
-  def train(self, state: DNRState, batch, phase: str) -> tuple[DNRState, dict]:
-    """One step; ``state`` is donated (do not reuse it).
-
-    Args:
-      state: the placed state (``put_state``).
-      batch: host arrays (a mapping of ``batch.FIELDS``) or the ``ListBatch`` that
-        ``put_batch`` returned for them.
-      phase: one of ``PHASES``.
-    """
-    state, metrics = self.train_fn(phase)(state, self._placed(batch))
-    if self.config.compile == "pmap":
-      # x[0] stays on the device (no wait for the step); across processes it would be
-      # a computation on a global array, so there the local replica is read instead.
-      metrics = jax.tree.map(
-          lambda x: _first_replica(x, True) if self.multiprocess else x[0], metrics)
-    return state, metrics
-
-  def evaluate(self, state: DNRState, batch) -> tuple[dict, jax.Array]:
-    """Metric sums and logits of one batch (host arrays or ``put_batch``'s output).
-
-    The sums cover the global batch (``psum`` over every device of every process);
-    so do the logits, ``[global batch, n]``: with several processes they are gathered
-    from all of them (``process_allgather``) for the exact global AUC.
-    """
-    return self.evaluate_params(state.reranker.params, batch)
-
-  def evaluate_params(self, params, batch) -> tuple[dict, jax.Array]:
-    """``evaluate`` with the reranker parameters alone (``serving``: no state).
-
-    The same compiled program, so a served reranker's logits are bit-identical to
-    the ones its training run was selected on.
-    """
-    sums, logits = self._eval(params, self._placed(batch))
-    if self.config.compile == "pmap" or self.multiprocess:
-      sums = jax.tree.map(
-          lambda x: _first_replica(x, self.config.compile == "pmap"), sums)
-    if self.multiprocess:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      logits = multihost_utils.process_allgather(logits, tiled=True)
-    if self.config.compile == "pmap":
-      logits = logits.reshape((-1,) + logits.shape[2:])
-    return sums, logits
-
-
-def _global_from_host(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
-  """A global array from a host value every process holds in full (the same one)."""
-  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-
-def _first_replica(x: jax.Array, leading_device_axis: bool):
-  """The host value of a replicated array, from this process's first shard.
-
-  Read from an addressable shard, so it works when the array spans processes, and
-  moves no data between devices. Under pmap the shard keeps the device axis (size 1).
-  """
-  if not isinstance(x, jax.Array):
-    return x
-  shard = np.asarray(x.addressable_data(0))
-  return shard[0] if leading_device_axis else shard

@@ -4,12 +4,12 @@ Epochs follow Algorithm 1's schedule (``step.phase_for_epoch``). After every epo
 the reranker is evaluated on the validation and test lists with the *real* retriever
 scores; the model is selected by validation NDCG@K and the test metrics reported are
 those of the selected epoch. With ``early_stopping_patience`` the loop stops once the
-validation metric stops improving (``dnr_jax.early_stopping``). With a ``workdir`` the
+validation metric stops improving (``dnr_jax.runtime.early_stopping``). With a ``workdir`` the
 loop writes ``metrics.jsonl`` (one JSON object per epoch) and orbax checkpoints of the
 whole state (both players, optimiser states, key, step), plus the selected epoch's
 state in ``checkpoints_best/``, and resumes from the latest one when restarted.
 
-Multi-process (``dnr_jax.distributed``): every process runs this loop on the same
+Multi-process (``dnr_jax.runtime.distributed``): every process runs this loop on the same
 lists and feeds its own share of each batch; evaluation sums over all processes, so
 every process gets the same metrics; only process 0 writes ``metrics.jsonl``, while
 every process takes part in orbax's checkpointing (which writes once).
@@ -30,17 +30,18 @@ import numpy as np
 from absl import logging
 
 from dnr_jax import batch as batch_lib
-from dnr_jax import checkpoints as checkpoints_lib
+from dnr_jax.runtime import checkpoints as checkpoints_lib
 from dnr_jax import config as config_lib
-from dnr_jax import distributed
-from dnr_jax import early_stopping
+from dnr_jax.runtime import distributed
+from dnr_jax.runtime import early_stopping
 from dnr_jax import errors
-from dnr_jax import guards
+from dnr_jax.runtime import guards
 from dnr_jax import metrics as metrics_lib
-from dnr_jax import pier
-from dnr_jax import pipeline
-from dnr_jax import preemption
+from dnr_jax import models
+from dnr_jax.runtime import pipeline
+from dnr_jax.runtime import preemption
 from dnr_jax import step as step_lib
+from dnr_jax.runtime import runner as runner_lib
 from dnr_jax.data import types
 
 SELECT_METRIC = "ndcg"
@@ -56,19 +57,16 @@ def with_data_vocab(config: config_lib.TrainConfig,
   return dataclasses.replace(config, model=model)
 
 
-def evaluate(runner: step_lib.Runner, state: step_lib.DNRState, arrays,
+def evaluate(runner: runner_lib.Runner, state: step_lib.DNRState, arrays,
              batch_size: int, *, num_items: int) -> dict[str, float]:
   """Metrics of the reranker on one split (all lists, padded last batch)."""
   c = runner.config
-  if c.model.fpsm_permutations:
-    # PIER's FPSM: each list is shown in the permutation its search picks.
-    logits = pier.fpsm_logits(runner.get_state(state).reranker.params, c.model, arrays,
-                              batch_size)
-    per_list = metrics_lib.list_metrics(logits, jnp.asarray(arrays["labels"]),
-                                        jnp.asarray(arrays["mask"]), k=c.eval_k,
-                                        map_normaliser=c.map_normaliser)
-    return _finish(metrics_lib.weighted_sums(per_list), logits, arrays, c.eval_k,
-                   num_items)
+  rank = models.ranking_fn(c.model)
+  if rank is not None:
+    logits = ranked_logits(rank, runner.get_state(state).reranker.params, arrays,
+                           batch_size)
+    return _metrics(logits, arrays, k=c.eval_k, map_normaliser=c.map_normaliser,
+                    num_items=num_items)
   sums, logits = None, []
   # Each process scores its share of every batch; the sums and the logits returned
   # by the runner cover the whole global batch.
@@ -79,29 +77,45 @@ def evaluate(runner: step_lib.Runner, state: step_lib.DNRState, arrays,
     s, lg = runner.evaluate(state, b)
     sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
     logits.append(lg)
-  n = pipeline.num_lists(arrays)
-  logits = jnp.concatenate(logits)[:n]
-  return _finish(sums, logits, arrays, runner.config.eval_k, num_items)
+  logits = jnp.concatenate(logits)[:pipeline.num_lists(arrays)]
+  return _metrics(logits, arrays, k=c.eval_k, map_normaliser=c.map_normaliser,
+                  num_items=num_items, sums=sums)
 
 
-def _finish(sums, logits, arrays, k: int, num_items: int) -> dict[str, float]:
-  out = {k_: float(v) for k_, v in metrics_lib.means(jax.device_get(sums)).items()}
-  labels, mask = jnp.asarray(arrays["labels"]), jnp.asarray(arrays["mask"])
-  out["global_auc"] = float(metrics_lib.global_auc(logits, labels, mask))
-  out["coverage"] = float(metrics_lib.coverage(logits, mask, jnp.asarray(arrays["items"]),
-                                               k=k, num_items=num_items))
-  out["logit_spread"] = guards.logit_spread(logits, mask)
-  return out
+def ranked_logits(rank: models.RankFn, params, arrays, batch_size: int, *,
+                  seed: int = 0) -> jax.Array:
+  """A backbone's own ranking (``models.ranking_fn``) of every list of a split.
+
+  Args:
+    rank: the hook, ``(key, params, batch) -> logits``; compiled here.
+    params: the reranker's parameters (host or device arrays).
+    arrays: a complete split (``pipeline.complete``) of ``L`` lists.
+    batch_size: lists per call (the last batch is padded; one compilation).
+    seed: batch ``i`` uses ``fold_in(PRNGKey(seed), i)``, so every evaluation of a
+      split ranks with the same randomness.
+
+  Returns:
+    ``[L, n]`` logits whose order is the ranking.
+  """
+  rank = jax.jit(rank)
+  key = jax.random.PRNGKey(seed)
+  out = [rank(jax.random.fold_in(key, i), params, batch_lib.ListBatch.from_arrays(b))
+         for i, b in enumerate(pipeline.batches(arrays, batch_size, shuffle=False))]
+  return jnp.concatenate(out)[:pipeline.num_lists(arrays)]
+
+
+def _metrics(logits, arrays, *, k: int, map_normaliser: str, num_items: int,
+             sums=None) -> dict[str, float]:
+  acc = metrics_lib.Accumulator(k=k, map_normaliser=map_normaliser, num_items=num_items)
+  acc.add(logits, arrays["labels"], arrays["mask"], arrays["items"], sums)
+  return {**acc.results(), "logit_spread": guards.logit_spread(logits, arrays["mask"])}
 
 
 def evaluate_retriever(arrays, *, k: int, map_normaliser: str,
                        num_items: int) -> dict[str, float]:
   """The retriever's own ranking as a row of the results (logits = its scores)."""
-  scores = jnp.asarray(arrays["scores"])
-  labels, mask = jnp.asarray(arrays["labels"]), jnp.asarray(arrays["mask"])
-  per_list = metrics_lib.list_metrics(scores, labels, mask, k=k,
-                                      map_normaliser=map_normaliser)
-  return _finish(metrics_lib.weighted_sums(per_list), scores, arrays, k, num_items)
+  return _metrics(arrays["scores"], arrays, k=k, map_normaliser=map_normaliser,
+                  num_items=num_items)
 
 
 def _fmt(metrics: dict[str, float], keys) -> str:
@@ -136,7 +150,7 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
     ``best_params``, that state's reranker parameters (what ``serving`` bundles).
   """
   config = with_data_vocab(config, data)
-  runner = step_lib.Runner(config, devices or ())
+  runner = runner_lib.Runner(config, devices or ())
   train = pipeline.complete(data.splits["train"])
   valid = pipeline.complete(data.splits["valid"])
   test = pipeline.complete(data.splits["test"])

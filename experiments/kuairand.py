@@ -13,10 +13,10 @@ KuaiRand-Pure-schema data set: NOT the real data, and the log and table say so.
 from absl import flags
 
 from dnr_jax.data import kuairand
-from experiments import common
+from experiments import cli, dataset_main, train_flags
 
-common.define_data_flags("kuairand", kuairand.CONFIGS, "sample")
+train_flags.define_data_flags("kuairand", kuairand.CONFIGS, "sample")
 flags.mark_flag_as_required("workdir")
 
 if __name__ == "__main__":
-  common.run_main(common.main)
+  cli.run_main(dataset_main.main)

@@ -5,7 +5,7 @@ r"""Bring your own lists: DNR on lists your own retriever served.
       --lists=/data/my_lists.parquet --interactions=/data/my_clicks.parquet \
       --workdir=/tmp/dnr_my_lists
 
-The files are in the own-lists format (``dnr_jax/data/own_lists.py`` documents it;
+The files are in the own-lists format (``dnr_jax.data.own_lists`` documents it;
 README: "Bring your own lists"). Without ``--lists`` the binary generates an example
 in that format (NOT real data; the log and the table say so). Flags in, one library
 call per stage (``prepare_own_lists``, ``run_experiment``), results out as in
@@ -18,10 +18,9 @@ import os
 
 from absl import app, flags, logging
 
-from dnr_jax import config as config_lib
 from dnr_jax import errors
 from dnr_jax.data import own_lists
-from experiments import common
+from experiments import cli, train_flags
 
 _D = own_lists.OwnListsConfig()
 flags.DEFINE_string("lists", None, "Your lists file (Parquet or CSV, the own-lists "
@@ -69,30 +68,29 @@ def data_config_from_flags() -> own_lists.OwnListsConfig:
 
 def run(argv) -> None:
   import jax  # pylint: disable=g-import-not-at-top
-  from dnr_jax import distributed, experiment  # pylint: disable=g-import-not-at-top
-  from dnr_jax.data import own_lists_sample, raw  # pylint: disable=g-import-not-at-top
+  from dnr_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
+  from dnr_jax.protocol import experiment  # pylint: disable=g-import-not-at-top
+  from dnr_jax.data import raw  # pylint: disable=g-import-not-at-top
+  from dnr_jax.data.own_lists import sample  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  common.setup()
+  train_flags.setup(tfds=True)
   # Every flag is checked before any data work starts.
-  exp = common.experiment_from_flags()
+  exp = train_flags.experiment_from_flags()
   data_config = data_config_from_flags()
-  for method in exp.methods:
-    config_lib.validate(experiment.run_config(exp, method, exp.backbones[0],
-                                              exp.seeds[0], vocab=False),
-                        list_size=data_config.list_size, vocab=False)
-  common.check_workdir(FLAGS.workdir, create=not FLAGS.check_flags)
+  train_flags.check_runs(exp, data_config.list_size)
+  cli.check_workdir(FLAGS.workdir, create=not FLAGS.check_flags)
   if FLAGS.check_flags:
-    common.print_checked(exp, data_config)
+    train_flags.print_checked(exp, data_config)
     return
   logging.info("JAX %s on %d %s device(s)", jax.__version__, jax.local_device_count(),
                jax.default_backend())
 
   def prepare(data_config):
     if data_config.lists is None:
-      lists, inter = own_lists_sample.ensure_example(
+      lists, inter = sample.ensure_example(
           data_config.data_dir or raw.default_data_dir(),
-          own_lists_sample.ExampleConfig(
+          sample.ExampleConfig(
               num_users=FLAGS.example_users, num_items=FLAGS.example_items,
               lists_per_user=FLAGS.example_lists_per_user))
       logging.warning("no --lists given: using the GENERATED example %s (NOT real "
@@ -100,7 +98,7 @@ def run(argv) -> None:
       data_config = dataclasses.replace(data_config, lists=lists, interactions=inter)
     return data_config, own_lists.prepare_own_lists(data_config)
 
-  # Multi-process: process 0 prepares first (dnr_jax.distributed.primary_first).
+  # Multi-process: process 0 prepares first (dnr_jax.runtime.distributed.primary_first).
   data_config, data = distributed.primary_first(lambda: prepare(data_config),
                                                 "prepare_own_lists")
   distributed.check_same(distributed.fingerprint(data.splits), "the prepared lists")
@@ -129,4 +127,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  common.run_main(main)   # a user's mistake: one line, no traceback
+  cli.run_main(main)   # a user's mistake: one line, no traceback

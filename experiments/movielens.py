@@ -11,10 +11,10 @@ retriever's top n, labelled by the user's next W positive ratings. Outputs as in
 from absl import flags
 
 from dnr_jax.data import movielens
-from experiments import common
+from experiments import cli, dataset_main, train_flags
 
-common.define_data_flags("movielens", movielens.CONFIGS, "1m")
+train_flags.define_data_flags("movielens", movielens.CONFIGS, "1m")
 flags.mark_flag_as_required("workdir")
 
 if __name__ == "__main__":
-  common.run_main(common.main)
+  cli.run_main(dataset_main.main)

@@ -8,18 +8,18 @@ r"""Rerank your own lists with a trained run, and export the reranker.
 bundle directory, or a work directory holding a single run: the model, its selected
 epoch's parameters, the data config and the vocabulary come from there, so no model
 flag is repeated. The lists file is in the own-lists format, labels optional; the
-output is Parquet (``dnr_jax/reranking.py`` lists its columns), written atomically.
-With labels, the training table (reranker vs the upstream order) is printed and
-written beside the output (``<output>.metrics.md`` / ``.csv``). ``--export=DIR``
-writes the ``jax.export`` artifact (``--lists`` may then be left out). The training
-flags of ``experiments.common`` are defined here too but unused: the model comes
-from the checkpoint. Bad inputs stop with one line (``common.run_main``).
+output is Parquet (``dnr_jax/serving/rerank_files.py`` lists its columns), written
+atomically. With labels, the training table (reranker vs the upstream order) is
+printed and written beside the output (``<output>.metrics.md`` / ``.csv``).
+``--export=DIR`` writes the ``jax.export`` artifact (``--lists`` may then be left
+out). Only ``experiments.cli`` is imported, not the training flags: the model comes
+from the checkpoint. Bad inputs stop with one line (``cli.run_main``).
 """
 
 from absl import app, flags, logging
 
 from dnr_jax import errors
-from experiments import common
+from experiments import cli
 
 flags.DEFINE_string("checkpoint", None, "A run directory, bundle or one-run workdir.")
 flags.DEFINE_string("lists", None, "The lists to rerank (own-lists format, Parquet or "
@@ -37,20 +37,16 @@ FLAGS = flags.FLAGS
 
 
 def run(argv) -> None:
-  import os  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from dnr_jax import reranking, serving  # pylint: disable=g-import-not-at-top
+  from dnr_jax import serving  # pylint: disable=g-import-not-at-top
+  from dnr_jax.serving import rerank_files as reranking  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS.lists and not FLAGS.export:
     raise errors.ConfigError("give --lists (and --output) to rerank, and/or --export")
   if FLAGS.lists and not FLAGS.output:
     raise errors.ConfigError("--lists needs --output (the Parquet file to write)")
-  if FLAGS.compilation_cache and not jax.config.jax_compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir",
-                      os.path.expanduser(FLAGS.compilation_cache))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  logging.set_verbosity(logging.INFO)
+  cli.setup()
   bundle = serving.load_bundle(FLAGS.checkpoint)
   logging.info("JAX %s on %d %s device(s); bundle %s", jax.__version__,
                jax.local_device_count(), jax.default_backend(), bundle.directory)
@@ -82,4 +78,4 @@ def run(argv) -> None:
 
 
 if __name__ == "__main__":
-  common.run_main(run)   # a user's mistake: one line, no traceback
+  cli.run_main(run)   # a user's mistake: one line, no traceback

@@ -4,16 +4,17 @@ r"""The paper's protocol on synthetic planted-preference lists (no download need
       --methods=backbone,c_score,dnr_g --seeds=0,1,2
 
 The lists are generated (dnr_jax.synthetic), not real data, and the log and the
-results table say so.
+results table say so. Nothing here imports TFDS, which the data-set binaries need
+and which costs seconds at start-up.
 """
-
 
 import jax
 from absl import app, flags, logging
 
 from dnr_jax import config as config_lib
-from dnr_jax import experiment, synthetic
-from experiments import common
+from dnr_jax import synthetic
+from dnr_jax.protocol import experiment
+from experiments import cli, train_flags
 
 flags.DEFINE_integer("num_users", 150, "Synthetic users.")
 flags.DEFINE_integer("num_items", 120, "Synthetic items.")
@@ -40,11 +41,11 @@ BASE = config_lib.TrainConfig(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  common.setup()
-  exp = common.experiment_from_flags(BASE)
-  common.check_workdir(FLAGS.workdir, create=not FLAGS.check_flags)
+  train_flags.setup()
+  exp = train_flags.experiment_from_flags(BASE)
+  cli.check_workdir(FLAGS.workdir, create=not FLAGS.check_flags)
   if FLAGS.check_flags:
-    common.print_checked(exp)
+    train_flags.print_checked(exp)
     return
   logging.info("JAX %s on %d %s device(s)", jax.__version__, jax.local_device_count(),
                jax.default_backend())
@@ -59,4 +60,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  common.run_main(main)
+  cli.run_main(main)

@@ -16,8 +16,9 @@ from dnr_jax import batch as batch_lib
 from dnr_jax import config as config_lib
 from dnr_jax import losses
 from dnr_jax import noise as noise_lib
-from dnr_jax import pipeline
+from dnr_jax.runtime import pipeline
 from dnr_jax import step as step_lib
+from dnr_jax.runtime import runner as runner_lib
 from dnr_jax import synthetic
 
 DATA = synthetic.generate(synthetic.SyntheticConfig(
@@ -67,7 +68,7 @@ def test_one_pass_gradients_equal_plain_autodiff(sort_generated):
 
   def l_phi(ph):
     x = generator.apply({"params": ph}, b, rngs={"noise": keys[2]})
-    _, t = step_lib._reranker_loss(theta, b, x, keys[:2], config=cfg)  # pylint: disable=protected-access
+    _, t = step_lib.reranker_loss(theta, b, x, keys[:2], config=cfg)
     l_x = losses.distribution_loss(x, b.scores, b.labels, b.mask, cfg.loss)
     return cfg.loss.lambda_adv * -t["l_z"] + cfg.loss.lambda_x * l_x
 
@@ -82,7 +83,7 @@ def test_the_orders_share_theta_update_and_differ_in_phi():
   results = {}
   for order in config_lib.ADVERSARIAL_ORDERS:
     cfg = _config(adversarial_order=order)
-    runner = step_lib.Runner(cfg, tuple(jax.devices()[:2]))
+    runner = runner_lib.Runner(cfg, tuple(jax.devices()[:2]))
     state = runner.put_state(step_lib.create_state(cfg, _batch(), jax.random.PRNGKey(0)))
     arrays = {k: v[:16] for k, v in pipeline.complete(DATA.splits["train"]).items()}
     state, metrics = runner.train(state, arrays, "model")

@@ -36,6 +36,7 @@ def test_synthetic_binary_end_to_end(tmp_path):
     ("--sweep=loss.lambda_q=0.1,0.2", "unknown config field 'loss.lambda_q'"),
     ("--lambda_c=1.5", "noise.lambda_c=1.5 must be in [0, 1]"),
     ("--seeds=a", "--seeds=a must be integers"),
+    ("--warmup_epochs=6", "warmup_epochs=6 >= num_epochs=6"),   # dnr_g: no generator
 ])
 def test_bad_flags_fail_at_once(tmp_path, flag, message):
   proc = _run("experiments.synthetic", f"--workdir={tmp_path}", flag, timeout=120)
@@ -125,3 +126,28 @@ def test_check_flags_still_rejects_bad_values(tmp_path):
               "--check_flags", "--lambda_m=-1", timeout=120)
   assert proc.returncode != 0
   assert "lambda_m" in proc.stderr
+
+
+def test_synthetic_binary_never_imports_tfds(tmp_path):
+  # TFDS costs seconds at start-up and only the data-set binaries need it.
+  script = ("import runpy, sys\n"
+            f"sys.argv = ['synthetic', '--check_flags', '--workdir={tmp_path}']\n"
+            "try:\n"
+            "  runpy.run_module('experiments.synthetic', run_name='__main__')\n"
+            "except SystemExit as e:\n"
+            "  assert not e.code, e.code\n"
+            "print('tfds loaded:', 'tensorflow_datasets' in sys.modules)\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "flags OK:" in proc.stdout and "tfds loaded: False" in proc.stdout
+
+
+def test_rerank_binary_defines_no_training_flag():
+  proc = _run("experiments.rerank", "--helpfull", timeout=120)
+  listed = proc.stdout + proc.stderr
+  assert "--checkpoint" in listed and "--compilation_cache" in listed
+  for flag in ("--methods", "--lambda_m", "--hidden", "--seeds", "--workdir",
+               "--variant", "--check_flags", "--distributed"):
+    assert flag not in listed, flag

@@ -89,3 +89,24 @@ def test_parse_value_uses_the_field_type(key, text, value):
 def test_parse_value_names_bad_text(key, text, pattern):
   with pytest.raises(ValueError, match=pattern):
     config_lib.parse_value(_cfg(), key, text)
+
+
+@pytest.mark.parametrize("method", ["dnr_g", "dnr_b", "dnr_g_no_adv", "dnr_g_no_lx"])
+@pytest.mark.parametrize("warmup, epochs", [(12, 12), (80, 50)])
+def test_a_model_generator_that_never_trains_is_rejected(method, warmup, epochs):
+  # With warmup_epochs >= num_epochs only the heuristic warm-up runs: the row would
+  # be labelled DNR but be its heuristic_* row.
+  cfg = config_lib.apply_method(_cfg(warmup_epochs=warmup, num_epochs=epochs), method)
+  with pytest.raises(ValueError) as e:
+    config_lib.validate(cfg)
+  message = str(e.value)
+  assert f"warmup_epochs={warmup}" in message and f"num_epochs={epochs}" in message
+  assert "\n" not in message
+
+
+@pytest.mark.parametrize("method", ["backbone", "c_score", "heuristic_g", "heuristic_b"])
+def test_a_warmup_as_long_as_the_run_is_fine_without_a_model_generator(method):
+  config_lib.validate(config_lib.apply_method(_cfg(warmup_epochs=12, num_epochs=12),
+                                              method))
+  config_lib.validate(config_lib.apply_method(_cfg(warmup_epochs=11, num_epochs=12),
+                                              "dnr_g"))

@@ -13,9 +13,10 @@ import pytest
 import tensorflow_datasets as tfds
 
 from dnr_jax.data import csv_reader, kuairand, lists, movielens, prepare, preprocess, raw
-from dnr_jax.data import retriever, samples, stream
+from dnr_jax.data import retriever, samples
 from dnr_jax.batch import FIELDS
-from dnr_jax.data.csv_reader import Column, DataError
+from dnr_jax.errors import DataError
+from dnr_jax.data.csv_reader import Column
 
 tfds.disable_progress_bar()
 TINY = samples.SampleConfig(num_users=80, num_items=60, rows_per_user=60)

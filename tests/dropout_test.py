@@ -1,11 +1,11 @@
-"""The hash-based dropout (dnr_jax/dropout.py): nn.Dropout's semantics, cheaper mask."""
+"""The hash-based dropout (dnr_jax/models/dropout.py): nn.Dropout's semantics, cheaper mask."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dnr_jax import dropout
+from dnr_jax.models import dropout
 
 
 @pytest.mark.parametrize("keep", [0.7, 0.5, 0.1])

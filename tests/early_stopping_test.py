@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from dnr_jax import config as config_lib
-from dnr_jax import early_stopping
+from dnr_jax.runtime import early_stopping
 
 
 def _history(values):

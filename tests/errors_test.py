@@ -1,5 +1,5 @@
 """User errors: each one a ConfigError / DataError / ... naming the place, and the
-binaries print it as one line with a non-zero exit status (``common.run_main``)."""
+binaries print it as one line with a non-zero exit status (``cli.run_main``)."""
 
 import os
 import subprocess
@@ -11,9 +11,10 @@ from absl import app, flags
 from absl.testing import flagsaver
 
 from dnr_jax import config as config_lib
-from dnr_jax import errors, experiment
-from dnr_jax.data import csv_reader, lists, preprocess, types
-from experiments import common
+from dnr_jax import errors
+from dnr_jax.protocol import experiment
+from dnr_jax.data import lists, preprocess, types
+from experiments import cli, train_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = config_lib.TrainConfig()
@@ -71,7 +72,7 @@ def test_user_errors_of_the_library_are_dnr_errors():
   with pytest.raises(errors.ConfigError, match="unknown config field 'loss.lambda_q'"):
     config_lib.with_overrides(BASE, {"loss.lambda_q": 1.0})
   assert issubclass(errors.ConfigError, ValueError)
-  assert issubclass(csv_reader.DataError, errors.DNRError)
+  assert issubclass(errors.DataError, errors.DNRError)
 
 
 def _log(users, items, times):
@@ -86,10 +87,10 @@ def _log(users, items, times):
 
 def test_data_too_small_is_a_data_error():
   log = _log([1, 2, 2], [1, 1, 2], [0, 1, 2])
-  with pytest.raises(csv_reader.DataError, match="no interaction survives the 5-core "
+  with pytest.raises(errors.DataError, match="no interaction survives the 5-core "
                      "filter of 'tiny'"):
     preprocess.k_core(log, 5)
-  with pytest.raises(csv_reader.DataError, match="only 2 lists: too few"):
+  with pytest.raises(errors.DataError, match="only 2 lists: too few"):
     lists.time_splits(0, np.array([1, 2]), lists.ListConfig())
 
 
@@ -98,7 +99,7 @@ def test_data_too_small_is_a_data_error():
 
 def _run(main, capsys, argv=("prog",)):
   with pytest.raises(SystemExit) as e:
-    common.one_line_errors(main)(list(argv))
+    cli.one_line_errors(main)(list(argv))
   err = capsys.readouterr().err
   return e.value.code, err
 
@@ -112,7 +113,7 @@ def _raises(error):
 
 @pytest.mark.parametrize("error, code", [
     (errors.ConfigError("--lambda_c=1.5: noise.lambda_c=1.5 must be in [0, 1]"), 2),
-    (csv_reader.DataError("/d/ratings.dat: line 7, column 'rating': value 9 out of "
+    (errors.DataError("/d/ratings.dat: line 7, column 'rating': value 9 out of "
                           "range [1, 5]"), 3),
     (errors.CheckpointError("/w/runs/prm/dnr_g/seed0/checkpoints/4: damaged"), 4),
     (errors.TrainingDiverged("epoch 2, step 17: the loss is NaN"), 5),
@@ -136,20 +137,20 @@ def test_a_multi_line_message_is_joined_into_one_line(capsys, monkeypatch):
 
 def test_bugs_keep_their_traceback():
   with pytest.raises(ZeroDivisionError):
-    common.one_line_errors(lambda argv: 1 / 0)(["prog"])
+    cli.one_line_errors(lambda argv: 1 / 0)(["prog"])
 
 
 def test_dnr_traceback_shows_the_traceback(monkeypatch):
   monkeypatch.setenv("DNR_TRACEBACK", "1")
   with pytest.raises(errors.ConfigError):
-    common.one_line_errors(_raises(errors.ConfigError("x")))(["prog"])
+    cli.one_line_errors(_raises(errors.ConfigError("x")))(["prog"])
 
 
 def test_flag_parse_errors_are_one_line(capsys, monkeypatch):
   monkeypatch.delenv("DNR_TRACEBACK", raising=False)
   with flagsaver.flagsaver():
     with pytest.raises(SystemExit) as e:
-      common.parse_flags(["prog", "--no_such_flag=1"])
+      cli.parse_flags(["prog", "--no_such_flag=1"])
   assert e.value.code == 2
   assert capsys.readouterr().err == ("UnrecognizedFlagError: Unknown command line "
                                      "flag 'no_such_flag'\n")
@@ -161,12 +162,14 @@ def test_flag_parse_errors_are_one_line(capsys, monkeypatch):
     (["--sweep=lambda_c"], "ConfigError: --sweep='lambda_c' must be FIELD=V1,V2,..."),
     (["--methods=dnr_g", "--lambda_m=0"], "ConfigError: method=dnr_g with "
      "loss.lambda_m=0 is c_score"),
+    (["--methods=dnr_g", "--warmup_epochs=12", "--num_epochs=12"],
+     "ConfigError: method=dnr_g with warmup_epochs=12 >= num_epochs=12"),
 ])
 def test_flags_to_experiment_errors(argv, message, capsys, monkeypatch):
   monkeypatch.delenv("DNR_TRACEBACK", raising=False)
   with flagsaver.flagsaver():
-    common.parse_flags(["prog", *argv])
-    code, err = _run(lambda a: common.experiment_from_flags(), capsys)
+    cli.parse_flags(["prog", *argv])
+    code, err = _run(lambda a: train_flags.experiment_from_flags(), capsys)
   assert code == 2
   assert err.startswith(message) and err.count("\n") == 1
 
@@ -176,13 +179,13 @@ def test_unwritable_workdir_is_found_before_any_work(tmp_path):
   blocker.write_text("")
   for create in (True, False):
     with pytest.raises(errors.ConfigError) as e:
-      common.check_workdir(str(blocker / "out"), create=create)
+      cli.check_workdir(str(blocker / "out"), create=create)
     assert str(e.value).startswith(f"--workdir={blocker / 'out'}: cannot write there")
   with pytest.raises(errors.ConfigError, match="--data_dir="):
-    common.check_workdir(str(blocker), flag="--data_dir")
-  common.check_workdir(str(tmp_path / "new" / "deep"), create=False)
+    cli.check_workdir(str(blocker), flag="--data_dir")
+  cli.check_workdir(str(tmp_path / "new" / "deep"), create=False)
   assert not (tmp_path / "new").exists()          # --check_flags creates nothing
-  common.check_workdir(str(tmp_path / "new" / "deep"))
+  cli.check_workdir(str(tmp_path / "new" / "deep"))
   assert (tmp_path / "new" / "deep").is_dir()
 
 

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 
 from dnr_jax import config as config_lib
-from dnr_jax import experiment
+from dnr_jax.protocol import experiment
+from dnr_jax.protocol import report
 from dnr_jax import synthetic
 from dnr_jax import train
 
 
 def _row(method, seed, ndcg, backbone="prm"):
-  test = {k: 0.5 for k, _ in experiment.COLUMNS}
+  test = {k: 0.5 for k, _ in report.COLUMNS}
   test["ndcg"] = ndcg
   return {"backbone": backbone, "method": method, "seed": seed, "test": test}
 
@@ -24,7 +25,7 @@ def test_summary_mean_std_and_paired_t_test():
   rows = ([_row("c_score", s, v) for s, v in enumerate([0.50, 0.52, 0.51])]
           + [_row("backbone", s, v) for s, v in enumerate([0.40, 0.41, 0.42])]
           + [_row("dnr_g", s, v) for s, v in enumerate([0.55, 0.58, 0.56])])
-  summary = {r["method"]: r for r in experiment.summarize(rows, k=6)}
+  summary = {r["method"]: r for r in report.summarize(rows, k=6)}
   np.testing.assert_allclose(summary["c_score"]["mean"]["ndcg"], 0.51)
   np.testing.assert_allclose(summary["c_score"]["std"]["ndcg"], 0.01)
   assert summary["dnr_g"]["p_vs"] == "c_score"    # the best baseline, not the worst
@@ -36,11 +37,12 @@ def test_summary_mean_std_and_paired_t_test():
 
 def test_single_seed_has_no_p_value(tmp_path):
   rows = [_row("c_score", 0, 0.5), _row("dnr_g", 0, 0.6)]
-  summary = experiment.summarize(rows, k=6)
+  summary = report.summarize(rows, k=6)
   assert math.isnan([r for r in summary if r["method"] == "dnr_g"][0]["p_value"])
-  md = experiment.write_table(summary, 6, str(tmp_path / "t.md"),
+  md = report.write_table(summary, 6, str(tmp_path / "t.md"),
                               str(tmp_path / "t.csv"), "title")
-  assert "+10.00 vs c_score (p n/a: 1 seed)" in md and "60.00 ± 0.00" in md
+  assert "+10.00 vs c_score (p n/a: 1 seed)" in md and "| 60.00 |" in md
+  assert "±" not in md.split("\n", 2)[2]   # one seed: no spread to show
   assert (tmp_path / "t.csv").read_text().splitlines()[0].startswith("backbone,method")
 
 
@@ -84,7 +86,7 @@ def test_every_non_baseline_row_is_tested_against_the_best_baseline():
           + [_row("heuristic_g", s, v) for s, v in enumerate([0.60, 0.61, 0.62])]
           + [_row("dnr_g+warmup_epochs=0", s, v)
              for s, v in enumerate([0.49, 0.53, 0.52])])
-  summary = {r["method"]: r for r in experiment.summarize(rows, k=6)}
+  summary = {r["method"]: r for r in report.summarize(rows, k=6)}
   # heuristic_g is not a baseline even though it is the best row.
   assert summary["heuristic_g"]["p_vs"] == "c_score"
   np.testing.assert_allclose(summary["heuristic_g"]["delta_ndcg"], 0.10)

@@ -13,8 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dnr_jax.data import csv_reader, kuairand, lists, movielens, raw, retriever, types
-from dnr_jax.data.csv_reader import Column, DataError, FileSpec
+from dnr_jax.data import csv_reader, kuairand, lists, movielens, retriever, types
+from dnr_jax.errors import DataError
+from dnr_jax.data.csv_reader import Column, FileSpec
 from dnr_jax.errors import DNRError
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True,

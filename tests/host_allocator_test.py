@@ -1,4 +1,4 @@
-"""dnr_jax/host_allocator.py: applied on CPU before JAX starts, refused after."""
+"""dnr_jax/runtime/host_allocator.py: applied on CPU before JAX starts, refused after."""
 
 import os
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from dnr_jax import host_allocator
+from dnr_jax.runtime import host_allocator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,7 +30,7 @@ def test_system_changes_nothing():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_auto_on_cpu_before_jax_starts_then_steps_run():
-  out = _run("from dnr_jax import host_allocator as h; print(h.configure('auto')); "
+  out = _run("from dnr_jax.runtime import host_allocator as h; print(h.configure('auto')); "
              "import jax.numpy as jnp; print(float((jnp.ones((512, 512)) @ "
              "jnp.ones((512, 512))).sum()))", JAX_PLATFORMS="cpu")
   assert out.splitlines() == [
@@ -38,9 +38,9 @@ def test_auto_on_cpu_before_jax_starts_then_steps_run():
 
 
 def test_auto_leaves_accelerators_alone_and_late_calls_are_refused():
-  out = _run("from dnr_jax import host_allocator as h; print(h.configure('auto'))",
+  out = _run("from dnr_jax.runtime import host_allocator as h; print(h.configure('auto'))",
              JAX_PLATFORMS="cuda")
   assert out == "system allocator (an accelerator computes)"
-  out = _run("import jax; jax.devices(); from dnr_jax import host_allocator as h; "
+  out = _run("import jax; jax.devices(); from dnr_jax.runtime import host_allocator as h; "
              "print(h.configure('reuse'))", JAX_PLATFORMS="cpu")
   assert "already started" in out

@@ -9,7 +9,8 @@ import tensorflow_datasets as tfds
 
 from dnr_jax.data import csv_reader, integrity, lists, movielens, prepare, raw
 from dnr_jax.data import retriever, samples
-from dnr_jax.data.csv_reader import Column, DataError, FileSpec
+from dnr_jax.errors import DataError
+from dnr_jax.data.csv_reader import Column, FileSpec
 
 tfds.disable_progress_bar()
 ML_TINY = samples.SampleConfig(num_users=40, num_items=60, rows_per_user=30)
@@ -169,12 +170,12 @@ def test_lists_are_prepared_again_when_a_source_changes(tmp_path, monkeypatch):
 
 
 def test_unlocked_leftovers_are_deleted_a_day_later(tmp_path):
-  old, fresh = tmp_path / "dnr_lists_spill_abc", tmp_path / "dnr_lists_spill_new"
+  old, fresh = tmp_path / "incomplete.abc", tmp_path / "incomplete.new"
   old.mkdir()
   fresh.mkdir()
   day_ago = os.path.getmtime(old) - 86401
   os.utime(old, (day_ago, day_ago))
-  assert integrity.remove_old(str(tmp_path), "dnr_lists_spill_") == [str(old)]
+  assert integrity.remove_old(str(tmp_path), integrity.INCOMPLETE_PREFIX) == [str(old)]
   assert fresh.exists() and not old.exists()        # may be in use: kept
 
 

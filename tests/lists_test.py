@@ -9,7 +9,7 @@ import pytest
 
 from dnr_jax import batch as batch_lib
 from dnr_jax import config as config_lib
-from dnr_jax import pipeline
+from dnr_jax.runtime import pipeline
 from dnr_jax import train
 from dnr_jax.data import lists
 from dnr_jax.data import retriever

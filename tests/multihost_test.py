@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from dnr_jax import distributed
+from dnr_jax.runtime import distributed
 from dnr_jax import errors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,7 +77,7 @@ def _wait_all(procs: dict, logs: dict) -> None:
 
 def _final_params(run_dir):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  # Checkpoints are named by global step (dnr_jax/checkpoints.py): take the last.
+  # Checkpoints are named by global step (dnr_jax/runtime/checkpoints.py): take the last.
   ckpt_dir = os.path.join(run_dir, "checkpoints")
   last = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
   path = os.path.join(ckpt_dir, str(last), "state")

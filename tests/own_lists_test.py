@@ -12,8 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from dnr_jax.batch import FIELDS
-from dnr_jax.data import own_lists, own_lists_builder, own_lists_sample
-from dnr_jax.data.csv_reader import DataError
+from dnr_jax.data import own_lists
+from dnr_jax.data.own_lists import builder as own_lists_builder
+from dnr_jax.data.own_lists import sample as own_lists_sample
+from dnr_jax.errors import DataError
 
 
 def _rows():
@@ -346,6 +348,6 @@ def test_lists_binary_bad_file_is_one_line(tmp_path):
   bad.write_text("list_id,user_id,item_id,score,label\n1,u,a,0.5,1\n1,u,b,0.2,3\n")
   proc = _run(f"--lists={bad}", f"--workdir={tmp_path / 'out'}",
               f"--data_dir={tmp_path / 'data'}", timeout=120)
-  assert proc.returncode == 3                 # a data error (experiments.common)
+  assert proc.returncode == 3                 # a data error (cli.EXIT_CODES)
   assert proc.stderr.strip().splitlines()[-1] == (
       f"DataError: {bad}: line 3, column 'label': value 3 is not 0 or 1")

@@ -16,9 +16,10 @@ import pytest
 from dnr_jax import batch as batch_lib
 from dnr_jax import config as config_lib
 from dnr_jax import metrics as metrics_lib
-from dnr_jax import pier
-from dnr_jax import pipeline
+from dnr_jax.models import pier
+from dnr_jax.runtime import pipeline
 from dnr_jax import step as step_lib
+from dnr_jax.runtime import runner as runner_lib
 from dnr_jax import synthetic
 from dnr_jax import train as train_lib
 
@@ -189,11 +190,12 @@ def test_fpsm_rerank_and_permutation_logits(model):
         CFG, backbone="prm"), b)
 
 
-def test_fpsm_logits_rank_each_list_by_its_search(model):
+def test_fpsm_ranking_ranks_each_list_by_its_search(model):
   params, _ = model
   cfg = dataclasses.replace(CFG, fpsm_permutations=4, fpsm_top_k=2)
   arrays = pipeline.complete(jax.tree.map(np.asarray, _batch().as_dict()))
-  logits = pier.fpsm_logits(params, cfg, arrays, 2, seed=5)   # two batches of 2
+  logits = train_lib.ranked_logits(pier.fpsm_ranking(cfg), params, arrays, 2,
+                                   seed=5)   # two batches of 2
   chex.assert_shape(logits, (B, N))
   rerank = jax.jit(lambda k, b: pier.fpsm_rerank(k, params, cfg, b, num_permutations=4,
                                                   top_k=2))
@@ -233,7 +235,7 @@ def test_train_step_in_every_phase_and_pmap_equals_shard_map():
   results = {}
   for compile_mode in ("pmap", "shard_map"):
     cfg = _train_config("dnr_g", compile=compile_mode)
-    runner = step_lib.Runner(cfg, devices)
+    runner = runner_lib.Runner(cfg, devices)
     state = runner.put_state(step_lib.create_state(cfg, example, jax.random.PRNGKey(0)))
     state, m = runner.train(state, _arrays(), "model")
     results[compile_mode] = (runner.get_state(state), jax.device_get(m))
@@ -277,7 +279,8 @@ def test_fpsm_evaluation_end_to_end():
   result = train_lib.train_and_evaluate(cfg, DATA, devices=tuple(jax.devices()[:2]))
   test = pipeline.complete(DATA.splits["test"])
   model = train_lib.with_data_vocab(cfg, DATA).model
-  logits = pier.fpsm_logits(result["final_state"].reranker.params, model, test, 16)
+  logits = train_lib.ranked_logits(pier.fpsm_ranking(model),
+                                   result["final_state"].reranker.params, test, 16)
   per_list = metrics_lib.list_metrics(logits, jnp.asarray(test["labels"]),
                                       jnp.asarray(test["mask"]), k=cfg.eval_k,
                                       map_normaliser=cfg.map_normaliser)

@@ -8,7 +8,7 @@ import traceback
 import numpy as np
 import pytest
 
-from dnr_jax import pipeline
+from dnr_jax.runtime import pipeline
 
 
 def _split(n=10, list_size=3, history=2):

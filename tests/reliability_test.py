@@ -17,11 +17,12 @@ import jax
 import numpy as np
 import pytest
 
-from dnr_jax import checkpoints
+from dnr_jax.runtime import checkpoints
 from dnr_jax import config as config_lib
 from dnr_jax import errors
-from dnr_jax import experiment
-from dnr_jax import guards
+from dnr_jax.protocol import experiment
+from dnr_jax.protocol import report
+from dnr_jax.runtime import guards
 from dnr_jax import synthetic
 from dnr_jax import train
 
@@ -154,10 +155,10 @@ def test_failed_runs_are_failed_rows_and_the_experiment_fails(tmp_path):
 
 
 def test_a_collapsed_seed_is_flagged_in_the_table(tmp_path):
-  test = {key: 0.5 for key, _ in experiment.COLUMNS}
+  test = {key: 0.5 for key, _ in report.COLUMNS}
   rows = [{"backbone": "prm", "method": "c_score", "seed": s, "test": test,
            "warnings": ["collapsed"] if s == 1 else []} for s in (0, 1)]
-  md = experiment.write_table(experiment.summarize(rows, 6), 6, str(tmp_path / "r.md"),
+  md = report.write_table(report.summarize(rows, 6), 6, str(tmp_path / "r.md"),
                               str(tmp_path / "r.csv"), "t")
   assert "WARNING: scores collapsed or not finite (seed 1)" in md
 
@@ -206,12 +207,12 @@ def test_resume_with_another_config_names_the_fields(tmp_path):
 
 def test_a_field_an_older_checkpoint_lacks_counts_as_its_default():
   cfg = _config()
-  old = checkpoints.config_dict(cfg)
+  old = config_lib.to_dict(cfg)
   del old["adversarial_order"]              # written before the field existed
   del old["model"]["compute_dtype"]
-  assert checkpoints.config_differences(old, checkpoints.config_dict(cfg)) == []
+  assert checkpoints.config_differences(old, config_lib.to_dict(cfg)) == []
   new = dataclasses.replace(cfg, adversarial_order="simultaneous")
-  assert checkpoints.config_differences(old, checkpoints.config_dict(new)) == [
+  assert checkpoints.config_differences(old, config_lib.to_dict(new)) == [
       ("adversarial_order", "sequential", "simultaneous")]
 
 
@@ -293,17 +294,19 @@ _CHILD = textwrap.dedent("""
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     sys.path.insert(0, os.path.join({root!r}, "tests"))
     import reliability_test as t
-    from dnr_jax import experiment, step as step_lib, train
+    from dnr_jax import train
+    from dnr_jax.runtime import runner as runner_lib
+    from dnr_jax.protocol import experiment
     workdir, sig_at_step, sig, kill_at_epoch = sys.argv[1], *map(int, sys.argv[2:])
     if sig_at_step:
-      original, count = step_lib.Runner.train, [0]
+      original, count = runner_lib.Runner.train, [0]
       def train_then_signal(self, *a, **k):
         out = original(self, *a, **k)
         count[0] += 1
         if count[0] == sig_at_step:
           os.kill(os.getpid(), sig)
         return out
-      step_lib.Runner.train = train_then_signal
+      runner_lib.Runner.train = train_then_signal
     tb = experiment._TensorBoard(os.path.join(workdir, "tb"))
     def on_epoch(record):
       tb(record)

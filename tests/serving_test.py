@@ -14,9 +14,10 @@ import pytest
 from dnr_jax import config as config_lib
 from dnr_jax import errors
 from dnr_jax import metrics as metrics_lib
-from dnr_jax import pipeline
+from dnr_jax.runtime import pipeline
 from dnr_jax import serving
-from dnr_jax import step as step_lib
+from dnr_jax.serving import export
+from dnr_jax.runtime import runner as runner_lib
 from dnr_jax import synthetic
 from dnr_jax import train
 
@@ -49,8 +50,8 @@ def _placed_state(runner, params):
 def test_best_params_are_the_selected_epoch(run):
   """Re-evaluating result["best_params"] on the valid lists gives the selected metrics."""
   result = run.result
-  cfg = serving.config_from_dict(result["config"])
-  runner = step_lib.Runner(cfg, DEVICES)
+  cfg = config_lib.from_dict(result["config"])
+  runner = runner_lib.Runner(cfg, DEVICES)
   valid = pipeline.complete(DATA.splits["valid"])
   again = train.evaluate(runner, _placed_state(runner, result["best_params"]), valid,
                          cfg.eval_batch_size, num_items=DATA.num_items)
@@ -83,14 +84,14 @@ def test_bundle_round_trip_and_lookup(run, tmp_path):
   with pytest.raises(errors.CheckpointError, match="no trained reranker bundle"):
     serving.load_bundle(str(vocab))
   with pytest.raises(errors.ConfigError, match="unknown config fields.*'shiny'"):
-    serving.config_from_dict({**serving.config_to_dict(bundle.config), "shiny": 1})
+    config_lib.from_dict({**config_lib.to_dict(bundle.config), "shiny": 1})
 
 
 def test_scores_are_identical_to_the_training_eval_logits(run):
   """The served logits are the ones train.py's Runner evaluated, bit for bit."""
   result = run.result
-  cfg = serving.config_from_dict(result["config"])
-  runner = step_lib.Runner(cfg, DEVICES)
+  cfg = config_lib.from_dict(result["config"])
+  runner = runner_lib.Runner(cfg, DEVICES)
   state = _placed_state(runner, result["best_params"])
   test = pipeline.complete(DATA.splits["test"])
   expected = np.concatenate([
@@ -100,13 +101,18 @@ def test_scores_are_identical_to_the_training_eval_logits(run):
   assert logits.shape == (72, N)
   np.testing.assert_array_equal(logits, expected)
   # And the metrics accumulated over two chunks are the training eval's.
-  evaluation = serving.Evaluation(cfg)
   scorer = serving.Scorer(run.bundle, devices=DEVICES)
+  accumulators = {row: metrics_lib.Accumulator(
+      k=cfg.eval_k, map_normaliser=cfg.map_normaliser, num_items=DATA.num_items,
+      batch_size=16) for row in ("reranker", "upstream")}
   for part in (slice(0, 40), slice(40, 72)):
     chunk = {k: v[part] for k, v in test.items()}
     lg, sums = scorer.score(chunk)
-    evaluation.add(chunk, lg, sums)
-  got = evaluation.results()
+    accumulators["reranker"].add(lg, chunk["labels"], chunk["mask"], chunk["items"],
+                                 sums)
+    accumulators["upstream"].add(chunk["scores"], chunk["labels"], chunk["mask"],
+                                 chunk["items"])
+  got = {row: acc.results() for row, acc in accumulators.items()}
   want = train.evaluate(runner, state, test, cfg.eval_batch_size,
                         num_items=DATA.num_items)
   for key in ("hr", "ndcg", "map", "f1", "auc", "global_auc", "coverage"):
@@ -143,10 +149,10 @@ def _export(run, tmp_path):
 
 
 def test_export_round_trip_two_batch_sizes(run, tmp_path):
-  from dnr_jax import exported  # pylint: disable=g-import-not-at-top
+  from dnr_jax.serving import exported  # pylint: disable=g-import-not-at-top
   directory, signature = _export(run, tmp_path)
   assert "cpu" in signature["platforms"]
-  assert [i["name"] for i in signature["inputs"]] == list(serving.EXPORT_INPUTS)
+  assert [i["name"] for i in signature["inputs"]] == list(export.EXPORT_INPUTS)
   items = next(i for i in signature["inputs"] if i["name"] == "items")
   assert items["shape"] == ["b", N] and items["dtype"] == "int32"
   reranker = exported.load_exported(directory)
@@ -163,7 +169,7 @@ def test_exported_reranker_loads_without_the_model_code(run, tmp_path):
   np.savez(tmp_path / "in.npz", **arrays)
   script = f"""
 import sys, numpy as np
-from dnr_jax import exported
+from dnr_jax.serving import exported
 reranker = exported.load_exported({directory!r})
 arrays = dict(np.load({str(tmp_path / "in.npz")!r}))
 np.save({str(tmp_path / "out.npy")!r}, reranker(arrays))

@@ -16,8 +16,9 @@ from jax.sharding import Mesh, PartitionSpec as P
 from dnr_jax import batch as batch_lib
 from dnr_jax import config as config_lib
 from dnr_jax import noise as noise_lib
-from dnr_jax import pipeline
+from dnr_jax.runtime import pipeline
 from dnr_jax import step as step_lib
+from dnr_jax.runtime import runner as runner_lib
 from dnr_jax import synthetic
 
 DATA = synthetic.generate(synthetic.SyntheticConfig(
@@ -103,7 +104,7 @@ def test_pmap_and_shard_map_agree():
   results = {}
   for compile_mode in ("pmap", "shard_map"):
     cfg = _config(method, compile=compile_mode)
-    runner = step_lib.Runner(cfg, tuple(jax.devices()[:8]))
+    runner = runner_lib.Runner(cfg, tuple(jax.devices()[:8]))
     state = runner.put_state(_state(cfg))
     for i in range(3):
       state, metrics = runner.train(state, _arrays(16, 16 * i), phase)
@@ -120,7 +121,7 @@ def test_pmap_and_shard_map_agree():
 
 def test_step_compiles_once_per_phase():
   cfg = _config("dnr_b", compile="shard_map")
-  runner = step_lib.Runner(cfg, tuple(jax.devices()[:2]))
+  runner = runner_lib.Runner(cfg, tuple(jax.devices()[:2]))
   state = runner.put_state(_state(cfg))
   for i, phase in enumerate(["heuristic", "heuristic", "model", "model", "model"]):
     state, m = runner.train(state, _arrays(16, 16 * (i % 4)), phase)
@@ -133,7 +134,7 @@ def test_step_compiles_once_per_phase():
 
 def test_state_is_donated():
   cfg = _config("c_score", compile="shard_map")
-  runner = step_lib.Runner(cfg, tuple(jax.devices()[:2]))
+  runner = runner_lib.Runner(cfg, tuple(jax.devices()[:2]))
   state = runner.put_state(_state(cfg))
   leaf = jax.tree.leaves(state.reranker.params)[0]
   runner.train(state, _arrays(), "direct")
@@ -150,7 +151,7 @@ def test_phase_schedule_follows_algorithm_1():
 
 def test_batch_not_divisible_by_devices_fails_clearly():
   cfg = _config("c_score")
-  runner = step_lib.Runner(cfg, tuple(jax.devices()[:8]))
+  runner = runner_lib.Runner(cfg, tuple(jax.devices()[:8]))
   with pytest.raises(ValueError, match="12 lists is not divisible by the 8 devices"):
     runner.put_batch(_arrays(12))
 
@@ -179,7 +180,7 @@ def test_shared_pass_step_equals_reference_two_pass_step():
   # except the attention key biases, whose gradient is zero in exact arithmetic
   # (softmax ignores a shift shared by all keys): Adam normalises their rounding
   # noise into steps of up to the learning rate.
-  runner = step_lib.Runner(cfg, tuple(jax.devices()[:2]))
+  runner = runner_lib.Runner(cfg, tuple(jax.devices()[:2]))
   ref_fn = runner._compile(  # pylint: disable=protected-access
       lambda s, b: reference_step.train_step(s, b, config=cfg, phase="model"),
       in_specs=(P(), P(step_lib.AXIS)), out_specs=(P(), P()), donate=False)
@@ -200,7 +201,7 @@ def test_shared_pass_step_equals_reference_two_pass_step():
 
 def test_a_non_finite_step_is_not_applied_but_counted():
   cfg = _config("dnr_g", compile="shard_map")
-  runner = step_lib.Runner(cfg, tuple(jax.devices()[:1]))
+  runner = runner_lib.Runner(cfg, tuple(jax.devices()[:1]))
   state = runner.put_state(_state(cfg))
   poisoned = _arrays()
   poisoned["scores"] = poisoned["scores"].copy()

@@ -4,12 +4,15 @@ One module per stage: ``csv_reader`` (streaming, validated parsing), ``raw`` (th
 builder machinery), ``kuairand`` and ``movielens`` (the data sets), ``samples``
 (generated files in the real schemas, NOT real data), ``preprocess`` (k-core),
 ``retriever`` (MF), ``lists`` (list protocols), ``prepare`` (``DataConfig``,
-``prepare_lists`` and the cached ``dnr_lists`` data set); ``own_lists`` (your own
-lists: the format, ``Vocabulary``, the streaming ``read_lists``) with
-``own_lists_builder`` (its cached ``dnr_own_lists`` data set) and ``own_lists_sample``
-(a generated example in that format, NOT real data).
+``prepare_lists`` and the cached ``dnr_lists`` data set); the ``own_lists`` package
+(your own lists: the format, specified in the package's doc, ``Vocabulary``, the
+streaming ``read_lists``; ``own_lists.builder``: ``prepare_own_lists`` and the cached
+``dnr_own_lists`` data set; ``own_lists.sample``: a generated example in that format,
+NOT real data).
 
-Importing ``dnr_jax.data`` imports TFDS; the core library (``dnr_jax``) does not.
+Importing ``dnr_jax.data`` does not import TFDS: its names load their modules on first
+use (PEP 562). The preparing modules (``raw``, ``prepare``, ``own_lists.builder``)
+import TFDS then; importing ``types`` or ``own_lists`` (the reader) never does.
 """
 
 import importlib
@@ -19,10 +22,10 @@ import importlib
 _EXPORTS = {
     "DataConfig": "prepare", "default_config": "prepare",
     "load_interactions": "prepare", "prepare_lists": "prepare",
-    "DataError": "csv_reader", "ListConfig": "lists", "RetrieverConfig": "retriever",
+    "ListConfig": "lists", "RetrieverConfig": "retriever",
     "Interactions": "types", "PreparedLists": "types",
     "OwnListsConfig": "own_lists", "Vocabulary": "own_lists", "read_lists": "own_lists",
-    "prepare_own_lists": "own_lists_builder",
+    "prepare_own_lists": "own_lists",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -25,16 +25,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 
-from dnr_jax import errors
+from dnr_jax.errors import DataError
 
 _KINDS = {"int": pa.int64(), "float": pa.float64(), "str": pa.string()}
 # Multi-character delimiters (MovieLens-1M's "::") are rewritten to this byte, which
 # does not occur in text files.
 _UNIT_SEPARATOR = "\x1f"
-
-
-class DataError(errors.DNRError, ValueError):
-  """A raw file is missing, malformed or inconsistent (the message says where)."""
 
 
 @dataclasses.dataclass(frozen=True)

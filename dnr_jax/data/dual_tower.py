@@ -38,7 +38,7 @@ import optax
 from absl import logging
 
 from dnr_jax.data import retriever as retriever_lib
-from dnr_jax.data.csv_reader import DataError
+from dnr_jax.errors import DataError
 
 
 @flax.struct.dataclass

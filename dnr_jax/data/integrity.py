@@ -62,12 +62,12 @@ def changes(recorded: Mapping[str, Sequence[int]] | None,
   """What differs between a recorded and the current ``fingerprint``, one phrase per
   file (empty: nothing changed).
 
-  ``recorded=None`` (a data set prepared before fingerprints were recorded) counts as
-  a change: nothing says the sources are the ones it was made from. Files that are no
+  ``recorded=None`` (a data set without a record of its sources) counts as a change:
+  nothing says the sources are the ones it was made from. Files that are no
   longer there are not changes (see the module doc).
   """
   if recorded is None:
-    return ["no record of the source files (prepared by an older version)"]
+    return ["no record of the source files it was prepared from"]
   out = []
   for name, now in sorted(current.items()):
     before = recorded.get(name)
@@ -92,8 +92,8 @@ def stale_leftovers(folder: str) -> list[str]:
 def remove_old(folder: str, prefix: str, max_age_s: float = 86400) -> list[str]:
   """Deletes the ``prefix*`` folders in ``folder`` not written to for ``max_age_s``.
 
-  For temporary folders no lock guards: the ``dnr_lists_spill_*`` of versions before
-  the preparation lock, and half-generated samples (``manual/incomplete.*``). A day
+  For temporary folders no lock guards, such as half-generated samples
+  (``manual/incomplete.*``). A day
   after its last write none is still in use (a whole KuaiRand-27K preparation takes
   hours at most).
   """

@@ -55,8 +55,6 @@ USER_FEATURES = (
      "register_days_range") + tuple(f"onehot_feat{i}" for i in range(18)))
 USER_NUMERIC = ("follow_user_num", "fans_user_num", "friend_user_num", "register_days")
 VIDEO_FEATURES = ("video_type", "upload_type", "visible_status", "music_type", "tag")
-VIDEO_NUMERIC = ("author_id", "video_duration", "server_width", "server_height",
-                 "music_id")
 
 
 def _tables(suffix: str, standard: tuple[str, ...], random: tuple[str, ...]):

@@ -3,7 +3,7 @@
 The timeline is cut by time (``TimeSplits``): events before ``retriever_end`` (the
 earliest ``retriever_fraction`` of the rows) are the retriever's, the rest are the
 rerankers'. Lists are built from the later part only, so no list is scored by a
-retriever that trained on it (open point 5 of the paper note: scores on lists the
+retriever that trained on it (open point 5 in ``docs/paper.md``: scores on lists the
 retriever saw are over-confident and far less noisy than in production). Lists are
 then split by the time of their first event: the last ``test_fraction`` of them
 are the test lists, the ``valid_fraction`` before those the validation lists.
@@ -43,7 +43,7 @@ from absl import logging
 from dnr_jax.data import dual_tower
 from dnr_jax.data import retriever as retriever_lib
 from dnr_jax.data import types
-from dnr_jax.data.csv_reader import DataError
+from dnr_jax.errors import DataError
 from dnr_jax.errors import ConfigError
 
 PROTOCOLS = ("exposure", "retrieval", "paper")

@@ -41,12 +41,13 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
+from dnr_jax import batch as batch_lib
 from dnr_jax.batch import FIELDS
 from dnr_jax.data import (dual_tower, integrity, kuairand, lists, movielens, raw,
                            samples, types)
 from dnr_jax.data import retriever as retriever_lib
 from dnr_jax.data import stream as stream_lib
-from dnr_jax.data.csv_reader import DataError
+from dnr_jax.errors import DataError
 from dnr_jax.errors import ConfigError
 
 # Bump when list construction changes: cached lists of older code are then rebuilt.
@@ -181,7 +182,7 @@ def raw_builder(config: DataConfig) -> raw.RawBuilder:
         tmp = tempfile.mkdtemp(prefix=integrity.INCOMPLETE_PREFIX,
                                dir=os.path.dirname(source))
         write(tmp, config.sample)
-        shutil.rmtree(source, ignore_errors=True)   # a killed older version's
+        shutil.rmtree(source, ignore_errors=True)   # a killed generation's leftovers
         try:
           os.rename(tmp, source)
         except OSError:                    # another run finished it first
@@ -350,7 +351,8 @@ class ListsConfig(tfds.core.BuilderConfig):
   data: DataConfig = DataConfig()
 
 
-class DnrLists(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class DnrLists(raw.Preparation, tfds.core.GeneratorBasedBuilder,
+               skip_registration=True):
   """Prepared reranking lists, one config per ``cache_key`` of a ``DataConfig``.
 
   ``spill_dir`` must be set (``prepare_lists`` does) before preparing: the build
@@ -368,19 +370,15 @@ class DnrLists(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self.spill_dir: str | None = None
 
   def _info(self) -> tfds.core.DatasetInfo:
-    dtypes = {"user": np.int32, "history": np.int32, "history_mask": np.bool_,
-              "items": np.int32, "scores": np.float32, "labels": np.float32,
-              "mask": np.bool_, "user_features": np.int32, "item_features": np.int32}
     c = self.builder_config.data
     h, n = c.lists.history_size, c.lists.list_size
     fu, fi = feature_counts(c.dataset, c.variant)
-    shapes = {"user": (None,), "history": (None, h), "history_mask": (None, h),
-              "items": (None, n), "scores": (None, n), "labels": (None, n),
-              "mask": (None, n), "user_features": (None, fu),
-              "item_features": (None, n, fi)}
+    shapes = batch_lib.array_shapes(list_size=n, history_size=h, num_user_features=fu,
+                                    num_item_features=fi)
     return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict({
-            f: tfds.features.Tensor(shape=shapes[f], dtype=dtypes[f]) for f in FIELDS}),
+            f: tfds.features.Tensor(shape=shapes[f], dtype=batch_lib.SCHEMA[f].dtype)
+            for f in FIELDS}),
         metadata=tfds.core.MetadataDict(), disable_shuffling=True)
 
   def _split_generators(self, dl_manager):
@@ -410,7 +408,6 @@ class DnrLists(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 def prepare_lists(config: DataConfig) -> types.PreparedLists:
   """The lists of ``config``: from the cache, or built and cached (see module doc)."""
   config.validate()
-  integrity.remove_old(data_dir(config), "dnr_lists_spill_")   # older versions'
   builder = DnrLists(data_config=config)
   folder = os.path.dirname(builder.data_dir)
   what = f"lists {builder.builder_config.name}"

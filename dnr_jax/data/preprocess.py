@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 
 from dnr_jax.data import types
-from dnr_jax.data.csv_reader import DataError
+from dnr_jax.errors import DataError
 from dnr_jax.errors import ConfigError
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging as pylogging
 import os
 import shutil
 import tarfile
@@ -46,7 +47,8 @@ from absl import logging
 
 from dnr_jax.data import csv_reader
 from dnr_jax.data import integrity
-from dnr_jax.data.csv_reader import Column, DataError, FileSpec
+from dnr_jax.errors import DataError
+from dnr_jax.data.csv_reader import Column, FileSpec
 
 RECORD_ROWS = 1 << 16
 NOT_REAL_MARKER = "NOT_REAL_DATA"
@@ -168,7 +170,39 @@ def stored_columns(table: Table) -> list[str]:
   return [c.name for c in table.columns] + list(table.categorical)
 
 
-class RawBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class _VariantFolderFilter(pylogging.Filter):
+  """Drops TFDS's "Variant folder ... has no dataset_info.json" warning.
+
+  Preparation holds a lock file in the data set's folder before TFDS has written
+  the folder's ``dataset_info.json``, so TFDS warns of a broken data set at every
+  builder it constructs while nothing is wrong.
+  """
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    return not (record.pathname.endswith(os.path.join("utils", "file_utils.py"))
+                and str(record.msg).startswith("Variant folder"))
+
+
+pylogging.getLogger("absl").addFilter(_VariantFolderFilter())
+
+
+class Preparation:
+  """What our builders say when they prepare, in place of TFDS's print.
+
+  TFDS prints "Downloading and preparing dataset Unknown size ..." to stdout at
+  every preparation, although these builders download only with ``--download``
+  (and log it then): the log says what is prepared, where.
+  """
+
+  def _log_download_bytes(self) -> None:
+    logging.info("preparing %s (%s) in %s", self.name, self.builder_config.name,
+                 self.data_dir)
+
+  def _log_download_done(self) -> None:
+    logging.info("prepared %s in %s", self.name, self.data_dir)
+
+
+class RawBuilder(Preparation, tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Base class of the raw builders: subclasses set ``BUILDER_CONFIGS``."""
 
   VERSION = tfds.core.Version("1.0.0")

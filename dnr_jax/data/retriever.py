@@ -4,7 +4,7 @@
 ``"dual_tower"`` (``dnr_jax.data.dual_tower``, trained by the same protocol and
 scored through this module's functions).
 
-The paper's retriever (section 3 of the paper note) is MF with embedding size 128,
+The paper's retriever (section 3 of ``docs/paper.md``) is MF with embedding size 128,
 learning rate 1e-3 and random negative sampling, trained on an 8:2 split and then
 frozen; it scores the catalogue and keeps the top ``n``. Its scores,
 ``sigmoid(u . v + b_item)`` in (0, 1), are the ``x`` that DNR denoises.
@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from dnr_jax.data.csv_reader import DataError
+from dnr_jax.errors import DataError
 from dnr_jax.errors import ConfigError
 
 

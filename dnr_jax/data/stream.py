@@ -33,7 +33,7 @@ from dnr_jax.data import lists as lists_lib
 from dnr_jax.data import preprocess
 from dnr_jax.data import raw
 from dnr_jax.data import types
-from dnr_jax.data.csv_reader import DataError
+from dnr_jax.errors import DataError
 
 # A block: raw int64 ids, int64 time (ms since the epoch), int8 label; rows in file
 # order, already filtered (e.g. KuaiRand's random exposures dropped).

@@ -69,7 +69,7 @@ class PreparedLists:
 
   Attributes:
     splits: ``{"train", "valid", "test"}`` -> dict of numpy arrays with the
-      ``dnr_jax.batch.FIELDS`` keys, leading axis = lists (see ``dnr_jax.pipeline``).
+      ``dnr_jax.batch.FIELDS`` keys, leading axis = lists (see ``dnr_jax.runtime.pipeline``).
     num_items / num_users: vocabulary sizes including the padding id 0.
     user_feature_vocab / item_feature_vocab: per-column vocabulary sizes.
     report: the preparation report (counts, retriever AUC, raw-score AUC per split, ...).

@@ -1,9 +1,8 @@
 """Dropout whose mask costs one small key draw and an integer hash per element.
 
-``flax.linen.Dropout`` draws one threefry-2x32 number per element. On CPU that was
-14-16% of the PRM train step at issue 12's shapes (batch 256, 50 x 128 tokens:
-about 5 million draws a step; ``docs/dnr_investigation.md``). A dropout mask needs
-no cryptographic generator: here threefry draws two 32-bit seeds per call, and each
+``flax.linen.Dropout`` draws one threefry-2x32 number per element, millions a step
+at the paper's shapes, a measurable share of a CPU step (``docs/performance.md``).
+A dropout mask needs no cryptographic generator: here threefry draws two 32-bit seeds per call, and each
 element's keep decision is a two-round integer hash of its index and the seeds
 (Wellons' "lowbias32" finaliser, a bijection of 32-bit integers with good
 avalanche). Same interface and semantics as ``nn.Dropout``: elements are kept

@@ -2,7 +2,7 @@
 
 A run's directory holds orbax checkpoints of the whole ``DNRState`` (both players,
 optimiser states, key, step) plus a JSON ``meta`` item: the epoch position, the
-per-epoch history and the run's config (``dataclasses.asdict(TrainConfig)``). Each
+per-epoch history and the run's config (``config.to_dict``). Each
 checkpoint is named by the global train step it holds, so an epoch-end checkpoint
 and a mid-epoch one (written when a run is stopped by a signal) order correctly.
 
@@ -23,7 +23,6 @@ Guarantees:
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import time
@@ -34,7 +33,7 @@ import numpy as np
 from absl import logging
 
 from dnr_jax import config as config_lib
-from dnr_jax import distributed
+from dnr_jax.runtime import distributed
 from dnr_jax import errors
 
 RESUME_MODES = config_lib.RESUME_MODES
@@ -52,27 +51,6 @@ RESUMABLE_FIELDS = ("num_epochs", "early_stopping_patience", "early_stopping_min
 _TMP_MARK = ".orbax-checkpoint-tmp"
 
 
-def config_dict(config) -> dict:
-  """The config as plain JSON values (tuples become lists, as JSON reads them back)."""
-  def plain(v):
-    if isinstance(v, dict):
-      return {k: plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-      return [plain(x) for x in v]
-    return v
-  return plain(dataclasses.asdict(config))
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def config_differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
   """``(dotted field, old, new)`` for every field that differs and may not.
 
@@ -80,9 +58,9 @@ def config_differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
   that run trained with the behaviour the default names (a field is added with the
   old behaviour as its default), so adding a config field does not block resumes.
   """
-  b = _flatten(new)
-  defaults = _flatten(config_dict(config_lib.TrainConfig()))
-  a = {**{k: v for k, v in defaults.items() if k in b}, **_flatten(old)}
+  b = config_lib.flatten(new)
+  defaults = config_lib.flatten(config_lib.to_dict(config_lib.TrainConfig()))
+  a = {**{k: v for k, v in defaults.items() if k in b}, **config_lib.flatten(old)}
   return [(k, a.get(k, "<absent>"), b.get(k, "<absent>"))
           for k in sorted(set(a) | set(b))
           if k not in RESUMABLE_FIELDS and a.get(k, "<absent>") != b.get(k, "<absent>")]
@@ -137,7 +115,7 @@ class Checkpoints:
     self._ocp = ocp
     self.directory = os.path.abspath(directory)
     self.keep = keep
-    self.config = config_dict(config) if config is not None else None
+    self.config = config_lib.to_dict(config) if config is not None else None
     self.resume = resume
     if distributed.is_primary():   # one process tidies a shared folder
       remove_stale_temporaries(self.directory)

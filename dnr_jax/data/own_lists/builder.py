@@ -33,17 +33,24 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
+from dnr_jax import batch as batch_lib
 from dnr_jax.batch import FIELDS
 from dnr_jax.data import lists as lists_lib
-from dnr_jax.data import own_lists, prepare, raw, types
-from dnr_jax.data.csv_reader import DataError
+from dnr_jax.data import prepare, raw, types
+from dnr_jax.data.own_lists.format import (FORMAT_VERSION, SPLITS, OwnListsConfig,
+                                           check_path, feature_columns)
+from dnr_jax.data.own_lists.histories import InteractionHistory
+from dnr_jax.data.own_lists.reader import ReadStats, read_lists
+from dnr_jax.data.own_lists.sources import header, row_count
+from dnr_jax.data.own_lists.vocabulary import fit_vocabulary
+from dnr_jax.errors import DataError
 
 # Bump when the arrays built from the same files change: older caches are rebuilt.
 OWN_LISTS_VERSION = "1.0.0"
 _LISTS_PER_RECORD = 1024
 
 
-def _data_dir(config: own_lists.OwnListsConfig) -> str:
+def _data_dir(config: OwnListsConfig) -> str:
   return os.path.expanduser(config.data_dir or raw.default_data_dir())
 
 
@@ -54,14 +61,14 @@ def _fingerprint(path: str | None) -> Any:
   return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
 
 
-def cache_key(config: own_lists.OwnListsConfig) -> str:
+def cache_key(config: OwnListsConfig) -> str:
   """The hash naming the prepared lists: config, files (path, size, mtime), versions."""
   fields = dataclasses.asdict(config)
   for where in ("lists", "interactions", "data_dir", "chunk_rows"):
     fields.pop(where)
   blob = {"config": fields, "lists": _fingerprint(config.lists),
           "interactions": _fingerprint(config.interactions),
-          "format": own_lists.FORMAT_VERSION, "version": OWN_LISTS_VERSION}
+          "format": FORMAT_VERSION, "version": OWN_LISTS_VERSION}
   return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -71,7 +78,7 @@ def is_generated(path: str) -> bool:
                                      raw.NOT_REAL_MARKER))
 
 
-def _split_mode(config: own_lists.OwnListsConfig, names: list[str]) -> str:
+def _split_mode(config: OwnListsConfig, names: list[str]) -> str:
   mode = config.split
   if mode == "auto":
     mode = "column" if "split" in names else "time" if "time" in names else \
@@ -87,8 +94,8 @@ def _split_mode(config: own_lists.OwnListsConfig, names: list[str]) -> str:
   return mode
 
 
-def _time_cuts(times: np.ndarray, config: own_lists.OwnListsConfig,
-               path: str) -> tuple[float, float]:
+def _time_cuts(times: np.ndarray, config: OwnListsConfig, path: str
+               ) -> tuple[float, float]:
   """``(valid_start, test_start)``: the project's time split (``lists.time_splits``)
   on list times; lists served at a cut's time go with it."""
   t = np.sort(times)
@@ -108,45 +115,47 @@ class Built:
   meta: dict[str, Any]
 
 
-def build(config: own_lists.OwnListsConfig, spill_dir: str, vocab_dir: str) -> Built:
+def build(config: OwnListsConfig, spill_dir: str, vocab_dir: str) -> Built:
   """Prepares ``config``'s files (no cache): vocabulary into ``vocab_dir``, split list
   files into ``spill_dir``; memory bounded by a chunk."""
   t0 = time.time()
-  path = own_lists._check_path(config.lists, "lists")  # pylint: disable=protected-access
-  names = own_lists.header(path)
+  path = check_path(config.lists, "lists")
+  names = header(path)
   mode = _split_mode(config, names)
-  vocab = own_lists.fit_vocabulary(config)
+  vocab = fit_vocabulary(config)
   vocab.save(vocab_dir)
   logging.info("vocabulary of %s: %d users, %d items, user features %s, item features "
                "%s", path, vocab.num_users - 1, vocab.num_items - 1,
                dict(zip(vocab.user_features, vocab.user_feature_vocab)),
                dict(zip(vocab.item_features, vocab.item_feature_vocab)))
   seconds = {"vocabulary": time.time() - t0}
-  history = (own_lists.InteractionHistory.load(config.interactions, vocab, config)
+  history = (InteractionHistory.load(config.interactions, vocab, config)
              if config.interactions else None)
   seconds["interactions"] = time.time() - t0 - sum(seconds.values())
-  total = own_lists.ReadStats()
+  total = ReadStats()
   chunk_files, keys = [], []
-  size, last_log = os.path.getsize(path), 0.0
-  for i, chunk in enumerate(own_lists.read_lists(path, vocab=vocab, config=config,
-                                                 history=history,
-                                                 require_labels=True)):
+  size, total_rows, last_log = os.path.getsize(path), row_count(path), 0.0
+  for i, chunk in enumerate(read_lists(path, vocab=vocab, config=config,
+                                       history=history, require_labels=True)):
     total += chunk.stats
     chunk_files.append(os.path.join(spill_dir, f"chunk-{i:05d}.npz"))
     np.savez(chunk_files[-1], **chunk.arrays)
     if mode == "column":
-      index = {name: i for i, name in enumerate(own_lists.SPLITS)}
+      index = {name: i for i, name in enumerate(SPLITS)}
       keys.append(np.array([index[s] for s in chunk.splits], np.int8))
     elif mode == "time":
       keys.append(chunk.times)
     if time.time() - last_log > 5:
       last_log = time.time()
-      logging.info("%s: %d lists, %d rows read (%.0f rows/s; %.1f MB file)", path,
-                   total.lists, total.rows, total.rows / max(last_log - t0, 1e-9),
-                   size / 1e6)
+      # A running count: the share of the file is known for Parquet (its footer
+      # has the row count), a CSV file's size is all there is before the end.
+      share = (f", {100 * total.rows / total_rows:.0f}% of the file" if total_rows
+               else f" of a {size / 1e6:.1f} MB file")
+      logging.info("%s: %d lists so far (%d rows read%s; %.0f rows/s)", path,
+                   total.lists, total.rows, share,
+                   total.rows / max(last_log - t0, 1e-9))
   seconds["lists"] = time.time() - t0 - sum(seconds.values())
-  report: dict[str, Any] = {"format_version": own_lists.FORMAT_VERSION,
-                            "split_by": mode}
+  report: dict[str, Any] = {"format_version": FORMAT_VERSION, "split_by": mode}
   if mode == "column":
     which = np.concatenate(keys)
   else:
@@ -156,7 +165,7 @@ def build(config: own_lists.OwnListsConfig, spill_dir: str, vocab_dir: str) -> B
     which = np.where(t < valid_start, 0, np.where(t < test_start, 1, 2)).astype(np.int8)
     report["time_splits"] = {"valid_start": valid_start, "test_start": test_start}
   stats = lists_lib.ListStats()
-  files: dict[str, list[str]] = {s: [] for s in own_lists.SPLITS}
+  files: dict[str, list[str]] = {s: [] for s in SPLITS}
   start = 0
   for i, chunk_file in enumerate(chunk_files):
     with np.load(chunk_file) as arrays:
@@ -164,7 +173,7 @@ def build(config: own_lists.OwnListsConfig, spill_dir: str, vocab_dir: str) -> B
     os.remove(chunk_file)
     part = which[start:start + len(arrays["user"])]
     start += len(part)
-    for s, split in enumerate(own_lists.SPLITS):
+    for s, split in enumerate(SPLITS):
       sub = {k: v[part == s] for k, v in arrays.items()}
       stats.add_split(split, sub)
       if len(sub["user"]):
@@ -184,7 +193,7 @@ def build(config: own_lists.OwnListsConfig, spill_dir: str, vocab_dir: str) -> B
                  "seconds": time.time() - t0, "stage_seconds": seconds})
   if history is not None:
     report["interactions"] = history.stats
-  for split in own_lists.SPLITS:
+  for split in SPLITS:
     if report[split]["lists"] == 0:
       raise DataError(f"{path}: no list in the {split} split (split by {mode}); "
                       "check the 'split' column or the lists' times")
@@ -198,12 +207,13 @@ def build(config: own_lists.OwnListsConfig, spill_dir: str, vocab_dir: str) -> B
 
 @dataclasses.dataclass
 class OwnListsBuilderConfig(tfds.core.BuilderConfig):
-  data: own_lists.OwnListsConfig = own_lists.OwnListsConfig()
+  data: OwnListsConfig = OwnListsConfig()
   num_user_features: int = 0
   num_item_features: int = 0
 
 
-class DnrOwnLists(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class DnrOwnLists(raw.Preparation, tfds.core.GeneratorBasedBuilder,
+                  skip_registration=True):
   """Prepared own lists, one config per ``cache_key`` of an ``OwnListsConfig``.
 
   ``spill_dir`` must be set (``prepare_own_lists`` does) before preparing.
@@ -213,11 +223,12 @@ class DnrOwnLists(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   RELEASE_NOTES = {"1.0.0": "Own lists, format 1.0."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Your lists file (and optional interactions file) in the format documented in "
-      "dnr_jax/data/own_lists.py; OwnListsConfig.lists / .interactions (the "
-      "experiments.lists flags --lists / --interactions) point at them.")
+      "the doc of dnr_jax/data/own_lists/__init__.py; OwnListsConfig.lists / "
+      ".interactions (the experiments.lists flags --lists / --interactions) point at "
+      "them.")
 
-  def __init__(self, *, config: own_lists.OwnListsConfig, **kwargs):
-    ufeat, ifeat = own_lists.feature_columns(own_lists.header(config.lists), config)
+  def __init__(self, *, config: OwnListsConfig, **kwargs):
+    ufeat, ifeat = feature_columns(header(config.lists), config)
     kwargs.setdefault("data_dir", _data_dir(config))
     kwargs.setdefault("file_format", "array_record")
     super().__init__(config=OwnListsBuilderConfig(
@@ -226,18 +237,15 @@ class DnrOwnLists(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self.spill_dir: str | None = None
 
   def _info(self) -> tfds.core.DatasetInfo:
-    dtypes = {"user": np.int32, "history": np.int32, "history_mask": np.bool_,
-              "items": np.int32, "scores": np.float32, "labels": np.float32,
-              "mask": np.bool_, "user_features": np.int32, "item_features": np.int32}
     c = self.builder_config
     h, n = c.data.history_size, c.data.list_size
-    shapes = {"user": (None,), "history": (None, h), "history_mask": (None, h),
-              "items": (None, n), "scores": (None, n), "labels": (None, n),
-              "mask": (None, n), "user_features": (None, c.num_user_features),
-              "item_features": (None, n, c.num_item_features)}
+    shapes = batch_lib.array_shapes(list_size=n, history_size=h,
+                                    num_user_features=c.num_user_features,
+                                    num_item_features=c.num_item_features)
     return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict({
-            f: tfds.features.Tensor(shape=shapes[f], dtype=dtypes[f]) for f in FIELDS}),
+            f: tfds.features.Tensor(shape=shapes[f], dtype=batch_lib.SCHEMA[f].dtype)
+            for f in FIELDS}),
         metadata=tfds.core.MetadataDict(), disable_shuffling=True)
 
   def _split_generators(self, dl_manager):
@@ -262,7 +270,7 @@ class DnrOwnLists(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                                        for k, v in arrays.items()}
 
 
-def prepare_own_lists(config: own_lists.OwnListsConfig) -> types.PreparedLists:
+def prepare_own_lists(config: OwnListsConfig) -> types.PreparedLists:
   """Your lists as train / valid / test ``PreparedLists`` (cached; see module doc).
 
   The report holds the read statistics (truncated / padded lists, unknown ids), the
@@ -270,9 +278,9 @@ def prepare_own_lists(config: own_lists.OwnListsConfig) -> types.PreparedLists:
   ``data_config`` (the ``OwnListsConfig``), which a trained run needs to rerank later.
   """
   config.validate()
-  own_lists._check_path(config.lists, "lists")  # pylint: disable=protected-access
+  check_path(config.lists, "lists")
   if config.interactions:
-    own_lists._check_path(config.interactions, "interactions")  # pylint: disable=protected-access
+    check_path(config.interactions, "interactions")
   builder = DnrOwnLists(config=config)
   if builder.is_prepared():
     logging.info("reusing the prepared lists %s", builder.data_dir)
@@ -287,7 +295,7 @@ def prepare_own_lists(config: own_lists.OwnListsConfig) -> types.PreparedLists:
           try_download_gcs=False, manual_dir=os.path.dirname(
               os.path.abspath(config.lists))))
   meta = builder.info.metadata
-  splits = prepare.load_splits(builder, own_lists.SPLITS)
+  splits = prepare.load_splits(builder, SPLITS)
   report = dict(meta["report"])
   report["vocab_dir"] = os.path.join(os.fspath(builder.data_dir), "vocab")
   report["data_config"] = dataclasses.asdict(config)
@@ -315,7 +323,7 @@ def _log_report(data: types.PreparedLists) -> None:
     logging.warning("%d of %d lists are longer than list_size and were cut to their "
                     "first candidates in upstream order", read["truncated_lists"],
                     read["lists"])
-  for split in own_lists.SPLITS:
+  for split in SPLITS:
     s = r[split]
     logging.info("  %-5s %7d lists, %.2f positives/list, %d without a positive, raw "
                  "upstream score AUC %.4f", split, s["lists"], s["positives_per_list"],

@@ -16,11 +16,11 @@ Framework in E-commerce", KDD 2023, arXiv 2302.03487) has two modules:
 As a DNR backbone what matters is the scorer, so ``PIER`` below is OCPM behind the
 same interface as PRM, SetRank and DLCM (``models.make_reranker``): ``[B, n]`` logits
 for the candidates of each list *in the order they are stored* (the retriever's
-order), padding id 0, the ``score_usage`` variants through ``models.InputTokens``,
+order), padding id 0, the ``score_usage`` variants through ``InputTokens``,
 differentiable in the scores (L_adv trains the generator through it). FPSM is
 ``fpsm_search``, an option for reranking at inference time: with
 ``ModelConfig.fpsm_permutations > 0`` evaluation ranks each list by the permutation
-it picks (``fpsm_logits``) instead of sorting the logits, so a table row such as
+it picks (``fpsm_ranking``, the backbone's ranking hook) instead of sorting the logits, so a table row such as
 ``c_score+model.fpsm_permutations=16`` measures it.
 
 What is kept:
@@ -66,7 +66,6 @@ What is simplified, and why:
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, NamedTuple
 
 import flax.linen as nn
@@ -75,9 +74,8 @@ import jax.numpy as jnp
 
 from dnr_jax import batch as batch_lib
 from dnr_jax import config as config_lib
-from dnr_jax import dropout as dropout_lib
-from dnr_jax import models
-from dnr_jax import pipeline
+from dnr_jax.models import dropout as dropout_lib
+from dnr_jax.models.layers import InputTokens, head, masked_mean, per_set, tile_sets
 
 
 class OmnidirectionalAttention(nn.Module):
@@ -141,11 +139,6 @@ def history_permutations(history: jax.Array, history_mask: jax.Array,
   return items.reshape(b, p, window), mask.reshape(b, p, window)
 
 
-def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
-  w = mask[..., None].astype(x.dtype)
-  return (x * w).sum(-2) / jnp.maximum(w.sum(-2), 1.0)
-
-
 class PIER(nn.Module):
   """OCPM, PIER's permutation scorer, as a DNR reranker (see the module docstring).
 
@@ -165,10 +158,10 @@ class PIER(nn.Module):
     c = self.config
     d = c.hidden
     n = batch.items.shape[-1]
-    tokens = models.InputTokens(c, name="tokens")
+    tokens = InputTokens(c, name="tokens")
     x = tokens(batch, train, score_sets)       # [K * B, n, d] (models: score sets)
     k = x.shape[0] // batch.items.shape[0]
-    mask = models._tile_sets(batch.mask, k)  # pylint: disable=protected-access
+    mask = tile_sets(batch.mask, k)
     x = x + self.param("position", nn.initializers.normal(0.02), (n, d))
     for i in range(c.num_layers):
       x = OmnidirectionalBlock(d, c.num_heads, c.dropout, name=f"omni_{i}")(
@@ -182,14 +175,14 @@ class PIER(nn.Module):
     hist, hmask = history_permutations(batch.history, batch.history_mask, window)
     h = jnp.take(table, hist, axis=0)
     h = h + self.param("window_position", nn.initializers.normal(0.02), (window, d))
-    h = nn.Dense(d, name="past_proj")(_masked_mean(h, hmask))             # [B, P, d]
+    h = nn.Dense(d, name="past_proj")(masked_mean(h, hmask))             # [B, P, d]
     h = h + self.param("recency", nn.initializers.normal(0.02), (h.shape[-2], d))
     # The past does not depend on the scores: one copy per score set.
-    h, hmask = (models._tile_sets(a, k) for a in (h, hmask))  # pylint: disable=protected-access
+    h, hmask = (tile_sets(a, k) for a in (h, hmask))
     past = hmask.any(-1)                                                   # [B, P]
     has_past = past.any(-1)                                                # [B]
 
-    perm = nn.Dense(d, name="permutation_proj")(_masked_mean(x, mask))
+    perm = nn.Dense(d, name="permutation_proj")(masked_mean(x, mask))
     attend = lambda name, q, q_mask: nn.MultiHeadDotProductAttention(
         num_heads=c.num_heads, name=name)(q, h, mask=nn.make_attention_mask(q_mask, past))
     ones = jnp.ones(perm.shape[:1] + (1,), bool)
@@ -202,8 +195,7 @@ class PIER(nn.Module):
     feats = jnp.concatenate(
         [x, item_interest, jnp.broadcast_to(perm_interest, x.shape)], -1)
     feats = dropout_lib.Dropout(c.dropout, deterministic=not train)(feats)
-    return models._per_set(  # pylint: disable=protected-access
-        models._head(feats, d), score_sets)  # pylint: disable=protected-access
+    return per_set(head(feats, d), score_sets)
 
 
 # --------------------------------------------------------------------------------------
@@ -369,31 +361,15 @@ def permutation_logits(permutation: jax.Array) -> jax.Array:
   return -ranks
 
 
-@functools.lru_cache(maxsize=8)
-def _compiled_search(config: config_lib.ModelConfig):
-  def run(key, params, batch):
+def fpsm_ranking(config: config_lib.ModelConfig):
+  """``(key, params, batch) -> logits`` ranking each list by FPSM's search.
+
+  The ranking hook of ``models.registry.ranking_fn``: ``config.fpsm_permutations``
+  candidate permutations, the ``config.fpsm_top_k`` most similar to the user's past
+  ones scored by OCPM, the best one's order as logits (``permutation_logits``).
+  """
+  def rank(key, params, batch):
     r = fpsm_rerank(key, params, config, batch, num_permutations=config.fpsm_permutations,
                     top_k=config.fpsm_top_k)
     return permutation_logits(r.permutation)
-  return jax.jit(run)
-
-
-def fpsm_logits(params, config: config_lib.ModelConfig, arrays, batch_size: int, *,
-                seed: int = 0) -> jax.Array:
-  """Ranking logits ``[L, n]`` of every list of a split, by FPSM's permutations.
-
-  Args:
-    params: a trained PIER reranker's parameters (host or device arrays).
-    config: its model config; ``fpsm_permutations`` and ``fpsm_top_k`` set the search.
-    arrays: a complete split (``pipeline.complete``) of ``L`` lists.
-    batch_size: lists per search call (the last batch is padded; one compilation).
-    seed: the search's randomness: batch ``i`` uses ``fold_in(PRNGKey(seed), i)``,
-      so every evaluation of a split searches the same candidates.
-  """
-  search = _compiled_search(config)
-  key = jax.random.PRNGKey(seed)
-  out = []
-  for i, b in enumerate(pipeline.batches(arrays, batch_size, shuffle=False)):
-    out.append(search(jax.random.fold_in(key, i), params,
-                      batch_lib.ListBatch.from_arrays(b)))
-  return jnp.concatenate(out)[:pipeline.num_lists(arrays)]
+  return rank

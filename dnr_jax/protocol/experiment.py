@@ -22,7 +22,6 @@ In a multi-process run every process trains and gets the same results; only proc
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
@@ -31,31 +30,19 @@ import time
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import logging
 
-from dnr_jax import batch as batch_lib
 from dnr_jax import config as config_lib
-from dnr_jax import distributed
 from dnr_jax import errors
-from dnr_jax import noise as noise_lib
-from dnr_jax import pipeline
-from dnr_jax import serving
 from dnr_jax import train
 from dnr_jax.data import types
 from dnr_jax.errors import ConfigError
+from dnr_jax.protocol import plots as plots_lib
+from dnr_jax.protocol import report
+from dnr_jax.runtime import distributed
+from dnr_jax.runtime import pipeline
+from dnr_jax.serving import bundle as bundle_lib
 
-# (key in the metrics dicts, column header)
-# H@K is the paper's hit ratio (hits / max(K, #positives), dnr_jax.metrics); HR-any@K
-# the binary "some positive in the top K".
-COLUMNS = (("hr", "H@{k}"), ("ndcg", "N@{k}"), ("map", "M@{k}"), ("f1", "F1@{k}"),
-           ("global_auc", "AUC"), ("hit_any", "HR-any@{k}"),
-           ("ndcg_shuffled_scores", "N@{k}, scores shuffled"))
-# The rows DNR is tested against: no generated scores at all. Every other row (the
-# heuristic-only ones, DNR and its ablations, variants of them) gets a p-value against
-# the best of these.
-BASELINES = ("backbone", "c_score", "add_score", "w_score")
 VARIANT_SEP = "+"
 
 
@@ -82,10 +69,6 @@ def parse_method(spec: str) -> tuple[str, dict[str, str]]:
       raise ConfigError(f"method {spec!r}: {part!r} is not FIELD=VALUE")
     settings[key] = value
   return base, settings
-
-
-def is_baseline(spec: str) -> bool:
-  return spec in BASELINES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,246 +224,12 @@ def _run_one(cfg: config_lib.TrainConfig, data: types.PreparedLists, run_dir: st
     json.dump({k: result[k] for k in ("best_epoch", "valid", "test", "retriever",
                                       "stop_reason", "under_trained")}, f, indent=2)
   train_split = data.splits["train"]
-  serving.save_bundle(os.path.join(run_dir, serving.RUN_BUNDLE),
-                      serving.Bundle.from_result(
-                          result, list_size=train_split["items"].shape[1],
-                          history_size=train_split["history"].shape[1],
-                          **(bundle_assets or {})))
+  bundle_lib.save_bundle(os.path.join(run_dir, bundle_lib.RUN_BUNDLE),
+                         bundle_lib.Bundle.from_result(
+                             result, list_size=train_split["items"].shape[1],
+                             history_size=train_split["history"].shape[1],
+                             **(bundle_assets or {})))
   return result
-
-
-def paired_t_test(a, b) -> float:
-  """Two-sided paired t-test p-value of ``a`` vs ``b`` over seeds (nan if < 2 seeds)."""
-  a, b = np.asarray(a, float), np.asarray(b, float)
-  if a.size < 2:
-    return float("nan")
-  from scipy import stats  # pylint: disable=g-import-not-at-top
-  d = a - b
-  if np.allclose(d, d[0]):   # zero variance: the t statistic is undefined
-    return 0.0 if d[0] != 0 else 1.0
-  return float(stats.ttest_rel(a, b).pvalue)
-
-
-def summarize(rows: list[dict], k: int) -> list[dict]:
-  """Aggregates per-seed results into table rows with mean, std and p-values.
-
-  Args:
-    rows: one dict per run: ``backbone``, ``method``, ``seed``, ``test`` (metrics).
-    k: the K of the @K metrics, for the headers.
-
-  Returns:
-    One dict per (backbone, method): ``mean``/``std`` per metric key, ``n_seeds``,
-    ``under_trained_seeds`` (the seeds whose best epoch was the last of
-    ``num_epochs``: still improving when training ended), and for every row that is
-    not a baseline (``BASELINES``) nor the retriever:
-    ``p_vs`` (the best baseline of its backbone by mean NDCG), ``delta_ndcg`` (the
-    mean paired NDCG difference to it) and ``p_value`` (two-sided paired t-test over
-    the seeds both ran).
-  """
-  groups: dict[tuple, list[dict]] = {}
-  for r in rows:
-    groups.setdefault((r["backbone"], r["method"]), []).append(r)
-  out = []
-  for (backbone, method), rs in groups.items():
-    failed = [r for r in rs if r.get("failed")]
-    if failed:
-      # Never a plausible row from a run that diverged: the whole row is FAILED.
-      out.append({"backbone": backbone, "method": method, "n_seeds": len(rs),
-                  "seeds": sorted(r["seed"] for r in rs),
-                  "failed_seeds": sorted(r["seed"] for r in failed),
-                  "failed": failed[0]["failed"],
-                  "mean": {key: float("nan") for key, _ in COLUMNS},
-                  "std": {key: float("nan") for key, _ in COLUMNS}})
-      continue
-    rs = sorted(rs, key=lambda r: r["seed"])
-    row = {"backbone": backbone, "method": method, "n_seeds": len(rs),
-           "seeds": [r["seed"] for r in rs], "mean": {}, "std": {}}
-    for key, _ in COLUMNS:
-      vals = np.array([r["test"].get(key, np.nan) for r in rs])
-      row["mean"][key] = float(vals.mean())
-      row["std"][key] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
-    row["per_seed_ndcg"] = [r["test"]["ndcg"] for r in rs]
-    row["under_trained_seeds"] = [r["seed"] for r in rs if r.get("under_trained")]
-    # The selected epoch of these seeds warned (e.g. scores collapsed to a constant).
-    row["warned_seeds"] = [r["seed"] for r in rs if r.get("warnings")]
-    out.append(row)
-  for row in out:
-    if (is_baseline(row["method"]) or row["method"] == "retriever"
-        or row.get("failed")):
-      continue
-    baselines = [r for r in out if r["backbone"] == row["backbone"]
-                 and is_baseline(r["method"]) and not r.get("failed")]
-    if not baselines:
-      continue
-    best = max(baselines, key=lambda r: r["mean"]["ndcg"])
-    common = sorted(set(row["seeds"]) & set(best["seeds"]))
-    a = [row["per_seed_ndcg"][row["seeds"].index(s)] for s in common]
-    b = [best["per_seed_ndcg"][best["seeds"].index(s)] for s in common]
-    row["p_vs"], row["p_value"] = best["method"], paired_t_test(a, b)
-    row["delta_ndcg"] = float(np.mean(np.subtract(a, b))) if common else float("nan")
-  return out
-
-
-def write_table(summary: list[dict], k: int, path_md: str, path_csv: str,
-                title: str, write: bool = True) -> str:
-  """Writes the results table as Markdown and CSV (unless not ``write``); returns the
-  Markdown."""
-  heads = [h.format(k=k) for _, h in COLUMNS]
-  lines = [f"### {title}", "",
-           "| backbone | method | " + " | ".join(heads)
-           + f" | ΔN@{k} vs best baseline (paired t-test p) |",
-           "|---|---|" + "---|" * len(heads) + "---|"]
-  with open(path_csv if write else os.devnull, "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["backbone", "method", "n_seeds"]
-               + [x for h in heads for x in (h, h + "_std")]
-               + ["p_vs", "delta_ndcg", "p_value"])
-    for r in summary:
-      cells = [f"{100 * r['mean'][key]:.2f} ± {100 * r['std'][key]:.2f}"
-               if not math.isnan(r["mean"][key]) else "-" for key, _ in COLUMNS]
-      p = r.get("p_value")
-      if r.get("failed"):
-        cells = ["FAILED"] * len(COLUMNS)
-        seeds = ",".join(str(s) for s in r["failed_seeds"])
-        lines.append(f"| {r['backbone']} | {r['method']} | " + " | ".join(cells)
-                     + f" | diverged (seed {seeds} of {r['n_seeds']}) |")
-        w.writerow([r["backbone"], r["method"], r["n_seeds"]]
-                   + ["FAILED", ""] * len(COLUMNS) + ["", "", ""])
-        continue
-      if p is None:
-        p_cell = ""
-      else:
-        delta = f"{100 * r['delta_ndcg']:+.2f}"
-        p_cell = (f"{delta} vs {r['p_vs']} (p = {p:.3g})" if not math.isnan(p)
-                  else f"{delta} vs {r['p_vs']} (p n/a: 1 seed)")
-      if r.get("warned_seeds"):
-        seeds = ",".join(str(s) for s in r["warned_seeds"])
-        p_cell = (p_cell + "; " if p_cell else "") + (
-            f"WARNING: scores collapsed or not finite (seed {seeds}), see metrics.jsonl")
-      lines.append(f"| {r['backbone']} | {r['method']} | " + " | ".join(cells)
-                   + f" | {p_cell} |")
-      w.writerow([r["backbone"], r["method"], r["n_seeds"]]
-                 + [f"{100 * r[s][key]:.4f}" for key, _ in COLUMNS for s in ("mean", "std")]
-                 + [r.get("p_vs", ""),
-                    "" if p is None else f"{100 * r['delta_ndcg']:.4f}",
-                    "" if p is None else p])
-  under = [r for r in summary if r.get("under_trained_seeds")]
-  if under:
-    lines += [""] + [
-        f"WARNING: {r['backbone']} / {r['method']}: the best validation epoch is the "
-        f"last epoch in seed(s) {', '.join(map(str, r['under_trained_seeds']))}: "
-        "possibly under-trained (raise --num_epochs or set --early_stopping_patience)."
-        for r in under]
-  md = "\n".join(lines) + "\n"
-  if write:
-    with open(path_md, "w") as f:
-      f.write(md)
-  return md
-
-
-def sweep_table(sweep: list[dict], k: int, best: Optional[dict]) -> str:
-  """Figure 3 as a Markdown table: test NDCG@K per swept value, mean ± std over seeds."""
-  lines = [f"### Sensitivity of {sweep[0]['method']} (Figure 3): test N@{k}, mean ± std",
-           ""]
-  if best is not None:
-    lines += [f"Best baseline ({best['method']}): {100 * best['mean']['ndcg']:.2f} ± "
-              f"{100 * best['std']['ndcg']:.2f}", ""]
-  lines += ["| field | value | N@{k} | seeds |".format(k=k), "|---|---|---|---|"]
-  for field in dict.fromkeys(p["field"] for p in sweep):
-    points = [p for p in sweep if p["field"] == field]
-    for v in sorted({p["value"] for p in points}):
-      n = [p["ndcg"] for p in points if p["value"] == v]
-      std = np.std(n, ddof=1) if len(n) > 1 else 0.0
-      lines.append(f"| {field} | {v} | {100 * np.mean(n):.2f} ± {100 * std:.2f} | "
-                   f"{len(n)} |")
-  return "\n".join(lines) + "\n"
-
-
-def noise_samples(data: types.PreparedLists, noise: config_lib.NoiseConfig,
-                  model: config_lib.ModelConfig, generator_params=None,
-                  max_lists: int = 2048, seed: int = 0) -> dict[str, np.ndarray]:
-  """Figure 5's samples of ``x - z`` on test lists (valid candidates only).
-
-  Returns ``{"real", "gaussian", "beta"}`` and, with ``generator_params``,
-  ``"learned"``: the real retriever noise, the two heuristics' (Eq. 4, the config's
-  ``lambda_c``) and the trained model generator's.
-  """
-  arrays = pipeline.complete(data.splits["test"])
-  arrays = {k: v[:max_lists] for k, v in arrays.items()}
-  b = batch_lib.ListBatch.from_arrays({k: jnp.asarray(v) for k, v in arrays.items()})
-  valid = np.asarray(b.mask)
-  z = np.asarray(b.labels)
-  key = jax.random.PRNGKey(seed)
-  out = {"real": (np.asarray(b.scores) - z)[valid]}
-  for name in ("gaussian", "beta"):
-    x = noise_lib.heuristic_scores(key, b.labels, b.mask,
-                                   dataclasses.replace(noise, heuristic=name))
-    out[name] = (np.asarray(x) - z)[valid]
-  if generator_params is not None:
-    gen = noise_lib.make_generator(noise, model)
-    x = gen.apply({"params": generator_params}, b, rngs={"noise": key})
-    out["learned"] = (np.asarray(x) - z)[valid]
-  return out
-
-
-def _plots(workdir: str, histories: dict, noise: dict, sweep: list[dict],
-           baseline: Optional[tuple[str, float]], k: int) -> list[str]:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
-  paths = []
-  # Learning curves: validation NDCG@K and the reranker's training loss, seed-mean.
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for (backbone, method), hs in sorted(histories.items()):
-    epochs = min(len(h) for h in hs)
-    ndcg = np.mean([[r["valid"]["ndcg"] for r in h[:epochs]] for h in hs], 0)
-    loss = np.mean([[r["train"]["l_direct"] for r in h[:epochs]] for h in hs], 0)
-    label = f"{backbone}/{method}"
-    axes[0].plot(range(1, epochs + 1), 100 * ndcg, label=label)
-    axes[1].plot(range(1, epochs + 1), loss, label=label)
-  axes[0].set(xlabel="epoch", ylabel=f"valid NDCG@{k} (%)", title="Learning curves")
-  axes[1].set(xlabel="epoch", ylabel="train L_direct")
-  axes[0].legend(fontsize=7)
-  fig.tight_layout()
-  paths.append(os.path.join(workdir, "plots", "learning_curves.png"))
-  fig.savefig(paths[-1], dpi=120)
-  plt.close(fig)
-  # Figure 5: noise densities.
-  if noise:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    bins = np.linspace(-1, 1, 81)
-    for name, vals in noise.items():
-      ax.hist(vals, bins=bins, density=True, histtype="step", label=name, lw=1.5)
-    ax.set(xlabel="x - z", ylabel="density",
-           title="Retriever noise vs generated noise (Figure 5)")
-    ax.legend()
-    fig.tight_layout()
-    paths.append(os.path.join(workdir, "plots", "noise_density.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-  # Figure 3: sensitivity, one panel per swept field, the best baseline as a line.
-  fields = list(dict.fromkeys(p["field"] for p in sweep))
-  if fields:
-    fig, axes = plt.subplots(1, len(fields), figsize=(4.5 * len(fields), 4),
-                             squeeze=False)
-    for ax, field in zip(axes[0], fields):
-      points = [p for p in sweep if p["field"] == field]
-      vals = sorted({p["value"] for p in points})
-      ndcg = [[p["ndcg"] for p in points if p["value"] == v] for v in vals]
-      ax.errorbar(vals, [100 * np.mean(n) for n in ndcg],
-                  yerr=[100 * np.std(n) for n in ndcg], marker="o",
-                  label=points[0]["method"])
-      if baseline is not None:
-        ax.axhline(100 * baseline[1], color="gray", ls="--", label=baseline[0])
-      ax.set(xlabel=field, ylabel=f"test NDCG@{k} (%)", title=f"Sensitivity: {field}")
-      ax.legend(fontsize=7)
-    fig.suptitle("Figure 3: sensitivity (mean ± std over seeds)")
-    fig.tight_layout()
-    paths.append(os.path.join(workdir, "plots", "sensitivity.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-  return paths
 
 
 def run_experiment(experiment: ExperimentConfig, data: types.PreparedLists,
@@ -551,18 +300,19 @@ def run_experiment(experiment: ExperimentConfig, data: types.PreparedLists,
                   "seed": seed, "method": experiment.sweep_method,
                   "ndcg": result["test"]["ndcg"]})
 
-  summary = summarize(rows, k)
-  title = (f"{data.name}: test metrics (%) at the best validation epoch, mean ± std "
-           f"over {len(experiment.seeds)} seed(s)")
+  summary = report.summarize(rows, k)
+  n = len(experiment.seeds)
+  title = f"{data.name}: test metrics (%) at the best validation epoch, " + (
+      f"mean ± std over {n} seeds" if n > 1 else "1 seed")
   if not data.is_real:
     title += " -- NOT the real data"
-  md = write_table(summary, k, os.path.join(workdir, "results.md"),
+  md = report.write_table(summary, k, os.path.join(workdir, "results.md"),
                    os.path.join(workdir, "results.csv"), title, write=primary)
   baselines = [r for r in summary if r["backbone"] == experiment.backbones[0]
-               and is_baseline(r["method"]) and not r.get("failed")]
+               and report.is_baseline(r["method"]) and not r.get("failed")]
   best = max(baselines, key=lambda r: r["mean"]["ndcg"]) if baselines else None
   if sweep:
-    md += "\n" + sweep_table(sweep, k, best)
+    md += "\n" + report.sweep_table(sweep, k, best)
   if not primary:
     return _finish(experiment, summary, md, [], sweep, failed, total, workdir)
   if sweep:
@@ -580,9 +330,9 @@ def run_experiment(experiment: ExperimentConfig, data: types.PreparedLists,
         experiment, experiment.methods[0], experiment.backbones[0], experiment.seeds[0])
     model_cfg = dataclasses.replace(cfg0.model, num_items=data.num_items,
                                     num_users=data.num_users)
-    noise = noise_samples(data, cfg0.noise, model_cfg,
+    noise = plots_lib.noise_samples(data, cfg0.noise, model_cfg,
                           learned[1] if learned else None)
-    outputs += _plots(workdir, histories, noise, sweep,
+    outputs += plots_lib.write_plots(workdir, histories, noise, sweep,
                       (best["method"], best["mean"]["ndcg"]) if best else None, k)
   logging.info("done: %d runs in %.0fs; outputs:\n  %s", total, time.time() - t0,
                "\n  ".join(outputs))

@@ -34,14 +34,17 @@ import numpy as np
 from absl import logging
 
 from dnr_jax import errors
-from dnr_jax import pipeline
-from dnr_jax import serving
+from dnr_jax import metrics as metrics_lib
+from dnr_jax.protocol import report as report_lib
+from dnr_jax.runtime import pipeline
+from dnr_jax.serving.bundle import Bundle
+from dnr_jax.serving.scorer import Scorer, rerank
 
 COLUMNS = ("list_id", "item_id", "upstream_score", "reranker_score", "rank",
            "upstream_position")
 
 
-def data_config(bundle: serving.Bundle, *, lists: str,
+def data_config(bundle: Bundle, *, lists: str,
                 interactions: Optional[str] = None, chunk_rows: Optional[int] = None):
   """The bundle's ``OwnListsConfig`` pointed at new files (sizes, prefixes kept)."""
   from dnr_jax.data import own_lists  # pylint: disable=g-import-not-at-top
@@ -78,7 +81,7 @@ def _table(chunk, logits: np.ndarray, top_k: int):
   """The Parquet rows of one chunk, each list's candidates in the new order."""
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
   mask = chunk.arrays["mask"]
-  ranks = serving.rerank(logits, mask)
+  ranks = rerank(logits, mask)
   keep = mask & (ranks <= top_k) if top_k else mask
   lst, slot = np.nonzero(keep)
   # Row order: list by list (file order), then new rank.
@@ -122,7 +125,7 @@ class _Progress:
     self.log(msg)
 
 
-def rerank_file(bundle: serving.Bundle, lists: str, output: str, *,
+def rerank_file(bundle: Bundle, lists: str, output: str, *,
                 interactions: Optional[str] = None, top_k: int = 0,
                 chunk_rows: Optional[int] = None, devices: Optional[tuple] = None,
                 batch_size: Optional[int] = None, progress_every_s: float = 5.0,
@@ -146,7 +149,7 @@ def rerank_file(bundle: serving.Bundle, lists: str, output: str, *,
     ``{"lists", "rows", "written_rows", "seconds", "lists_per_s", "stats",
     "has_labels", "metrics"}``: ``stats`` the reader's ``ReadStats`` summed (unknown
     ids per column, truncated and padded lists); ``metrics`` (labelled input only)
-    ``{"reranker": ..., "upstream": ...}`` as ``serving.Evaluation.results``.
+    ``{"reranker": ..., "upstream": ...}``, each ``metrics.Accumulator.results``.
 
   Raises:
     DNRError: a bad bundle, input file or output path (one line).
@@ -170,8 +173,12 @@ def rerank_file(bundle: serving.Bundle, lists: str, output: str, *,
                              ) from e
   history = (own_lists.InteractionHistory.load(interactions, vocab, config)
              if interactions else None)
-  scorer = serving.Scorer(bundle, devices=devices, batch_size=batch_size)
-  evaluation = serving.Evaluation(bundle.config, batch_size=scorer.batch_size)
+  scorer = Scorer(bundle, devices=devices, batch_size=batch_size)
+  c = bundle.config
+  # The reranker, and the upstream order (its scores as logits, ties by position).
+  evaluation = {row: metrics_lib.Accumulator(
+      k=c.eval_k, map_normaliser=c.map_normaliser, num_items=c.model.num_items,
+      batch_size=scorer.batch_size) for row in ("reranker", "upstream")}
   progress = _Progress(_total_rows(lists), progress_every_s, log)
   stats = own_lists.ReadStats()
   writer, schema, has_labels, written = None, None, False, 0
@@ -187,7 +194,9 @@ def rerank_file(bundle: serving.Bundle, lists: str, output: str, *,
       logits, sums = scorer.score(chunk.arrays)
       has_labels = chunk.has_labels
       if has_labels:
-        evaluation.add(chunk.arrays, logits, sums)
+        a = pipeline.complete(chunk.arrays)
+        evaluation["reranker"].add(logits, a["labels"], a["mask"], a["items"], sums)
+        evaluation["upstream"].add(a["scores"], a["labels"], a["mask"], a["items"])
       table = _table(chunk, logits, top_k)
       if schema is None:
         schema = table.schema
@@ -215,18 +224,17 @@ def rerank_file(bundle: serving.Bundle, lists: str, output: str, *,
             "seconds": seconds, "lists_per_s": stats.lists / max(seconds, 1e-9),
             "stats": stats.as_dict(), "has_labels": has_labels, "metrics": None}
   if has_labels:
-    report["metrics"] = evaluation.results()
+    report["metrics"] = {row: acc.results() for row, acc in evaluation.items()}
   return report
 
 
-def metrics_table(bundle: serving.Bundle, metrics: dict, path_md: str, path_csv: str,
+def metrics_table(bundle: Bundle, metrics: dict, path_md: str, path_csv: str,
                   title: str) -> str:
-  """The training table (``experiment.write_table``) of the reranker vs upstream."""
-  from dnr_jax import experiment  # pylint: disable=g-import-not-at-top
+  """The training table (``protocol.report.write_table``) of the reranker vs upstream."""
   cfg = bundle.config
   rows = [{"backbone": cfg.model.backbone, "method": cfg.method, "seed": cfg.seed,
            "test": metrics["reranker"]},
           {"backbone": "-", "method": "upstream", "seed": 0,
            "test": metrics["upstream"]}]
-  summary = experiment.summarize(rows, cfg.eval_k)
-  return experiment.write_table(summary, cfg.eval_k, path_md, path_csv, title)
+  summary = report_lib.summarize(rows, cfg.eval_k)
+  return report_lib.write_table(summary, cfg.eval_k, path_md, path_csv, title)

@@ -20,7 +20,7 @@ when the computation will run on the CPU.
 
 ``configure`` must run before JAX creates its CPU thread pools (before the first
 computation or ``jax.devices()``): threads made earlier keep their own arenas. The
-binaries call it first thing (``experiments/common.py``, ``benchmarks/step.py``);
+binaries call it first thing (``experiments/cli.py``, ``benchmarks/step.py``);
 library users call it themselves, or set the equivalent glibc environment
 variables (``ENV``) before Python starts.
 """

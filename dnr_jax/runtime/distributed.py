@@ -3,7 +3,7 @@
 One process per host (or per accelerator) runs the same program. ``initialize``
 connects them through ``jax.distributed.initialize`` before any JAX computation; from
 then on ``jax.devices()`` lists every process's devices, the step's ``'batch'`` mesh
-spans them all (``step.Runner``), each process feeds its own share of every global
+spans them all (``runtime.runner.Runner``), each process feeds its own share of every global
 batch (``pipeline.batches``), and collectives (``pmean``/``psum``) reduce across
 processes. Only the primary process (index 0) writes metrics, tables and plots;
 checkpoints are written by orbax, which every process calls (it coordinates itself).

@@ -1,0 +1,102 @@
+"""Histories from an interactions file: each list's user's last items before its time.
+
+The interactions are held in memory, sorted by (user, time), so that a chunk of lists
+finds its histories with a few binary searches.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from absl import logging
+
+from dnr_jax.data.own_lists import sources
+from dnr_jax.data.own_lists.format import (INTERACTION_COLUMNS, OwnListsConfig,
+                                           check_path)
+from dnr_jax.data.own_lists.vocabulary import Vocabulary
+from dnr_jax.errors import DataError
+
+
+class InteractionHistory:
+  """The users' interactions, indexed by (user, time), for the histories of lists.
+
+  Users are keyed by their raw id (so an unknown user at inference still gets their
+  history); items by the vocabulary (unknown ones are dropped and counted).
+  """
+
+  def __init__(self, users: dict[str, int], key: np.ndarray, items: np.ndarray,
+               times: np.ndarray, stats: dict[str, int]):
+    self._users = users
+    self._key = key            # user * (T + 1) + rank of the time, sorted
+    self._items = items
+    self._times = times        # the distinct times, sorted
+    self.stats = stats
+
+  @classmethod
+  def load(cls, path: str, vocab: Vocabulary, config: OwnListsConfig
+           ) -> "InteractionHistory":
+    src = sources.Source(check_path(path, "interactions"),
+                         (*INTERACTION_COLUMNS, "label"), config.chunk_rows)
+    missing = [c for c in INTERACTION_COLUMNS if c not in src.names]
+    if missing:
+      raise DataError(f"{path}: missing column(s) {missing}; the header has "
+                      f"{src.names}")
+    users: dict[str, int] = {}
+    parts: dict[str, list[np.ndarray]] = {"user": [], "item": [], "time": []}
+    stats = {"interactions": 0, "negatives_skipped": 0, "unknown_items": 0}
+    row0 = 0
+    for table in src.batches():
+      n = table.num_rows
+      for c in ("user_id", "item_id"):
+        bad = sources.first_null(table.column(c).combine_chunks())
+        if bad is not None:
+          raise DataError(f"{src.where(row0 + bad, c)}: missing value")
+      keep = np.ones(n, bool)
+      if "label" in table.column_names:
+        label = sources.labels(src, table, row0)
+        keep = label > 0
+        stats["negatives_skipped"] += int((~keep).sum())
+      times = sources.times(src, table, row0)
+      items, unknown = vocab.lookup_items(table.column("item_id"))
+      stats["unknown_items"] += unknown
+      keep &= items > 0
+      enc = pc.dictionary_encode(sources.text(table.column("user_id")))
+      local = np.array([users.setdefault(u, len(users))
+                        for u in enc.dictionary.to_pylist()], np.int64)
+      uidx = local[enc.indices.to_numpy(zero_copy_only=False)]
+      parts["user"].append(uidx[keep])
+      parts["item"].append(items[keep])
+      parts["time"].append(times[keep])
+      stats["interactions"] += int(keep.sum())
+      row0 += n
+    user = np.concatenate(parts["user"]) if parts["user"] else np.zeros(0, np.int64)
+    item = np.concatenate(parts["item"]) if parts["item"] else np.zeros(0, np.int32)
+    when = np.concatenate(parts["time"]) if parts["time"] else np.zeros(0)
+    distinct = np.unique(when)
+    key = user * (len(distinct) + 1) + np.searchsorted(distinct, when)
+    order = np.argsort(key, kind="stable")     # stable: ties keep file order
+    logging.info("interactions %s: %d used for histories (%d negatives skipped, %d "
+                 "unknown items)", path, stats["interactions"],
+                 stats["negatives_skipped"], stats["unknown_items"])
+    return cls(users, key[order], item[order].astype(np.int32), distinct, stats)
+
+  def lookup(self, users: pa.Array, times: np.ndarray, size: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """The last ``size`` items of each user before each time: ``[L, size]`` ids
+    (right-aligned, most recent last) and their mask."""
+    enc = pc.dictionary_encode(sources.text(users))
+    local = np.array([self._users.get(u, -1) for u in enc.dictionary.to_pylist()],
+                     np.int64)
+    uidx = local[enc.indices.to_numpy(zero_copy_only=False)]
+    span = len(self._times) + 1
+    before = np.searchsorted(self._times, times, side="left")
+    end = np.searchsorted(self._key, uidx * span + before, side="left")
+    start = np.searchsorted(self._key, uidx * span, side="left")
+    idx = end[:, None] - size + np.arange(size)[None, :]
+    valid = (idx >= start[:, None]) & (uidx >= 0)[:, None]
+    if len(self._items):
+      hist = np.where(valid, self._items[np.clip(idx, 0, len(self._items) - 1)], 0)
+    else:
+      hist = np.zeros(idx.shape, np.int32)
+    return hist.astype(np.int32), valid

@@ -1,0 +1,191 @@
+"""The vocabulary of own lists: raw ids (users, items, feature values) to dense ids.
+
+Fitted on the files a data set is prepared from (``fit_vocabulary``) and saved beside
+it (``vocab.json``), so that inference maps new lists the way the model was trained.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from absl import logging
+
+from dnr_jax.data.own_lists import sources
+from dnr_jax.data.own_lists.format import (FORMAT_VERSION, VOCAB_FILE, OwnListsConfig,
+                                           check_path, feature_columns)
+from dnr_jax.errors import DataError
+
+
+def _to_arrow(raw) -> pa.Array:
+  if isinstance(raw, pa.ChunkedArray):
+    return raw.combine_chunks()
+  if isinstance(raw, pa.Array):
+    return raw
+  values = np.asarray(raw, dtype=object) if not isinstance(raw, np.ndarray) else raw
+  if values.dtype == object:
+    values = [None if v is None or (isinstance(v, float) and math.isnan(v)) else
+              (v if isinstance(v, str) else str(v)) for v in values.reshape(-1)]
+  return pa.array(values)
+
+
+class Vocabulary:
+  """Raw ids (as text) to dense ids ``1..V-1`` per column; ``0`` = padding / unknown.
+
+  Columns: ``"user"``, ``"item"`` and each feature column by name (``u_*``, ``i_*``).
+  Ids are assigned in sorted text order, so a vocabulary depends on the set of ids
+  only, not on the order of the file.
+  """
+
+  def __init__(self, columns: Mapping[str, Sequence[str]],
+               user_features: Sequence[str] = (), item_features: Sequence[str] = ()):
+    self.columns = {k: list(v) for k, v in columns.items()}
+    self.user_features = tuple(user_features)
+    self.item_features = tuple(item_features)
+    for c in ("user", "item") + self.user_features + self.item_features:
+      self.columns.setdefault(c, [])
+    self._index: dict[str, dict[str, int]] = {}
+    self._arrays: dict[str, pa.Array] = {}
+
+  @classmethod
+  def fit(cls, values: Mapping[str, Iterable[Any]], user_features: Sequence[str] = (),
+          item_features: Sequence[str] = ()) -> "Vocabulary":
+    """The vocabulary of every value seen: ``values[column]`` yields arrays of raw ids
+    (anything ``pyarrow.array`` takes, chunk by chunk); nulls and empty strings are
+    not ids."""
+    out = {}
+    for column, chunks in values.items():
+      seen: set[str] = set()
+      for chunk in chunks:
+        uniq = pc.unique(sources.text(_to_arrow(chunk))).to_pylist()
+        seen.update(v for v in uniq if v)
+      out[column] = sorted(seen)
+    return cls(out, user_features, item_features)
+
+  def size(self, column: str) -> int:
+    """Vocabulary size including the padding id 0 (what the models' tables need)."""
+    return len(self.columns[column]) + 1
+
+  @property
+  def num_users(self) -> int:
+    return self.size("user")
+
+  @property
+  def num_items(self) -> int:
+    return self.size("item")
+
+  @property
+  def user_feature_vocab(self) -> tuple[int, ...]:
+    return tuple(self.size(c) for c in self.user_features)
+
+  @property
+  def item_feature_vocab(self) -> tuple[int, ...]:
+    return tuple(self.size(c) for c in self.item_features)
+
+  def lookup(self, column: str, raw) -> tuple[np.ndarray, int]:
+    """``(ids, n_unknown)``: int32 ids of raw values (any array-like); unknown values
+    map to 0 and are counted; missing values (null, "") map to 0 uncounted."""
+    if column not in self.columns:
+      raise KeyError(f"no vocabulary column {column!r}; have {sorted(self.columns)}")
+    arr = sources.text(_to_arrow(raw))
+    if len(arr) == 0:
+      return np.zeros((0,), np.int32), 0
+    values = self.columns[column]
+    if len(values) <= 4 * len(arr):
+      # Vectorised: pyarrow hashes the vocabulary per call, cheap while it is not
+      # much larger than the batch; a large catalogue goes through the dict below.
+      if column not in self._arrays:
+        self._arrays[column] = pa.array(values, pa.string())
+      pos = pc.index_in(arr, value_set=self._arrays[column])
+      ids = pos.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32) + 1
+      present = pc.and_(pc.is_valid(arr), pc.not_equal(arr, "")).fill_null(False)
+      return ids, int(((ids == 0) & present.to_numpy(zero_copy_only=False)).sum())
+    index = self._index.get(column)
+    if index is None:
+      index = self._index[column] = {v: i + 1 for i, v in enumerate(values)}
+    enc = pc.dictionary_encode(arr)
+    table = np.array([index.get(v, 0) for v in enc.dictionary.to_pylist()] + [0],
+                     np.int32)
+    missing = np.array([not v for v in enc.dictionary.to_pylist()] + [True])
+    codes = enc.indices.fill_null(len(table) - 1).to_numpy(zero_copy_only=False)
+    ids = table[codes]
+    return ids, int(((ids == 0) & ~missing[codes]).sum())
+
+  def lookup_users(self, raw) -> tuple[np.ndarray, int]:
+    return self.lookup("user", raw)
+
+  def lookup_items(self, raw) -> tuple[np.ndarray, int]:
+    return self.lookup("item", raw)
+
+  def save(self, directory: str) -> str:
+    """Writes ``<directory>/vocab.json`` (atomically); returns its path."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, VOCAB_FILE)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      json.dump({"format_version": FORMAT_VERSION, "user_features":
+                 list(self.user_features), "item_features": list(self.item_features),
+                 "columns": self.columns}, f)
+    os.replace(path + ".tmp", path)
+    return path
+
+  @classmethod
+  def load(cls, directory: str) -> "Vocabulary":
+    path = os.path.join(directory, VOCAB_FILE)
+    try:
+      with open(path, encoding="utf-8") as f:
+        d = json.load(f)
+      return cls(d["columns"], d["user_features"], d["item_features"])
+    except (OSError, ValueError, KeyError) as e:
+      raise DataError(f"{path}: cannot read the vocabulary ({e})") from e
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, Vocabulary) and (self.columns, self.user_features,
+                                              self.item_features) == (
+        other.columns, other.user_features, other.item_features)
+
+
+def fit_vocabulary(config: OwnListsConfig) -> Vocabulary:
+  """The vocabulary of ``config``'s files: users, items (candidates, histories,
+  interactions) and feature values (one streamed pass per file)."""
+  path = check_path(config.lists, "lists")
+  names = sources.header(path)
+  ufeat, ifeat = feature_columns(names, config)
+  wanted = ["user_id", "item_id", "history", *ufeat, *ifeat]
+  src = sources.Source(path, wanted, config.chunk_rows)
+  for c in ("user_id", "item_id"):
+    if c not in names:
+      raise DataError(f"{path}: missing column {c!r}; the header has {names}")
+  values: dict[str, list[pa.Array]] = {c: [] for c in ("user", "item", *ufeat, *ifeat)}
+  t0, last, rows = time.time(), time.time(), 0
+  total_rows = sources.row_count(path)
+  for table in src.batches():
+    rows += table.num_rows
+    if time.time() - last > 5:
+      last = time.time()
+      share = f", {100 * rows / total_rows:.0f}% of the file" if total_rows else ""
+      logging.info("vocabulary: %d rows of %s read so far (%.0f rows/s%s)", rows, path,
+                   rows / (last - t0), share)
+    values["user"].append(pc.unique(sources.text(table.column("user_id"))))
+    values["item"].append(pc.unique(sources.text(table.column("item_id"))))
+    if "history" in table.column_names and config.interactions is None:
+      try:
+        hist = sources.history_values(table.column("history").combine_chunks(),
+                                      config.history_separator)
+      except (ValueError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise DataError(f"{src.where(0, 'history')}: not a list of ids ({e})") from e
+      values["item"].append(pc.unique(pc.list_flatten(hist)))
+    for c in ufeat + ifeat:
+      values[c].append(pc.unique(sources.text(table.column(c))))
+  if config.interactions:
+    isrc = sources.Source(check_path(config.interactions, "interactions"),
+                          ("user_id", "item_id"), config.chunk_rows)
+    for table in isrc.batches():
+      values["user"].append(pc.unique(sources.text(table.column("user_id"))))
+      values["item"].append(pc.unique(sources.text(table.column("item_id"))))
+  return Vocabulary.fit(values, ufeat, ifeat)

@@ -1,0 +1,203 @@
+"""Compiles the DNR step across devices and places state and batches on them.
+
+``Runner`` compiles ``step.train_step`` and ``step.eval_step`` with
+``jax.jit(jax.shard_map(...))`` over a 1-D ``'batch'`` mesh or with ``jax.pmap``
+(``TrainConfig.compile``), donates the state, and hides the placement from callers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dnr_jax import batch as batch_lib
+from dnr_jax import config as config_lib
+from dnr_jax.step import AXIS, DNRState, eval_step, train_step
+
+
+@dataclasses.dataclass
+class Runner:
+  """Places state and batches on the devices and runs the compiled steps.
+
+  ``compile="pmap"``: the state is replicated with a leading device axis and batches
+  are reshaped to ``[devices, B / devices, ...]``. ``compile="shard_map"``: the state is
+  a replicated global array and batches are global arrays sharded along a 1-D
+  ``'batch'`` mesh. Callers see neither: they pass host batches and get host values,
+  or place batches ahead with ``put_batch`` (in ``pipeline.prefetch``'s thread, so the
+  copy overlaps the previous step) and pass the placed ``ListBatch``.
+
+  Each phase's train step is traced once (``traces`` counts it): a batch of a new
+  shape or dtype would recompile, and fails loudly instead.
+
+  Multi-process (``dnr_jax.runtime.distributed``): the mesh spans every process's devices
+  (``jax.devices()``), each process passes its own share of the global batch, and
+  collectives reduce across processes; host values returned are the same in every
+  process (``evaluate`` gathers the logits of the whole global batch).
+  """
+  config: config_lib.TrainConfig
+  devices: tuple = ()
+
+  def __post_init__(self):
+    # Global devices: with several processes the one mesh spans all of them.
+    self.devices = tuple(self.devices or jax.devices())
+    self.mesh = Mesh(np.array(self.devices), (AXIS,))
+    self.local_devices = tuple(d for d in self.devices
+                               if d.process_index == jax.process_index())
+    self.multiprocess = len(self.local_devices) < len(self.devices)
+    self._train: dict[str, Callable] = {}
+    self.traces: dict[str, int] = {}
+    self._eval = self._compile(functools.partial(eval_step, config=self.config),
+                               in_specs=(P(), P(AXIS)), out_specs=(P(), P(AXIS)),
+                               donate=False)
+
+  @property
+  def num_devices(self) -> int:
+    """Devices of the mesh, over all processes."""
+    return len(self.devices)
+
+  @property
+  def num_local_devices(self) -> int:
+    """This process's devices of the mesh (what one ``put_batch`` is split over)."""
+    return len(self.local_devices)
+
+  def _compile(self, body, in_specs, out_specs, donate: bool):
+    donate_argnums = (0,) if donate else ()
+    if self.config.compile == "pmap":
+      return jax.pmap(body, axis_name=AXIS, devices=self.devices,
+                      donate_argnums=donate_argnums)
+    # check_vma=False gives shard_map pmap's semantics: the gradient of a replicated
+    # parameter is the *local* gradient, which the body averages with pmean. (With
+    # varying-axis checking on, shard_map would already psum it, and the one body
+    # would train 8x faster on 8 devices than under pmap.)
+    return jax.jit(jax.shard_map(body, mesh=self.mesh, in_specs=in_specs,
+                                 out_specs=out_specs, check_vma=False),
+                   donate_argnums=donate_argnums)
+
+  def eval_fn(self) -> Callable:
+    """The compiled eval step ``(params, placed batch) -> (sums, logits)``."""
+    return self._eval
+
+  def train_fn(self, phase: str) -> Callable:
+    if phase not in self._train:
+      def body(state, batch):
+        # Runs only while tracing: counts compilations of this phase.
+        self.traces[phase] = self.traces.get(phase, 0) + 1
+        if self.traces[phase] > 1:
+          raise RuntimeError(
+              f"the {phase!r} train step is being compiled a second time (batch "
+              f"shapes {jax.tree.map(jnp.shape, batch.as_dict())}); every step of a "
+              f"run must see the same per-device batch shape")
+        return train_step(state, batch, config=self.config, phase=phase)
+      self._train[phase] = self._compile(body, in_specs=(P(), P(AXIS)),
+                                         out_specs=(P(), P()), donate=True)
+    return self._train[phase]
+
+  # Placement.
+  def put_state(self, state: DNRState) -> DNRState:
+    if self.config.compile == "pmap":
+      # A leading device axis, one replica per device (what pmap maps over).
+      d = self.num_devices
+      sharding = NamedSharding(self.mesh, P(AXIS))
+      return jax.tree.map(
+          lambda x: _global_from_host(
+              np.broadcast_to(np.asarray(x), (d,) + np.shape(x)), sharding), state)
+    sharding = NamedSharding(self.mesh, P())
+    return jax.tree.map(lambda x: _global_from_host(np.asarray(x), sharding), state)
+
+  def get_state(self, state: DNRState) -> DNRState:
+    """The host copy of a placed state (first replica under pmap)."""
+    return jax.tree.map(lambda x: _first_replica(x, self.config.compile == "pmap"),
+                        state)
+
+  def put_batch(self, arrays) -> batch_lib.ListBatch:
+    """Copies this process's host batch to its devices, split along ``'batch'``.
+
+    Thread-safe, so ``pipeline.prefetch`` can run it ahead of the step.
+    """
+    b = batch_lib.ListBatch.from_arrays(arrays)
+    size = b.items.shape[0]
+    if size % self.num_local_devices:
+      raise ValueError(f"batch of {size} lists is not divisible by the "
+                       f"{self.num_local_devices} devices")
+    sharding = NamedSharding(self.mesh, P(AXIS))
+    if self.config.compile == "pmap":
+      # One shard per device along the leading axis pmap maps over, copied now
+      # rather than inside the step call (where it would not overlap compute).
+      d = self.num_local_devices
+      return jax.tree.map(
+          lambda x: jax.make_array_from_process_local_data(
+              sharding, np.reshape(x, (d, x.shape[0] // d) + x.shape[1:])), b)
+    # Each process holds its own slice of the global batch (multi-host input).
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), b)
+
+  def _placed(self, batch) -> batch_lib.ListBatch:
+    # A ListBatch is one ``put_batch`` already placed; anything else is host arrays.
+    return batch if isinstance(batch, batch_lib.ListBatch) else self.put_batch(batch)
+
+  # Steps.
+  def train(self, state: DNRState, batch, phase: str) -> tuple[DNRState, dict]:
+    """One step; ``state`` is donated (do not reuse it).
+
+    Args:
+      state: the placed state (``put_state``).
+      batch: host arrays (a mapping of ``batch.FIELDS``) or the ``ListBatch`` that
+        ``put_batch`` returned for them.
+      phase: one of ``PHASES``.
+    """
+    state, metrics = self.train_fn(phase)(state, self._placed(batch))
+    if self.config.compile == "pmap":
+      # x[0] stays on the device (no wait for the step); across processes it would be
+      # a computation on a global array, so there the local replica is read instead.
+      metrics = jax.tree.map(
+          lambda x: _first_replica(x, True) if self.multiprocess else x[0], metrics)
+    return state, metrics
+
+  def evaluate(self, state: DNRState, batch) -> tuple[dict, jax.Array]:
+    """Metric sums and logits of one batch (host arrays or ``put_batch``'s output).
+
+    The sums cover the global batch (``psum`` over every device of every process);
+    so do the logits, ``[global batch, n]``: with several processes they are gathered
+    from all of them (``process_allgather``) for the exact global AUC.
+    """
+    return self.evaluate_params(state.reranker.params, batch)
+
+  def evaluate_params(self, params, batch) -> tuple[dict, jax.Array]:
+    """``evaluate`` with the reranker parameters alone (``serving``: no state).
+
+    The same compiled program, so a served reranker's logits are bit-identical to
+    the ones its training run was selected on.
+    """
+    sums, logits = self._eval(params, self._placed(batch))
+    if self.config.compile == "pmap" or self.multiprocess:
+      sums = jax.tree.map(
+          lambda x: _first_replica(x, self.config.compile == "pmap"), sums)
+    if self.multiprocess:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      logits = multihost_utils.process_allgather(logits, tiled=True)
+    if self.config.compile == "pmap":
+      logits = logits.reshape((-1,) + logits.shape[2:])
+    return sums, logits
+
+
+def _global_from_host(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A global array from a host value every process holds in full (the same one)."""
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def _first_replica(x: jax.Array, leading_device_axis: bool):
+  """The host value of a replicated array, from this process's first shard.
+
+  Read from an addressable shard, so it works when the array spans processes, and
+  moves no data between devices. Under pmap the shard keeps the device axis (size 1).
+  """
+  if not isinstance(x, jax.Array):
+    return x
+  shard = np.asarray(x.addressable_data(0))
+  return shard[0] if leading_device_axis else shard
