@@ -2,6 +2,17 @@
 
 import setuptools
 
+# The reranker outside JAX (dnr_jax/serving/onnx_export.py, triton_repository.py):
+# the ONNX export (jax2onnx, onnx), ONNX Runtime (the reference it is checked
+# against) and Triton's model-configuration schema (tritonclient[grpc] ships it).
+# Never a dependency of the library itself. Lower bounds: the versions tested. Their
+# own pins move three shared packages down (0.17.1: orbax-checkpoint < 0.11.37;
+# tritonclient: ml-dtypes <= 0.5.4 and, for grpc, protobuf < 7), all within the
+# ranges above; the checkpoint, data, model and serving tests pass with
+# orbax-checkpoint 0.11.36, ml-dtypes 0.5.4 and protobuf 6.33.
+SERVE = ["jax2onnx>=0.17.1", "onnx>=1.23", "onnxruntime>=1.32",
+         "tritonclient[grpc]>=2.73"]
+
 setuptools.setup(
     name="dnr-jax",
     version="0.1.0",
@@ -31,7 +42,12 @@ setuptools.setup(
         "flatbuffers>=24",  # jax.export serialization (the exported reranker)
     ],
     extras_require={
+        # Without the serve extra its tests (tests/onnx_export_test.py) skip; CI runs
+        # them after the suite with it installed (.ci/run): jax2onnx and tritonclient
+        # pin orbax-checkpoint, ml_dtypes and protobuf below their newest releases,
+        # which the library's own tests then do not run against.
         "test": ["pytest>=8", "pytest-xdist>=3", "scikit-learn>=1.4", "hypothesis>=6"],
+        "serve": SERVE,
         # benchmarks/torch_prm.py, the PyTorch eager reference of benchmarks/step.py
         # --compare_torch; never a dependency of the library.
         "bench": ["torch>=2.1"],

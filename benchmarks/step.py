@@ -382,7 +382,7 @@ def compare_reference(devices, lists: dict, out=None) -> list[dict]:
 def compare_orders(devices, lists: dict, out=None) -> dict:
   """Backbone step vs the model step in both adversarial orders, interleaved.
 
-  Issue 12's target is a model step at most 2.0x the backbone step; Algorithm 1's
+  The target is a model step at most 2.0x the backbone step; Algorithm 1's
   order ("sequential", the default) and the one-pass order ("simultaneous") are
   timed in the same repeats, so their ratios compare on one machine state.
   """

@@ -130,6 +130,10 @@ class TrainConfig:
   # before a DNR run's generator has had as many epochs); 0: train num_epochs.
   early_stopping_patience: int = 0
   early_stopping_min_delta: float = 0.0
+  # No early stop before this epoch, for every method: a row that sits on a plateau
+  # in its first epochs would otherwise stop there, under-trained, while the rows
+  # beside it train on (seen on real MovieLens-100k: docs/real_data.md).
+  early_stopping_min_epochs: int = 0
   global_batch_size: int = 2048  # paper: 2048, across all devices
   learning_rate: float = 1e-3
   weight_decay: float = 1e-3
@@ -408,6 +412,8 @@ def validate(config: TrainConfig, *, list_size: Optional[int] = None,
   _check(config.num_epochs >= 1, f"num_epochs={config.num_epochs} must be >= 1")
   _check(config.early_stopping_patience >= 0,
          f"early_stopping_patience={config.early_stopping_patience} must be >= 0")
+  _check(config.early_stopping_min_epochs >= 0,
+         f"early_stopping_min_epochs={config.early_stopping_min_epochs} must be >= 0")
   _check(config.early_stopping_min_delta >= 0,
          f"early_stopping_min_delta={config.early_stopping_min_delta} must be >= 0")
   _check(config.global_batch_size >= 1,

@@ -1,4 +1,5 @@
-"""The ``main`` of the TFDS data-set binaries (``experiments.kuairand``, ``.movielens``).
+"""The ``main`` of the TFDS data-set binaries (``experiments.kuairand``, ``.movielens``,
+``.amazon_books``).
 
 A binary defines its data flags (``train_flags.define_data_flags``) and runs
 ``cli.run_main(dataset_main.main)``: flags -> DataConfig + experiment -> lists ->

@@ -7,9 +7,9 @@ weight of 0.6 and leaves c_score without L_z.
 
 Importing this module defines the experiment flags, one flag per ``TrainConfig`` field
 of ``_CONFIG_FLAGS`` and the multi-process flags (``cli.define_cluster_flags``). The
-data flags of the TFDS data sets (kuairand, movielens) wait for ``define_data_flags``:
-their defaults come from ``dnr_jax.data.prepare``, which imports TFDS, and the
-synthetic binary must not pay for that.
+data flags of the TFDS data sets (kuairand, movielens, amazon_books) wait for
+``define_data_flags``: their defaults come from ``dnr_jax.data.prepare``, which
+imports TFDS, and the synthetic binary must not pay for that.
 
 (Not ``flags.py``: binaries import absl's ``flags`` too, and both would be ``flags``.)
 """
@@ -87,6 +87,9 @@ _CONFIG_FLAGS = {
     "early_stopping_min_delta":
         "The smallest validation N@K gain (a fraction, 0.0001 = 0.01 points) that "
         "counts as an improvement for early stopping.",
+    "early_stopping_min_epochs":
+        "No early stop before this epoch, for every method (a DNR run also trains "
+        "at least --warmup_epochs + --early_stopping_patience).",
     "global_batch_size": "Global batch size (lists).",
     "learning_rate": "Reranker learning rate.",
     "generator_learning_rate": "Generator learning rate.",
@@ -201,7 +204,7 @@ def setup(*, tfds: bool = False) -> None:
   cli.join_cluster(check_only=FLAGS.check_flags)
 
 
-# ---- data flags of the TFDS data sets (kuairand, movielens) -----------------------------
+# ---- data flags of the TFDS data sets (kuairand, movielens, amazon_books) --------------
 
 # Flag -> (dotted DataConfig key, help); types and defaults from the data set's
 # ``prepare.default_config``.
@@ -211,7 +214,8 @@ _DATA_FLAGS = {
                  "or ~/.cache/dnr_jax/datasets)."),
     "download": ("download", "Download the official archive if source_dir lacks it."),
     "label": ("label", "KuaiRand's positive signal."),
-    "rating_threshold": ("rating_threshold", "MovieLens: ratings >= this are positive."),
+    "rating_threshold": ("rating_threshold",
+                         "MovieLens, Amazon-Books: ratings >= this are positive."),
     "include_random": ("include_random", "KuaiRand: keep randomly exposed impressions."),
     "k_core": ("k_core", "Drop users and items with fewer rows (paper: 20)."),
     "protocol": ("lists.protocol", "List protocol: exposure, retrieval or paper."),

@@ -98,6 +98,7 @@ _FLAGFILE_BINARY = {
     "movielens_1m": "movielens", "movielens_100k": "movielens",
     "investigation_movielens": "movielens", "investigation_synthetic": "synthetic",
     "investigation_rows": "kuairand", "lists_example": "lists",
+    "amazon_books": "amazon_books", "demo_amazon_books": "amazon_books",
 }
 
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from dnr_jax.data import csv_reader, kuairand, lists, movielens, prepare, preprocess, raw
-from dnr_jax.data import retriever, samples
+from dnr_jax.data import archives, csv_reader, kuairand, lists, movielens, prepare
+from dnr_jax.data import preprocess, raw, retriever, samples
 from dnr_jax.batch import FIELDS
 from dnr_jax.errors import DataError
 from dnr_jax.data.csv_reader import Column
@@ -295,7 +295,7 @@ def test_kuairand_archive_download_and_checksum(kuairand_dir, tmp_path, http_mir
     tar.add(kuairand_dir / "KuaiRand-Pure", arcname="KuaiRand-Pure")
   config = dataclasses.replace(kuairand.CONFIGS["pure"], name="pure_mirror",
                                url=f"{url}/{archive.name}?download=1",
-                               md5=raw.md5sum(str(archive)))
+                               md5=archives.md5sum(str(archive)))
   (tmp_path / "empty").mkdir()
   builder = kuairand.Kuairand(config=config, data_dir=str(tmp_path / "tfds"),
                               source_dir=str(tmp_path / "empty"), download=True)
@@ -327,7 +327,7 @@ def test_movielens_zip_download(tmp_path, http_mirror):
   shutil.rmtree(mirror / "ml-1m")                     # only the zip is served
   config = dataclasses.replace(movielens.CONFIGS["1m"], name="1m_mirror",
                                url=f"{url}/ml-1m.zip",
-                               md5=raw.md5sum(str(mirror / "ml-1m.zip")))
+                               md5=archives.md5sum(str(mirror / "ml-1m.zip")))
   (tmp_path / "empty").mkdir()
   builder = raw.prepare(movielens.Movielens(
       config=config, data_dir=str(tmp_path / "tfds"), source_dir=str(tmp_path / "empty"),

@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 
 from dnr_jax import config as config_lib
+from dnr_jax import errors
 from dnr_jax.runtime import early_stopping
 
 
@@ -62,3 +63,19 @@ def test_bad_values_are_rejected():
     config_lib.validate(_cfg(early_stopping_patience=-1), vocab=False)
   with pytest.raises(ValueError, match="early_stopping_min_delta=-0.1"):
     config_lib.validate(_cfg(early_stopping_min_delta=-0.1), vocab=False)
+
+
+def test_no_method_stops_before_the_minimum_epochs():
+  flat = _history([0.5] + [0.4] * 9)   # best at epoch 1, then a plateau
+  assert early_stopping.status(flat[:3], _cfg()).stop
+  cfg = _cfg(early_stopping_min_epochs=6)
+  assert [early_stopping.status(flat[:n], cfg).stop for n in (3, 5, 6)] == [
+      False, False, True]
+  # A DNR run keeps the larger of its own minimum (warm-up + patience) and this one.
+  assert early_stopping.min_epochs(_cfg("dnr_g", early_stopping_min_epochs=2)) == 5
+  assert early_stopping.min_epochs(_cfg("dnr_g", early_stopping_min_epochs=9)) == 9
+
+
+def test_a_negative_minimum_is_a_config_error():
+  with pytest.raises(errors.ConfigError, match="early_stopping_min_epochs=-1"):
+    config_lib.validate(_cfg(early_stopping_min_epochs=-1), vocab=False)

@@ -126,8 +126,9 @@ def test_run_experiment_writes_every_output(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="Linux only")
 def test_runs_free_their_compiled_programs(tmp_path):
-  # jax.pmap keeps every executable it compiled; an experiment of dozens of runs
-  # used to die with "LLVM ERROR: Unable to allocate section memory".
+  # jax.pmap keeps every executable it compiled; without clearing them, an
+  # experiment of dozens of runs dies with "LLVM ERROR: Unable to allocate section
+  # memory".
   data = synthetic.generate(synthetic.SyntheticConfig(
       num_users=40, num_items=60, list_size=10, history_size=5,
       num_lists=(128, 64, 64)))

@@ -161,3 +161,27 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(backbone):
       **{**cfg.__dict__, "compute_dtype": "float32"})).apply(params, _batch(), train=False)
   np.testing.assert_allclose(logits, ref, atol=0.1)
   assert not np.array_equal(logits, ref)
+
+
+@pytest.mark.parametrize("backbone", config_lib.BACKBONES)
+def test_export_formulation_has_the_same_parameters_and_logits(backbone):
+  # make_reranker(export=True) is what the ONNX export traces (DLCM's GRU unrolled
+  # instead of flax's scan): the same parameter tree from the same key, and the same
+  # logits bit for bit, with padding, an empty list and two score sets.
+  module, params = _model(backbone)
+  unrolled = models.make_reranker(module.config, export=True)
+  if backbone == "dlcm":
+    assert unrolled.unroll and not module.unroll
+  again = unrolled.init({"params": jax.random.PRNGKey(0),
+                         "dropout": jax.random.PRNGKey(1)}, _batch(), train=False)
+  jax.tree.map(np.testing.assert_array_equal, again, params)
+  b = _batch(seed=3)
+  empty = (jnp.arange(B) == 2)[:, None]                     # an empty list too
+  b = b.replace(mask=b.mask & ~empty, items=jnp.where(empty, 0, b.items),
+                scores=jnp.where(empty, 0.0, b.scores))
+  sets = jnp.stack([b.scores, b.scores[:, ::-1] * b.mask])
+  run = lambda m, **kw: np.asarray(jax.jit(
+      lambda b: m.apply(params, b, train=False, **kw))(b))
+  np.testing.assert_array_equal(run(unrolled), run(module))
+  np.testing.assert_array_equal(run(unrolled, score_sets=sets),
+                                run(module, score_sets=sets))

@@ -186,3 +186,124 @@ print("OK")
                              atol=1e-5)
   sig = json.load(open(os.path.join(directory, "signature.json")))
   assert sig["output"]["shape"] == ["b", N]
+
+
+@pytest.fixture(scope="module")
+def exported_dir(run, tmp_path_factory):
+  directory = str(tmp_path_factory.mktemp("exported") / "export")
+  serving.export_reranker(run.bundle, directory)
+  return directory
+
+
+def test_signature_says_each_inputs_padding_side(exported_dir):
+  sig = json.load(open(os.path.join(exported_dir, "signature.json")))
+  padding = {i["name"]: i["padding"] for i in sig["inputs"]}
+  assert padding["history"] == padding["history_mask"] == "first"
+  assert padding["items"] == padding["scores"] == padding["mask"] == "last"
+  assert "right-aligned" in next(i["meaning"] for i in sig["inputs"]
+                                 if i["name"] == "history")
+  model = sig["config"]["model"]
+  assert model["num_items"] == DATA.num_items and model["num_users"] == DATA.num_users
+
+
+def _bad(case, a):
+  """Spoils one input of the valid arrays ``a`` in list 1 (3 candidates, 2 history
+  items: see the caller)."""
+  if case == "item_past_vocabulary":
+    a["items"][1, 0] = DATA.num_items
+  elif case == "user_past_vocabulary":
+    a["user"][1] = DATA.num_users
+  elif case == "negative_item":
+    a["items"][1, 0] = -3
+  elif case == "negative_history":
+    a["history"][1, -1] = -1
+  elif case == "float_item":
+    a["items"] = a["items"].astype(np.float64)
+    a["items"][1, 0] = 3.7
+  elif case == "huge_item":       # would wrap around in int32
+    a["items"] = a["items"].astype(np.int64)
+    a["items"][1, 0] = 2 ** 32 + 1
+  elif case == "string_items":
+    a["items"] = a["items"].astype(str)
+  elif case == "nan_score":
+    a["scores"][1, 0] = np.nan
+  elif case == "inf_score":
+    a["scores"][1, 0] = np.inf
+  elif case == "score_above_1":
+    a["scores"][1, 0] = 1.5
+  elif case == "negative_score":
+    a["scores"][1, 0] = -0.2
+  elif case == "candidate_id_in_padding":
+    a["mask"][1, 2] = False              # the last real candidate declared padding
+  elif case == "history_id_in_padding":
+    a["history_mask"][1] = False
+  elif case == "history_padded_last":    # left-aligned: the wrong side
+    a["history"][1] = [8, 9, 0, 0, 0]
+    a["history_mask"][1] = [True, True, False, False, False]
+  elif case == "candidates_padded_first":
+    a["items"][1] = np.r_[np.zeros(N - 3), [5, 6, 7]]
+    a["scores"][1] = np.r_[np.zeros(N - 3), [0.9, 0.5, 0.2]]
+    a["mask"][1] = np.arange(N) >= N - 3
+  elif case == "mask_not_boolean":
+    a["mask"] = a["mask"].astype(np.int32)
+    a["mask"][1, 0] = 2
+  return a
+
+
+# case -> (the input the message names, words of the problem)
+BAD_INPUTS = {
+    "item_past_vocabulary": ("items", f"id {DATA.num_items} is past the vocabulary "
+                                      f"(num_items = {DATA.num_items}"),
+    "user_past_vocabulary": ("user", "past the vocabulary (num_users"),
+    "negative_item": ("items", "negative id -3"),
+    "negative_history": ("history", "negative id -1"),
+    "float_item": ("items", "3.7 is not an integer id"),
+    "huge_item": ("items", f"id {2 ** 32 + 1} is past the vocabulary"),
+    "string_items": ("items", "expected int32 ids (map raw ids through vocabulary/"),
+    "nan_score": ("scores", "score nan is not finite"),
+    "inf_score": ("scores", "score inf is not finite"),
+    "score_above_1": ("scores", "score 1.5 is outside [0, 1]"),
+    "negative_score": ("scores", "score -0.2 is outside [0, 1]"),
+    "candidate_id_in_padding": ("items", "where 'mask' says padding"),
+    "history_id_in_padding": ("history", "where 'history_mask' says padding"),
+    "history_padded_last": ("history_mask", "the history is padded FIRST"),
+    "candidates_padded_first": ("mask", "candidates are padded LAST"),
+    "mask_not_boolean": ("mask", "2 is not a mask value"),
+}
+
+
+def _valid_arrays(reranker, seed):
+  arrays = serving.example_arrays(config_lib.from_dict(reranker.signature["config"]),
+                                  4, N, H, seed=seed)
+  arrays["items"][1] = np.r_[[5, 6, 7], np.zeros(N - 3)]
+  arrays["scores"][1] = np.r_[[0.9, 0.5, 0.2], np.zeros(N - 3)]
+  arrays["mask"][1] = np.arange(N) < 3
+  arrays["history"][1] = [0, 0, 0, 8, 9]
+  arrays["history_mask"][1] = [False, False, False, True, True]
+  return arrays
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_exported_loader_rejects_a_bad_input_in_one_line(exported_dir, case):
+  from dnr_jax.serving import exported  # pylint: disable=g-import-not-at-top
+  reranker = exported.load_exported(exported_dir)
+  arrays = _valid_arrays(reranker, seed=3)
+  assert np.isfinite(reranker(arrays)).all()        # valid as it stands
+  name, words = BAD_INPUTS[case]
+  with pytest.raises(errors.DataError) as info:
+    reranker(_bad(case, arrays))
+  message = str(info.value)
+  assert isinstance(info.value, ValueError)
+  assert "\n" not in message and f"input {name!r} " in message, message
+  assert words in message, message
+
+
+def test_the_raw_exported_call_stays_unchecked(exported_dir):
+  from dnr_jax.serving import exported  # pylint: disable=g-import-not-at-top
+  reranker = exported.load_exported(exported_dir)
+  arrays = _valid_arrays(reranker, seed=4)
+  arrays["scores"][1, 0] = np.nan
+  args = [np.asarray(arrays[i["name"]], i["dtype"])
+          for i in reranker.signature["inputs"]]
+  logits = np.asarray(reranker.exported.call(*args))   # no check, no error
+  assert logits.shape == (4, N)

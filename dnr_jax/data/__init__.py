@@ -1,14 +1,15 @@
-"""Data: raw KuaiRand / MovieLens files to cached reranking lists.
+"""Data: raw KuaiRand / MovieLens / Amazon-Books files to cached reranking lists.
 
-One module per stage: ``csv_reader`` (streaming, validated parsing), ``raw`` (the TFDS
-builder machinery), ``kuairand`` and ``movielens`` (the data sets), ``samples``
-(generated files in the real schemas, NOT real data), ``preprocess`` (k-core),
-``retriever`` (MF), ``lists`` (list protocols), ``prepare`` (``DataConfig``,
-``prepare_lists`` and the cached ``dnr_lists`` data set); the ``own_lists`` package
-(your own lists: the format, specified in the package's doc, ``Vocabulary``, the
-streaming ``read_lists``; ``own_lists.builder``: ``prepare_own_lists`` and the cached
-``dnr_own_lists`` data set; ``own_lists.sample``: a generated example in that format,
-NOT real data).
+One module per stage: ``csv_reader`` and ``json_reader`` (streaming, validated
+parsing), ``raw`` (the TFDS builder machinery; ``archives``, ``id_vocab``),
+``kuairand``, ``movielens`` and ``amazon_books`` (the data sets; ``ratings``: rating
+logs as streams), ``samples`` (generated files in the real schemas, NOT real data),
+``preprocess`` (k-core), ``retriever`` (MF), ``lists`` (list protocols), ``prepare``
+(``DataConfig``, ``prepare_lists`` and the cached ``dnr_lists`` data set); the
+``own_lists`` package (your own lists: the format, specified in the package's doc,
+``Vocabulary``, the streaming ``read_lists``; ``own_lists.builder``:
+``prepare_own_lists`` and the cached ``dnr_own_lists`` data set; ``own_lists.sample``:
+a generated example in that format, NOT real data).
 
 Importing ``dnr_jax.data`` does not import TFDS: its names load their modules on first
 use (PEP 562). The preparing modules (``raw``, ``prepare``, ``own_lists.builder``)

@@ -9,7 +9,7 @@ and what is wrong; nothing half-read is returned.
 
 pyarrow's own messages do not carry line numbers, so when pyarrow rejects a chunk the
 chunk is re-scanned line by line (slow, but only on the error path) to find the first
-bad line.
+bad line. The value checks (``check_values``) serve the JSON-lines reader too.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import pyarrow.csv as pa_csv
 
 from dnr_jax.errors import DataError
 
-_KINDS = {"int": pa.int64(), "float": pa.float64(), "str": pa.string()}
+# The arrow type each ``Column.kind`` is parsed as (by ``json_reader`` too).
+ARROW_TYPES = {"int": pa.int64(), "float": pa.float64(), "str": pa.string()}
 # Multi-character delimiters (MovieLens-1M's "::") are rewritten to this byte, which
 # does not occur in text files.
 _UNIT_SEPARATOR = "\x1f"
@@ -47,6 +48,7 @@ class Column:
 @dataclasses.dataclass(frozen=True)
 class FileSpec:
   """How a raw file is laid out."""
+  format: str = "csv"           # csv, or jsonl: one JSON object a line (json_reader)
   delimiter: str = ","
   header: bool = True           # False: ``names`` gives the columns in file order
   names: tuple[str, ...] = ()
@@ -111,17 +113,31 @@ def _scan_for_error(path: str, raw: bytes, first_line: int, spec: FileSpec,
   return DataError(f"{path}: lines {first_line}+: unreadable ({cause})")
 
 
-def _check_values(path: str, table: pa.Table, first_line: int,
-                  columns: Sequence[Column]) -> dict[str, np.ndarray]:
+def check_values(path: str, table: pa.Table, first_line: int,
+                 columns: Sequence[Column], row_lines: np.ndarray | None = None,
+                 what: str = "column") -> dict[str, np.ndarray]:
+  """The parsed ``table`` as numpy arrays, after checking every value of ``columns``.
+
+  Missing values (and empty strings) where the column is not ``nullable``, NaN, and
+  values outside ``[min, max]`` raise ``DataError`` naming the file, the line and the
+  ``what`` (``"column"``; the JSON-lines reader says ``"field"``). Row ``r`` is on
+  line ``first_line + r``, or ``row_lines[r]`` when given (a chunk with blank lines).
+  """
+  def where(row: int) -> str:
+    line = first_line + row if row_lines is None else int(row_lines[row])
+    return f"{path}: line {line}, {what} {col.name!r}"
+
   out = {}
   for col in columns:
     arr = table.column(col.name)
     if arr.null_count and not col.nullable:
       bad = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
-      raise DataError(f"{path}: line {first_line + bad}, column {col.name!r}: missing "
-                      "value")
+      raise DataError(f"{where(bad)}: missing value")
     if col.kind == "str":
-      out[col.name] = arr.fill_null("").to_numpy(zero_copy_only=False).astype(object)
+      values = arr.fill_null("").to_numpy(zero_copy_only=False).astype(object)
+      if not col.nullable and (values == "").any():
+        raise DataError(f"{where(int(np.flatnonzero(values == '')[0]))}: empty value")
+      out[col.name] = values
       continue
     if col.kind == "int":
       values = arr.fill_null(-1).to_numpy()
@@ -129,8 +145,7 @@ def _check_values(path: str, table: pa.Table, first_line: int,
       values = arr.to_numpy(zero_copy_only=False).astype(np.float64)
       nan = np.isnan(values)
       if nan.any() and not col.nullable:
-        bad = int(np.flatnonzero(nan)[0])
-        raise DataError(f"{path}: line {first_line + bad}, column {col.name!r}: NaN")
+        raise DataError(f"{where(int(np.flatnonzero(nan)[0]))}: NaN")
     present = ~np.asarray(arr.is_null().to_numpy(zero_copy_only=False))
     if col.kind == "float":
       present &= ~np.isnan(values)
@@ -139,8 +154,8 @@ def _check_values(path: str, table: pa.Table, first_line: int,
     wrong = present & ((values < lo) | (values > hi))
     if wrong.any():
       bad = int(np.flatnonzero(wrong)[0])
-      raise DataError(f"{path}: line {first_line + bad}, column {col.name!r}: value "
-                      f"{values[bad]} out of range [{col.min}, {col.max}]")
+      raise DataError(f"{where(bad)}: value {values[bad]} out of range [{col.min}, "
+                      f"{col.max}]")
     out[col.name] = values.astype(col.dtype)
   return out
 
@@ -163,7 +178,7 @@ def iter_chunks(path: str, columns: Sequence[Column], spec: FileSpec = FileSpec(
   header = read_header(path, spec)
   check_header(path, header, columns)
   total = os.path.getsize(path)
-  types = {c.name: _KINDS[c.kind] for c in columns}
+  types = {c.name: ARROW_TYPES[c.kind] for c in columns}
   read_opts = pa_csv.ReadOptions(column_names=list(header), encoding=spec.encoding,
                                  block_size=max(chunk_bytes, 1 << 20) + (1 << 20))
   parse_opts = pa_csv.ParseOptions(delimiter=_delimiter(spec), quote_char='"' if
@@ -208,7 +223,7 @@ def iter_chunks(path: str, columns: Sequence[Column], spec: FileSpec = FileSpec(
                                 parse_options=parse_opts, convert_options=convert_opts)
       except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise _scan_for_error(path, data, line, spec, header, columns, e) from e
-      yield _check_values(path, table, line, columns), done, total
+      yield check_values(path, table, line, columns), done, total
       line += data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
       if not block:
         break

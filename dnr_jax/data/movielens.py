@@ -16,8 +16,8 @@ registered with TFDS and keeps its files under ``dnr_jax``'s data directory.
 from __future__ import annotations
 
 import numpy as np
-from absl import logging
 
+from dnr_jax.data import ratings
 from dnr_jax.data import raw
 from dnr_jax.data import stream
 from dnr_jax.data import types
@@ -35,6 +35,8 @@ _RATING = (Column("user_id", dtype="int32", min=1),
            Column("rating", dtype="int8", min=1, max=5),
            Column("timestamp", dtype="int64", min=0))
 _LOG_NAMES = ("user_id", "movie_id", "rating", "timestamp")
+LOG_COLUMNS = ratings.LogColumns(user="user_id", item="movie_id", rating="rating",
+                                 time="timestamp")
 
 
 def _tables_100k():
@@ -94,18 +96,7 @@ class Movielens(raw.RawBuilder, skip_registration=True):
 
 def log_stream(builder: Movielens, threshold: int = 4) -> stream.LogStream:
   """The prepared ratings as a ``stream.LogStream``: label = rating >= ``threshold``."""
-  if not 1 <= threshold <= 5:
-    raise ValueError(f"threshold={threshold} must be a rating in 1..5")
-  source = builder.as_data_source(split="log")
-
-  def read():
-    for i in range(len(source)):
-      b = source[i]["log"]
-      yield {"user": np.asarray(b["user_id"], np.int64),
-             "item": np.asarray(b["movie_id"], np.int64),
-             "time": np.asarray(b["timestamp"], np.int64) * 1000,
-             "label": (np.asarray(b["rating"]) >= threshold).astype(np.int8)}
-
+  ratings.check_threshold(threshold)
   meta = builder.info.metadata
   users = raw.read_table(builder, "users")
   movies = raw.read_table(builder, "movies")
@@ -116,15 +107,8 @@ def log_stream(builder: Movielens, threshold: int = 4) -> stream.LogStream:
     movies = {"movie_id": movies["movie_id"],
               "genre": np.where(flags.any(1), flags.argmax(1) + 1, 0).astype(np.int32)}
     item_cols, item_vocab = ("genre",), (len(GENRES) + 1,)
-  is_real = bool(meta.get("is_real", True))
-  name = f"MovieLens-{builder.builder_config.name}"
-  if not is_real:
-    kind = "sample" if builder.builder_config.is_sample else "fixture"
-    name += f" (GENERATED {kind}, NOT the real data)"
-  logging.info("%s: %d ratings; positive = rating >= %d", name, meta.get("log_rows", -1),
-               threshold)
-  return stream.LogStream(
-      name=name, is_real=is_real, read=read, num_blocks=len(source),
+  return ratings.log_stream(
+      builder, LOG_COLUMNS, threshold, f"MovieLens-{builder.builder_config.name}",
       user_features=lambda ids: raw.feature_table(users, "user_id", ids, USER_FEATURES),
       item_features=lambda ids: raw.feature_table(movies, "movie_id", ids, item_cols),
       user_feature_vocab=tuple(len(meta["users_vocab"][c]) + 1 for c in USER_FEATURES),

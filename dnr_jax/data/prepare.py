@@ -2,10 +2,10 @@
 
 The stages, each a documented config value:
 
-1. the raw TFDS data set (``kuairand`` / ``movielens``; ``sample`` = the generated
-   KuaiRand-Pure-schema demo data, NOT the real data);
+1. the raw TFDS data set (``kuairand`` / ``movielens`` / ``amazon_books``; ``sample``
+   = a generated sample in the data set's schema, NOT the real data);
 2. the label (KuaiRand ``is_click`` by default, ``long_view`` as an option; MovieLens
-   rating >= 4) and the paper's k-core filter (20);
+   and Amazon-Books rating >= 4) and the paper's k-core filter (20);
 3. the time cuts (``lists.TimeSplits``) and the MF retriever, trained on the events
    before the retriever's cut only (its held-out AUC goes into the report);
 4. the lists (``lists.protocol``), from the later events only, split by time.
@@ -43,8 +43,8 @@ from absl import logging
 
 from dnr_jax import batch as batch_lib
 from dnr_jax.batch import FIELDS
-from dnr_jax.data import (dual_tower, integrity, kuairand, lists, movielens, raw,
-                           samples, types)
+from dnr_jax.data import (amazon_books, dual_tower, integrity, kuairand, lists,
+                           movielens, raw, samples, types)
 from dnr_jax.data import retriever as retriever_lib
 from dnr_jax.data import stream as stream_lib
 from dnr_jax.errors import DataError
@@ -52,8 +52,18 @@ from dnr_jax.errors import ConfigError
 
 # Bump when list construction changes: cached lists of older code are then rebuilt.
 LISTS_VERSION = "2.1.0"   # 2.x: time cuts, streamed preparation; 2.1: 2^16 time bins
-DATASETS = {"kuairand": tuple(kuairand.CONFIGS), "movielens": tuple(movielens.CONFIGS)}
-_LISTS_PER_RECORD = 1024
+DATASETS = {"kuairand": tuple(kuairand.CONFIGS), "movielens": tuple(movielens.CONFIGS),
+            "amazon_books": tuple(amazon_books.CONFIGS)}
+# Per data set: its raw builder, and the schema and writer of its generated sample
+# (the writer looked up at each call, so that tests can replace it).
+_BUILDERS = {"kuairand": kuairand.Kuairand, "movielens": movielens.Movielens,
+             "amazon_books": amazon_books.AmazonBooks}
+_SAMPLES = {
+    "kuairand": ("KuaiRand-Pure", lambda d, c: samples.write_kuairand(d, c)),
+    "movielens": ("MovieLens-1M", lambda d, c: samples.write_movielens(d, c, "1m")),
+    "amazon_books": ("Amazon-Books", lambda d, c: samples.write_amazon_books(d, c)),
+}
+_LISTS_PER_RECORD = 1024   # lists per array_record entry (``list_records``)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,15 +71,17 @@ class DataConfig:
   """Which data, and how lists are made from it (see ``default_config``).
 
   Attributes:
-    dataset / variant: ``kuairand`` (``sample``, ``pure``, ``1k``, ``27k``) or
-      ``movielens`` (``sample``, ``100k``, ``1m``); ``sample`` is generated in the
-      real files' schema (NOT real data).
+    dataset / variant: ``kuairand`` (``sample``, ``pure``, ``1k``, ``27k``),
+      ``movielens`` (``sample``, ``100k``, ``1m``) or ``amazon_books`` (``sample``,
+      ``books``, ``books_ratings``); ``sample`` is generated in the real files'
+      schema (NOT real data).
     source_dir: where the raw files or the official archive are (default:
       ``<data_dir>/manual/<dataset>-<variant>``; the sample is generated there).
     data_dir: where the TFDS data sets go (default ``raw.default_data_dir()``).
-    download: fetch the official archive when ``source_dir`` lacks the files.
+    download: fetch the official archive when ``source_dir`` lacks the files (not
+      for Amazon-Books, which publishes no archive or checksum).
     label: KuaiRand's positive signal (``kuairand.LABELS``).
-    rating_threshold: MovieLens ratings >= this are positive.
+    rating_threshold: MovieLens and Amazon-Books ratings >= this are positive.
     include_random: keep KuaiRand's randomly exposed impressions.
     k_core: the paper's filter (users and items with fewer rows are dropped).
     lists / retriever: list protocol and retriever stage.
@@ -99,9 +111,13 @@ class DataConfig:
                         f"{DATASETS[self.dataset]} for {self.dataset}")
     if self.dataset == "kuairand" and self.label not in kuairand.LABELS:
       raise ConfigError(f"data.label={self.label!r} is not one of {kuairand.LABELS}")
-    if self.dataset == "movielens" and self.label != DataConfig.label:
-      raise ConfigError(f"data.label={self.label!r} is KuaiRand's; MovieLens labels come "
-                        "from data.rating_threshold")
+    if self.dataset != "kuairand" and self.label != DataConfig.label:
+      raise ConfigError(f"data.label={self.label!r} is KuaiRand's; {self.dataset} labels "
+                        "come from data.rating_threshold")
+    if self.dataset == "amazon_books" and self.download:
+      raise ConfigError("data.download: Amazon-Books has no archive to download; fetch "
+                        f"{amazon_books.REVIEWS_FILE} (or {amazon_books.RATINGS_FILE}) "
+                        f"from {amazon_books.HOMEPAGE} into data.source_dir")
     if not 1 <= self.rating_threshold <= 5:
       raise ConfigError(f"data.rating_threshold={self.rating_threshold} must be in 1..5")
     if self.k_core < 1:
@@ -119,8 +135,9 @@ class DataConfig:
 def default_config(dataset: str = "kuairand", variant: str = "sample",
                    **overrides) -> DataConfig:
   """The recommended config per data set: KuaiRand lists are real impressions
-  (``exposure``); MovieLens has no impressions, so its lists are the retriever's top
-  ``n`` labelled by the next ``window`` positive ratings (``retrieval``)."""
+  (``exposure``); MovieLens and Amazon-Books have no impressions, so their lists are
+  the retriever's top ``n`` labelled by the next ``window`` positive ratings
+  (``retrieval``)."""
   protocol = "exposure" if dataset == "kuairand" else "retrieval"
   base = DataConfig(dataset=dataset, variant=variant,
                     lists=lists.ListConfig(protocol=protocol))
@@ -167,11 +184,9 @@ def raw_builder(config: DataConfig) -> raw.RawBuilder:
         root, "manual", f"{config.dataset}-sample-{key}")
     builder_dir = os.path.join(root, "samples", key)
     if not raw.find_files(source, [raw.NOT_REAL_MARKER]):
-      schema = "KuaiRand-Pure" if config.dataset == "kuairand" else "MovieLens-1M"
+      schema, write = _SAMPLES[config.dataset]
       logging.warning("generating the %s-schema sample in %s (NOT the real data)",
                       schema, source)
-      write = samples.write_kuairand if config.dataset == "kuairand" else (
-          lambda d, c: samples.write_movielens(d, c, "1m"))
       if config.source_dir:
         write(source, config.sample)
       else:
@@ -187,9 +202,8 @@ def raw_builder(config: DataConfig) -> raw.RawBuilder:
           os.rename(tmp, source)
         except OSError:                    # another run finished it first
           shutil.rmtree(tmp, ignore_errors=True)
-  cls = kuairand.Kuairand if config.dataset == "kuairand" else movielens.Movielens
-  return cls(config=config.variant, data_dir=builder_dir, source_dir=source,
-             download=config.download)
+  return _BUILDERS[config.dataset](config=config.variant, data_dir=builder_dir,
+                                   source_dir=source, download=config.download)
 
 
 def log_stream(config: DataConfig,
@@ -200,6 +214,8 @@ def log_stream(config: DataConfig,
   builder = builder or raw.prepare(raw_builder(config))
   if config.dataset == "kuairand":
     return kuairand.log_stream(builder, config.label, config.include_random)
+  if config.dataset == "amazon_books":
+    return amazon_books.log_stream(builder, config.rating_threshold)
   return movielens.log_stream(builder, config.rating_threshold)
 
 
@@ -343,7 +359,33 @@ def feature_counts(dataset: str, variant: str) -> tuple[int, int]:
   """Categorical user and item feature columns the loaders produce."""
   if dataset == "kuairand":
     return len(kuairand.USER_FEATURES), len(kuairand.VIDEO_FEATURES)
+  if dataset == "amazon_books":
+    return 0, 0
   return len(movielens.USER_FEATURES), 1
+
+
+def list_features(**sizes) -> tfds.features.FeaturesDict:
+  """The TFDS features of a list data set (``batch.SCHEMA``; ``sizes`` as
+  ``batch.array_shapes`` takes them): ours and own lists' alike.
+
+  A field with an empty dimension (no feature columns: Amazon-Books) is left out:
+  TFDS cannot decode an empty array under a leading dimension of unknown size.
+  ``list_records`` skips it and ``load_splits`` gives it back, zero-wide.
+  """
+  shapes = batch_lib.array_shapes(**sizes)
+  return tfds.features.FeaturesDict({
+      f: tfds.features.Tensor(shape=shapes[f], dtype=batch_lib.SCHEMA[f].dtype)
+      for f in FIELDS if 0 not in shapes[f]})
+
+
+def list_records(files: list[str]) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+  """TFDS examples from spilled ``.npz`` splits, ``_LISTS_PER_RECORD`` lists a record."""
+  for f, path in enumerate(files):
+    with np.load(path) as split:   # zero-wide fields are not stored (list_features)
+      arrays = {k: split[k] for k in FIELDS if 0 not in split[k].shape[1:]}
+    for start in range(0, len(arrays["user"]), _LISTS_PER_RECORD):
+      yield f"{f:05d}-{start:09d}", {k: v[start:start + _LISTS_PER_RECORD]
+                                     for k, v in arrays.items()}
 
 
 @dataclasses.dataclass
@@ -373,12 +415,9 @@ class DnrLists(raw.Preparation, tfds.core.GeneratorBasedBuilder,
     c = self.builder_config.data
     h, n = c.lists.history_size, c.lists.list_size
     fu, fi = feature_counts(c.dataset, c.variant)
-    shapes = batch_lib.array_shapes(list_size=n, history_size=h, num_user_features=fu,
-                                    num_item_features=fi)
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            f: tfds.features.Tensor(shape=shapes[f], dtype=batch_lib.SCHEMA[f].dtype)
-            for f in FIELDS}),
+        features=list_features(list_size=n, history_size=h, num_user_features=fu,
+                               num_item_features=fi),
         metadata=tfds.core.MetadataDict(), disable_shuffling=True)
 
   def _split_generators(self, dl_manager):
@@ -396,13 +435,7 @@ class DnrLists(raw.Preparation, tfds.core.GeneratorBasedBuilder,
 
   def _generate_examples(self, files: list[str]
                          ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
-    for f, path in enumerate(files):
-      with np.load(path) as split:
-        n = len(split["user"])
-        arrays = {k: split[k] for k in FIELDS}
-      for start in range(0, n, _LISTS_PER_RECORD):
-        yield f"{f:05d}-{start:09d}", {k: v[start:start + _LISTS_PER_RECORD]
-                                       for k, v in arrays.items()}
+    return list_records(files)
 
 
 def prepare_lists(config: DataConfig) -> types.PreparedLists:
@@ -461,8 +494,14 @@ def load_splits(builder: tfds.core.DatasetBuilder, names=lists.SPLITS
   for name in names:
     source = builder.as_data_source(split=name)
     blocks = [source[i] for i in range(len(source))]
-    splits[name] = {f: np.concatenate([np.asarray(b[f]) for b in blocks])
-                    for f in FIELDS}
+    split = {f: np.concatenate([np.asarray(b[f]) for b in blocks])
+             for f in FIELDS if f in blocks[0]}
+    # The zero-wide feature fields list_features leaves out.
+    shapes = batch_lib.array_shapes(
+        list_size=split["items"].shape[1], history_size=split["history"].shape[1],
+        num_user_features=0, num_item_features=0, batch=len(split["items"]))
+    splits[name] = {f: split[f] if f in split else
+                    np.zeros(shapes[f], batch_lib.SCHEMA[f].dtype) for f in FIELDS}
   return splits
 
 

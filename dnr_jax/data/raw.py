@@ -1,30 +1,33 @@
-"""The shared machinery of the raw-data TFDS builders (``kuairand``, ``movielens``).
+"""The shared machinery of the raw-data TFDS builders (``kuairand``, ``movielens``,
+``amazon_books``).
 
 A raw data set is a few *tables* (an interaction log, user features, item features),
-each read from one or more delimited files. The builder turns every table into a TFDS
-split of ``array_record`` files whose records are *blocks* of up to ``RECORD_ROWS``
-rows stored column-wise (one 1-D array per column): per-row records would make a
-322M-row log take hours to encode, blocks take minutes, and TFDS reads them back
-without TensorFlow (``as_data_source``).
+each read from one or more delimited or JSON-lines files. The builder turns every
+table into a TFDS split of ``array_record`` files whose records are *blocks* of up to
+``RECORD_ROWS`` rows stored column-wise (one 1-D array per column): per-row records
+would make a 322M-row log take hours to encode, blocks take minutes, and TFDS reads
+them back without TensorFlow (``as_data_source``).
 
 What the builder guarantees:
 
 * the source files are found in ``source_dir`` (extracted, or as the official archive,
-  whose md5 is checked), or downloaded when ``download=True``; missing files raise one
-  error naming each file and where to put it;
-* every file is streamed in bounded memory and validated (``csv_reader``): bad
-  columns, unparsable rows, missing, NaN or out-of-range values raise ``DataError``
-  naming the file, line, column and problem;
+  whose md5 is checked, ``archives``; a ``.gz`` file also decompressed), or downloaded
+  when ``download=True``; missing files raise one error naming each file and where
+  to put it;
+* every file is streamed in bounded memory and validated (``csv_reader``,
+  ``json_reader``): bad columns, unparsable rows, missing, NaN or out-of-range values
+  raise ``DataError`` naming the file, line, column and problem;
 * categorical string columns become int32 codes (1.., 0 = padding) whose vocabularies
-  go to the data set's metadata;
+  go to the data set's metadata; string id columns too, their vocabularies (millions
+  of ids) to files beside the data set (``id_vocab``, ``read_ids``);
 * TFDS writes into an ``incomplete.*`` directory renamed only at the end, so an
   interrupted preparation never looks complete; the next run starts again and
   deletes what the killed one left (``integrity.preparing``);
 * the sizes and modification times of the source files are recorded; when one
   changes, the next run prepares the data set again (``integrity``);
-* an empty file, or one whose last line has no line end (a cut-off copy whose last
-  line may still parse, e.g. ``60::14::2::9`` for ``60::14::2::978300760``), is a
-  ``DataError`` naming the file;
+* an empty file, or a CSV file whose last line has no line end (a cut-off copy whose
+  last line may still parse, e.g. ``60::14::2::9`` for ``60::14::2::978300760``; a JSON
+  object ends itself), is a ``DataError`` naming the file;
 * generated samples and fixtures carry a marker file (``NOT_REAL_DATA``); the builder
   records ``is_real=False`` and every log line about them says so.
 """
@@ -32,21 +35,21 @@ What the builder guarantees:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging as pylogging
 import os
 import shutil
-import tarfile
 import time
-import zipfile
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
+from dnr_jax.data import archives
 from dnr_jax.data import csv_reader
+from dnr_jax.data import id_vocab
 from dnr_jax.data import integrity
+from dnr_jax.data import json_reader
 from dnr_jax.errors import DataError
 from dnr_jax.data.csv_reader import Column, FileSpec
 
@@ -71,6 +74,9 @@ class Table:
   files: tuple[str, ...]
   columns: tuple[Column, ...]
   categorical: tuple[str, ...] = ()   # str columns stored as int32 codes + vocabulary
+  # String id columns stored as int32 codes 1..; their (large) vocabularies go to
+  # files beside the data set, not to its metadata (``id_vocab``, ``read_ids``).
+  ids: tuple[str, ...] = ()
   spec: FileSpec = FileSpec()
 
 
@@ -85,68 +91,16 @@ class RawConfig(tfds.core.BuilderConfig):
   is_sample: bool = False             # a generated sample (never downloaded)
 
 
-def md5sum(path: str, chunk: int = 8 << 20) -> str:
-  h = hashlib.md5()
-  with open(path, "rb") as f:
-    while block := f.read(chunk):
-      h.update(block)
-  return h.hexdigest()
-
-
-def verify_md5(path: str, expected: str) -> None:
-  """Raises ``DataError`` naming the file when its md5 is not ``expected``."""
-  logging.info("checking md5 of %s ...", path)
-  actual = md5sum(path)
-  if actual != expected:
-    raise DataError(f"{path}: md5 {actual} does not match the published {expected}: "
-                    "the file is corrupt or incomplete; delete it and fetch it again")
-
-
-def extract_archive(archive: str, into: str, kind: str) -> str:
-  """Extracts a ``.tar.gz`` / ``.tgz`` / ``.zip`` archive into ``into``, once.
-
-  Not TFDS's extractor: it copies through ``tf.io.gfile`` and so needs TensorFlow,
-  which is not a dependency. Extraction goes to a temporary sibling directory renamed
-  at the end, so an interrupted extraction is never taken for a complete one;
-  ``kind`` (the official file name) gives the format, since a downloaded file's name
-  may carry URL parts. Tar members that would land outside ``into`` are refused
-  (``filter="data"``).
-  """
-  if os.path.isdir(into):
-    return into
-  tmp = into + ".incomplete"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  logging.info("extracting %s into %s ...", archive, into)
-  t0 = time.time()
-  try:
-    if kind.endswith(".zip"):
-      with zipfile.ZipFile(archive) as z:
-        z.extractall(tmp)
-    elif kind.endswith((".tar.gz", ".tgz", ".tar")):
-      with tarfile.open(archive) as tar:
-        for member in tar:
-          tar.extract(member, tmp, filter="data")
-          if member.isfile() and member.size > 100 << 20:
-            logging.info("  %s (%.1f GB, %.0fs)", member.name, member.size / 1e9,
-                         time.time() - t0)
-    else:
-      raise DataError(f"{archive}: unknown archive type {kind!r}")
-  except (tarfile.TarError, zipfile.BadZipFile, EOFError) as e:
-    raise DataError(f"{archive}: cannot extract ({e}); the file is corrupt or "
-                    "incomplete: delete it and fetch it again") from e
-  os.rename(tmp, into)
-  return into
-
-
 def find_files(root: str, names: Sequence[str]) -> dict[str, str]:
-  """Paths of the files called ``names`` anywhere under ``root``."""
+  """Paths of the files called ``names`` anywhere under ``root``; a ``.gz`` name is
+  also found decompressed (``Books_5.json`` for ``Books_5.json.gz``)."""
   found = {}
   if root and os.path.isdir(root):
     for dirpath, _, files in os.walk(root):
       for name in names:
-        if name in files and name not in found:
-          found[name] = os.path.join(dirpath, name)
+        for alias in (name, name[:-3]) if name.endswith(".gz") else (name,):
+          if alias in files and name not in found:
+            found[name] = os.path.join(dirpath, alias)
   return found
 
 
@@ -160,14 +114,14 @@ def _codes(values: np.ndarray, vocab: dict[str, int]) -> np.ndarray:
 
 
 def _column_dtype(table: Table, name: str) -> np.dtype:
-  if name in table.categorical:
+  if name in table.categorical or name in table.ids:
     return np.dtype(np.int32)
   col = next(c for c in table.columns if c.name == name)
   return np.dtype(col.dtype)
 
 
 def stored_columns(table: Table) -> list[str]:
-  return [c.name for c in table.columns] + list(table.categorical)
+  return [c.name for c in table.columns] + list(table.categorical) + list(table.ids)
 
 
 class _VariantFolderFilter(pylogging.Filter):
@@ -262,16 +216,17 @@ class RawBuilder(Preparation, tfds.core.GeneratorBasedBuilder, skip_registration
         archive = os.fspath(dl_manager.download(cfg.url))
       if archive is not None:
         if cfg.md5:
-          verify_md5(archive, cfg.md5)
+          archives.verify_md5(archive, cfg.md5)
         into = os.path.join(os.fspath(dl_manager.download_dir), "extracted",
                             cfg.archive)
-        found.update(find_files(extract_archive(archive, into, cfg.archive), names))
+        found.update(find_files(archives.extract_archive(archive, into, cfg.archive),
+                                names))
     missing = [n for n in names if n not in found]
     if missing:
       where = self.source_dir or "(no source_dir given)"
       fetch = (f"put the archive {cfg.archive} (from {cfg.homepage}) or its extracted "
                f"files into {where}, or set download=True (--download)"
-               if cfg.archive else f"put them into {where}")
+               if cfg.archive else f"put them (from {cfg.homepage}) into {where}")
       raise DataError(f"{self.name}/{cfg.name}: missing source file(s) "
                       f"{', '.join(missing)}; to fix: {fetch}")
     is_real = not any(
@@ -299,13 +254,21 @@ class RawBuilder(Preparation, tfds.core.GeneratorBasedBuilder, skip_registration
     total_bytes = sum(os.path.getsize(paths[f]) for f in table.files)
     done_before, rows, t0, last_log = 0, 0, time.time(), 0.0
     wanted = [c for c in table.columns if c.name not in table.categorical] + [
-        Column(c, kind="str", dtype="object", nullable=True) for c in table.categorical]
+        Column(c, kind="str", dtype="object", nullable=True) for c in table.categorical
+    ] + [Column(c, kind="str", dtype="object") for c in table.ids]
+    # Looked up at each call (not bound at import): tests replace the readers.
+    reader = (json_reader.iter_chunks if table.spec.format == "jsonl"
+              else csv_reader.iter_chunks)
+    ids = {c: id_vocab.IdVocabulary(os.path.join(self.data_dir, id_vocab.file_name(
+        table.name, c)), f"{self.name}/{cfg.name} {table.name}.{c}") for c in table.ids}
     for fi, name in enumerate(table.files):
       rows_before = rows
-      for ci, (chunk, done, _) in enumerate(csv_reader.iter_chunks(
-          paths[name], wanted, table.spec, self.chunk_bytes)):
+      for ci, (chunk, done, _) in enumerate(reader(paths[name], wanted, table.spec,
+                                                   self.chunk_bytes)):
         for c in table.categorical:
           chunk[c] = _codes(chunk[c], vocabs[c])
+        for c in table.ids:
+          chunk[c] = ids[c].encode(chunk[c])
         n = len(next(iter(chunk.values())))
         for start in range(0, n, RECORD_ROWS):
           block = {c: np.ascontiguousarray(chunk[c][start:start + RECORD_ROWS])
@@ -325,10 +288,19 @@ class RawBuilder(Preparation, tfds.core.GeneratorBasedBuilder, skip_registration
         raise DataError(f"{paths[name]}: no data rows: the file is empty"
                         + (" but for its header" if table.spec.header else ""))
       done_before += os.path.getsize(paths[name])
+    for vocab in ids.values():
+      vocab.close()
     self.info.metadata[f"{table.name}_rows"] = rows
+    if ids:
+      self.info.metadata[f"{table.name}_ids"] = {c: len(v) for c, v in ids.items()}
     self.info.metadata[f"{table.name}_vocab"] = {
         c: [v for v, _ in sorted(vocabs[c].items(), key=lambda kv: kv[1])]
         for c in table.categorical}
+
+
+def read_ids(builder: RawBuilder, table: str, column: str) -> np.ndarray:
+  """The string id of each code of ``table``'s id column ``column`` (0: ``""``)."""
+  return id_vocab.read_ids(builder.data_dir, table, column)
 
 
 def dense_ids(raw_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -81,8 +81,15 @@ class DLCM(nn.Module):
   context); padding is excluded through the sequence lengths. Each candidate is
   scored from its GRU output ``o_i`` and ``s`` with an MLP on
   ``[o_i, s, o_i * s]``, DLCM's local ranking function in MLP form.
+
+  ``unroll=True`` runs the GRU as ``n`` unrolled steps of the same cell instead of
+  flax's scan (``nn.RNN``): the same parameters and the same logits
+  (``tests/models_test.py``), for graph exporters that cannot trace flax's lifted
+  scan (jax2onnx, ``serving/onnx_export.py``). Training keeps the scan, which
+  compiles one step body whatever ``n``.
   """
   config: config_lib.ModelConfig
+  unroll: bool = False
 
   @nn.compact
   def __call__(self, batch: batch_lib.ListBatch, train: bool = False,
@@ -94,9 +101,41 @@ class DLCM(nn.Module):
     lengths = mask.sum(-1).astype(jnp.int32)
     # Valid candidates are a prefix of the list (padding at the end), so reversing
     # the first `lengths` steps reads them from last to first.
-    carry, out = nn.RNN(nn.GRUCell(c.hidden, dtype=dt), reverse=True, keep_order=True,
-                        return_carry=True, name="gru")(x, seq_lengths=lengths)
+    cell = nn.GRUCell(c.hidden, dtype=dt)
+    if self.unroll:
+      carry, out = _reverse_gru_unrolled(cell, x, lengths)
+    else:
+      carry, out = nn.RNN(cell, reverse=True, keep_order=True, return_carry=True,
+                          name="gru")(x, seq_lengths=lengths)
     s = jnp.broadcast_to(carry[:, None, :], out.shape)
     h = jnp.concatenate([out, s, out * s], -1)
     h = dropout_lib.Dropout(c.dropout, deterministic=not train)(h)
     return per_set(head(h, c.hidden, dt), score_sets)
+
+
+def _reverse_gru_unrolled(cell: nn.GRUCell, x: jax.Array,
+                          lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``nn.RNN(cell, reverse=True, keep_order=True, return_carry=True)``, unrolled.
+
+  Step for step what flax's RNN does with ``seq_lengths``: each list's valid prefix
+  flipped (padding stays last, reversed, as ``flax.linen.recurrent.flip_sequences``
+  does), the cell over every position from the cell's zero carry, the carry after
+  the last valid step (``lengths - 1``, wrapping to the last step for an empty list,
+  as flax's indexing does), the outputs flipped back. Written with ``where`` rather
+  than flax's integer ``%``, which jax2onnx cannot lower with a symbolic batch.
+  """
+  n = x.shape[1]
+  t = jnp.arange(n)[None, :]
+  length = lengths[:, None]
+  # flip_sequences' index (n - 1 - t + L) % n, for 0 <= L <= n.
+  flip = jnp.where(t < length, length - 1 - t, n + length - 1 - t)[..., None]
+  xs = jnp.take_along_axis(x, flip, axis=1)
+  carry = cell.initialize_carry(jax.random.key(0), x[:, 0].shape)
+  carries, outs = [], []
+  for step in range(n):
+    carry, y = cell(carry, xs[:, step])
+    carries.append(carry)
+    outs.append(y)
+  last = jnp.where(lengths > 0, lengths - 1, n - 1)[:, None, None]
+  carry = jnp.take_along_axis(jnp.stack(carries, 1), last, axis=1)[:, 0]
+  return carry, jnp.take_along_axis(jnp.stack(outs, 1), flip, axis=1)

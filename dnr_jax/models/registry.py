@@ -20,14 +20,21 @@ BACKBONES = {"prm": listwise.PRM, "setrank": listwise.SetRank, "dlcm": listwise.
 RankFn = Callable[[jax.Array, dict, batch_lib.ListBatch], jax.Array]
 
 
-def make_reranker(config: config_lib.ModelConfig) -> nn.Module:
-  """The reranker module of ``config.backbone``."""
+def make_reranker(config: config_lib.ModelConfig, *, export: bool = False) -> nn.Module:
+  """The reranker module of ``config.backbone``.
+
+  ``export=True`` gives the formulation graph exporters trace (ONNX,
+  ``serving/onnx_export.py``): the same parameters and logits, no flax lifted
+  transform (DLCM's GRU unrolled, ``DLCM.unroll``).
+  """
   if config.backbone not in BACKBONES:
     raise ValueError(f"model.backbone={config.backbone!r} is not one of "
                      f"{sorted(BACKBONES)}")
   if config.score_usage not in config_lib.SCORE_USAGES:
     raise ValueError(f"model.score_usage={config.score_usage!r} is not one of "
                      f"{list(config_lib.SCORE_USAGES)}")
+  if export and config.backbone == "dlcm":
+    return listwise.DLCM(config, unroll=True)
   return BACKBONES[config.backbone](config)
 
 

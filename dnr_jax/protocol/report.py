@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -109,30 +109,44 @@ def summarize(rows: list[dict], k: int) -> list[dict]:
 
 
 def write_table(summary: list[dict], k: int, path_md: str, path_csv: str,
-                title: str, write: bool = True) -> str:
+                title: str, write: bool = True, *,
+                columns: Optional[Sequence[str]] = None, p_values: bool = True
+                ) -> str:
   """Writes the results table as Markdown and CSV (unless not ``write``); returns the
-  Markdown."""
-  heads = [h.format(k=k) for _, h in COLUMNS]
+  Markdown.
+
+  ``columns`` (metric keys of ``COLUMNS``, default all) and ``p_values`` (the
+  ΔN@K-vs-best-baseline column) leave out what a table cannot fill: a table of one
+  model against the upstream order (``serving.rerank_files``) has no baseline to
+  test against, and no shuffled-scores run.
+  """
+  shown = [(key, head) for key, head in COLUMNS
+           if columns is None or key in columns]
+  heads = [h.format(k=k) for _, h in shown]
   lines = [f"### {title}", "",
            "| backbone | method | " + " | ".join(heads)
-           + f" | ΔN@{k} vs best baseline (paired t-test p) |",
-           "|---|---|" + "---|" * len(heads) + "---|"]
+           + (f" | ΔN@{k} vs best baseline (paired t-test p) |" if p_values else " |"),
+           "|---|---|" + "---|" * len(heads) + ("---|" if p_values else "")]
+  notes = []
   with open(path_csv if write else os.devnull, "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(["backbone", "method", "n_seeds"]
                + [x for h in heads for x in (h, h + "_std")]
-               + ["p_vs", "delta_ndcg", "p_value"])
+               + (["p_vs", "delta_ndcg", "p_value"] if p_values else []))
     for r in summary:
       cells = [_mean_std(r["mean"][key], r["std"][key], r["n_seeds"])
-               if not math.isnan(r["mean"][key]) else "-" for key, _ in COLUMNS]
+               if not math.isnan(r["mean"][key]) else "-" for key, _ in shown]
       p = r.get("p_value")
       if r.get("failed"):
-        cells = ["FAILED"] * len(COLUMNS)
+        cells = ["FAILED"] * len(shown)
         seeds = ",".join(str(s) for s in r["failed_seeds"])
+        failed = f"diverged (seed {seeds} of {r['n_seeds']})"
         lines.append(f"| {r['backbone']} | {r['method']} | " + " | ".join(cells)
-                     + f" | diverged (seed {seeds} of {r['n_seeds']}) |")
+                     + (f" | {failed} |" if p_values else " |"))
+        if not p_values:
+          notes.append(f"FAILED: {r['backbone']} / {r['method']}: {failed}")
         w.writerow([r["backbone"], r["method"], r["n_seeds"]]
-                   + ["FAILED", ""] * len(COLUMNS) + ["", "", ""])
+                   + ["FAILED", ""] * len(shown) + (["", "", ""] if p_values else []))
         continue
       if p is None:
         p_cell = ""
@@ -142,22 +156,27 @@ def write_table(summary: list[dict], k: int, path_md: str, path_csv: str,
                   else f"{delta} vs {r['p_vs']} (p n/a: 1 seed)")
       if r.get("warned_seeds"):
         seeds = ",".join(str(s) for s in r["warned_seeds"])
-        p_cell = (p_cell + "; " if p_cell else "") + (
-            f"WARNING: scores collapsed or not finite (seed {seeds}), see metrics.jsonl")
+        warning = (f"WARNING: scores collapsed or not finite (seed {seeds}), see "
+                   "metrics.jsonl")
+        if p_values:
+          p_cell = (p_cell + "; " if p_cell else "") + warning
+        else:
+          notes.append(f"{r['backbone']} / {r['method']}: {warning}")
       lines.append(f"| {r['backbone']} | {r['method']} | " + " | ".join(cells)
-                   + f" | {p_cell} |")
+                   + (f" | {p_cell} |" if p_values else " |"))
       w.writerow([r["backbone"], r["method"], r["n_seeds"]]
-                 + [f"{100 * r[s][key]:.4f}" for key, _ in COLUMNS for s in ("mean", "std")]
-                 + [r.get("p_vs", ""),
-                    "" if p is None else f"{100 * r['delta_ndcg']:.4f}",
-                    "" if p is None else p])
+                 + [f"{100 * r[s][key]:.4f}" for key, _ in shown for s in ("mean", "std")]
+                 + ([r.get("p_vs", ""),
+                     "" if p is None else f"{100 * r['delta_ndcg']:.4f}",
+                     "" if p is None else p] if p_values else []))
   under = [r for r in summary if r.get("under_trained_seeds")]
-  if under:
-    lines += [""] + [
-        f"WARNING: {r['backbone']} / {r['method']}: the best validation epoch is the "
-        f"last epoch in seed(s) {', '.join(map(str, r['under_trained_seeds']))}: "
-        "possibly under-trained (raise --num_epochs or set --early_stopping_patience)."
-        for r in under]
+  notes += [
+      f"WARNING: {r['backbone']} / {r['method']}: the best validation epoch is the "
+      f"last epoch in seed(s) {', '.join(map(str, r['under_trained_seeds']))}: "
+      "possibly under-trained (raise --num_epochs or set --early_stopping_patience)."
+      for r in under]
+  if notes:
+    lines += [""] + notes
   md = "\n".join(lines) + "\n"
   if write:
     with open(path_md, "w") as f:

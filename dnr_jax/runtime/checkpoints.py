@@ -45,6 +45,7 @@ RESUME_MODES = config_lib.RESUME_MODES
 # resume below the checkpoint's epoch is refused in ``restore_latest``. The early-
 # stopping settings decide when training stops, not what an epoch computes.
 RESUMABLE_FIELDS = ("num_epochs", "early_stopping_patience", "early_stopping_min_delta",
+                    "early_stopping_min_epochs",
                     "log_every_steps", "checkpoint_every_epochs",
                     "keep_checkpoints", "eval_batch_size", "compile", "nonfinite",
                     "resume")

@@ -12,7 +12,10 @@ alone, which epoch is selected and whether to stop:
   trains ``num_epochs``, which is always the maximum);
 * **warm-up**: a method whose model generator switches on after ``warmup_epochs``
   (Algorithm 1) never stops before it has trained ``patience`` epochs with it, or a
-  plateau of the heuristic warm-up would silently turn DNR into its heuristic-only row.
+  plateau of the heuristic warm-up would silently turn DNR into its heuristic-only row;
+* **a minimum for every method** (``early_stopping_min_epochs``): no run stops
+  before that epoch, so that rows whose first epochs plateau train as long as the
+  DNR rows beside them must.
 
 Being a function of the history (which every checkpoint's metadata holds), the state
 survives a restart without being stored separately.
@@ -51,7 +54,8 @@ class Status:
 def min_epochs(config: config_lib.TrainConfig) -> int:
   """Epochs before early stopping may stop ``config``'s run (see module docstring)."""
   uses_generator = config_lib.generator_active(config, max(config.num_epochs - 1, 0))
-  return config.warmup_epochs + config.early_stopping_patience if uses_generator else 0
+  warmup = config.warmup_epochs + config.early_stopping_patience if uses_generator else 0
+  return max(warmup, config.early_stopping_min_epochs)
 
 
 def status(history: Sequence[dict], config: config_lib.TrainConfig, *,

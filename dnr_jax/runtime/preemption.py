@@ -26,8 +26,10 @@ class StopRequests:
   nothing and never requests a stop.
   """
 
-  def __init__(self, signals=SIGNALS):
+  def __init__(self, signals=SIGNALS, *,
+               then: str = "finishing the current step, then saving a checkpoint"):
     self._signals = tuple(signals)
+    self._then = then   # what the holder does on a stop request, for the log line
     self._previous: dict = {}
     self.requested: Optional[str] = None
 
@@ -43,8 +45,7 @@ class StopRequests:
         signal.raise_signal(signum)
       return
     self.requested = name
-    logging.warning("%s received: finishing the current step, then saving a checkpoint",
-                    name)
+    logging.warning("%s received: %s", name, self._then)
 
   def __enter__(self) -> "StopRequests":
     if threading.current_thread() is threading.main_thread():

@@ -1,8 +1,16 @@
-"""The reranker as a ``jax.export`` artifact with a symbolic batch dimension.
+"""The reranker as deployable files, each with a symbolic batch dimension.
 
-``export_reranker`` writes ``reranker.jax`` and ``signature.json`` (every input's
-name, dtype, shape, padding side and meaning, from ``batch.SCHEMA``), which
-``serving.exported`` loads with jax and numpy alone.
+``export_reranker`` writes ``signature.json`` (every input's name, dtype, shape,
+padding side and meaning, from ``batch.SCHEMA``) and, by ``formats``:
+
+* ``"jax"``: ``reranker.jax``, a ``jax.export`` artifact, which ``serving.exported``
+  loads with jax and numpy alone;
+* ``"onnx"``: ``reranker.onnx`` (``serving/onnx_export.py``), for ONNX Runtime, no
+  JAX needed;
+* ``"triton"``: the ONNX model as a Triton model repository, ``triton/<model>/``
+  (``serving/triton_repository.py``); implies ``"onnx"``.
+
+One signature and one vocabulary serve every format.
 """
 
 from __future__ import annotations
@@ -20,10 +28,13 @@ from dnr_jax import batch as batch_lib
 from dnr_jax import config as config_lib
 from dnr_jax import errors
 from dnr_jax import models
+from dnr_jax.serving import onnx_export
+from dnr_jax.serving import triton_repository
 from dnr_jax.serving.bundle import BUNDLE_FORMAT, VOCABULARY_DIR, Bundle
 
 EXPORT_FILE = "reranker.jax"
 SIGNATURE_FILE = "signature.json"
+FORMATS = ("jax", "onnx", "triton")
 # The exported function's inputs, in call order: every batch field but the labels.
 EXPORT_INPUTS = tuple(f for f in batch_lib.FIELDS if f != "labels")
 
@@ -48,23 +59,51 @@ def _scoring_function(bundle: Bundle):
   return score
 
 
-def export_reranker(bundle: Bundle, directory: str, *,
-                    list_size: Optional[int] = None, history_size: Optional[int] = None,
-                    platforms=("cpu", "cuda")) -> dict:
-  """Writes the reranker as a serialized ``jax.export`` artifact into ``directory``.
+def check_formats(formats) -> tuple[str, ...]:
+  """``formats`` as a tuple of known names (``"jax,onnx"`` is accepted too).
 
-  The parameters are baked into the artifact as constants; the batch dimension is
+  Raises ``ConfigError`` (one line) on an unknown name, and for ``"onnx"`` or
+  ``"triton"`` without the ``serve`` extra installed: a binary calls this before
+  any work.
+  """
+  if isinstance(formats, str):
+    formats = formats.split(",")
+  out = tuple(dict.fromkeys(f.strip() for f in formats if f.strip()))
+  unknown = [f for f in out if f not in FORMATS]
+  if unknown or not out:
+    raise errors.ConfigError(f"export formats {list(formats)}: choose from "
+                             f"{list(FORMATS)}")
+  if "onnx" in out or "triton" in out:
+    onnx_export.require_serve_extra()
+  return out
+
+
+def export_reranker(
+    bundle: Bundle, directory: str, *, formats=("jax",),
+    list_size: Optional[int] = None, history_size: Optional[int] = None,
+    platforms=("cpu", "cuda"),
+    triton_model_name: str = triton_repository.DEFAULT_MODEL_NAME,
+    triton_max_batch_size: int = triton_repository.DEFAULT_MAX_BATCH_SIZE) -> dict:
+  """Writes the reranker into ``directory`` in each of ``formats``.
+
+  The parameters are baked into every artifact as constants; the batch dimension is
   symbolic (``b``), ``n`` and ``H`` are those of the training lists (the bundle's
   ``meta``, unless given). Files:
-  ``reranker.jax`` (``jax.export.deserialize`` it), ``signature.json`` (inputs in
-  call order with names, dtypes, shapes and meaning; the output; the platforms) and
-  ``vocabulary/`` when the bundle has one. Exports for every platform of
-  ``platforms`` that lowers here, at least the first.
+  ``reranker.jax`` (``"jax"``: ``jax.export.deserialize`` it; exported for every
+  platform of ``platforms`` that lowers here, at least the first),
+  ``reranker.onnx`` (``"onnx"``: checked against JAX with ONNX Runtime on a few
+  random lists before it is written), ``triton/<triton_model_name>/`` (``"triton"``,
+  implies ``"onnx"``: ``config.pbtxt`` and ``1/model.onnx``, dynamic batching up to
+  ``triton_max_batch_size`` lists), ``signature.json`` (inputs in call order with
+  names, dtypes, shapes and meaning; the output; what each format wrote) and
+  ``vocabulary/`` when the bundle has one. ``"onnx"`` and ``"triton"`` need the
+  ``serve`` extra.
 
   Returns:
     The signature (as written to ``signature.json``).
   """
   from jax import export  # pylint: disable=g-import-not-at-top
+  formats = check_formats(formats)
   list_size = list_size or bundle.meta.get("list_size")
   history_size = history_size or bundle.meta.get("history_size")
   if not list_size or not history_size:
@@ -72,28 +111,33 @@ def export_reranker(bundle: Bundle, directory: str, *,
                                  "history_size unknown; pass them")
   (b,) = export.symbolic_shape("b")
   specs = _input_specs(bundle.config, list_size, history_size, b)
-  args = [jax.ShapeDtypeStruct(specs[k][0], specs[k][1]) for k in EXPORT_INPUTS]
-  fn = jax.jit(_scoring_function(bundle))
-  try:
-    exp = export.export(fn, platforms=tuple(platforms))(*args)
-  except Exception:  # pylint: disable=broad-except
-    if len(platforms) == 1:
-      raise
-    # One platform that does not lower here (no CUDA plug-in) must not stop the
-    # export for the others.
-    exp = export.export(fn, platforms=tuple(platforms[:1]))(*args)
+  exp = None
+  if "jax" in formats:
+    args = [jax.ShapeDtypeStruct(specs[k][0], specs[k][1]) for k in EXPORT_INPUTS]
+    fn = jax.jit(_scoring_function(bundle))
+    try:
+      exp = export.export(fn, platforms=tuple(platforms))(*args)
+    except Exception:  # pylint: disable=broad-except
+      if len(platforms) == 1:
+        raise
+      # One platform that does not lower here (no CUDA plug-in) must not stop the
+      # export for the others.
+      exp = export.export(fn, platforms=tuple(platforms[:1]))(*args)
   os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, f"{EXPORT_FILE}.tmp{os.getpid()}")
-  with open(tmp, "wb") as f:
-    f.write(exp.serialize())
-  os.replace(tmp, os.path.join(directory, EXPORT_FILE))
+  if exp is not None:
+    tmp = os.path.join(directory, f"{EXPORT_FILE}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+      f.write(exp.serialize())
+    os.replace(tmp, os.path.join(directory, EXPORT_FILE))
   if bundle.vocabulary_dir:
     shutil.rmtree(os.path.join(directory, VOCABULARY_DIR), ignore_errors=True)
     shutil.copytree(bundle.vocabulary_dir, os.path.join(directory, VOCABULARY_DIR))
   signature = {
       "format": BUNDLE_FORMAT,
-      "file": EXPORT_FILE,
-      "platforms": list(exp.platforms),
+      # The jax.export artifact (None when "jax" was not asked for).
+      "file": EXPORT_FILE if exp is not None else None,
+      "platforms": list(exp.platforms) if exp is not None else [],
+      "formats": list(formats),
       "inputs": [{"name": k, "dtype": np.dtype(specs[k][1]).name,
                   "shape": ["b" if d is b else int(d) for d in specs[k][0]],
                   "padding": batch_lib.SCHEMA[k].padding,
@@ -109,6 +153,16 @@ def export_reranker(bundle: Bundle, directory: str, *,
       "config": config_lib.to_dict(bundle.config),
       "meta": bundle.meta,
   }
+  if "onnx" in formats or "triton" in formats:
+    onnx_path = os.path.join(directory, onnx_export.ONNX_FILE)
+    signature["onnx"] = onnx_export.export_onnx(
+        bundle, onnx_path, inputs=EXPORT_INPUTS, list_size=list_size,
+        history_size=history_size,
+        check_arrays=example_arrays(bundle.config, 5, list_size, history_size))
+    if "triton" in formats:
+      signature["triton"] = triton_repository.write_repository(
+          directory, onnx_path, signature, model_name=triton_model_name,
+          max_batch_size=triton_max_batch_size)
   with open(os.path.join(directory, SIGNATURE_FILE), "w") as f:
     json.dump(signature, f, indent=2, default=str)
   return signature

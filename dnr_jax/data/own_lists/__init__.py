@@ -71,8 +71,9 @@ reader remembers the ids of the lists it has seen, to catch non-contiguous lists
 Layout: ``format`` (the constants above, ``OwnListsConfig``, the file-type check),
 ``sources`` (reading a file in chunks, typed columns), ``vocabulary``
 (``Vocabulary``, ``fit_vocabulary``), ``histories`` (``InteractionHistory``),
-``reader`` (``read_lists``, ``ListChunk``, ``ReadStats``), ``run_files``
-(``save_for_run``, ``load_from_run``), ``builder`` (``prepare_own_lists``, the cached
+``reader`` (``read_lists``, ``ListChunk``, ``ReadStats``,
+``TruncatedCandidates``), ``run_files`` (``save_for_run``, ``load_from_run``),
+``builder`` (``prepare_own_lists``, the cached
 ``dnr_own_lists`` TFDS data set) and ``sample`` (a generated example, NOT real data).
 Importing this package does not import TFDS: ``builder`` and ``sample`` load on first
 use of their names.
@@ -86,7 +87,8 @@ from dnr_jax.data.own_lists.format import (FORMAT_VERSION, INTERACTION_COLUMNS,
                                            OwnListsConfig, check_path,
                                            feature_columns, is_parquet)
 from dnr_jax.data.own_lists.histories import InteractionHistory
-from dnr_jax.data.own_lists.reader import ListChunk, ReadStats, read_lists
+from dnr_jax.data.own_lists.reader import (ListChunk, ReadStats,
+                                          TruncatedCandidates, read_lists)
 from dnr_jax.data.own_lists.run_files import load_from_run, save_for_run
 from dnr_jax.data.own_lists.sources import Source, header, row_count
 from dnr_jax.data.own_lists.vocabulary import Vocabulary, fit_vocabulary
@@ -103,8 +105,8 @@ __all__ = [
     "FORMAT_VERSION", "INTERACTION_COLUMNS", "REQUIRED", "RUN_FILE",
     "SCORE_TRANSFORMS", "SPLIT_MODES", "SPLITS", "VOCAB_FILE", "OwnListsConfig",
     "check_path", "feature_columns", "is_parquet", "InteractionHistory", "ListChunk",
-    "ReadStats", "read_lists", "load_from_run", "save_for_run", "Source", "header",
-    "row_count", "Vocabulary", "fit_vocabulary",
+    "ReadStats", "TruncatedCandidates", "read_lists", "load_from_run",
+    "save_for_run", "Source", "header", "row_count", "Vocabulary", "fit_vocabulary",
     # loaded on first use (_LAZY):
     "prepare_own_lists", "cache_key", "is_generated", "DnrOwnLists",
     "OWN_LISTS_VERSION", "ExampleConfig", "write_example", "ensure_example",

@@ -33,8 +33,6 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from dnr_jax import batch as batch_lib
-from dnr_jax.batch import FIELDS
 from dnr_jax.data import lists as lists_lib
 from dnr_jax.data import prepare, raw, types
 from dnr_jax.data.own_lists.format import (FORMAT_VERSION, SPLITS, OwnListsConfig,
@@ -47,7 +45,6 @@ from dnr_jax.errors import DataError
 
 # Bump when the arrays built from the same files change: older caches are rebuilt.
 OWN_LISTS_VERSION = "1.0.0"
-_LISTS_PER_RECORD = 1024
 
 
 def _data_dir(config: OwnListsConfig) -> str:
@@ -239,13 +236,10 @@ class DnrOwnLists(raw.Preparation, tfds.core.GeneratorBasedBuilder,
   def _info(self) -> tfds.core.DatasetInfo:
     c = self.builder_config
     h, n = c.data.history_size, c.data.list_size
-    shapes = batch_lib.array_shapes(list_size=n, history_size=h,
-                                    num_user_features=c.num_user_features,
-                                    num_item_features=c.num_item_features)
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            f: tfds.features.Tensor(shape=shapes[f], dtype=batch_lib.SCHEMA[f].dtype)
-            for f in FIELDS}),
+        features=prepare.list_features(list_size=n, history_size=h,
+                                       num_user_features=c.num_user_features,
+                                       num_item_features=c.num_item_features),
         metadata=tfds.core.MetadataDict(), disable_shuffling=True)
 
   def _split_generators(self, dl_manager):
@@ -262,12 +256,7 @@ class DnrOwnLists(raw.Preparation, tfds.core.GeneratorBasedBuilder,
 
   def _generate_examples(self, files: list[str]
                          ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
-    for f, path in enumerate(files):
-      with np.load(path) as split:
-        arrays = {k: split[k] for k in FIELDS}
-      for start in range(0, len(arrays["user"]), _LISTS_PER_RECORD):
-        yield f"{f:05d}-{start:09d}", {k: v[start:start + _LISTS_PER_RECORD]
-                                       for k, v in arrays.items()}
+    return prepare.list_records(files)
 
 
 def prepare_own_lists(config: OwnListsConfig) -> types.PreparedLists:

@@ -1,7 +1,10 @@
 """Histories from an interactions file: each list's user's last items before its time.
 
 The interactions are held in memory, sorted by (user, time), so that a chunk of lists
-finds its histories with a few binary searches.
+finds its histories with a few binary searches. Nothing checks that the two files
+count time in the same unit, and a wrong guess is silent (lists in milliseconds
+against interactions in seconds take every click as the past, the future included):
+``time_mismatch`` compares the two ranges, and the reader warns on the first chunk.
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ from dnr_jax.data.own_lists.format import (INTERACTION_COLUMNS, OwnListsConfig,
 from dnr_jax.data.own_lists.vocabulary import Vocabulary
 from dnr_jax.errors import DataError
 
+# Medians of the list and interaction times further apart than this factor are on
+# different clocks (1,000 between milliseconds and seconds, 86,400 seconds to days).
+TIME_RATIO = 100.0
+
 
 class InteractionHistory:
   """The users' interactions, indexed by (user, time), for the histories of lists.
@@ -26,12 +33,16 @@ class InteractionHistory:
   """
 
   def __init__(self, users: dict[str, int], key: np.ndarray, items: np.ndarray,
-               times: np.ndarray, stats: dict[str, int]):
+               times: np.ndarray, stats: dict[str, int], path: str = "",
+               time_range: tuple[float, float, float] | None = None):
     self._users = users
     self._key = key            # user * (T + 1) + rank of the time, sorted
     self._items = items
     self._times = times        # the distinct times, sorted
     self.stats = stats
+    self.path = path
+    # (min, median, max) of the interactions' times, None without interactions.
+    self.time_range = time_range
 
   @classmethod
   def load(cls, path: str, vocab: Vocabulary, config: OwnListsConfig
@@ -79,7 +90,39 @@ class InteractionHistory:
     logging.info("interactions %s: %d used for histories (%d negatives skipped, %d "
                  "unknown items)", path, stats["interactions"],
                  stats["negatives_skipped"], stats["unknown_items"])
-    return cls(users, key[order], item[order].astype(np.int32), distinct, stats)
+    time_range = ((float(when.min()), float(np.median(when)), float(when.max()))
+                  if len(when) else None)
+    return cls(users, key[order], item[order].astype(np.int32), distinct, stats,
+               path=path, time_range=time_range)
+
+  def time_mismatch(self, times: np.ndarray | None) -> str | None:
+    """Why the lists' ``times`` and the interactions' do not plausibly share a clock,
+    or ``None`` when they do.
+
+    Implausible: medians more than ``TIME_RATIO`` apart (milliseconds against
+    seconds, seconds against days), or every list before the first interaction
+    (no list gets a history). Lists entirely after the interactions are the ordinary
+    case of reranking new lists with the log so far, and pass.
+    """
+    if times is None or not len(times) or self.time_range is None:
+      return None
+    lo, med, hi = float(np.min(times)), float(np.median(times)), float(np.max(times))
+    ilo, imed, ihi = self.time_range
+    problem = None
+    ratio = max(med / imed, imed / med) if med > 0 and imed > 0 else 1.0
+    if ratio > TIME_RATIO:
+      problem = (f"their medians differ by a factor of {ratio:,.0f} (milliseconds "
+                 "against seconds?)")
+    elif hi < ilo:
+      problem = ("every list is older than the first interaction (no list gets a "
+                 "history)")
+    if problem is None:
+      return None
+    return (f"list and interaction times do not overlap plausibly: lists {lo:.6g} .. "
+            f"{hi:.6g} (median {med:.6g}), interactions in {self.path or '?'} "
+            f"{ilo:.6g} .. {ihi:.6g} (median {imed:.6g}): {problem}; a history holds "
+            "the interactions strictly before its list's time, so give both files' "
+            "times in the same unit")
 
   def lookup(self, users: pa.Array, times: np.ndarray, size: int
              ) -> tuple[np.ndarray, np.ndarray]:

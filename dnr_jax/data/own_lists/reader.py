@@ -62,6 +62,31 @@ class ReadStats:
 
 
 @dataclasses.dataclass
+class TruncatedCandidates:
+  """The candidates cut from a chunk's lists longer than ``n``, in upstream order.
+
+  Kept only on request (``read_lists(keep_truncated=True)``): reranking writes them
+  after each list's reranked ``n``, so that its output has one row per input
+  candidate; training never needs them.
+
+  Attributes:
+    lists: ``[R]`` the list of each candidate (index into the chunk's lists).
+    positions: ``[R]`` 1-based upstream positions (all ``> n``).
+    item_ids: ``[R]`` raw item ids (as in the file).
+    scores: ``[R]`` float32 upstream scores (after ``score_transform``).
+    labels: ``[R]`` float32 labels (0 when the file has none).
+  """
+  lists: np.ndarray
+  positions: np.ndarray
+  item_ids: np.ndarray
+  scores: np.ndarray
+  labels: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.lists)
+
+
+@dataclasses.dataclass
 class ListChunk:
   """Complete lists read from a lists file, in file order.
 
@@ -75,6 +100,8 @@ class ListChunk:
     stats: this chunk's ``ReadStats``.
     times: ``[L]`` float64 list times (``None`` without a ``time`` column).
     splits: ``[L]`` split names (``None`` without a ``split`` column).
+    truncated: the candidates cut to ``n`` (``read_lists(keep_truncated=True)``
+      only; else ``None``).
   """
   arrays: dict[str, np.ndarray]
   list_ids: np.ndarray
@@ -84,6 +111,7 @@ class ListChunk:
   stats: ReadStats
   times: np.ndarray | None = None
   splits: np.ndarray | None = None
+  truncated: TruncatedCandidates | None = None
 
   def __len__(self) -> int:
     return len(self.list_ids)
@@ -108,8 +136,12 @@ class _Reader:
   """Turns tables of complete lists into ``ListChunk``s (validating them)."""
 
   def __init__(self, src: sources.Source, vocab: Vocabulary, config: OwnListsConfig,
-               history: InteractionHistory | None, require_labels: bool):
+               history: InteractionHistory | None, require_labels: bool,
+               keep_truncated: bool = False):
     self.src, self.vocab, self.config, self.history = src, vocab, config, history
+    self.keep_truncated = keep_truncated
+    # The lists' times are compared with the interactions' once, on the first chunk.
+    self.times_checked = False
     names = src.names
     missing = [c for c in REQUIRED + (("label",) if require_labels else ())
                if c not in names]
@@ -255,6 +287,11 @@ class _Reader:
         raise DataError(f"{src.where(row0 + r, 'split')}: {splits[wrong[0]]!r} is not "
                         f"one of {list(SPLITS)}")
     if self.history is not None:
+      if not self.times_checked:
+        self.times_checked = True
+        mismatch = self.history.time_mismatch(times)
+        if mismatch:
+          logging.warning("%s: %s", src.path, mismatch)
       history, hmask = self.history.lookup(uid.take(first), times, h)
     elif self.use_history_column:
       history, hmask = self._history_column(table, starts, row0, look)
@@ -266,11 +303,20 @@ class _Reader:
               "scores": scores, "labels": labels, "mask": mask,
               "user_features": user_features, "item_features": item_features}
     assert tuple(arrays) == FIELDS
+    truncated = None
+    if self.keep_truncated:
+      cut = order[~keep]
+      truncated = TruncatedCandidates(
+          lists=run[cut], positions=(rank[~keep] + 1).astype(np.int32),
+          item_ids=np.asarray(table.column("item_id").combine_chunks().take(
+              pa.array(cut)).to_pylist(), object),
+          scores=score[cut].astype(np.float32), labels=label[cut].astype(np.float32))
     return ListChunk(arrays=arrays, list_ids=np.asarray(
         table.column("list_id").combine_chunks().take(first).to_pylist(), object),
         item_ids=item_ids, user_ids=np.asarray(
             table.column("user_id").combine_chunks().take(first).to_pylist(), object),
-        has_labels=self.has["label"], stats=stats, times=times, splits=splits)
+        has_labels=self.has["label"], stats=stats, times=times, splits=splits,
+        truncated=truncated)
 
   def _history_column(self, table, starts, row0, look):
     """Each list's history from its first row's ``history`` value (right-aligned)."""
@@ -299,7 +345,8 @@ class _Reader:
 
 def read_lists(path: str, *, vocab: Vocabulary, config: OwnListsConfig,
                history: InteractionHistory | None = None,
-               require_labels: bool = False) -> Iterator[ListChunk]:
+               require_labels: bool = False, keep_truncated: bool = False
+               ) -> Iterator[ListChunk]:
   """Streams the lists of a lists file as ``ListChunk``s of complete lists.
 
   Args:
@@ -310,6 +357,8 @@ def read_lists(path: str, *, vocab: Vocabulary, config: OwnListsConfig,
       ``None``: the file's ``history`` column if any, else empty histories.
       ``config.interactions`` is not read here: load it and pass it.
     require_labels: raise ``DataError`` when the file has no ``label`` column.
+    keep_truncated: also return the candidates cut from lists longer than ``n``
+      (``ListChunk.truncated``), for output that keeps every input row.
 
   Yields:
     ``ListChunk``s of about ``config.chunk_rows`` rows each (a list is never split
@@ -323,7 +372,7 @@ def read_lists(path: str, *, vocab: Vocabulary, config: OwnListsConfig,
   src = sources.Source(check_path(path, "lists"), (
       *REQUIRED, "label", "position", "time", "split", "history",
       *vocab.user_features, *vocab.item_features), config.chunk_rows)
-  reader = _Reader(src, vocab, config, history, require_labels)
+  reader = _Reader(src, vocab, config, history, require_labels, keep_truncated)
   pending, row0 = None, 0
   for table in src.batches():
     if pending is not None:
