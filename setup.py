@@ -10,8 +10,13 @@ import setuptools
 # tritonclient: ml-dtypes <= 0.5.4 and, for grpc, protobuf < 7), all within the
 # ranges above; the checkpoint, data, model and serving tests pass with
 # orbax-checkpoint 0.11.36, ml-dtypes 0.5.4 and protobuf 6.33.
+#
+# The online service (dnr_jax/serving/online/, experiments.serve): LitServe, pinned
+# to the minor version whose queue set-up service.py replaces (``_PipeQueueServer``),
+# prometheus-client for /metrics, and aiohttp for benchmarks.serving's clients.
 SERVE = ["jax2onnx>=0.17.1", "onnx>=1.23", "onnxruntime>=1.32",
-         "tritonclient[grpc]>=2.73"]
+         "tritonclient[grpc]>=2.73", "litserve>=0.2.19,<0.3",
+         "prometheus-client>=0.20", "aiohttp>=3.9"]
 
 setuptools.setup(
     name="dnr-jax",

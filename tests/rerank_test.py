@@ -15,7 +15,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dnr_jax import config as config_lib
 from dnr_jax import errors
 from dnr_jax.protocol import report as report_lib
 from dnr_jax.runtime import pipeline
@@ -25,57 +24,21 @@ from dnr_jax import serving
 from dnr_jax.runtime import runner as runner_lib
 from dnr_jax import train
 from dnr_jax.data import own_lists
-from dnr_jax.data.own_lists import sample as own_lists_sample
-from dnr_jax.data import types as data_types
+
+import tiny_runs  # pylint: disable=g-bad-import-order  (tests/tiny_runs.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = tuple(jax.devices()[:2])
 N, H = 10, 5
 
 
-def _read(path, config, vocab, history=None):
-  chunks = list(own_lists.read_lists(path, vocab=vocab, config=config,
-                                     history=history))
-  return {k: np.concatenate([c.arrays[k] for c in chunks]) for k in chunks[0].arrays}
+_read = tiny_runs.read_arrays
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   """A tiny c-score run on a generated own-lists example, with its bundle."""
-  root = tmp_path_factory.mktemp("rerank")
-  lists, inter = own_lists_sample.write_example(
-      str(root / "example"), own_lists_sample.ExampleConfig(
-          num_users=30, num_items=60, lists_per_user=4, min_candidates=6,
-          max_candidates=14))
-  data_config = own_lists.OwnListsConfig(lists=lists, interactions=inter, list_size=N,
-                                         history_size=H, chunk_rows=200)
-  vocab = own_lists.fit_vocabulary(data_config)
-  vocab_dir = str(root / "vocab")
-  vocab.save(vocab_dir)
-  history = own_lists.InteractionHistory.load(inter, vocab, data_config)
-  arrays = _read(lists, data_config, vocab, history)
-  cut = {"train": slice(0, 64), "valid": slice(64, 96), "test": slice(96, 120)}
-  data = data_types.PreparedLists(
-      splits={s: {k: v[c] for k, v in arrays.items()} for s, c in cut.items()},
-      num_items=vocab.num_items, num_users=vocab.num_users,
-      user_feature_vocab=vocab.user_feature_vocab,
-      item_feature_vocab=vocab.item_feature_vocab, name="generated", is_real=False)
-  cfg = config_lib.apply_method(config_lib.TrainConfig(
-      model=config_lib.ModelConfig(hidden=16, num_heads=2, dropout=0.1),
-      num_epochs=1, global_batch_size=32, eval_batch_size=32, log_every_steps=0,
-      eval_shuffled_scores=False), "c_score")
-  workdir = root / "workdir"
-  result = train.train_and_evaluate(cfg, data, str(workdir / "runs" / "prm" / "c_score"
-                                                   / "seed0"), devices=DEVICES)
-  bundle = serving.Bundle.from_result(
-      result, list_size=N, history_size=H, vocabulary_dir=vocab_dir,
-      data_config=dataclasses.asdict(data_config))
-  serving.save_bundle(str(workdir / "runs" / "prm" / "c_score" / "seed0" / "bundle"),
-                      bundle)
-  return types.SimpleNamespace(
-      root=root, lists=lists, inter=inter, workdir=str(workdir), arrays=arrays,
-      result=result, bundle=serving.load_bundle(str(workdir)), config=data_config,
-      vocab=vocab)
+  return tiny_runs.own_lists_run(tmp_path_factory.mktemp("rerank"), N, H, DEVICES)
 
 
 def _rerank(run, output, **kw):

@@ -1,0 +1,206 @@
+r"""Benchmark: the online service under load, beside the in-process scorer's ceiling.
+
+  python -m benchmarks.serving [--checkpoint=RUN] [--levels=1,8,32,128]
+
+Starts ``experiments.serve`` on a free localhost port (a process of its own), replays
+the lists of the run's own-lists example (one list per request, the requests built
+from the file with ``requests.request_bodies``) from ``c`` concurrent clients for each
+level ``c`` (aiohttp, keep-alive connections; at most ``--requests_per_level``
+requests and ``--seconds_per_level`` seconds per level, after ``--warmup`` requests),
+and prints one JSON line per level: lists/s, p50 / p95 / p99 latency (ms, client
+side), the mean batch size (the service's ``/metrics``), errors. Then, with the
+service stopped, the in-process scorer (``serving.Scorer``, the batch reranker's) on
+the same lists and model: its lists/s, the ceiling the service is compared with.
+
+Without ``--checkpoint`` it first trains the reranker of
+``experiments/configs/lists_example.flags`` (DNR-G, n = 20; about a minute on 2 CPU
+cores) into ``--workdir``. The clients run in this process, the service in its own:
+on a small machine they share the cores, as a sidecar load test would.
+"""
+
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+from absl import app, flags
+import numpy as np
+
+flags.DEFINE_string("checkpoint", None, "A trained own-lists run (default: train the "
+                    "lists_example reranker into --workdir).")
+flags.DEFINE_string("workdir", "/tmp/dnr_serving_bench", "Where the default run goes.")
+flags.DEFINE_list("levels", ["1", "8", "32", "128"], "Concurrent clients per level.")
+flags.DEFINE_integer("requests_per_level", 4000, "At most this many requests per level.")
+flags.DEFINE_float("seconds_per_level", 15.0, "At most this long per level.")
+flags.DEFINE_integer("warmup", 200, "Requests sent (at the level's concurrency) before "
+                     "the measurement.")
+flags.DEFINE_integer("max_batch_size", 64, "The service's --max_batch_size.")
+flags.DEFINE_float("batch_timeout_ms", 2.0, "The service's --batch_timeout_ms.")
+flags.DEFINE_integer("http_processes", 1, "The service's --http_processes.")
+flags.DEFINE_integer("scorer_lists", 8192, "Lists for the in-process scorer's timing.")
+flags.DEFINE_integer("scorer_batch_size", 0, "The in-process scorer's batch (0: the "
+                     "run's evaluation batch, as experiments.rerank).")
+FLAGS = flags.FLAGS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _checkpoint() -> str:
+  if FLAGS.checkpoint:
+    return FLAGS.checkpoint
+  run = os.path.join(FLAGS.workdir, "runs", "prm", "dnr_g", "seed0")
+  if not os.path.isdir(os.path.join(run, "bundle")):
+    print(f"training the lists_example reranker (DNR-G) into {FLAGS.workdir} ...",
+          file=sys.stderr, flush=True)
+    subprocess.run([sys.executable, "-m", "experiments.lists",
+                    "--flagfile=experiments/configs/lists_example.flags",
+                    "--methods=dnr_g", f"--workdir={FLAGS.workdir}", "--plots=false"],
+                   check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+  return run
+
+
+def _lists(bundle):
+  """The example's lists as request bodies (JSON bytes) and as arrays."""
+  from dnr_jax.data import own_lists  # pylint: disable=g-import-not-at-top
+  from dnr_jax.serving import rerank_files  # pylint: disable=g-import-not-at-top
+  from dnr_jax.serving.online import requests  # pylint: disable=g-import-not-at-top
+  config = rerank_files.data_config(bundle, lists=bundle.data_config["lists"],
+                                    interactions=bundle.data_config.get("interactions"))
+  vocab = bundle.vocabulary()
+  history = (own_lists.InteractionHistory.load(config.interactions, vocab, config)
+             if config.interactions else None)
+  bodies, chunks = [], []
+  for chunk in own_lists.read_lists(config.lists, vocab=vocab, config=config,
+                                    history=history):
+    bodies += requests.request_bodies(chunk, vocab, config.score_transform)
+    chunks.append(chunk.arrays)
+  arrays = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+  return [json.dumps(b).encode() for b in bodies], arrays
+
+
+def _get(url: str, timeout: float = 2.0) -> tuple[int, str]:
+  try:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+      return r.status, r.read().decode()
+  except urllib.error.HTTPError as e:
+    return e.code, ""
+  except OSError:
+    return 0, ""
+
+
+def _batch_stats(base: str) -> tuple[float, float]:
+  _, text = _get(base + "/metrics")
+  def value(name):
+    m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+  return value("dnr_batch_size_sum"), value("dnr_batch_size_count")
+
+
+async def _level(url: str, bodies: list, concurrency: int, count: int, seconds: float):
+  import aiohttp  # pylint: disable=g-import-not-at-top
+  latencies, errors = [], 0
+  sent = 0
+  deadline = time.perf_counter() + seconds
+  headers = {"Content-Type": "application/json"}
+  connector = aiohttp.TCPConnector(limit=concurrency)
+  async with aiohttp.ClientSession(connector=connector) as session:
+
+    async def client(k):
+      nonlocal sent, errors
+      while sent < count and time.perf_counter() < deadline:
+        body = bodies[sent % len(bodies)]
+        sent += 1
+        t0 = time.perf_counter()
+        try:
+          async with session.post(url, data=body, headers=headers) as r:
+            await r.read()
+            if r.status != 200:
+              errors += 1
+        except aiohttp.ClientError:
+          errors += 1
+        latencies.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(k) for k in range(concurrency)))
+    wall = time.perf_counter() - t0
+  return np.asarray(latencies), errors, wall
+
+
+def _scorer_lists_per_s(bundle, arrays) -> dict:
+  from dnr_jax.serving import Scorer  # pylint: disable=g-import-not-at-top
+  n = len(arrays["items"])
+  reps = -(-FLAGS.scorer_lists // n)
+  big = {k: np.concatenate([v] * reps)[:FLAGS.scorer_lists] for k, v in arrays.items()}
+  scorer = Scorer(bundle, batch_size=FLAGS.scorer_batch_size or None)
+  scorer.score({k: v[:scorer.batch_size] for k, v in big.items()})   # compile
+  times = []
+  for _ in range(3):
+    t0 = time.perf_counter()
+    scorer.score(big)
+    times.append(time.perf_counter() - t0)
+  return {"what": "in-process scorer", "lists": FLAGS.scorer_lists,
+          "batch_size": scorer.batch_size,
+          "lists_per_s": round(FLAGS.scorer_lists / min(times), 1)}
+
+
+def main(argv):
+  del argv
+  from dnr_jax import serving  # pylint: disable=g-import-not-at-top
+  checkpoint = _checkpoint()
+  bundle = serving.load_bundle(checkpoint)
+  bodies, arrays = _lists(bundle)
+  port = _free_port()
+  base = f"http://127.0.0.1:{port}"
+  cmd = [sys.executable, "-m", "experiments.serve", f"--checkpoint={checkpoint}",
+         f"--port={port}", f"--max_batch_size={FLAGS.max_batch_size}",
+         f"--batch_timeout_ms={FLAGS.batch_timeout_ms}",
+         f"--http_processes={FLAGS.http_processes}"]
+  print(f"starting: {' '.join(cmd)}", file=sys.stderr, flush=True)
+  server = subprocess.Popen(cmd, cwd=ROOT)
+  try:
+    t0 = time.time()
+    while _get(base + "/ready")[0] != 200:
+      if server.poll() is not None:
+        raise SystemExit(f"the service exited with status {server.returncode}")
+      if time.time() - t0 > 300:
+        raise SystemExit("the service was not ready after 300 s")
+      time.sleep(0.5)
+    print(json.dumps({"what": "service ready", "seconds": round(time.time() - t0, 1),
+                      "lists": len(bodies)}), flush=True)
+    for level in [int(x) for x in FLAGS.levels]:
+      asyncio.run(_level(base + "/rerank", bodies, level, FLAGS.warmup, 60))
+      s0, c0 = _batch_stats(base)
+      lat, errors, wall = asyncio.run(_level(base + "/rerank", bodies, level,
+                                             FLAGS.requests_per_level,
+                                             FLAGS.seconds_per_level))
+      s1, c1 = _batch_stats(base)
+      ms = lat * 1000
+      print(json.dumps({
+          "clients": level, "requests": len(lat), "errors": errors,
+          "lists_per_s": round(len(lat) / wall, 1),
+          "p50_ms": round(float(np.percentile(ms, 50)), 2),
+          "p95_ms": round(float(np.percentile(ms, 95)), 2),
+          "p99_ms": round(float(np.percentile(ms, 99)), 2),
+          "mean_batch": round((s1 - s0) / max(c1 - c0, 1), 2)}), flush=True)
+  finally:
+    server.terminate()
+    try:
+      server.wait(60)
+    except subprocess.TimeoutExpired:
+      server.kill()
+  print(json.dumps(_scorer_lists_per_s(bundle, arrays)), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,245 @@
+r"""Benchmark: LitServe, Ray Serve and BentoML under the same load, engine cost only.
+
+  python -m benchmarks.serving_engines [--engines=litserve,ray,bentoml] \
+      [--python_ray=/path/to/venv/bin/python] [--python_bentoml=...]
+
+How the service's engine was chosen (``docs/serving.md``). Each engine serves the
+same trivial batched endpoint: a request holds one list of 20 candidates with scores
+(the online request's shape), the "model" orders a whole batch by score with numpy,
+so what is measured is the engine: HTTP, batching, its processes. Each engine runs
+with dynamic batching (at most 64 lists, 2 ms wait) and one worker, in a process tree
+of its own started from ``--python_<engine>`` (engines whose dependencies conflict
+can live in their own virtualenvs: the app needs only the engine and numpy). Printed
+per engine, one JSON line: cold start (launch to the first answered request),
+lists/s and p50 / p99 latency from ``--clients`` concurrent aiohttp clients
+(``--requests`` requests or ``--seconds``), and the CPU the idle service burns
+(its process tree, over 5 s). Localhost only.
+"""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+from absl import app, flags
+import numpy as np
+
+flags.DEFINE_list("engines", ["litserve", "ray", "bentoml"], "Engines to measure.")
+flags.DEFINE_string("python_litserve", sys.executable, "Python with litserve.")
+flags.DEFINE_string("python_ray", sys.executable, "Python with ray[serve].")
+flags.DEFINE_string("python_bentoml", sys.executable, "Python with bentoml.")
+flags.DEFINE_integer("clients", 32, "Concurrent clients.")
+flags.DEFINE_integer("requests", 4000, "At most this many requests.")
+flags.DEFINE_float("seconds", 15.0, "At most this long.")
+FLAGS = flags.FLAGS
+
+# The shared "model": each list's candidates by score, highest first.
+_MODEL = '''
+import numpy as np
+
+def order(bodies):
+  out = []
+  for b in bodies:
+    s = np.asarray(b["scores"], np.float32)
+    idx = np.argsort(-s, kind="stable")
+    out.append({"item_ids": [b["item_ids"][i] for i in idx],
+                "scores": s[idx].tolist()})
+  return out
+'''
+
+APPS = {
+    "litserve": _MODEL + '''
+import sys
+import litserve as ls
+
+class Order(ls.LitAPI):
+  def setup(self, device):
+    pass
+  def decode_request(self, request):
+    return request
+  def batch(self, inputs):
+    return list(inputs)
+  def predict(self, x):
+    return order(x)
+  def unbatch(self, output):
+    return output
+  def encode_response(self, output):
+    return output
+
+if __name__ == "__main__":
+  api = Order(max_batch_size=64, batch_timeout=0.002, api_path="/rerank")
+  ls.LitServer(api, accelerator="cpu", devices=1).run(
+      host="127.0.0.1", port=int(sys.argv[1]), generate_client_file=False,
+      log_level="warning")
+''',
+    "ray": _MODEL + '''
+import sys, time
+import ray
+from ray import serve
+
+@serve.deployment(max_ongoing_requests=512)
+class Order:
+  @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
+  async def score(self, bodies):
+    return order(bodies)
+
+  async def __call__(self, request):
+    return await self.score(await request.json())
+
+if __name__ == "__main__":
+  ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+  serve.start(http_options={"host": "127.0.0.1", "port": int(sys.argv[1])})
+  serve.run(Order.bind(), route_prefix="/rerank")
+  while True:
+    time.sleep(3600)
+''',
+    "bentoml": _MODEL + '''
+import bentoml
+
+@bentoml.service(workers=1)
+class Order:
+  @bentoml.api(batchable=True, max_batch_size=64, max_latency_ms=10000, route="/rerank")
+  def rerank(self, bodies: list[dict]) -> list[dict]:
+    return order(bodies)
+''',
+}
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _body(rng, engine: str) -> bytes:
+  items = [f"sku-{i}" for i in rng.choice(10_000, 20, replace=False)]
+  body = {"user_id": "u", "item_ids": items,
+          "scores": [round(float(x), 4) for x in rng.random(20)]}
+  # BentoML's batchable API takes a batch per request: here a batch of one list.
+  return json.dumps({"bodies": [body]} if engine == "bentoml" else body).encode()
+
+
+def _post(url: str, body: bytes, timeout: float = 2.0) -> int:
+  req = urllib.request.Request(url, data=body,
+                               headers={"Content-Type": "application/json"})
+  try:
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+      r.read()
+      return r.status
+  except OSError:
+    return 0
+
+
+def _tree(pid: int) -> list[int]:
+  out, todo = [], [pid]
+  while todo:
+    p = todo.pop()
+    out.append(p)
+    try:
+      with open(f"/proc/{p}/task/{p}/children") as f:
+        todo += [int(c) for c in f.read().split()]
+    except OSError:
+      pass
+  return out
+
+
+def _cpu_seconds(pids) -> float:
+  total = 0.0
+  for p in pids:
+    try:
+      with open(f"/proc/{p}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+      total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+      pass
+  return total
+
+
+async def _load(url: str, bodies: list, clients: int, count: int, seconds: float):
+  import aiohttp  # pylint: disable=g-import-not-at-top
+  latencies, errors, sent = [], 0, 0
+  deadline = time.perf_counter() + seconds
+  headers = {"Content-Type": "application/json"}
+  async with aiohttp.ClientSession(
+      connector=aiohttp.TCPConnector(limit=clients)) as session:
+
+    async def client():
+      nonlocal sent, errors
+      while sent < count and time.perf_counter() < deadline:
+        body = bodies[sent % len(bodies)]
+        sent += 1
+        t0 = time.perf_counter()
+        try:
+          async with session.post(url, data=body, headers=headers) as r:
+            await r.read()
+            errors += r.status != 200
+        except aiohttp.ClientError:
+          errors += 1
+        latencies.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    wall = time.perf_counter() - t0
+  return np.asarray(latencies) * 1000, errors, wall
+
+
+def measure(engine: str, python: str, workdir: str) -> dict:
+  path = os.path.join(workdir, f"{engine}_app.py")
+  with open(path, "w") as f:
+    f.write(APPS[engine])
+  port = _free_port()
+  if engine == "bentoml":
+    cmd = [python, "-m", "bentoml", "serve", f"{engine}_app:Order", "--port",
+           str(port), "--host", "127.0.0.1"]
+  else:
+    cmd = [python, path, str(port)]
+  url = f"http://127.0.0.1:{port}/rerank"
+  rng = np.random.default_rng(0)
+  bodies = [_body(rng, engine) for _ in range(512)]
+  t0 = time.time()
+  proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, start_new_session=True)
+  try:
+    while _post(url, bodies[0]) != 200:
+      if proc.poll() is not None or time.time() - t0 > 180:
+        return {"engine": engine, "error": f"not serving (exit {proc.poll()})"}
+      time.sleep(0.2)
+    cold = time.time() - t0
+    asyncio.run(_load(url, bodies, FLAGS.clients, 200, 30))   # warm-up
+    time.sleep(1)
+    pids = _tree(proc.pid)
+    c0 = _cpu_seconds(pids)
+    time.sleep(5)
+    idle = (_cpu_seconds(pids) - c0) / 5
+    ms, errors, wall = asyncio.run(_load(url, bodies, FLAGS.clients, FLAGS.requests,
+                                         FLAGS.seconds))
+    return {"engine": engine, "cold_start_s": round(cold, 1),
+            "clients": FLAGS.clients, "requests": len(ms), "errors": errors,
+            "lists_per_s": round(len(ms) / wall, 1),
+            "p50_ms": round(float(np.percentile(ms, 50)), 2),
+            "p99_ms": round(float(np.percentile(ms, 99)), 2),
+            "idle_cpu_cores": round(idle, 3), "processes": len(pids)}
+  finally:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+      proc.wait(30)
+    except subprocess.TimeoutExpired:
+      os.killpg(proc.pid, signal.SIGKILL)
+
+
+def main(argv):
+  del argv
+  with tempfile.TemporaryDirectory() as workdir:
+    for engine in FLAGS.engines:
+      python = getattr(FLAGS, f"python_{engine}")
+      print(json.dumps(measure(engine, python, workdir)), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

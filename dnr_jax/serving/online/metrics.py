@@ -1,0 +1,74 @@
+"""The service's Prometheus metrics, shared by its processes.
+
+The service runs in several processes (LitServe: an HTTP process and an inference
+worker per device), so the metrics use ``prometheus_client``'s multiprocess mode:
+each process writes its own values under ``PROMETHEUS_MULTIPROC_DIR`` and ``/metrics``
+adds them up. The directory must be set before ``prometheus_client`` is imported in
+any of them (``use_directory``), and each process creates its metric objects after
+it started (``get``), never inheriting a parent's.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Latency buckets (seconds) around the service's targets (a p99 of 25 ms).
+LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.035, 0.05,
+                   0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+  """The metric objects of one process."""
+
+  def __init__(self):
+    import prometheus_client as pc  # pylint: disable=g-import-not-at-top
+    self.requests = pc.Counter("dnr_requests", "Rerank requests answered, by HTTP "
+                               "status code.", ["code"])
+    self.errors = pc.Counter("dnr_request_errors", "Rerank requests answered with an "
+                             "error (4xx: a bad request; 5xx: the service).", ["code"])
+    self.latency = pc.Histogram("dnr_request_latency_seconds", "Time from a rerank "
+                                "request's arrival to its reply, in the HTTP process.",
+                                buckets=LATENCY_BUCKETS)
+    self.batch_size = pc.Histogram("dnr_batch_size", "Lists per scoring batch (the "
+                                   "dynamic batcher's batches).", buckets=BATCH_BUCKETS)
+    self.lists = pc.Counter("dnr_lists_scored", "Lists scored by the reranker.")
+    self.unknown_ids = pc.Counter("dnr_unknown_ids", "Ids not in the run's vocabulary "
+                                  "(mapped to 0), by column.", ["column"])
+
+
+_METRICS: dict[int, Metrics] = {}
+
+
+def use_directory(directory: Optional[str] = None) -> str:
+  """Sets ``PROMETHEUS_MULTIPROC_DIR`` (a new temporary folder unless given or already
+  set) for this process and the ones it starts; returns it."""
+  directory = directory or os.environ.get(ENV) or tempfile.mkdtemp(prefix="dnr_prom_")
+  os.makedirs(directory, exist_ok=True)
+  os.environ[ENV] = directory
+  return directory
+
+
+def remove_directory(directory: str) -> None:
+  shutil.rmtree(directory, ignore_errors=True)
+
+
+def get() -> Metrics:
+  """This process's metrics (created on first use in each process)."""
+  pid = os.getpid()
+  if pid not in _METRICS:
+    _METRICS[pid] = Metrics()
+  return _METRICS[pid]
+
+
+def exposition() -> tuple[bytes, str]:
+  """``(body, content type)`` of every process's metrics, added up."""
+  import prometheus_client as pc  # pylint: disable=g-import-not-at-top
+  from prometheus_client import multiprocess  # pylint: disable=g-import-not-at-top
+  registry = pc.CollectorRegistry()
+  multiprocess.MultiProcessCollector(registry)
+  return pc.generate_latest(registry), pc.CONTENT_TYPE_LATEST

@@ -1,0 +1,353 @@
+"""One online reranking request: its JSON body, its checks, and a batch as arrays.
+
+A request holds one list in raw ids, as a ranking system sends it::
+
+  {"user_id": "u17",                       # required; a string or an integer
+   "item_ids": ["v3", "v9", "v1"],         # required; the candidates, upstream order
+   "scores": [0.91, 0.55, 0.40],           # required; their upstream scores
+   "history": ["v7", "v2"],                # optional; the user's items, oldest first
+   "features": {"u_age": "30",             # optional; user features: one value,
+                "i_genre": ["a", "b", "a"]},  # item features: one per candidate
+   "list_id": "req-1"}                     # optional; echoed back
+
+and gets back the candidates in the reranker's order::
+
+  {"list_id": "req-1", "item_ids": ["v9", "v3", "v1"],
+   "scores": [1.73, 0.20, -0.41], "reranked": 3, "unknown_ids": 0}
+
+``scores`` are the reranker's logits (higher = shown first; ``null`` for candidates
+past the reranker's ``n``, which follow the reranked ones in upstream order and are
+counted by ``reranked``). Ids map through the run's vocabulary exactly as
+``experiments.rerank`` maps a lists file (``dnr_jax.data.own_lists.read_lists``):
+unknown ids become 0 and are counted in ``unknown_ids``; a history keeps its last
+``H`` known items, right-aligned; a feature the request leaves out is 0 (unknown).
+
+``check_request`` validates one body and names the first problem in one line
+(``RequestError``: field and problem); ``encode`` turns a batch of checked requests
+into the ``dnr_jax.batch`` arrays; ``replies`` turns the batch's logits into the
+replies. The online service (``service``) checks each request in its HTTP process,
+so a bad request is answered 400 there and never reaches a batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from dnr_jax.errors import DataError
+
+# A history longer than this is refused: only its last H known items are read, and an
+# unbounded list is a way to make one request cost the whole batch.
+MAX_HISTORY = 10_000
+FIELDS = ("list_id", "user_id", "item_ids", "scores", "history", "features")
+
+
+class RequestError(DataError):
+  """A bad request: one line, ``"<field>: <problem>"``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestLimits:
+  """What a request may hold, from the reranker it is sent to.
+
+  Attributes:
+    list_size: ``n``, the candidates the reranker reads (the first ``n`` in upstream
+      order are reranked).
+    history_size: ``H``, the history items it reads.
+    max_candidates: the most candidates a request may send (``>= n``); those past
+      ``n`` are returned after the reranked ones, in upstream order.
+    score_transform: ``none`` (scores must lie in [0, 1]) or ``sigmoid`` (logits,
+      squashed as in training), from the run's data config.
+    user_features / item_features: the feature names the reranker was trained with.
+  """
+  list_size: int
+  history_size: int
+  max_candidates: int
+  score_transform: str = "none"
+  user_features: tuple[str, ...] = ()
+  item_features: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    if self.list_size < 1 or self.history_size < 1:
+      raise ValueError(f"list_size={self.list_size} and history_size="
+                       f"{self.history_size} must be >= 1")
+    if self.max_candidates < self.list_size:
+      raise ValueError(f"max_candidates={self.max_candidates} must be >= the "
+                       f"reranker's n={self.list_size}")
+
+  @classmethod
+  def from_bundle(cls, bundle, max_candidates: Optional[int] = None
+                  ) -> "RequestLimits":
+    """The limits of a trained own-lists bundle (``serving.load_bundle``)."""
+    vocab = bundle.vocabulary()
+    n = int(bundle.meta.get("list_size") or (bundle.data_config or {}).get("list_size"))
+    h = int(bundle.meta.get("history_size")
+            or (bundle.data_config or {}).get("history_size"))
+    return cls(list_size=n, history_size=h, max_candidates=max_candidates or n,
+               score_transform=(bundle.data_config or {}).get("score_transform",
+                                                              "none"),
+               user_features=tuple(vocab.user_features),
+               item_features=tuple(vocab.item_features))
+
+
+@dataclasses.dataclass
+class CheckedRequest:
+  """A request that passed ``check_request``: ids as text, scores as floats."""
+  user_id: str
+  item_ids: list[str]
+  scores: list[float]
+  history: list[str]
+  user_features: dict[str, str]
+  item_features: dict[str, list[str]]
+  list_id: Any = None
+  raw_item_ids: Optional[list] = None   # as sent (a reply gives them back as sent)
+
+
+def _id(value, where: str) -> str:
+  # 5 and "5" are one id, as in the lists files; a float or a bool is not an id.
+  if isinstance(value, bool) or not isinstance(value, (str, int)):
+    raise RequestError(f"{where}: an id is a string or an integer, not "
+                       f"{_show(value)}")
+  text = value if isinstance(value, str) else str(value)
+  if not text:
+    raise RequestError(f"{where}: empty id")
+  return text
+
+
+def _show(value) -> str:
+  text = repr(value)
+  return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _ids(values, where: str) -> list[str]:
+  if not isinstance(values, list):
+    raise RequestError(f"{where}: expected a list of ids, got {_show(values)}")
+  return [_id(v, f"{where}[{i}]") for i, v in enumerate(values)]
+
+
+def check_request(body: Any, limits: RequestLimits) -> CheckedRequest:
+  """Checks one request body (the parsed JSON) against ``limits``.
+
+  Returns:
+    the ``CheckedRequest``.
+
+  Raises:
+    RequestError: the first problem found, ``"<field>: <problem>"`` (a missing or
+      unknown field, a wrong type, lists of different lengths, a non-finite or
+      out-of-range score, a repeated candidate, too many candidates, an unknown
+      feature).
+  """
+  if not isinstance(body, Mapping):
+    raise RequestError(f"body: expected a JSON object, got {_show(body)}")
+  unknown = [k for k in body if k not in FIELDS]
+  if unknown:
+    raise RequestError(f"{unknown[0]}: unknown field (a request has {list(FIELDS)})")
+  for field in ("user_id", "item_ids", "scores"):
+    if field not in body or body[field] is None:
+      raise RequestError(f"{field}: missing (required)")
+  user = _id(body["user_id"], "user_id")
+  items = _ids(body["item_ids"], "item_ids")
+  if not items:
+    raise RequestError("item_ids: empty (a list needs at least one candidate)")
+  if len(items) > limits.max_candidates:
+    raise RequestError(f"item_ids: {len(items)} candidates, more than the "
+                       f"{limits.max_candidates} this service takes (max_candidates; "
+                       f"the reranker reads the first {limits.list_size})")
+  seen = set()
+  for i, item in enumerate(items):
+    if item in seen:
+      raise RequestError(f"item_ids[{i}]: {item!r} appears twice in the list")
+    seen.add(item)
+  raw_scores = body["scores"]
+  if not isinstance(raw_scores, list):
+    raise RequestError(f"scores: expected a list of numbers, got {_show(raw_scores)}")
+  if len(raw_scores) != len(items):
+    raise RequestError(f"scores: {len(raw_scores)} scores for {len(items)} item_ids "
+                       "(one score per candidate)")
+  scores = []
+  for i, s in enumerate(raw_scores):
+    if isinstance(s, bool) or not isinstance(s, (int, float)):
+      raise RequestError(f"scores[{i}]: expected a number, got {_show(s)}")
+    s = float(s)
+    if not math.isfinite(s):
+      raise RequestError(f"scores[{i}]: non-finite score {s}")
+    if limits.score_transform == "none" and not 0.0 <= s <= 1.0:
+      raise RequestError(f"scores[{i}]: {s:g} is outside [0, 1] (this reranker was "
+                         "trained on scores in [0, 1], score_transform=none)")
+    scores.append(s)
+  history = body.get("history")
+  history = [] if history is None else _ids(history, "history")
+  if len(history) > MAX_HISTORY:
+    raise RequestError(f"history: {len(history)} items, more than {MAX_HISTORY} (the "
+                       f"reranker reads the last {limits.history_size})")
+  features = body.get("features") or {}
+  if not isinstance(features, Mapping):
+    raise RequestError(f"features: expected an object of feature values, got "
+                       f"{_show(features)}")
+  user_features, item_features = {}, {}
+  for name, value in features.items():
+    if name in limits.user_features:
+      user_features[name] = _id(value, f"features.{name}")
+    elif name in limits.item_features:
+      values = _ids(value, f"features.{name}")
+      if len(values) != len(items):
+        raise RequestError(f"features.{name}: {len(values)} values for {len(items)} "
+                           "item_ids (one per candidate)")
+      item_features[name] = values
+    else:
+      known = list(limits.user_features + limits.item_features)
+      raise RequestError(f"features.{name}: not a feature of this reranker (it has "
+                         f"{known or 'none'})")
+  return CheckedRequest(user_id=user, item_ids=items, scores=scores, history=history,
+                        user_features=user_features, item_features=item_features,
+                        list_id=body.get("list_id"), raw_item_ids=list(body["item_ids"]))
+
+
+def _split_unknown(ids: np.ndarray, lengths: Sequence[int]) -> np.ndarray:
+  """Per request, how many of its ids (concatenated in ``ids``) are unknown (0)."""
+  if not len(ids):
+    return np.zeros(len(lengths), np.int64)
+  owner = np.repeat(np.arange(len(lengths)), lengths)
+  return np.bincount(owner, weights=ids == 0, minlength=len(lengths)).astype(np.int64)
+
+
+def encode(requests: Sequence[CheckedRequest], vocab, limits: RequestLimits
+           ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """The ``dnr_jax.batch`` arrays of a batch of checked requests.
+
+  Candidates are cut to ``n`` in upstream (request) order; ids go through
+  ``vocab.lookup`` once per column for the whole batch, as the lists-file reader
+  does it.
+
+  Returns:
+    ``(arrays, unknown)``: ``arrays`` the ``batch.FIELDS`` with leading axis the
+    requests (labels zero); ``unknown`` per column (``user``, ``item``,
+    ``history``, feature names), ``[B]`` counts of unknown ids per request.
+  """
+  b, n, h = len(requests), limits.list_size, limits.history_size
+  kept = [min(len(r.item_ids), n) for r in requests]
+  unknown = {}
+
+  def look(column, values, lengths, count_as=None):
+    ids = vocab.lookup(column, values)[0] if values else np.zeros(0, np.int32)
+    unknown[count_as or column] = unknown.get(count_as or column, 0) + _split_unknown(
+        ids, lengths)
+    return ids
+
+  lst = np.repeat(np.arange(b), kept)
+  slot = np.concatenate([np.arange(k) for k in kept]) if b else np.zeros(0, int)
+  items = np.zeros((b, n), np.int32)
+  items[lst, slot] = look("item", [i for r, k in zip(requests, kept)
+                                   for i in r.item_ids[:k]], kept)
+  scores = np.zeros((b, n), np.float32)
+  scores[lst, slot] = np.fromiter(
+      (s for r, k in zip(requests, kept) for s in r.scores[:k]), np.float64,
+      count=len(lst))
+  if limits.score_transform == "sigmoid":
+    scores[lst, slot] = 1.0 / (1.0 + np.exp(-scores[lst, slot]))
+  mask = np.zeros((b, n), bool)
+  mask[lst, slot] = True
+  user = look("user", [r.user_id for r in requests], [1] * b)
+  user_features = np.zeros((b, len(limits.user_features)), np.int32)
+  for j, c in enumerate(limits.user_features):
+    have = [i for i, r in enumerate(requests) if c in r.user_features]
+    if have:
+      user_features[have, j] = look(c, [requests[i].user_features[c] for i in have],
+                                    [1] * len(have))
+  item_features = np.zeros((b, n, len(limits.item_features)), np.int32)
+  for j, c in enumerate(limits.item_features):
+    have = [i for i, r in enumerate(requests) if c in r.item_features]
+    if have:
+      lengths = [kept[i] for i in have]
+      ids = look(c, [v for i in have for v in requests[i].item_features[c][:kept[i]]],
+                 lengths)
+      item_features[np.repeat(have, lengths),
+                    np.concatenate([np.arange(k) for k in lengths]), j] = ids
+  # Histories: unknown ids dropped, the last H known ones kept, right-aligned (the
+  # lists-file reader's rule for its ``history`` column).
+  lengths = [len(r.history) for r in requests]
+  ids = look("item", [i for r in requests for i in r.history], lengths, "history")
+  parent = np.repeat(np.arange(b), lengths)
+  known = ids > 0
+  ids, parent = ids[known], parent[known]
+  count = np.bincount(parent, minlength=b)
+  from_end = np.cumsum(count)[parent] - np.arange(len(ids)) - 1
+  keep = from_end < h
+  history = np.zeros((b, h), np.int32)
+  history_mask = np.zeros((b, h), bool)
+  history[parent[keep], h - 1 - from_end[keep]] = ids[keep]
+  history_mask[parent[keep], h - 1 - from_end[keep]] = True
+  arrays = {"user": user.astype(np.int32), "history": history,
+            "history_mask": history_mask, "items": items, "scores": scores,
+            "labels": np.zeros((b, n), np.float32), "mask": mask,
+            "user_features": user_features, "item_features": item_features}
+  return arrays, unknown
+
+
+def replies(requests: Sequence[CheckedRequest], logits: np.ndarray,
+            mask: np.ndarray, unknown: Mapping[str, np.ndarray]) -> list[dict]:
+  """One reply per request: its candidates in the new order and their logits.
+
+  The reranked candidates come first, ordered by logit (ties by upstream position,
+  ``serving.rerank``'s rule), then those past ``n`` in upstream order with a
+  ``null`` score.
+  """
+  from dnr_jax.serving.scorer import rerank  # pylint: disable=g-import-not-at-top
+  ranks = rerank(logits, mask)
+  total_unknown = sum(unknown.values()) if unknown else np.zeros(len(requests))
+  out = []
+  for i, r in enumerate(requests):
+    k = int(mask[i].sum())
+    order = np.argsort(ranks[i, :k], kind="stable")
+    raw = r.raw_item_ids if r.raw_item_ids is not None else r.item_ids
+    out.append({
+        "list_id": r.list_id,
+        "item_ids": [raw[j] for j in order] + list(raw[k:]),
+        "scores": [float(x) for x in logits[i, order]] + [None] * (len(r.item_ids) - k),
+        "reranked": k,
+        "unknown_ids": int(total_unknown[i]),
+    })
+  return out
+
+
+def request_bodies(chunk, vocab, score_transform: str = "none") -> list[dict]:
+  """The request bodies of a lists file's lists, as a client would send them.
+
+  ``chunk`` is a ``dnr_jax.data.own_lists.ListChunk`` (``read_lists``): its first
+  ``n`` candidates in upstream order, their scores (as the reranker read them, so a
+  ``sigmoid`` file's scores come back as logits), the history the reader built (known
+  items only, oldest first) and the feature values, raw ids through ``vocab``. For
+  replaying a lists file against the service (its benchmark and tests): the service
+  then scores exactly the arrays ``experiments.rerank`` scores.
+  """
+  a = chunk.arrays
+  item_text = vocab.columns["item"]
+  scores = a["scores"].astype(np.float64)
+  if score_transform == "sigmoid":
+    scores = np.log(scores) - np.log1p(-scores)
+
+  def raw(column, ids):
+    values = vocab.columns[column]
+    # An id the reader mapped to 0 (unknown) has no raw value; any id not in the
+    # vocabulary maps to 0 again.
+    return [values[i - 1] if i > 0 else f"<unknown {column}>" for i in ids]
+
+  bodies = []
+  for i in range(len(chunk)):
+    k = int(a["mask"][i].sum())
+    features = {c: raw(c, [int(a["user_features"][i, j])])[0]
+                for j, c in enumerate(vocab.user_features)}
+    features.update({c: raw(c, a["item_features"][i, :k, j].tolist())
+                     for j, c in enumerate(vocab.item_features)})
+    bodies.append({
+        "list_id": chunk.list_ids[i],
+        "user_id": chunk.user_ids[i],
+        "item_ids": list(chunk.item_ids[i, :k]),
+        "scores": [float(s) for s in scores[i, :k]],
+        "history": [item_text[h - 1] for h in a["history"][i][a["history_mask"][i]]],
+        "features": features,
+    })
+  return bodies

@@ -1,0 +1,142 @@
+"""Online requests (dnr_jax.serving.online.requests): checks, arrays, replies.
+
+In-process and without the serve extra: the service's HTTP side is in
+online_service_test.py.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from dnr_jax.data import own_lists
+from dnr_jax.data.own_lists import sample as own_lists_sample
+from dnr_jax.serving.online import requests
+
+N, H = 10, 5
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory):
+  root = tmp_path_factory.mktemp("online_requests")
+  lists, inter = own_lists_sample.write_example(
+      str(root / "example"), own_lists_sample.ExampleConfig(
+          num_users=30, num_items=60, lists_per_user=4, min_candidates=6,
+          max_candidates=14))
+  config = own_lists.OwnListsConfig(lists=lists, interactions=inter, list_size=N,
+                                    history_size=H, chunk_rows=200)
+  vocab = own_lists.fit_vocabulary(config)
+  history = own_lists.InteractionHistory.load(inter, vocab, config)
+  chunks = list(own_lists.read_lists(lists, vocab=vocab, config=config,
+                                     history=history))
+  limits = requests.RequestLimits(list_size=N, history_size=H, max_candidates=20,
+                                  user_features=vocab.user_features,
+                                  item_features=vocab.item_features)
+  return vocab, chunks, limits
+
+
+def _body(**over):
+  body = {"user_id": "u1", "item_ids": ["a", "b", "c"], "scores": [0.9, 0.5, 0.1]}
+  body.update(over)
+  return body
+
+
+LIMITS = requests.RequestLimits(list_size=2, history_size=3, max_candidates=4,
+                                user_features=("u_age",), item_features=("i_cat",))
+
+
+@pytest.mark.parametrize("body, field, words", [
+    (_body(user_id=None), "user_id", "missing"),
+    ({"item_ids": ["a"], "scores": [0.5]}, "user_id", "missing"),
+    (_body(item_ids=None), "item_ids", "missing"),
+    (_body(scores=[0.5, 0.5]), "scores", "2 scores for 3 item_ids"),
+    (_body(item_ids=[]), "item_ids", "empty"),
+    (_body(item_ids=["a", "b", "c", "d", "e"], scores=[0.1] * 5), "item_ids",
+     "5 candidates, more than the 4"),
+    (_body(item_ids=["a", 3.7, "c"]), "item_ids[1]", "not 3.7"),
+    (_body(item_ids=["a", True, "c"]), "item_ids[1]", "not True"),
+    (_body(item_ids=["a", "", "c"]), "item_ids[1]", "empty id"),
+    (_body(item_ids=["a", "b", "a"]), "item_ids[2]", "appears twice"),
+    (_body(item_ids="abc"), "item_ids", "expected a list"),
+    (_body(scores=[0.5, float("nan"), 0.1]), "scores[1]", "non-finite"),
+    (_body(scores=[0.5, float("inf"), 0.1]), "scores[1]", "non-finite"),
+    (_body(scores=[0.5, 1.5, 0.1]), "scores[1]", "outside [0, 1]"),
+    (_body(scores=[0.5, "high", 0.1]), "scores[1]", "expected a number"),
+    (_body(history=["a", None]), "history[1]", "not None"),
+    (_body(features={"u_age": ["1", "2"]}), "features.u_age", "not ['1', '2']"),
+    (_body(features={"i_cat": ["x"]}), "features.i_cat", "1 values for 3"),
+    (_body(features={"u_zip": "1"}), "features.u_zip", "not a feature"),
+    (_body(color="red"), "color", "unknown field"),
+    ([1, 2], "body", "expected a JSON object"),
+])
+def test_a_bad_request_is_named_in_one_line(body, field, words):
+  with pytest.raises(requests.RequestError) as e:
+    requests.check_request(body, LIMITS)
+  text = str(e.value)
+  assert text.startswith(f"{field}: ") and words in text and "\n" not in text
+
+
+def test_limits_refuse_max_candidates_below_n():
+  with pytest.raises(ValueError, match="max_candidates=3 must be >= the reranker's n=4"):
+    requests.RequestLimits(list_size=4, history_size=2, max_candidates=3)
+
+
+def test_logit_scores_are_accepted_with_the_sigmoid_transform():
+  limits = requests.RequestLimits(list_size=2, history_size=3, max_candidates=4,
+                                  score_transform="sigmoid")
+  checked = requests.check_request(_body(scores=[4.0, -1.0, 0.0]), limits)
+  assert checked.scores == [4.0, -1.0, 0.0]
+
+
+def test_requests_from_a_lists_file_encode_to_the_readers_arrays(example):
+  """A lists file replayed as requests gives the arrays experiments.rerank scores."""
+  vocab, chunks, limits = example
+  for chunk in chunks:
+    bodies = requests.request_bodies(chunk, vocab)
+    # Through JSON, as a client sends them.
+    checked = [requests.check_request(json.loads(json.dumps(b)), limits)
+               for b in bodies]
+    arrays, unknown = requests.encode(checked, vocab, limits)
+    assert set(arrays) == set(chunk.arrays)
+    for k, v in chunk.arrays.items():
+      if k != "labels":          # a request has none (zeros)
+        np.testing.assert_array_equal(arrays[k], v, err_msg=k)
+    assert not arrays["labels"].any()
+    assert all(int(c.sum()) == 0 for c in unknown.values())
+
+
+def test_unknown_ids_are_counted_per_request_and_histories_right_aligned(example):
+  vocab, _, limits = example
+  known = vocab.columns["item"][:4]
+  bodies = [
+      {"user_id": "nobody", "item_ids": [known[0], "new-1", "new-2"],
+       "scores": [0.2, 0.3, 0.4],
+       "history": [known[1], "gone", known[2], known[3], known[0], known[1], known[2]]},
+      {"user_id": vocab.columns["user"][0], "item_ids": [known[1]], "scores": [1.0],
+       "history": ["gone"]},
+  ]
+  checked = [requests.check_request(b, limits) for b in bodies]
+  arrays, unknown = requests.encode(checked, vocab, limits)
+  assert unknown["item"].tolist() == [2, 0]
+  assert unknown["user"].tolist() == [1, 0]
+  assert unknown["history"].tolist() == [1, 1]
+  ids = [vocab.lookup("item", [k])[0][0] for k in known]
+  # The last H = 5 known items, right-aligned; the unknown one dropped.
+  assert arrays["history"][0].tolist() == [ids[2], ids[3], ids[0], ids[1], ids[2]]
+  assert arrays["history_mask"][1].tolist() == [False] * H
+  assert arrays["items"][0, :3].tolist() == [ids[0], 0, 0]
+  assert arrays["mask"].sum(1).tolist() == [3, 1]
+
+
+def test_replies_order_by_logit_then_keep_the_candidates_past_n_in_upstream_order():
+  limits = requests.RequestLimits(list_size=3, history_size=2, max_candidates=5)
+  checked = requests.check_request(
+      {"user_id": 7, "item_ids": [10, "b", "c", "d", "e"], "scores": [0.1] * 5,
+       "list_id": "L"}, limits)
+  mask = np.array([[True, True, True]])
+  # Candidates 0 and 2 tie: upstream position breaks the tie.
+  logits = np.array([[0.5, 0.9, 0.5]], np.float32)
+  (reply,) = requests.replies([checked], logits, mask, {"item": np.array([0])})
+  assert reply == {"list_id": "L", "item_ids": ["b", 10, "c", "d", "e"],
+                   "scores": [pytest.approx(0.9), 0.5, 0.5, None, None],
+                   "reranked": 3, "unknown_ids": 0}

@@ -1,0 +1,309 @@
+"""The online service (experiments.serve) over real HTTP on a free localhost port.
+
+Starts the binary on a tiny trained own-lists run and talks to it with the standard
+library's HTTP client from several threads at once (so requests share batches):
+its scores equal experiments.rerank's for the same lists; a bad request in a batch
+gets its 400 and the others their replies; health, readiness and metrics answer;
+SIGTERM answers the requests in flight, then exits 0. Skipped without the serve
+extra (pip install -e ".[serve]").
+"""
+
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import jax
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from dnr_jax.data import own_lists
+from dnr_jax.serving import rerank_files
+from dnr_jax.serving.online import requests
+
+import tiny_runs  # pylint: disable=g-bad-import-order  (tests/tiny_runs.py)
+
+pytest.importorskip("litserve")
+pytest.importorskip("prometheus_client")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICES = tuple(jax.devices()[:2])
+N, H = 10, 5
+MAX_CANDIDATES = 20
+# The service scores with batch shapes of its own (powers of two on one device),
+# rerank with the run's evaluation batch on DEVICES: float32 rounding may differ.
+ATOL = 1e-5
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _call(url, body=None, timeout=60):
+  """``(status, parsed JSON or text)`` of a GET (no body) or a POST."""
+  data = None
+  if body is not None:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+  req = urllib.request.Request(url, data=data,
+                               headers={"Content-Type": "application/json"})
+  try:
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+      status, text = r.status, r.read().decode()
+  except urllib.error.HTTPError as e:
+    status, text = e.code, e.read().decode()
+  try:
+    return status, json.loads(text)
+  except ValueError:
+    return status, text
+
+
+class Service:
+  """``experiments.serve`` in a process of its own; stopped with SIGTERM."""
+
+  def __init__(self, checkpoint, tmp_path, *flags):
+    self.port = _free_port()
+    self.url = f"http://127.0.0.1:{self.port}"
+    self.log = open(tmp_path / f"serve-{self.port}.log", "w")
+    self.proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.serve", f"--checkpoint={checkpoint}",
+         f"--port={self.port}", *flags], cwd=ROOT, stdout=self.log,
+        stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while True:
+      if self.proc.poll() is not None:
+        raise AssertionError(f"the service exited ({self.proc.returncode}): "
+                             f"{open(self.log.name).read()[-3000:]}")
+      try:
+        if _call(self.url + "/ready", timeout=2)[0] == 200:
+          return
+      except OSError:
+        pass
+      if time.time() > deadline:
+        self.stop()
+        raise AssertionError("the service was not ready after 240 s")
+      time.sleep(0.3)
+
+  def rerank(self, body):
+    return _call(self.url + "/rerank", body)
+
+  def stop(self, timeout=90):
+    if self.proc.poll() is None:
+      self.proc.send_signal(signal.SIGTERM)
+      try:
+        self.proc.wait(timeout)
+      except subprocess.TimeoutExpired:
+        self.proc.kill()
+        self.proc.wait()
+    self.log.close()
+    return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  return tiny_runs.own_lists_run(tmp_path_factory.mktemp("online"), N, H, DEVICES)
+
+
+@pytest.fixture(scope="module")
+def service(run, tmp_path_factory):
+  s = Service(run.run_dir, tmp_path_factory.mktemp("online_logs"),
+              "--max_batch_size=8", "--batch_timeout_ms=20",
+              f"--max_candidates={MAX_CANDIDATES}")
+  yield s
+  assert s.stop() == 0
+
+
+def _bodies(run):
+  """Every list of the run's file as a request (first n candidates, read's history)."""
+  history = own_lists.InteractionHistory.load(run.inter, run.vocab, run.config)
+  bodies = []
+  for chunk in own_lists.read_lists(run.lists, vocab=run.vocab, config=run.config,
+                                    history=history):
+    bodies += requests.request_bodies(chunk, run.vocab)
+  return bodies
+
+
+def _concurrently(fn, items, workers=16):
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    return list(pool.map(fn, items))
+
+
+def test_scores_equal_experiments_rerank(run, service, tmp_path):
+  out = tmp_path / "reranked.parquet"
+  rerank_files.rerank_file(run.bundle, run.lists, str(out), interactions=run.inter,
+                           devices=DEVICES)
+  table = pq.read_table(out).filter(pq.read_table(out)["reranked"]).to_pydict()
+  want = {}
+  for lid, item, score in zip(table["list_id"], table["item_id"],
+                              table["reranker_score"]):
+    want.setdefault(lid, []).append((item, score))
+  bodies = _bodies(run)
+  replies = _concurrently(service.rerank, bodies)
+  worst = 0.0
+  for body, (status, reply) in zip(bodies, replies):
+    assert status == 200, reply
+    expected = want[body["list_id"]]
+    assert reply["list_id"] == body["list_id"]
+    assert reply["reranked"] == len(expected) == len(body["item_ids"])
+    got_score = dict(zip(reply["item_ids"], reply["scores"]))
+    diff = max(abs(got_score[i] - s) for i, s in expected)
+    worst = max(worst, diff)
+    assert diff <= ATOL, (body["list_id"], diff)
+    # The same order, but where two logits tie within the tolerance.
+    got = reply["item_ids"]
+    for k, (item, _) in enumerate(expected):
+      if got[k] != item:
+        assert abs(got_score[got[k]] - got_score[item]) <= 2 * ATOL
+  print(f"max |service - rerank| logit difference over {len(bodies)} lists: {worst:.2e}")
+  # The requests were batched (the dynamic batcher put several into one batch).
+  status, text = _call(service.url + "/metrics")
+  assert status == 200
+  count = float(_metric(text, "dnr_batch_size_count"))
+  scored = float(_metric(text, "dnr_lists_scored_total"))
+  assert scored >= len(bodies) and count < scored
+
+
+def _metric(text, name, labels=""):
+  for line in text.splitlines():
+    if line.startswith(name + labels + " "):
+      return line.rsplit(" ", 1)[1]
+  raise AssertionError(f"{name}{labels} not in /metrics:\n{text}")
+
+
+BAD = [
+    (b'{"user_id": "u", "item_ids": ["a"], "scores": [0.5]', "body: malformed JSON"),
+    (b"not json at all", "body: malformed JSON"),
+    ({"item_ids": ["a"], "scores": [0.5]}, "user_id: missing"),
+    ({"user_id": "u", "item_ids": ["a", "b"], "scores": [0.5]},
+     "scores: 1 scores for 2 item_ids"),
+    (b'{"user_id": "u", "item_ids": ["a"], "scores": [NaN]}',
+     "scores[0]: non-finite score nan"),
+    ({"user_id": "u", "item_ids": ["a"], "scores": [7.0]}, "scores[0]: 7 is outside"),
+    ({"user_id": "u", "item_ids": [f"x{i}" for i in range(MAX_CANDIDATES + 1)],
+      "scores": [0.5] * (MAX_CANDIDATES + 1)}, "item_ids: 21 candidates, more than"),
+    ({"user_id": "u", "item_ids": [1.5], "scores": [0.5]}, "item_ids[0]: an id is"),
+]
+
+
+def test_bad_requests_get_400_and_never_fail_their_batch(run, service):
+  good = _bodies(run)[:24]
+  alone = [service.rerank(b) for b in good[:4]]
+  mixed = good[:12] + [b for b, _ in BAD] + good[12:]
+  # A barrier so that good and bad requests reach the batcher together.
+  barrier = threading.Barrier(len(mixed))
+
+  def send(body):
+    barrier.wait()
+    return service.rerank(body)
+
+  answers = _concurrently(send, mixed, workers=len(mixed))
+  bad_answers = answers[12:12 + len(BAD)]
+  good_answers = answers[:12] + answers[12 + len(BAD):]
+  for (status, reply), (_, words) in zip(bad_answers, BAD):
+    assert status == 400, reply
+    assert set(reply) == {"error"} and reply["error"].startswith(words), reply
+    assert "\n" not in reply["error"]
+  assert all(status == 200 for status, _ in good_answers)
+  for (_, reply), (_, before) in zip(good_answers[:4], alone):
+    assert reply["item_ids"] == before["item_ids"]
+    np.testing.assert_allclose(reply["scores"], before["scores"], atol=ATOL)
+  # The server is still up, and counted the errors.
+  assert _call(service.url + "/healthz")[0] == 200
+  assert _call(service.url + "/ready")[0] == 200
+  text = _call(service.url + "/metrics")[1]
+  assert float(_metric(text, "dnr_request_errors_total", '{code="400"}')) >= len(BAD)
+
+
+def test_unknown_ids_and_candidates_past_n(run, service):
+  known = run.vocab.columns["item"][:N + 2]
+  body = {"user_id": "someone-new", "item_ids": known + ["new-a", "new-b"],
+          "scores": [0.5] * (N + 4), "history": ["never-seen", known[0]],
+          "list_id": 5}
+  text0 = _call(service.url + "/metrics")[1]
+  status, reply = service.rerank(body)
+  assert status == 200, reply
+  assert reply["reranked"] == N and reply["list_id"] == 5
+  # Past n: upstream order, no score.
+  assert reply["item_ids"][N:] == body["item_ids"][N:]
+  assert reply["scores"][N:] == [None] * 4
+  assert sorted(reply["item_ids"][:N]) == sorted(body["item_ids"][:N])
+  # The new user and the unseen history item (the new items are past n, unread).
+  assert reply["unknown_ids"] == 2
+  text1 = _call(service.url + "/metrics")[1]
+  for column in ("user", "history"):
+    before = float(_metric(text0, "dnr_unknown_ids_total", f'{{column="{column}"}}')
+                   if f'column="{column}"' in text0 else 0)
+    assert float(_metric(text1, "dnr_unknown_ids_total",
+                         f'{{column="{column}"}}')) == before + 1
+  assert "dnr_request_latency_seconds_bucket" in text1
+
+
+def test_sigterm_answers_the_requests_in_flight_then_exits_0(run, tmp_path):
+  # A long batch timeout keeps the requests waiting in the batcher when SIGTERM comes.
+  s = Service(run.run_dir, tmp_path, "--max_batch_size=32", "--batch_timeout_ms=1500")
+  bodies = _bodies(run)[:12]
+  with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+    futures = [pool.submit(s.rerank, b) for b in bodies]
+    time.sleep(0.5)
+    assert not any(f.done() for f in futures)
+    t0 = time.time()
+    s.proc.send_signal(signal.SIGTERM)
+    answers = [f.result(timeout=60) for f in futures]
+  assert [status for status, _ in answers] == [200] * len(bodies)
+  assert s.stop() == 0 and time.time() - t0 < 30
+  log = open(s.log.name).read()
+  assert "SIGTERM: draining" in log and "stopped" in log
+  # Nothing listens any more.
+  with pytest.raises(OSError):
+    urllib.request.urlopen(s.url + "/healthz", timeout=2)
+
+
+def test_a_bad_checkpoint_fails_in_one_line_before_any_process_starts(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.serve", f"--checkpoint={tmp_path}/none",
+       f"--port={_free_port()}"], cwd=ROOT, capture_output=True, text=True,
+      timeout=120)
+  assert proc.returncode == 4
+  assert proc.stderr.strip().splitlines()[-1].startswith("CheckpointError: --checkpoint=")
+
+
+def _json_lines(text):
+  return [json.loads(l) for l in text.splitlines() if l.startswith("{")]
+
+
+def test_serving_benchmark_prints_a_line_per_level(run):
+  pytest.importorskip("aiohttp")
+  proc = subprocess.run(
+      [sys.executable, "-m", "benchmarks.serving", f"--checkpoint={run.run_dir}",
+       "--levels=1,4", "--requests_per_level=40", "--seconds_per_level=10",
+       "--warmup=4", "--max_batch_size=8", "--scorer_lists=64"],
+      cwd=ROOT, capture_output=True, text=True, timeout=400)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = _json_lines(proc.stdout)
+  levels = [l for l in lines if "clients" in l]
+  assert [l["clients"] for l in levels] == [1, 4]
+  for l in levels:
+    assert l["errors"] == 0 and l["requests"] == 40 and l["lists_per_s"] > 0
+    assert 0 < l["p50_ms"] <= l["p95_ms"] <= l["p99_ms"] and l["mean_batch"] >= 1
+  assert lines[-1]["what"] == "in-process scorer" and lines[-1]["lists_per_s"] > 0
+
+
+def test_engine_benchmark_measures_litserve():
+  pytest.importorskip("aiohttp")
+  proc = subprocess.run(
+      [sys.executable, "-m", "benchmarks.serving_engines", "--engines=litserve",
+       "--clients=4", "--requests=40", "--seconds=10"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (line,) = _json_lines(proc.stdout)
+  assert line["engine"] == "litserve" and line["errors"] == 0, line
+  assert line["requests"] == 40 and line["p99_ms"] >= line["p50_ms"] > 0
