@@ -42,6 +42,12 @@ flags.DEFINE_float("valid_fraction", _D.valid_fraction, "Valid share of the list
                    "(split by time).")
 flags.DEFINE_float("test_fraction", _D.test_fraction, "Test share of the lists (the "
                    "latest).")
+flags.DEFINE_integer("min_id_count", _D.min_id_count, "Users and items seen fewer "
+                     "times (rows naming them, in every file) share the unknown row: "
+                     "bounds the tables of a long tail (1: every id its own row).")
+flags.DEFINE_integer("id_buckets", _D.id_buckets, "If > 0: user and item ids hashed "
+                     "into this many rows (a fixed table size, new ids included; ids "
+                     "may share rows). 0: one row per id.")
 flags.DEFINE_string("data_dir", None, "Where prepared data goes (default $DNR_DATA_DIR "
                     "or ~/.cache/dnr_jax/datasets).")
 flags.DEFINE_integer("example_users", 300, "Generated example: users.")
@@ -58,6 +64,7 @@ def data_config_from_flags() -> own_lists.OwnListsConfig:
       item_prefix=FLAGS.item_prefix, score_transform=FLAGS.score_transform,
       history_separator=FLAGS.history_separator, split=FLAGS.split,
       valid_fraction=FLAGS.valid_fraction, test_fraction=FLAGS.test_fraction,
+      min_id_count=FLAGS.min_id_count, id_buckets=FLAGS.id_buckets,
       data_dir=FLAGS.data_dir)
   config.validate()
   if FLAGS.interactions and not FLAGS.lists:

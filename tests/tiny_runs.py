@@ -23,16 +23,18 @@ def read_arrays(path, config, vocab, history=None):
   return {k: np.concatenate([c.arrays[k] for c in chunks]) for k in chunks[0].arrays}
 
 
-def own_lists_run(root, n, h, devices, method="c_score"):
+def own_lists_run(root, n, h, devices, method="c_score", **data_overrides):
   """A tiny one-epoch run on a generated own-lists example (120 lists, 6-14
   candidates, features, an interactions file), with its bundle under
-  ``<root>/workdir/runs/prm/<method>/seed0/bundle``."""
+  ``<root>/workdir/runs/prm/<method>/seed0/bundle``; ``data_overrides`` are
+  ``OwnListsConfig`` fields (``min_id_count=...``)."""
   lists, inter = own_lists_sample.write_example(
       str(root / "example"), own_lists_sample.ExampleConfig(
           num_users=30, num_items=60, lists_per_user=4, min_candidates=6,
           max_candidates=14))
   data_config = own_lists.OwnListsConfig(lists=lists, interactions=inter, list_size=n,
-                                         history_size=h, chunk_rows=200)
+                                         history_size=h, chunk_rows=200,
+                                         **data_overrides)
   vocab = own_lists.fit_vocabulary(data_config)
   vocab_dir = str(root / "vocab")
   vocab.save(vocab_dir)

@@ -105,6 +105,49 @@ def _time_cuts(times: np.ndarray, config: OwnListsConfig, path: str
   return float(t[n - n_test - n_valid]), float(t[n - n_test])
 
 
+class VocabularyShares:
+  """What the vocabulary's bounds cost the lists: the share of candidates, of
+  positives and of lists whose id fell into the unknown row 0 or a row several ids
+  share (``OwnListsConfig.min_id_count`` / ``id_buckets``)."""
+
+  def __init__(self, vocab):
+    self.vocab = vocab
+    self.counts = dict.fromkeys(
+        ("candidates", "positives", "lists", "candidates_unknown", "positives_unknown",
+         "lists_user_unknown", "candidates_shared", "positives_shared",
+         "lists_user_shared"), 0)
+
+  def add(self, arrays) -> None:
+    c = self.counts
+    mask, items = arrays["mask"], arrays["items"]
+    positive = mask & (arrays["labels"] > 0)
+    c["candidates"] += int(mask.sum())
+    c["positives"] += int(positive.sum())
+    c["lists"] += len(items)
+    c["candidates_unknown"] += int((mask & (items == 0)).sum())
+    c["positives_unknown"] += int((positive & (items == 0)).sum())
+    c["lists_user_unknown"] += int((arrays["user"] == 0).sum())
+    shared_items = self.vocab.shared_rows("item")
+    if shared_items is not None:
+      c["candidates_shared"] += int((mask & shared_items[items]).sum())
+      c["positives_shared"] += int((positive & shared_items[items]).sum())
+    shared_users = self.vocab.shared_rows("user")
+    if shared_users is not None:
+      c["lists_user_shared"] += int(shared_users[arrays["user"]].sum())
+
+  def report(self) -> dict[str, Any]:
+    c, v = self.counts, self.vocab
+    share = lambda a, b: c[a] / c[b] if c[b] else 0.0   # pylint: disable=unnecessary-lambda-assignment
+    mode = ("hashed" if v.buckets else "min_count" if v.min_count > 1 else "every id")
+    out = {"mode": mode, "min_id_count": v.min_count, "id_buckets": v.buckets,
+           "tables": v.stats, **c}
+    for what in ("unknown", "shared"):
+      out[f"candidates_{what}_share"] = share(f"candidates_{what}", "candidates")
+      out[f"positives_{what}_share"] = share(f"positives_{what}", "positives")
+      out[f"lists_user_{what}_share"] = share(f"lists_user_{what}", "lists")
+    return out
+
+
 @dataclasses.dataclass
 class Built:
   """What ``build`` made: list files per split (in the spill directory), metadata."""
@@ -132,9 +175,11 @@ def build(config: OwnListsConfig, spill_dir: str, vocab_dir: str) -> Built:
   total = ReadStats()
   chunk_files, keys = [], []
   size, total_rows, last_log = os.path.getsize(path), row_count(path), 0.0
+  bounds = VocabularyShares(vocab)
   for i, chunk in enumerate(read_lists(path, vocab=vocab, config=config,
                                        history=history, require_labels=True)):
     total += chunk.stats
+    bounds.add(chunk.arrays)
     chunk_files.append(os.path.join(spill_dir, f"chunk-{i:05d}.npz"))
     np.savez(chunk_files[-1], **chunk.arrays)
     if mode == "column":
@@ -187,6 +232,7 @@ def build(config: OwnListsConfig, spill_dir: str, vocab_dir: str) -> Built:
                  "interactions_file": config.interactions,
                  "history_source": ("interactions" if history else "history column"
                                     if "history" in names else "none"),
+                 "vocabulary": bounds.report(),
                  "seconds": time.time() - t0, "stage_seconds": seconds})
   if history is not None:
     report["interactions"] = history.stats
@@ -308,6 +354,21 @@ def _log_report(data: types.PreparedLists) -> None:
                r["items"], read["truncated_lists"], read["truncated_candidates"],
                read["padded_lists"], read["lists_without_history"], r["split_by"],
                r["history_source"])
+  v = r.get("vocabulary")
+  if v and v["mode"] != "every id":
+    how = (f"min_id_count={v['min_id_count']}" if v["mode"] == "min_count" else
+           f"id_buckets={v['id_buckets']}")
+    tables = "; ".join(
+        f"{c}: {t['seen']:,} ids seen, {t['rows']:,} rows" + (
+            f", {t['dropped']:,} below the count share row 0" if "dropped" in t else
+            f", {t['ids_in_shared_rows']:,} ids in {t['shared_rows']:,} shared rows")
+        for c, t in v["tables"].items())
+    logging.info("bounded vocabulary (%s): %s; candidates in the unknown row %.2f%% "
+                 "(positives %.2f%%), in shared rows %.2f%% (positives %.2f%%); lists "
+                 "whose user is unknown %.2f%%, shares a row %.2f%%", how, tables,
+                 100 * v["candidates_unknown_share"], 100 * v["positives_unknown_share"],
+                 100 * v["candidates_shared_share"], 100 * v["positives_shared_share"],
+                 100 * v["lists_user_unknown_share"], 100 * v["lists_user_shared_share"])
   if read["truncated_lists"]:
     logging.warning("%d of %d lists are longer than list_size and were cut to their "
                     "first candidates in upstream order", read["truncated_lists"],

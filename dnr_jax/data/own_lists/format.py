@@ -37,6 +37,13 @@ class OwnListsConfig:
     split: ``auto`` (the ``split`` column, else ``time``, else file order), or one of
       ``column`` / ``time`` / ``file_order`` explicitly.
     valid_fraction / test_fraction: of the lists, by time (split by time).
+    min_id_count: users and items seen fewer times than this (in the lists file,
+      its histories and the interactions file, every occurrence counted) share the
+      unknown row 0 instead of a row of their own: a bound on the tables of a long
+      tail of ids. 1 keeps every id.
+    id_buckets: if > 0, user and item ids are hashed into this many rows (1..N;
+      row 0 stays padding): tables of a fixed size whatever the catalogue, new ids
+      included, at the price of ids sharing rows. 0: one row per id.
     chunk_rows: rows read at once (the reader's memory bound).
     data_dir: where prepared data sets go (default ``raw.default_data_dir()``).
     name: a short description for logs and tables (default: the file's name).
@@ -52,6 +59,8 @@ class OwnListsConfig:
   split: str = "auto"
   valid_fraction: float = 0.1
   test_fraction: float = 0.1
+  min_id_count: int = 1
+  id_buckets: int = 0
   chunk_rows: int = 1 << 16
   data_dir: str | None = None
   name: str = ""
@@ -73,6 +82,16 @@ class OwnListsConfig:
         self.valid_fraction + self.test_fraction >= 1:
       raise ConfigError(f"own_lists.valid_fraction={self.valid_fraction} and "
                         f"test_fraction={self.test_fraction} must be > 0 and sum < 1")
+    if self.min_id_count < 1:
+      raise ConfigError(f"own_lists.min_id_count={self.min_id_count} must be >= 1 "
+                        "(1 keeps every id)")
+    if self.id_buckets < 0 or self.id_buckets == 1:
+      raise ConfigError(f"own_lists.id_buckets={self.id_buckets} must be 0 (one row "
+                        "per id) or >= 2")
+    if self.id_buckets and self.min_id_count > 1:
+      raise ConfigError(f"own_lists.id_buckets={self.id_buckets} and min_id_count="
+                        f"{self.min_id_count}: choose one way of bounding the tables "
+                        "(hashing keeps no per-id counts)")
     if not self.history_separator:
       raise ConfigError("own_lists.history_separator must not be empty")
 

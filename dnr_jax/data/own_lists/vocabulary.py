@@ -2,10 +2,16 @@
 
 Fitted on the files a data set is prepared from (``fit_vocabulary``) and saved beside
 it (``vocab.json``), so that inference maps new lists the way the model was trained.
+
+Two ways bound the user and item tables (``OwnListsConfig``): ``min_id_count`` keeps
+only the ids seen at least that often (the rest share the unknown row 0), and
+``id_buckets`` hashes ids into a fixed number of rows (``hash_rows``). Both are saved
+in ``vocab.json``, so reranking and serving map ids exactly as training did.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -35,42 +41,104 @@ def _to_arrow(raw) -> pa.Array:
   return pa.array(values)
 
 
+# The columns whose tables ``min_id_count`` and ``id_buckets`` bound.
+BOUNDED = ("user", "item")
+
+
+def hash_rows(values: Sequence[str], buckets: int) -> np.ndarray:
+  """Rows ``1..buckets`` of raw ids (text): BLAKE2b's first 8 bytes modulo
+  ``buckets``, the same in every process and on every machine (Python's ``hash`` is
+  salted per process)."""
+  out = np.fromiter(
+      (int.from_bytes(hashlib.blake2b(v.encode(), digest_size=8).digest(), "little")
+       % buckets for v in values), np.int64, count=len(values))
+  return (out + 1).astype(np.int32)
+
+
 class Vocabulary:
   """Raw ids (as text) to dense ids ``1..V-1`` per column; ``0`` = padding / unknown.
 
   Columns: ``"user"``, ``"item"`` and each feature column by name (``u_*``, ``i_*``).
   Ids are assigned in sorted text order, so a vocabulary depends on the set of ids
-  only, not on the order of the file.
+  only, not on the order of the file. With ``buckets`` the user and item columns keep
+  no ids: an id's row is ``hash_rows`` of it, and no id is unknown.
+
+  Attributes:
+    min_count / buckets: the bounds it was fitted with (``OwnListsConfig``'s
+      ``min_id_count`` / ``id_buckets``).
+    stats: per bounded column, what fitting saw: ``seen`` distinct ids, ``rows`` the
+      table's rows, ``dropped`` ids below ``min_count`` (sharing row 0),
+      ``shared_rows`` / ``ids_in_shared_rows`` rows holding several hashed ids.
   """
 
   def __init__(self, columns: Mapping[str, Sequence[str]],
-               user_features: Sequence[str] = (), item_features: Sequence[str] = ()):
+               user_features: Sequence[str] = (), item_features: Sequence[str] = (),
+               *, min_count: int = 1, buckets: int = 0,
+               stats: Mapping[str, Any] | None = None):
     self.columns = {k: list(v) for k, v in columns.items()}
     self.user_features = tuple(user_features)
     self.item_features = tuple(item_features)
+    self.min_count, self.buckets = int(min_count), int(buckets)
+    self.stats = dict(stats or {})
     for c in ("user", "item") + self.user_features + self.item_features:
       self.columns.setdefault(c, [])
     self._index: dict[str, dict[str, int]] = {}
     self._arrays: dict[str, pa.Array] = {}
+    self._shared: dict[str, np.ndarray] = {}
 
   @classmethod
   def fit(cls, values: Mapping[str, Iterable[Any]], user_features: Sequence[str] = (),
-          item_features: Sequence[str] = ()) -> "Vocabulary":
-    """The vocabulary of every value seen: ``values[column]`` yields arrays of raw ids
-    (anything ``pyarrow.array`` takes, chunk by chunk); nulls and empty strings are
-    not ids."""
-    out = {}
+          item_features: Sequence[str] = (), *, min_count: int = 1,
+          buckets: int = 0) -> "Vocabulary":
+    """The vocabulary of the values seen: ``values[column]`` yields arrays of raw ids
+    (anything ``pyarrow.array`` takes, chunk by chunk; every occurrence, so that
+    ``min_count`` can count them); nulls and empty strings are not ids."""
+    out, stats, shared = {}, {}, {}
     for column, chunks in values.items():
+      bounded = column in BOUNDED
+      counts: dict[str, int] = {}
       seen: set[str] = set()
       for chunk in chunks:
-        uniq = pc.unique(sources.text(_to_arrow(chunk))).to_pylist()
-        seen.update(v for v in uniq if v)
-      out[column] = sorted(seen)
-    return cls(out, user_features, item_features)
+        arr = sources.text(_to_arrow(chunk))
+        if bounded and min_count > 1:
+          vc = pc.value_counts(arr)
+          for v, c in zip(vc.field("values").to_pylist(),
+                          vc.field("counts").to_pylist()):
+            if v:
+              counts[v] = counts.get(v, 0) + c
+        else:
+          seen.update(v for v in pc.unique(arr).to_pylist() if v)
+      if counts:
+        seen = set(counts)
+      if bounded and buckets:
+        rows = np.bincount(hash_rows(sorted(seen), buckets), minlength=buckets + 1)
+        shared[column] = rows > 1
+        out[column] = []
+        stats[column] = {"seen": len(seen), "rows": buckets + 1,
+                         "shared_rows": int((rows > 1).sum()),
+                         "ids_in_shared_rows": int(rows[rows > 1].sum())}
+      elif bounded:
+        kept = sorted(v for v in seen if counts.get(v, min_count) >= min_count)
+        out[column] = kept
+        stats[column] = {"seen": len(seen), "rows": len(kept) + 1,
+                         "dropped": len(seen) - len(kept)}
+      else:
+        out[column] = sorted(seen)
+    vocab = cls(out, user_features, item_features, min_count=min_count,
+                buckets=buckets, stats=stats)
+    vocab._shared.update(shared)
+    return vocab
 
   def size(self, column: str) -> int:
     """Vocabulary size including the padding id 0 (what the models' tables need)."""
+    if self.buckets and column in BOUNDED:
+      return self.buckets + 1
     return len(self.columns[column]) + 1
+
+  def shared_rows(self, column: str) -> np.ndarray | None:
+    """``[size]`` bools: the rows that hold several ids seen when fitting (hashed
+    columns of a fitted vocabulary), else ``None``."""
+    return self._shared.get(column)
 
   @property
   def num_users(self) -> int:
@@ -96,6 +164,15 @@ class Vocabulary:
     arr = sources.text(_to_arrow(raw))
     if len(arr) == 0:
       return np.zeros((0,), np.int32), 0
+    if self.buckets and column in BOUNDED:
+      # Hashed: every id has a row, none is unknown; missing values are row 0.
+      enc = pc.dictionary_encode(arr)
+      uniq = enc.dictionary.to_pylist()
+      rows = np.append(np.where([bool(v) for v in uniq],
+                                hash_rows([v or "" for v in uniq], self.buckets), 0),
+                       0).astype(np.int32)
+      codes = enc.indices.fill_null(len(rows) - 1).to_numpy(zero_copy_only=False)
+      return rows[codes], 0
     values = self.columns[column]
     if len(values) <= 4 * len(arr):
       # Vectorised: pyarrow hashes the vocabulary per call, cheap while it is not
@@ -130,7 +207,8 @@ class Vocabulary:
     with open(path + ".tmp", "w", encoding="utf-8") as f:
       json.dump({"format_version": FORMAT_VERSION, "user_features":
                  list(self.user_features), "item_features": list(self.item_features),
-                 "columns": self.columns}, f)
+                 "min_count": self.min_count, "buckets": self.buckets,
+                 "stats": self.stats, "columns": self.columns}, f)
     os.replace(path + ".tmp", path)
     return path
 
@@ -140,14 +218,17 @@ class Vocabulary:
     try:
       with open(path, encoding="utf-8") as f:
         d = json.load(f)
-      return cls(d["columns"], d["user_features"], d["item_features"])
+      return cls(d["columns"], d["user_features"], d["item_features"],
+                 min_count=d.get("min_count", 1), buckets=d.get("buckets", 0),
+                 stats=d.get("stats"))
     except (OSError, ValueError, KeyError) as e:
       raise DataError(f"{path}: cannot read the vocabulary ({e})") from e
 
   def __eq__(self, other) -> bool:
-    return isinstance(other, Vocabulary) and (self.columns, self.user_features,
-                                              self.item_features) == (
-        other.columns, other.user_features, other.item_features)
+    return isinstance(other, Vocabulary) and (
+        self.columns, self.user_features, self.item_features, self.min_count,
+        self.buckets) == (other.columns, other.user_features, other.item_features,
+                          other.min_count, other.buckets)
 
 
 def fit_vocabulary(config: OwnListsConfig) -> Vocabulary:
@@ -162,6 +243,13 @@ def fit_vocabulary(config: OwnListsConfig) -> Vocabulary:
     if c not in names:
       raise DataError(f"{path}: missing column {c!r}; the header has {names}")
   values: dict[str, list[pa.Array]] = {c: [] for c in ("user", "item", *ufeat, *ifeat)}
+  counting = config.min_id_count > 1
+
+  def occurrences(col):
+    # Every occurrence when ids are counted (min_id_count), else the chunk's set.
+    text = sources.text(col)
+    return text if counting else pc.unique(text)
+
   t0, last, rows = time.time(), time.time(), 0
   total_rows = sources.row_count(path)
   for table in src.batches():
@@ -171,21 +259,22 @@ def fit_vocabulary(config: OwnListsConfig) -> Vocabulary:
       share = f", {100 * rows / total_rows:.0f}% of the file" if total_rows else ""
       logging.info("vocabulary: %d rows of %s read so far (%.0f rows/s%s)", rows, path,
                    rows / (last - t0), share)
-    values["user"].append(pc.unique(sources.text(table.column("user_id"))))
-    values["item"].append(pc.unique(sources.text(table.column("item_id"))))
+    values["user"].append(occurrences(table.column("user_id")))
+    values["item"].append(occurrences(table.column("item_id")))
     if "history" in table.column_names and config.interactions is None:
       try:
         hist = sources.history_values(table.column("history").combine_chunks(),
                                       config.history_separator)
       except (ValueError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
         raise DataError(f"{src.where(0, 'history')}: not a list of ids ({e})") from e
-      values["item"].append(pc.unique(pc.list_flatten(hist)))
+      values["item"].append(occurrences(pc.list_flatten(hist)))
     for c in ufeat + ifeat:
       values[c].append(pc.unique(sources.text(table.column(c))))
   if config.interactions:
     isrc = sources.Source(check_path(config.interactions, "interactions"),
                           ("user_id", "item_id"), config.chunk_rows)
     for table in isrc.batches():
-      values["user"].append(pc.unique(sources.text(table.column("user_id"))))
-      values["item"].append(pc.unique(sources.text(table.column("item_id"))))
-  return Vocabulary.fit(values, ufeat, ifeat)
+      values["user"].append(occurrences(table.column("user_id")))
+      values["item"].append(occurrences(table.column("item_id")))
+  return Vocabulary.fit(values, ufeat, ifeat, min_count=config.min_id_count,
+                        buckets=config.id_buckets)
