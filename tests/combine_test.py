@@ -77,8 +77,16 @@ def test_different_configs_of_a_row_are_refused_unless_ignored(tmp_path):
 def test_runs_of_other_data_are_refused(tmp_path):
   a = _file(tmp_path, "a", [_run("c_score", 0, 0.1)])
   b = _file(tmp_path, "b", [_run("c_score", 1, 0.1)], report_={"lists": 11})
-  with pytest.raises(ConfigError, match="another data set .* preparation report"):
+  with pytest.raises(ConfigError, match="another data set .* preparation report "
+                     "differs, first in lists: 11 vs 10"):
     combine.combine([a, b])
+  # How long the preparation took is no difference.
+  c = _file(tmp_path, "c", [_run("c_score", 1, 0.1)], report_={
+      "lists": 10, "seconds": 3.0, "stage_seconds": {"k_core": 0.1}})
+  assert combine.combine([a, c])["summary"][0]["n_seeds"] == 2
+  d = _file(tmp_path, "d", [_run("c_score", 2, 0.1)], data_name="KuaiRand")
+  with pytest.raises(ConfigError, match="another data set .*'KuaiRand' vs 'ML'"):
+    combine.combine([a, d])
   (tmp_path / "bad.json").write_text("{}")
   with pytest.raises(ConfigError, match="not a results.json"):
     combine.combine([str(tmp_path / "bad.json")])

@@ -76,15 +76,23 @@ def combine(paths: Sequence[str], *, ignore_fields: Sequence[str] = ()
   data, runs, sources, retriever = None, {}, {}, None
   for path in paths:
     d = _load(path)
-    key = (d["data"].get("name"), json.dumps(d["data"].get("report"), sort_keys=True,
-                                              default=str))
+    name = d["data"].get("name")
+    # What the preparation produced, not how long it took.
+    report_ = {k: v for k, v in _flat(d["data"].get("report") or {}).items()
+               if "seconds" not in k}
     if data is None:
-      data, data_key, first = d["data"], key, path
-    elif key != data_key:
-      what = "name" if key[0] != data_key[0] else "preparation report"
-      raise ConfigError(f"{path}: another data set than {first} (its {what} differs: "
-                        f"{key[0]!r} vs {data_key[0]!r}); only runs on the same "
-                        "prepared data combine into one table")
+      data, data_name, data_report, first = d["data"], name, report_, path
+    elif name != data_name:
+      raise ConfigError(f"{path}: another data set than {first} ({name!r} vs "
+                        f"{data_name!r}); only runs on the same prepared data "
+                        "combine into one table")
+    elif report_ != data_report:
+      k = sorted(k for k in set(report_) | set(data_report)
+                 if report_.get(k) != data_report.get(k))[0]
+      raise ConfigError(f"{path}: another data set than {first} (its preparation "
+                        f"report differs, first in {k}: {report_.get(k)!r} vs "
+                        f"{data_report.get(k)!r}); only runs on the same prepared "
+                        "data combine into one table")
     for r in d["runs"]:
       if r.get("method") == "retriever":
         retriever = r
