@@ -56,6 +56,12 @@ def test_seeds_from_several_files_make_one_table_with_t_tests(tmp_path):
     assert os.path.exists(tmp_path / "out" / name)
 
 
+def test_the_table_never_overwrites_an_input(tmp_path):
+  a = _file(tmp_path, "a", [_run("c_score", 0, 0.1)])
+  with pytest.raises(ConfigError, match="holds one of the combined results.json"):
+    combine.write(combine.combine([a]), str(tmp_path / "a"), "ML")
+
+
 def test_a_run_given_twice_is_taken_from_the_later_file(tmp_path):
   a = _file(tmp_path, "a", [_run("backbone", 0, 0.07)])
   b = _file(tmp_path, "b", [_run("backbone", 0, 0.13)])

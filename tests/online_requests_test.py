@@ -67,6 +67,9 @@ LIMITS = requests.RequestLimits(list_size=2, history_size=3, max_candidates=4,
     (_body(features={"i_cat": ["x"]}), "features.i_cat", "1 values for 3"),
     (_body(features={"u_zip": "1"}), "features.u_zip", "not a feature"),
     (_body(color="red"), "color", "unknown field"),
+    (_body(user_id="\ud800"), "user_id", "not valid Unicode"),
+    (_body(history=["a", "\udfff"]), "history[1]", "not valid Unicode"),
+    (_body(features=[]), "features", "expected an object"),
     ([1, 2], "body", "expected a JSON object"),
 ])
 def test_a_bad_request_is_named_in_one_line(body, field, words):
@@ -140,3 +143,24 @@ def test_replies_order_by_logit_then_keep_the_candidates_past_n_in_upstream_orde
   assert reply == {"list_id": "L", "item_ids": ["b", 10, "c", "d", "e"],
                    "scores": [pytest.approx(0.9), 0.5, 0.5, None, None],
                    "reranked": 3, "unknown_ids": 0}
+
+
+def test_features_sent_by_some_requests_of_a_batch_count_per_request(example):
+  """Unknown feature values are counted for the request that sent them only."""
+  vocab, _, limits = example
+  u, i = vocab.user_features[0], vocab.item_features[0]
+  item = vocab.columns["item"][0]
+  bodies = [
+      {"user_id": "x", "item_ids": [item], "scores": [0.5]},
+      {"user_id": "x", "item_ids": [item], "scores": [0.5],
+       "features": {u: "no-such-value", i: ["no-such-value"]}},
+      {"user_id": "x", "item_ids": [item], "scores": [0.5],
+       "features": {u: "no-such-value"}},
+  ]
+  checked = [requests.check_request(b, limits) for b in bodies]
+  arrays, unknown = requests.encode(checked, vocab, limits)
+  assert unknown[u].tolist() == [0, 1, 1] and unknown[i].tolist() == [0, 1, 0]
+  replies = requests.replies(checked, np.zeros((3, N), np.float32), arrays["mask"],
+                             unknown)
+  # The unknown user "x" in each, plus the request's own unknown feature values.
+  assert [r["unknown_ids"] for r in replies] == [1, 3, 2]

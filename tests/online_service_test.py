@@ -257,6 +257,10 @@ def test_sigterm_answers_the_requests_in_flight_then_exits_0(run, tmp_path):
     assert not any(f.done() for f in futures)
     t0 = time.time()
     s.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    # Draining: a new connection is refused at once, not queued unanswered.
+    with pytest.raises(ConnectionRefusedError):
+      socket.create_connection(("127.0.0.1", s.port), timeout=5).close()
     answers = [f.result(timeout=60) for f in futures]
   assert [status for status, _ in answers] == [200] * len(bodies)
   assert s.stop() == 0 and time.time() - t0 < 30
@@ -307,3 +311,17 @@ def test_engine_benchmark_measures_litserve():
   (line,) = _json_lines(proc.stdout)
   assert line["engine"] == "litserve" and line["errors"] == 0, line
   assert line["requests"] == 40 and line["p99_ms"] >= line["p50_ms"] > 0
+
+
+def test_service_config_refuses_what_would_misbehave(monkeypatch):
+  from dnr_jax import errors  # pylint: disable=g-import-not-at-top
+  from dnr_jax.serving.online import service  # pylint: disable=g-import-not-at-top
+  for bad, words in (({"batch_timeout_ms": 0}, "spins a core"),
+                     ({"max_batch_size": 48}, "power of two"),
+                     ({"port": 80}, "1024..65535"),
+                     ({"host": "10.0.0.1"}, "LitServe listens")):
+    with pytest.raises(errors.ConfigError, match=words):
+      service.ServiceConfig(checkpoint="x", **bad).validate()
+  monkeypatch.setenv("LIT_SERVER_API_KEY", "secret")
+  with pytest.raises(errors.ConfigError, match="no authentication"):
+    service.build_server(service.ServiceConfig(checkpoint="x"))

@@ -97,7 +97,11 @@ def combine(paths: Sequence[str], *, ignore_fields: Sequence[str] = ()
       if r.get("method") == "retriever":
         retriever = r
         continue
-      ident = (r["backbone"], r["method"], int(r["seed"]))
+      try:
+        ident = (r["backbone"], r["method"], int(r["seed"]))
+      except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: a run without backbone / method / seed ({e})"
+                          ) from e
       runs[ident] = r
       sources[ident] = path
   ignore = set(ignore_fields)
@@ -136,6 +140,10 @@ def combine(paths: Sequence[str], *, ignore_fields: Sequence[str] = ()
 def write(combined: dict, directory: str, title: str) -> str:
   """Writes ``results.md``, ``results.csv`` and ``results.json`` of ``combined``;
   returns the Markdown table."""
+  target = os.path.abspath(os.path.join(directory, "results.json"))
+  if target in {os.path.abspath(p) for p in combined["sources"].values()}:
+    raise ConfigError(f"{directory}: holds one of the combined results.json files; "
+                      "write the combined table into another folder")
   os.makedirs(directory, exist_ok=True)
   summary = combined["summary"]
   seeds = sorted({n for r in summary if r["method"] != "retriever"

@@ -147,7 +147,9 @@ def export_reranker(
                  "meaning": "reranker score of each candidate, higher = shown first; "
                             "meaningless at padding (mask it)"},
       "ids": "0 is padding and unknown; raw ids map to ids with vocabulary/ (own "
-             "lists)" if bundle.vocabulary_dir else
+             "lists; with vocab.json's buckets > 0, user and item ids are hashed: "
+             "1 + first 8 bytes of BLAKE2b(id), little-endian, mod buckets)"
+             if bundle.vocabulary_dir else
              "0 is padding; ids are the training data set's own",
       "vocabulary": VOCABULARY_DIR if bundle.vocabulary_dir else None,
       "config": config_lib.to_dict(bundle.config),

@@ -164,8 +164,9 @@ def build(config: OwnListsConfig, spill_dir: str, vocab_dir: str) -> Built:
   mode = _split_mode(config, names)
   vocab = fit_vocabulary(config)
   vocab.save(vocab_dir)
-  logging.info("vocabulary of %s: %d users, %d items, user features %s, item features "
-               "%s", path, vocab.num_users - 1, vocab.num_items - 1,
+  logging.info("vocabulary of %s: %d user rows, %d item rows (beside padding), user "
+               "features %s, item features %s", path, vocab.num_users - 1,
+               vocab.num_items - 1,
                dict(zip(vocab.user_features, vocab.user_feature_vocab)),
                dict(zip(vocab.item_features, vocab.item_feature_vocab)))
   seconds = {"vocabulary": time.time() - t0}

@@ -114,6 +114,11 @@ def _id(value, where: str) -> str:
   text = value if isinstance(value, str) else str(value)
   if not text:
     raise RequestError(f"{where}: empty id")
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    # Valid JSON ("\ud800"), but no id: caught here, it would fail a whole batch.
+    raise RequestError(f"{where}: not valid Unicode text ({e.reason})") from None
   return text
 
 
@@ -183,7 +188,8 @@ def check_request(body: Any, limits: RequestLimits) -> CheckedRequest:
   if len(history) > MAX_HISTORY:
     raise RequestError(f"history: {len(history)} items, more than {MAX_HISTORY} (the "
                        f"reranker reads the last {limits.history_size})")
-  features = body.get("features") or {}
+  features = body.get("features")
+  features = {} if features is None else features
   if not isinstance(features, Mapping):
     raise RequestError(f"features: expected an object of feature values, got "
                        f"{_show(features)}")
@@ -231,10 +237,13 @@ def encode(requests: Sequence[CheckedRequest], vocab, limits: RequestLimits
   kept = [min(len(r.item_ids), n) for r in requests]
   unknown = {}
 
-  def look(column, values, lengths, count_as=None):
+  def look(column, values, lengths, count_as=None, owners=None):
+    """Ids of ``values`` (``lengths[j]`` of them for request ``owners[j]``; default:
+    every request in order), their unknown ones counted per request."""
     ids = vocab.lookup(column, values)[0] if values else np.zeros(0, np.int32)
-    unknown[count_as or column] = unknown.get(count_as or column, 0) + _split_unknown(
-        ids, lengths)
+    counts = np.zeros(b, np.int64)
+    counts[np.arange(b) if owners is None else owners] = _split_unknown(ids, lengths)
+    unknown[count_as or column] = unknown.get(count_as or column, 0) + counts
     return ids
 
   lst = np.repeat(np.arange(b), kept)
@@ -256,14 +265,14 @@ def encode(requests: Sequence[CheckedRequest], vocab, limits: RequestLimits
     have = [i for i, r in enumerate(requests) if c in r.user_features]
     if have:
       user_features[have, j] = look(c, [requests[i].user_features[c] for i in have],
-                                    [1] * len(have))
+                                    [1] * len(have), owners=have)
   item_features = np.zeros((b, n, len(limits.item_features)), np.int32)
   for j, c in enumerate(limits.item_features):
     have = [i for i, r in enumerate(requests) if c in r.item_features]
     if have:
       lengths = [kept[i] for i in have]
       ids = look(c, [v for i in have for v in requests[i].item_features[c][:kept[i]]],
-                 lengths)
+                 lengths, owners=have)
       item_features[np.repeat(have, lengths),
                     np.concatenate([np.arange(k) for k in lengths]), j] = ids
   # Histories: unknown ids dropped, the last H known ones kept, right-aligned (the
@@ -319,12 +328,15 @@ def request_bodies(chunk, vocab, score_transform: str = "none") -> list[dict]:
   ``chunk`` is a ``dnr_jax.data.own_lists.ListChunk`` (``read_lists``): its first
   ``n`` candidates in upstream order, their scores (as the reranker read them, so a
   ``sigmoid`` file's scores come back as logits), the history the reader built (known
-  items only, oldest first) and the feature values, raw ids through ``vocab``. For
+  items only, oldest first; none with a hashed vocabulary, which keeps no raw ids)
+  and the feature values, raw ids through ``vocab``. For
   replaying a lists file against the service (its benchmark and tests): the service
   then scores exactly the arrays ``experiments.rerank`` scores.
   """
   a = chunk.arrays
-  item_text = vocab.columns["item"]
+  # A hashed vocabulary keeps no raw ids, so the histories the reader built cannot be
+  # turned back into ids: the bodies then carry none.
+  item_text = None if vocab.buckets else vocab.columns["item"]
   scores = a["scores"].astype(np.float64)
   if score_transform == "sigmoid":
     scores = np.log(scores) - np.log1p(-scores)
@@ -347,7 +359,8 @@ def request_bodies(chunk, vocab, score_transform: str = "none") -> list[dict]:
         "user_id": chunk.user_ids[i],
         "item_ids": list(chunk.item_ids[i, :k]),
         "scores": [float(s) for s in scores[i, :k]],
-        "history": [item_text[h - 1] for h in a["history"][i][a["history_mask"][i]]],
+        "history": ([] if item_text is None else
+                    [item_text[h - 1] for h in a["history"][i][a["history_mask"][i]]]),
         "features": features,
     })
   return bodies

@@ -15,15 +15,21 @@ inference worker per device, started by this (the main) process.
   endpoint's pydantic body): a bad one is answered 400 with ``{"error": "<field>:
   <problem>"}`` there and never joins a batch, so it cannot fail the requests batched
   with it. Malformed JSON is a 400 too.
-* ``GET /healthz``: 200 while the HTTP process answers (liveness). ``GET /ready``: 200
-  once the worker has loaded the reranker and compiled every batch size, 503 before
-  (readiness). ``GET /metrics``: Prometheus (``metrics``). ``GET /info``: the model.
-* SIGTERM or SIGINT to the main process drains: the HTTP process stops accepting
-  connections and answers the requests it holds (uvicorn's graceful shutdown, waited
-  for up to ``drain_timeout_s``), then the worker is stopped and the process exits
-  with status 0. The worker ignores both signals until the drain is done, so a signal
-  sent to the whole process group (Ctrl-C in a terminal, a container runtime's stop)
-  cannot drop the requests in flight.
+* The port opens once the worker has loaded the reranker and compiled every batch
+  size (LitServe starts its HTTP server after the workers are ready): until then a
+  connection is refused, so give a Kubernetes-style startup probe room for the
+  compile. Then ``GET /ready`` (readiness) and ``GET /healthz`` (liveness) answer 200;
+  ``/ready`` answers 503 if the worker is not ready. ``GET /metrics``: Prometheus
+  (``metrics``). ``GET /info``: the model.
+* SIGTERM or SIGINT to the main process drains: the listening socket is closed (new
+  connections are refused at once), the HTTP process answers the requests it holds
+  (uvicorn's graceful shutdown, at most ``drain_timeout_s``), then the worker is
+  stopped and the process exits with status 0. The worker ignores both signals until
+  the drain is done (or its parent is gone), so a signal sent to the whole process
+  group (Ctrl-C in a terminal, a container runtime's stop) cannot drop the requests in
+  flight.
+* No authentication: put the service behind your gateway's. (LitServe's
+  ``LIT_SERVER_API_KEY`` is refused rather than silently ignored.)
 """
 
 import dataclasses
@@ -31,6 +37,7 @@ import json
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import time
 from typing import Any, Callable, Optional
@@ -64,8 +71,9 @@ class ServiceConfig:
       interfaces).
     max_batch_size: the most lists scored in one batch (a power of two: every batch
       is padded to one).
-    batch_timeout_ms: how long the batcher waits for a batch to fill, once a request
-      is waiting (0: take what is there).
+    batch_timeout_ms: how long the batcher collects requests for one batch (> 0; it
+      is also how long an idle worker blocks between polls of its queue: LitServe's
+      batcher busy-waits at 0).
     max_candidates: the most candidates a request may send (0: the reranker's ``n``);
       those past ``n`` come back after the reranked ones, in upstream order.
     request_timeout_s: a request waiting longer than this for the worker gets 504.
@@ -90,8 +98,9 @@ class ServiceConfig:
     if self.max_batch_size < 1 or self.max_batch_size & (self.max_batch_size - 1):
       raise errors.ConfigError(f"max_batch_size={self.max_batch_size} must be a power "
                                "of two (batches are padded to one)")
-    if self.batch_timeout_ms < 0:
-      raise errors.ConfigError(f"batch_timeout_ms={self.batch_timeout_ms} must be >= 0")
+    if self.batch_timeout_ms <= 0:
+      raise errors.ConfigError(f"batch_timeout_ms={self.batch_timeout_ms} must be > 0 "
+                               "(at 0 LitServe's batcher spins a core while idle)")
     if self.max_candidates < 0:
       raise errors.ConfigError(f"max_candidates={self.max_candidates} must be >= 0")
     if not 1024 <= self.port <= 65535:
@@ -166,6 +175,7 @@ class RerankAPI(ls.LitAPI):
     # until then, whatever signal the process group received.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, self._on_term)
+    self.parent = os.getppid()
     import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
     from dnr_jax.runtime import runner as runner_lib  # pylint: disable=g-import-not-at-top
@@ -188,7 +198,9 @@ class RerankAPI(ls.LitAPI):
 
   def _on_term(self, signum, frame):
     del signum, frame
-    if self.drained.is_set():
+    # After the drain, or when the main process is gone (killed outright: nobody
+    # will drain), a SIGTERM stops the worker; before, it is the main process's job.
+    if self.drained.is_set() or os.getppid() != self.parent:
       sys.exit(0)
 
   def _score(self, batch):
@@ -249,8 +261,17 @@ class _PipeQueueServer(ls.LitServer):
   the worker spawned, so both inherit them) behave the same for its loops. Its
   ``fast_queue=True`` (ZeroMQ replies) is no alternative here: in 0.2.19 the flag
   never reaches the transport (``TransportConfig`` gets an unknown keyword), and
-  forced on, the replies never arrived. ``_init_manager`` is LitServe's; setup.py
-  pins the minor version this was written against.
+  forced on, the replies never arrived. ``_init_manager`` and ``_start_server`` are
+  LitServe's private methods: setup.py pins the release they were written against.
+
+  ``_start_server`` also keeps the listening sockets (``listening``), so that the
+  drain can shut them down: closing uvicorn's copy is not enough, since the main
+  process and LitServe's manager process (forked after the socket was bound) hold
+  copies too, and the port would go on queueing connections in a backlog that nobody
+  accepts from any more. ``shutdown`` acts on the socket itself, in every process.
+
+  A caveat of pipes: an HTTP process killed outright (SIGKILL) while writing to the
+  request queue can leave it locked for the others; a drain never does that.
   """
 
   def _init_manager(self, num_api_servers):
@@ -261,6 +282,12 @@ class _PipeQueueServer(ls.LitServer):
     self._transport = MPQueueTransport(manager,
                                        [ctx.Queue() for _ in range(num_api_servers)])
     return manager
+
+  def _start_server(self, port, num_uvicorn_servers, log_level, sockets,
+                    uvicorn_worker_type, **kwargs):
+    self.listening = list(sockets)
+    return super()._start_server(port, num_uvicorn_servers, log_level, sockets,
+                                 uvicorn_worker_type, **kwargs)
 
 
 class _RequestMetrics:
@@ -274,7 +301,7 @@ class _RequestMetrics:
       await self.app(scope, receive, send)
       return
     t0 = time.perf_counter()
-    status = [500]
+    status = [499]   # nginx's "client closed request": no reply was started
 
     async def send_status(message):
       if message["type"] == "http.response.start":
@@ -303,6 +330,11 @@ def build_server(config: ServiceConfig, log: Callable[[str], None] = logging.inf
   from fastapi.responses import JSONResponse, Response  # pylint: disable=g-import-not-at-top
   from dnr_jax.serving import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
   config.validate()
+  if os.environ.get("LIT_SERVER_API_KEY"):
+    raise errors.ConfigError(
+        "LIT_SERVER_API_KEY is set, but this service has no authentication (its "
+        "requests would not be checked against it): unset it and put the service "
+        "behind your gateway's authentication")
   bundle = bundle_lib.load_bundle(config.checkpoint)
   limits = requests_lib.RequestLimits.from_bundle(bundle, config.max_candidates or None)
   _LIMITS = limits
@@ -315,6 +347,10 @@ def build_server(config: ServiceConfig, log: Callable[[str], None] = logging.inf
       api, accelerator="cpu", devices=1,
       timeout=config.request_timeout_s, healthcheck_path=READY_PATH,
       middlewares=[_RequestMetrics],
+      # A body is refused (413) before it is parsed past this: room for the most
+      # candidates and history ids a request may hold, at 256 bytes each.
+      max_payload_size=65536 + 256 * (limits.max_candidates * (
+          2 + len(limits.item_features)) + requests_lib.MAX_HISTORY),
       model_metadata={"checkpoint": bundle.directory,
                       "backbone": bundle.config.model.backbone,
                       "method": bundle.config.method,
@@ -336,6 +372,8 @@ def build_server(config: ServiceConfig, log: Callable[[str], None] = logging.inf
     body, content_type = metrics_lib.exposition()
     return Response(body, media_type=content_type)
 
+  # uvicorn's graceful shutdown is the drain: bound it by the config.
+  server.uvicorn_graceful_timeout = config.drain_timeout_s
   server.app.add_exception_handler(RequestValidationError, bad_request)
   server.app.add_api_route(LIVE_PATH, live, methods=["GET"])
   server.app.add_api_route(METRICS_PATH, prometheus, methods=["GET"])
@@ -373,6 +411,12 @@ def serve(config: ServiceConfig, log: Callable[[str], None] = logging.info) -> N
               if p.name.startswith(_HTTP_PROCESS)]
       log(f"{name}: draining (no new connections; answering the requests in flight, "
           f"at most {config.drain_timeout_s:g}s)")
+      # New connections are refused from here on; accepted ones are answered.
+      for sock in getattr(server, "listening", ()):
+        try:
+          sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+          pass
       for p in http:
         try:
           os.kill(p.pid, signal.SIGTERM)
