@@ -12,8 +12,8 @@ import setuptools
 # orbax-checkpoint 0.11.36, ml-dtypes 0.5.4 and protobuf 6.33.
 #
 # The online service (dnr_jax/serving/online/, experiments.serve): LitServe, pinned
-# to the release whose private queue and socket set-up service.py overrides
-# (``_PipeQueueServer``),
+# to the release whose private queue and socket set-up online/server.py overrides
+# (``PipeQueueServer``),
 # prometheus-client for /metrics, and aiohttp for benchmarks.serving's clients.
 SERVE = ["jax2onnx>=0.17.1", "onnx>=1.23", "onnxruntime>=1.32",
          "tritonclient[grpc]>=2.73", "litserve==0.2.19",

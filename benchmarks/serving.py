@@ -31,6 +31,8 @@ import urllib.request
 from absl import app, flags
 import numpy as np
 
+from benchmarks import http_load
+
 flags.DEFINE_string("checkpoint", None, "A trained own-lists run (default: train the "
                     "lists_example reranker into --workdir).")
 flags.DEFINE_string("workdir", "/tmp/dnr_serving_bench", "Where the default run goes.")
@@ -107,36 +109,6 @@ def _batch_stats(base: str) -> tuple[float, float]:
   return value("dnr_batch_size_sum"), value("dnr_batch_size_count")
 
 
-async def _level(url: str, bodies: list, concurrency: int, count: int, seconds: float):
-  import aiohttp  # pylint: disable=g-import-not-at-top
-  latencies, errors = [], 0
-  sent = 0
-  deadline = time.perf_counter() + seconds
-  headers = {"Content-Type": "application/json"}
-  connector = aiohttp.TCPConnector(limit=concurrency)
-  async with aiohttp.ClientSession(connector=connector) as session:
-
-    async def client(k):
-      nonlocal sent, errors
-      while sent < count and time.perf_counter() < deadline:
-        body = bodies[sent % len(bodies)]
-        sent += 1
-        t0 = time.perf_counter()
-        try:
-          async with session.post(url, data=body, headers=headers) as r:
-            await r.read()
-            if r.status != 200:
-              errors += 1
-        except aiohttp.ClientError:
-          errors += 1
-        latencies.append(time.perf_counter() - t0)
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(client(k) for k in range(concurrency)))
-    wall = time.perf_counter() - t0
-  return np.asarray(latencies), errors, wall
-
-
 def _scorer_lists_per_s(bundle, arrays) -> dict:
   from dnr_jax.serving import Scorer  # pylint: disable=g-import-not-at-top
   n = len(arrays["items"])
@@ -179,9 +151,9 @@ def main(argv):
     print(json.dumps({"what": "service ready", "seconds": round(time.time() - t0, 1),
                       "lists": len(bodies)}), flush=True)
     for level in [int(x) for x in FLAGS.levels]:
-      asyncio.run(_level(base + "/rerank", bodies, level, FLAGS.warmup, 60))
+      asyncio.run(http_load.drive(base + "/rerank", bodies, level, FLAGS.warmup, 60))
       s0, c0 = _batch_stats(base)
-      lat, errors, wall = asyncio.run(_level(base + "/rerank", bodies, level,
+      lat, errors, wall = asyncio.run(http_load.drive(base + "/rerank", bodies, level,
                                              FLAGS.requests_per_level,
                                              FLAGS.seconds_per_level))
       s1, c1 = _batch_stats(base)

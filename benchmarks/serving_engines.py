@@ -30,6 +30,8 @@ import urllib.request
 from absl import app, flags
 import numpy as np
 
+from benchmarks import http_load
+
 flags.DEFINE_list("engines", ["litserve", "ray", "bentoml"], "Engines to measure.")
 flags.DEFINE_string("python_litserve", sys.executable, "Python with litserve.")
 flags.DEFINE_string("python_ray", sys.executable, "Python with ray[serve].")
@@ -161,34 +163,6 @@ def _cpu_seconds(pids) -> float:
   return total
 
 
-async def _load(url: str, bodies: list, clients: int, count: int, seconds: float):
-  import aiohttp  # pylint: disable=g-import-not-at-top
-  latencies, errors, sent = [], 0, 0
-  deadline = time.perf_counter() + seconds
-  headers = {"Content-Type": "application/json"}
-  async with aiohttp.ClientSession(
-      connector=aiohttp.TCPConnector(limit=clients)) as session:
-
-    async def client():
-      nonlocal sent, errors
-      while sent < count and time.perf_counter() < deadline:
-        body = bodies[sent % len(bodies)]
-        sent += 1
-        t0 = time.perf_counter()
-        try:
-          async with session.post(url, data=body, headers=headers) as r:
-            await r.read()
-            errors += r.status != 200
-        except aiohttp.ClientError:
-          errors += 1
-        latencies.append(time.perf_counter() - t0)
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(clients)))
-    wall = time.perf_counter() - t0
-  return np.asarray(latencies) * 1000, errors, wall
-
-
 def measure(engine: str, python: str, workdir: str) -> dict:
   path = os.path.join(workdir, f"{engine}_app.py")
   with open(path, "w") as f:
@@ -211,14 +185,15 @@ def measure(engine: str, python: str, workdir: str) -> dict:
         return {"engine": engine, "error": f"not serving (exit {proc.poll()})"}
       time.sleep(0.2)
     cold = time.time() - t0
-    asyncio.run(_load(url, bodies, FLAGS.clients, 200, 30))   # warm-up
+    asyncio.run(http_load.drive(url, bodies, FLAGS.clients, 200, 30))   # warm-up
     time.sleep(1)
     pids = _tree(proc.pid)
     c0 = _cpu_seconds(pids)
     time.sleep(5)
     idle = (_cpu_seconds(pids) - c0) / 5
-    ms, errors, wall = asyncio.run(_load(url, bodies, FLAGS.clients, FLAGS.requests,
-                                         FLAGS.seconds))
+    seconds, errors, wall = asyncio.run(http_load.drive(url, bodies, FLAGS.clients,
+                                                      FLAGS.requests, FLAGS.seconds))
+    ms = seconds * 1000
     return {"engine": engine, "cold_start_s": round(cold, 1),
             "clients": FLAGS.clients, "requests": len(ms), "errors": errors,
             "lists_per_s": round(len(ms) / wall, 1),

@@ -7,7 +7,6 @@ maps ids exactly as training did.
 import os
 import subprocess
 import sys
-import types
 
 import jax
 import numpy as np
@@ -19,7 +18,6 @@ from dnr_jax.data import own_lists
 from dnr_jax.data.own_lists import sample as own_lists_sample
 from dnr_jax.data.own_lists import vocabulary as vocab_lib
 from dnr_jax.runtime import pipeline
-from dnr_jax.runtime import runner as runner_lib
 from dnr_jax.serving import rerank_files
 
 import tiny_runs  # pylint: disable=g-bad-import-order  (tests/tiny_runs.py)
@@ -102,14 +100,8 @@ def test_the_bounded_vocabulary_round_trips_through_rerank(run, tmp_path):
   report = rerank_files.rerank_file(run.bundle, run.lists, str(out),
                                     interactions=run.inter, devices=DEVICES)
   # The training run's eval logits on the arrays it was prepared with.
-  cfg = run.bundle.config
-  runner = runner_lib.Runner(cfg, DEVICES)
-  state = types.SimpleNamespace(reranker=types.SimpleNamespace(
-      params=runner.put_state(run.result["best_params"])))
   arrays = pipeline.complete(run.arrays)
-  logits = np.concatenate([
-      np.asarray(runner.evaluate(state, b)[1])
-      for b in pipeline.batches(arrays, cfg.eval_batch_size, shuffle=False)])[:120]
+  logits = tiny_runs.eval_logits(run, DEVICES)
   table = pq.read_table(out)
   table = table.filter(table["reranked"]).to_pydict()
   index = {l: i for i, l in enumerate(dict.fromkeys(table["list_id"]))}

@@ -59,14 +59,8 @@ def test_output_order_and_scores_identical_to_training_eval(run, tmp_path):
   assert table.num_rows == int(run.arrays["mask"].sum())
   col = {c: np.asarray(table[c].to_pylist()) for c in table.column_names}
   # The in-process eval logits of train.py's Runner on the same lists.
-  cfg = run.bundle.config
-  runner = runner_lib.Runner(cfg, DEVICES)
-  state = types.SimpleNamespace(reranker=types.SimpleNamespace(
-      params=runner.put_state(run.result["best_params"])))
   arrays = pipeline.complete(run.arrays)
-  logits = np.concatenate([
-      np.asarray(runner.evaluate(state, b)[1])
-      for b in pipeline.batches(arrays, cfg.eval_batch_size, shuffle=False)])[:120]
+  logits = tiny_runs.eval_logits(run, DEVICES)
   list_index = {l: i for i, l in enumerate(dict.fromkeys(col["list_id"]))}
   rows = np.array([list_index[l] for l in col["list_id"]])
   slots = col["upstream_position"] - 1

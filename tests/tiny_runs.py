@@ -14,6 +14,8 @@ from dnr_jax import train
 from dnr_jax.data import own_lists
 from dnr_jax.data import types as data_types
 from dnr_jax.data.own_lists import sample as own_lists_sample
+from dnr_jax.runtime import pipeline
+from dnr_jax.runtime import runner as runner_lib
 
 
 def read_arrays(path, config, vocab, history=None):
@@ -61,3 +63,17 @@ def own_lists_run(root, n, h, devices, method="c_score", **data_overrides):
       root=root, lists=lists, inter=inter, workdir=str(workdir), arrays=arrays,
       result=result, bundle=serving.load_bundle(str(workdir)), config=data_config,
       vocab=vocab, run_dir=str(run_dir))
+
+
+def eval_logits(run, devices):
+  """The training loop's own eval logits (``Runner.evaluate``) of the run's selected
+  parameters on every list of its file, ``[lists, n]``."""
+  cfg = run.bundle.config
+  runner = runner_lib.Runner(cfg, devices)
+  state = types.SimpleNamespace(reranker=types.SimpleNamespace(
+      params=runner.put_state(run.result["best_params"])))
+  arrays = pipeline.complete(run.arrays)
+  return np.concatenate([
+      np.asarray(runner.evaluate(state, b)[1])
+      for b in pipeline.batches(arrays, cfg.eval_batch_size, shuffle=False)]
+  )[:pipeline.num_lists(arrays)]

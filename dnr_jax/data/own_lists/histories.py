@@ -143,3 +143,25 @@ class InteractionHistory:
     else:
       hist = np.zeros(idx.shape, np.int32)
     return hist.astype(np.int32), valid
+
+
+def right_aligned(ids: np.ndarray, parent: np.ndarray, num: int, size: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """``(history [num, size], mask)`` from the flat ids of ``num`` histories.
+
+  ``ids`` holds every history's ids in order (oldest first), ``parent`` the history
+  each belongs to (non-decreasing). Unknown ids (0) are dropped and each history's
+  last ``size`` known ids kept, right-aligned (padding first): the layout of
+  ``dnr_jax.batch``'s ``history``, for the lists file's ``history`` column and for
+  online requests alike.
+  """
+  known = ids > 0
+  ids, parent = ids[known], parent[known]
+  count = np.bincount(parent, minlength=num)
+  from_end = np.cumsum(count)[parent] - np.arange(len(ids)) - 1
+  keep = from_end < size
+  history = np.zeros((num, size), np.int32)
+  mask = np.zeros((num, size), bool)
+  history[parent[keep], size - 1 - from_end[keep]] = ids[keep]
+  mask[parent[keep], size - 1 - from_end[keep]] = True
+  return history, mask

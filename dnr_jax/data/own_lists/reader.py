@@ -19,7 +19,7 @@ from dnr_jax.batch import FIELDS
 from dnr_jax.data.own_lists import sources
 from dnr_jax.data.own_lists.format import (REQUIRED, SPLITS, OwnListsConfig,
                                            check_path, feature_columns)
-from dnr_jax.data.own_lists.histories import InteractionHistory
+from dnr_jax.data.own_lists.histories import InteractionHistory, right_aligned
 from dnr_jax.data.own_lists.vocabulary import Vocabulary
 from dnr_jax.errors import DataError
 
@@ -331,16 +331,7 @@ class _Reader:
     parent = pc.list_parent_indices(hist).to_numpy(zero_copy_only=False)
     ids = look("item", flat, "history") if len(flat) else np.zeros(0, np.int32)
     # Unknown (0) and empty entries are dropped; the last h known ones are kept.
-    known = ids > 0
-    ids, parent = ids[known], parent[known]
-    count = np.bincount(parent, minlength=num)
-    from_end = np.cumsum(count)[parent] - np.arange(len(ids)) - 1
-    keep = from_end < h
-    history = np.zeros((num, h), np.int32)
-    hmask = np.zeros((num, h), bool)
-    history[parent[keep], h - 1 - from_end[keep]] = ids[keep]
-    hmask[parent[keep], h - 1 - from_end[keep]] = True
-    return history, hmask
+    return right_aligned(ids, parent, num, h)
 
 
 def read_lists(path: str, *, vocab: Vocabulary, config: OwnListsConfig,

@@ -1,8 +1,11 @@
 """The reranker online: an HTTP service with dynamic batching (LitServe).
 
 * ``requests``: one request's JSON format, its checks, a batch as arrays, the replies;
+* ``api``: the reranker as LitServe's API (the checked body, batching, scoring);
+* ``server``: LitServe's server as the service runs it (pipe queues, a drainable
+  socket, the request metrics);
 * ``service``: ``ServiceConfig``, ``build_server`` and ``serve`` (the
-  ``experiments.serve`` binary's one call);
+  ``experiments.serve`` binary's one call: start-up checks, the drain);
 * ``metrics``: the Prometheus metrics its processes share.
 
 Needs the ``serve`` extra (``pip install -e ".[serve]"``): LitServe and

@@ -37,6 +37,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from dnr_jax.data.own_lists.histories import right_aligned
 from dnr_jax.errors import DataError
 
 # A history longer than this is refused: only its last H known items are read, and an
@@ -279,16 +280,7 @@ def encode(requests: Sequence[CheckedRequest], vocab, limits: RequestLimits
   # lists-file reader's rule for its ``history`` column).
   lengths = [len(r.history) for r in requests]
   ids = look("item", [i for r in requests for i in r.history], lengths, "history")
-  parent = np.repeat(np.arange(b), lengths)
-  known = ids > 0
-  ids, parent = ids[known], parent[known]
-  count = np.bincount(parent, minlength=b)
-  from_end = np.cumsum(count)[parent] - np.arange(len(ids)) - 1
-  keep = from_end < h
-  history = np.zeros((b, h), np.int32)
-  history_mask = np.zeros((b, h), bool)
-  history[parent[keep], h - 1 - from_end[keep]] = ids[keep]
-  history_mask[parent[keep], h - 1 - from_end[keep]] = True
+  history, history_mask = right_aligned(ids, np.repeat(np.arange(b), lengths), b, h)
   arrays = {"user": user.astype(np.int32), "history": history,
             "history_mask": history_mask, "items": items, "scores": scores,
             "labels": np.zeros((b, n), np.float32), "mask": mask,
