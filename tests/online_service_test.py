@@ -325,3 +325,15 @@ def test_service_config_refuses_what_would_misbehave(monkeypatch):
   monkeypatch.setenv("LIT_SERVER_API_KEY", "secret")
   with pytest.raises(errors.ConfigError, match="no authentication"):
     service.build_server(service.ServiceConfig(checkpoint="x"))
+
+
+def test_a_worker_that_cannot_start_fails_in_one_line(run, tmp_path):
+  # A JAX platform that is not there: the main process never starts JAX, the worker
+  # does, and fails while setting up.
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.serve", f"--checkpoint={run.run_dir}",
+       f"--port={_free_port()}"], cwd=ROOT, capture_output=True, text=True,
+      timeout=180, env={**os.environ, "JAX_PLATFORMS": "tpu"})
+  assert proc.returncode == 1
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("DNRError: the inference worker failed while loading"), last

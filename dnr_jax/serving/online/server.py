@@ -10,6 +10,9 @@ import time
 
 import litserve as ls
 from litserve.transport.process_transport import MPQueueTransport
+from litserve.utils import WorkerSetupStatus
+
+from dnr_jax import errors
 
 from dnr_jax.serving.online import metrics as metrics_lib
 from dnr_jax.serving.online.api import PATH
@@ -47,6 +50,24 @@ class PipeQueueServer(ls.LitServer):
     self._transport = MPQueueTransport(manager,
                                        [ctx.Queue() for _ in range(num_api_servers)])
     return manager
+
+  def verify_worker_status(self):
+    # LitServe's waits for a READY or ERROR status; a worker that dies without one
+    # (killed for memory, a crash inside XLA) would leave it waiting forever, and its
+    # ERROR is a bare RuntimeError. Either is one line here, naming what to read.
+    while not any(v == WorkerSetupStatus.READY
+                  for v in self.workers_setup_status.values()):
+      failed = any(v == WorkerSetupStatus.ERROR
+                   for v in self.workers_setup_status.values())
+      dead = [p for p in self.inference_workers if not p.is_alive()]
+      if failed or dead:
+        how = (f"exited with status {dead[0].exitcode}" if dead and not failed
+               else "failed")
+        raise errors.DNRError(
+            f"the inference worker {how} while loading the reranker and compiling "
+            "its batch sizes (its error, if it printed one, is above); nothing was "
+            "served")
+      time.sleep(0.05)
 
   def _start_server(self, port, num_uvicorn_servers, log_level, sockets,
                     uvicorn_worker_type, **kwargs):
