@@ -10,7 +10,7 @@ A request holds one list in raw ids, as a ranking system sends it::
                 "i_genre": ["a", "b", "a"]},  # item features: one per candidate
    "list_id": "req-1"}                     # optional; echoed back
 
-and gets back the candidates in the reranker's order::
+and gets back the candidates in the reranker's order (values for illustration)::
 
   {"list_id": "req-1", "item_ids": ["v9", "v3", "v1"],
    "scores": [1.73, 0.20, -0.41], "reranked": 3, "unknown_ids": 0}
