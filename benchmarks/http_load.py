@@ -5,9 +5,17 @@ Used by ``benchmarks.serving`` and ``benchmarks.serving_engines`` (aiohttp, from
 """
 
 import asyncio
+import socket
 import time
 
 import numpy as np
+
+
+def free_port() -> int:
+  """A TCP port on localhost that nothing listens on now."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 async def drive(url: str, bodies: list, concurrency: int, count: int, seconds: float):

@@ -22,7 +22,6 @@ import asyncio
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -50,12 +49,6 @@ flags.DEFINE_integer("scorer_batch_size", 0, "The in-process scorer's batch (0: 
 FLAGS = flags.FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _checkpoint() -> str:
@@ -132,7 +125,7 @@ def main(argv):
   checkpoint = _checkpoint()
   bundle = serving.load_bundle(checkpoint)
   bodies, arrays = _lists(bundle)
-  port = _free_port()
+  port = http_load.free_port()
   base = f"http://127.0.0.1:{port}"
   cmd = [sys.executable, "-m", "experiments.serve", f"--checkpoint={checkpoint}",
          f"--port={port}", f"--max_batch_size={FLAGS.max_batch_size}",

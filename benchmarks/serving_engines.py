@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -113,12 +112,6 @@ class Order:
 }
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _body(rng, engine: str) -> bytes:
   items = [f"sku-{i}" for i in rng.choice(10_000, 20, replace=False)]
   body = {"user_id": "u", "item_ids": items,
@@ -167,7 +160,7 @@ def measure(engine: str, python: str, workdir: str) -> dict:
   path = os.path.join(workdir, f"{engine}_app.py")
   with open(path, "w") as f:
     f.write(APPS[engine])
-  port = _free_port()
+  port = http_load.free_port()
   if engine == "bentoml":
     cmd = [python, "-m", "bentoml", "serve", f"{engine}_app:Order", "--port",
            str(port), "--host", "127.0.0.1"]

@@ -37,18 +37,9 @@ def _load(path: str) -> dict:
   return d
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-  if isinstance(d, dict):
-    out = {}
-    for k, v in d.items():
-      out.update(_flat(v, f"{prefix}{k}."))
-    return out
-  return {prefix[:-1]: d}
-
-
 def _normalised(config: dict, where: str) -> dict[str, Any]:
   cfg = config_lib.from_dict(config, where=where)
-  flat = _flat(config_lib.to_dict(cfg))
+  flat = config_lib.flatten(config_lib.to_dict(cfg))
   flat.pop("seed", None)
   return flat
 
@@ -78,7 +69,7 @@ def combine(paths: Sequence[str], *, ignore_fields: Sequence[str] = ()
     d = _load(path)
     name = d["data"].get("name")
     # What the preparation produced, not how long it took.
-    report_ = {k: v for k, v in _flat(d["data"].get("report") or {}).items()
+    report_ = {k: v for k, v in config_lib.flatten(d["data"].get("report") or {}).items()
                if "seconds" not in k}
     if data is None:
       data, data_name, data_report, first = d["data"], name, report_, path
@@ -123,15 +114,13 @@ def combine(paths: Sequence[str], *, ignore_fields: Sequence[str] = ()
             f"first {k}: {cfg0.get(k)!r} vs {cfg.get(k)!r} (all: {differ}); re-run "
             "one, or name the field in ignore_fields (--ignore_config) if it did not "
             "matter")
-  ordered = [runs[i] for i in sorted(runs, key=lambda i: (i[0], i[1], i[2]))]
-  k = next((r["config"]["eval_k"] for r in ordered if "config" in r), 6)
+  k = next((r["config"]["eval_k"] for r in runs.values() if "config" in r), 6)
+  # Rows in the order their methods first appear in the files, the retriever last.
+  method_order = list(dict.fromkeys(i[1] for i in runs))
+  ordered = [runs[i] for i in sorted(
+      runs, key=lambda i: (i[0], method_order.index(i[1]), i[2]))]
   if retriever is not None:
     ordered.append(retriever)
-  # Rows in the order their methods first appear in the files.
-  method_order = list(dict.fromkeys(i[1] for i in runs))
-  ordered.sort(key=lambda r: (r["method"] == "retriever", r["backbone"],
-                              method_order.index(r["method"])
-                              if r["method"] in method_order else 0, r["seed"]))
   return {"runs": ordered, "summary": report.summarize(ordered, k), "data": data,
           "sources": {f"{b}/{m}/seed{s}": p for (b, m, s), p in sources.items()},
           "ignored_fields": sorted(ignore), "k": k}
@@ -146,8 +135,7 @@ def write(combined: dict, directory: str, title: str) -> str:
                       "write the combined table into another folder")
   os.makedirs(directory, exist_ok=True)
   summary = combined["summary"]
-  seeds = sorted({n for r in summary if r["method"] != "retriever"
-                  for n in [r["n_seeds"]]})
+  seeds = sorted({r["n_seeds"] for r in summary if r["method"] != "retriever"})
   span = (f"{seeds[0]} seed{'s' if seeds[0] > 1 else ''}" if len(seeds) == 1 else
           f"{seeds[0]}-{seeds[-1]} seeds per row")
   full = f"{title}: test metrics (%) at the best validation epoch, mean ± std, {span}"

@@ -111,7 +111,7 @@ class Vocabulary:
       if counts:
         seen = set(counts)
       if bounded and buckets:
-        rows = np.bincount(hash_rows(sorted(seen), buckets), minlength=buckets + 1)
+        rows = np.bincount(hash_rows(list(seen), buckets), minlength=buckets + 1)
         shared[column] = rows > 1
         out[column] = []
         stats[column] = {"seen": len(seen), "rows": buckets + 1,

@@ -19,6 +19,7 @@ import time
 from typing import Any, Optional
 
 import litserve as ls
+import numpy as np
 import pydantic
 import starlette.responses
 from absl import logging
@@ -98,7 +99,6 @@ class RerankAPI(ls.LitAPI):
     signal.signal(signal.SIGTERM, self._on_term)
     self.parent = os.getppid()
     import jax  # pylint: disable=g-import-not-at-top
-    import numpy as np  # pylint: disable=g-import-not-at-top
     from dnr_jax.runtime import runner as runner_lib  # pylint: disable=g-import-not-at-top
     from dnr_jax.serving import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
     bundle = bundle_lib.load_bundle(self.bundle_dir)
@@ -125,7 +125,6 @@ class RerankAPI(ls.LitAPI):
       sys.exit(0)
 
   def _score(self, batch):
-    import numpy as np  # pylint: disable=g-import-not-at-top
     arrays, unknown = requests_lib.encode(batch, self.vocab, self.limits)
     size = _bucket(len(batch), self.buckets)
     pad = size - len(batch)

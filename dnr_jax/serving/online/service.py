@@ -8,8 +8,9 @@ eval program (``runtime.Runner.evaluate_params``, as ``experiments.rerank`` does
 Batches are padded to the next power of two (each size compiled once, at start-up),
 so a batch never recompiles.
 
-Processes: LitServe runs the HTTP server (uvicorn) in a process of its own and one
-inference worker per device, started by this (the main) process.
+Processes: LitServe runs the HTTP server (uvicorn) in a process of its own
+(``http_processes`` of them) and one inference worker on JAX's first local device,
+both started by this (the main) process.
 
 * A request is checked in the HTTP process (``requests.check_request``, through the
   endpoint's pydantic body): a bad one is answered 400 with ``{"error": "<field>:
@@ -21,8 +22,8 @@ inference worker per device, started by this (the main) process.
   compile. Then ``GET /ready`` (readiness) and ``GET /healthz`` (liveness) answer 200;
   ``/ready`` answers 503 if the worker is not ready. ``GET /metrics``: Prometheus
   (``metrics``). ``GET /info``: the model.
-* SIGTERM or SIGINT to the main process drains: the listening socket is closed (new
-  connections are refused at once), the HTTP process answers the requests it holds
+* SIGTERM or SIGINT to the main process drains: the listening socket is shut down
+  (new connections are refused at once), the HTTP process answers the requests it holds
   (uvicorn's graceful shutdown, at most ``drain_timeout_s``), then the worker is
   stopped and the process exits with status 0. The worker ignores both signals until
   the drain is done (or its parent is gone), so a signal sent to the whole process
@@ -182,7 +183,8 @@ def serve(config: ServiceConfig, log: Callable[[str], None] = logging.info) -> N
   """Serves ``config.checkpoint`` until SIGTERM or SIGINT, then drains and returns.
 
   Raises:
-    DNRError: a bad config or checkpoint (one line), before any process starts.
+    DNRError: a bad config or checkpoint (one line), before any process starts; or
+      an inference worker that could not start.
   """
   owned = metrics_lib.ENV not in os.environ
   directory = metrics_lib.use_directory()
