@@ -43,6 +43,17 @@ twice PyTorch's lists/s would stand.
 
 ``--reference_step`` times ``benchmarks/reference_step.py``, the step as it was before
 its CPU optimisations, beside the current one (interleaved; ``before`` / ``after``).
+
+``--model_parallel=1,4`` times every step with the item and user tables replicated
+and split by rows over 4 devices (``TrainConfig.model_parallel``), interleaved: the
+step's cost of sharding at fixed shapes. ``--table_items=1000000,32000000`` prints one
+``table_memory`` record per catalogue size and ``--model_parallel`` value on
+``--table_devices`` devices: the per-device bytes of the state (analytic), XLA's
+per-device memory of the compiled model step, and the bytes allocated on the fullest
+device where the whole state fits in ``--allocate_limit_gb`` (``benchmarks/table_memory.py``).
+
+  python -m benchmarks.step --steps=direct,model --devices=4 --batch_size=256 --model_parallel=1,4
+  python -m benchmarks.step --steps= --table_items=100000,1000000,4000000 --model_parallel=1,4
 """
 
 from __future__ import annotations
@@ -85,6 +96,12 @@ flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 flags.DEFINE_integer("repeats", 5, "Timed repeats (median and min/max over them).")
 flags.DEFINE_integer("iters", 5, "Steps per timed repeat.")
 flags.DEFINE_enum("compile", "shard_map", ["shard_map", "pmap"], "Step compilation.")
+flags.DEFINE_list("model_parallel", ["1"], "Row shards of the item and user tables "
+                  "(TrainConfig.model_parallel); several are timed interleaved.")
+flags.DEFINE_list("table_items", [], "Catalogue sizes of the table_memory records.")
+flags.DEFINE_integer("table_devices", 4, "Devices of the table_memory records.")
+flags.DEFINE_float("allocate_limit_gb", 4.0, "table_memory: allocate the state only "
+                   "when its bytes over all devices stay under this.")
 flags.DEFINE_bool("compare_torch", False,
                   "Also time the PyTorch eager reference, interleaved (needs torch).")
 flags.DEFINE_enum("adversarial_order", "sequential", ["sequential", "simultaneous"],
@@ -163,7 +180,8 @@ def make_config(*, method: str, batch_size: int, backbone: str = "prm",
                 history_layers: int = 1, dropout: float = 0.3, users: int = 6_041,
                 items: int = 3_707, user_feature_vocab: tuple = (),
                 item_feature_vocab: tuple = (), dtype: str = "fp32",
-                compile: str = "shard_map", adversarial_order: str = "sequential"):
+                compile: str = "shard_map", adversarial_order: str = "sequential",
+                model_parallel: int = 1):
   """The ``TrainConfig`` of ``method`` at these shapes (generator on from epoch 0)."""
   from dnr_jax import config as config_lib
   model = config_lib.ModelConfig(
@@ -174,7 +192,8 @@ def make_config(*, method: str, batch_size: int, backbone: str = "prm",
       compute_dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype])
   cfg = config_lib.TrainConfig(model=model, global_batch_size=batch_size,
                                eval_batch_size=batch_size, warmup_epochs=0,
-                               compile=compile, adversarial_order=adversarial_order)
+                               compile=compile, adversarial_order=adversarial_order,
+                               model_parallel=model_parallel)
   return config_lib.apply_method(cfg, method)
 
 
@@ -238,9 +257,9 @@ class CompiledStep:
       if train_step is None:
         fn = runner.train_fn(step)
       else:   # another step body (the pre-optimisation reference), compiled alike
-        fn = runner._compile(  # pylint: disable=protected-access
+        fn = runner.compile_step(
             functools.partial(train_step, config=config, phase=step),
-            in_specs=(P(), P(step_lib.AXIS)), out_specs=(P(), P()), donate=True)
+            out_specs=lambda specs: (specs, P()), donate=True)
       args = (state, self.batches[0])
     t0 = time.perf_counter()
     self.compiled = fn.lower(*args).compile()
@@ -305,15 +324,18 @@ def shape_record(dtype: str = "fp32") -> dict:
 
 
 def _config_from_flags(method: str, batch_size: int, dtype: str = "fp32",
-                       adversarial_order: Optional[str] = None):
+                       adversarial_order: Optional[str] = None, model_parallel: int = 1,
+                       items: Optional[int] = None):
   return make_config(
       method=method, batch_size=batch_size, backbone=FLAGS.backbone, hidden=FLAGS.hidden,
       num_heads=FLAGS.num_heads, num_layers=FLAGS.num_layers,
       history_layers=FLAGS.history_layers, dropout=FLAGS.dropout, users=FLAGS.users,
-      items=FLAGS.items, user_feature_vocab=(FLAGS.feature_vocab,) * FLAGS.user_features,
+      items=items or FLAGS.items,
+      user_feature_vocab=(FLAGS.feature_vocab,) * FLAGS.user_features,
       item_feature_vocab=(FLAGS.feature_vocab,) * FLAGS.item_features, dtype=dtype,
       compile=FLAGS.compile,
-      adversarial_order=adversarial_order or FLAGS.adversarial_order)
+      adversarial_order=adversarial_order or FLAGS.adversarial_order,
+      model_parallel=model_parallel)
 
 
 def lists_from_flags(num: int) -> dict:
@@ -325,22 +347,26 @@ def lists_from_flags(num: int) -> dict:
 
 
 def measure(step: str, devices, global_batch: int, lists: dict, out=None,
-            extra: Optional[dict] = None, dtypes=("fp32",)) -> list[dict]:
-  """Compiles, times and reports one step on ``devices`` (one record per dtype).
+            extra: Optional[dict] = None, dtypes=("fp32",),
+            model_parallels=(1,)) -> list[dict]:
+  """Compiles, times and reports one step on ``devices`` (one record per dtype and
+  ``model_parallel``; those that do not divide the devices are left out).
 
-  Several dtypes are timed interleaved, repeat by repeat.
+  Several dtypes and ``model_parallel`` values are timed interleaved, repeat by repeat.
   """
   method = FLAGS.direct_method if step in ("direct", "eval") else FLAGS.method
-  runners = {dt: CompiledStep(step, _config_from_flags(method, global_batch, dt),
-                              devices, lists) for dt in dtypes}
-  secs = time_interleaved({dt: r.run for dt, r in runners.items()},
+  variants = [(dt, m) for dt in dtypes for m in model_parallels if len(devices) % m == 0]
+  runners = {v: CompiledStep(step, _config_from_flags(method, global_batch, v[0],
+                                                      model_parallel=v[1]),
+                             devices, lists) for v in variants}
+  secs = time_interleaved({v: r.run for v, r in runners.items()},
                           warmup=FLAGS.warmup, repeats=FLAGS.repeats, iters=FLAGS.iters)
   per_device = global_batch // len(devices)
   records = []
-  for dt, runner in runners.items():
+  for (dt, m), runner in runners.items():
     rec = {"bench": "step", "step": step, "method": method, **shape_record(dt),
-           **device_info(devices), "global_batch": global_batch,
-           "per_device_batch": per_device, **summary(secs[dt], global_batch),
+           "model_parallel": m, **device_info(devices), "global_batch": global_batch,
+           "per_device_batch": per_device, **summary(secs[(dt, m)], global_batch),
            "compile_s": runner.compile_s}
     if step == "model":
       rec["adversarial_order"] = FLAGS.adversarial_order
@@ -352,6 +378,41 @@ def measure(step: str, devices, global_batch: int, lists: dict, out=None,
     rec.update(extra or {})
     emit(rec, out)
     records.append(rec)
+  return records
+
+
+def table_memory_records(devices, lists: dict, out=None) -> list[dict]:
+  """One ``table_memory`` record per ``--table_items`` and ``--model_parallel``."""
+  from benchmarks import table_memory
+  records = []
+  for items in (int(i) for i in FLAGS.table_items):
+    for m in (int(v) for v in FLAGS.model_parallel):
+      if len(devices) % m:
+        continue
+      config = _config_from_flags(FLAGS.method, FLAGS.batch_size, model_parallel=m,
+                                  items=items)
+      analytic = table_memory.analytic_bytes(config, lists)
+      compiled = table_memory.compiled_memory(config, devices, lists)
+      rec = {"bench": "table_memory", "items": items, "users": FLAGS.users,
+             "model_parallel": m, "method": FLAGS.method, **shape_record(),
+             **device_info(devices), "global_batch": FLAGS.batch_size,
+             **{f"analytic_{k}": v for k, v in analytic.items()},
+             **{f"compiled_{k}": v for k, v in compiled.items()},
+             # Donation aliases the outputs to the arguments.
+             "compiled_total_bytes": compiled["argument_bytes"] + compiled["temp_bytes"]}
+      # A replicated state's bytes per device do not depend on the device count:
+      # it is allocated on one device, so a size that fits once is measured.
+      on = devices[:1] if m == 1 else devices
+      if analytic["state_bytes"] * len(on) <= FLAGS.allocate_limit_gb * 2**30:
+        rec["allocated_bytes"] = table_memory.allocated_bytes(
+            _config_from_flags(FLAGS.method, FLAGS.batch_size // len(devices) * len(on),
+                               model_parallel=m, items=items), on, lists)
+        rec["allocated_on_devices"] = len(on)
+      else:
+        rec["allocated_bytes"] = None   # computed only: over --allocate_limit_gb
+      rec["peak_rss_gb"] = peak_rss_gb()
+      emit(rec, out)
+      records.append(rec)
   return records
 
 
@@ -509,7 +570,7 @@ def main(argv):
     raise app.UsageError(f"--steps={','.join(FLAGS.steps)} must be from {list(STEPS)}, "
                          f"--dtype={','.join(FLAGS.dtype)} from fp32, bf16 and "
                          f"--devices={','.join(FLAGS.devices)} positive integers")
-  _set_host_devices(max(counts))
+  _set_host_devices(max(counts + ([FLAGS.table_devices] if FLAGS.table_items else [])))
   # Before JAX starts its CPU thread pools; the same setting as the binaries'
   # default (--host_allocator=auto), and torch in this process gets it too.
   from dnr_jax.runtime import host_allocator
@@ -534,7 +595,10 @@ def main(argv):
                              f"devices")
       for step in FLAGS.steps:
         step_records += measure(step, devices, global_batch, lists, out,
-                                dtypes=FLAGS.dtype)
+                                dtypes=FLAGS.dtype,
+                                model_parallels=[int(m) for m in FLAGS.model_parallel])
+    if FLAGS.table_items:
+      table_memory_records(available[:FLAGS.table_devices], lists, out)
     if FLAGS.compare_orders:
       compare_orders(available[:1], lists, out)
     if FLAGS.reference_step:

@@ -146,6 +146,12 @@ class TrainConfig:
   # maps per DNR run), so a long experiment of many runs exhausts the process's map
   # limit under pmap; the experiment runner clears JAX's caches between runs.
   compile: str = "shard_map"
+  # Row-sharded embedding tables (dnr_jax/models/tables.py): the devices form a
+  # ('batch', 'model') mesh with model_parallel devices along 'model'; the item and
+  # user tables and their optimiser moments are split by rows over 'model', the rest
+  # is replicated, and the global batch is split over all devices as with 1.
+  # 1: every device holds every table (one 'batch' axis). shard_map only.
+  model_parallel: int = 1
   eval_k: int = 6
   map_normaliser: str = "min_pos_k"
   eval_batch_size: int = 0       # 0: same as global_batch_size
@@ -426,7 +432,15 @@ def validate(config: TrainConfig, *, list_size: Optional[int] = None,
   if list_size is not None:
     _check(config.eval_k <= list_size,
            f"eval_k={config.eval_k} exceeds the list size n={list_size}")
+  _check(isinstance(config.model_parallel, int) and config.model_parallel >= 1,
+         f"model_parallel={config.model_parallel!r} must be an integer >= 1")
+  _check(config.model_parallel == 1 or config.compile == "shard_map",
+         f"model_parallel={config.model_parallel} needs compile='shard_map' (pmap has "
+         "one mesh axis)")
   if num_devices is not None:
+    _check(num_devices % config.model_parallel == 0,
+           f"model_parallel={config.model_parallel} does not divide the {num_devices} "
+           "devices")
     for name in ("global_batch_size", "eval_batch_size"):
       v = getattr(config, name)
       _check(v % num_devices == 0,

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from dnr_jax import batch as batch_lib
 from dnr_jax import config as config_lib
+from dnr_jax.models import tables
 
 
 def heuristic_eps(key: jax.Array, shape: tuple[int, ...],
@@ -65,15 +66,18 @@ class ScoreGenerator(nn.Module):
   noise: config_lib.NoiseConfig
   num_items: int
   num_users: int
+  table_shards: int = 1   # row shards of its item and user tables (models.tables)
 
   @nn.compact
   def __call__(self, batch: batch_lib.ListBatch) -> jax.Array:
     h = self.noise.generator_hidden
-    item_embed = nn.Embed(self.num_items, h, name="item_embed")
+    item_embed = tables.Embed(self.num_items, h, name="item_embed",
+                              shards=self.table_shards)
     hist = item_embed(batch.history)
     hmask = batch.history_mask[..., None].astype(hist.dtype)
     user = (hist * hmask).sum(-2) / jnp.maximum(hmask.sum(-2), 1.0)
-    user = user + nn.Embed(self.num_users, h, name="user_embed")(batch.user)
+    user = user + tables.Embed(self.num_users, h, name="user_embed",
+                               shards=self.table_shards)(batch.user)
     b, n = batch.items.shape
     parts = [jnp.broadcast_to(user[:, None, :], (b, n, h)), batch.labels[..., None]]
     if self.noise.generator_use_item:
@@ -112,7 +116,8 @@ def generated_list(batch: batch_lib.ListBatch, scores: jax.Array,
                        item_features=take(batch.item_features))
 
 
-def make_generator(noise: config_lib.NoiseConfig,
-                   model: config_lib.ModelConfig) -> ScoreGenerator:
+def make_generator(noise: config_lib.NoiseConfig, model: config_lib.ModelConfig,
+                   table_shards: int = 1) -> ScoreGenerator:
+  """The model generator; ``table_shards`` as in ``models.make_reranker``."""
   return ScoreGenerator(noise=noise, num_items=model.num_items,
-                        num_users=model.num_users)
+                        num_users=model.num_users, table_shards=table_shards)

@@ -7,6 +7,12 @@ averaged over the ``'batch'`` axis with named collectives, so the same body comp
 under ``jax.pmap`` and under ``jax.jit(jax.shard_map(...))``; ``runtime.runner.Runner``
 compiles and places it (``TrainConfig.compile``).
 
+With ``TrainConfig.model_parallel = M > 1`` the body runs on a ``('batch', 'model')``
+mesh: the batch is split over both axes (``data_axes``), the item and user tables
+arrive as row shards (``models.tables``), and their gradients and norms are reduced
+as shards (``mean_grads``, ``global_norm``). Every other value is what the
+1-axis step computes on the same devices, up to the order of floating-point sums.
+
 Phases (static: each compiles once):
 
 * ``"direct"``: methods without generated scores (backbone, c/+/w score): L_direct only.
@@ -31,8 +37,10 @@ from dnr_jax import losses
 from dnr_jax import metrics as metrics_lib
 from dnr_jax import models
 from dnr_jax import noise as noise_lib
+from dnr_jax import parallel
+from dnr_jax.parallel import data_axes, device_step_key, global_norm, mean_grads
 
-AXIS = "batch"
+AXIS = parallel.AXIS
 PHASES = ("direct", "heuristic", "model")
 
 
@@ -60,43 +68,20 @@ def phase_for_epoch(config: config_lib.TrainConfig, epoch: int) -> str:
   return "model" if config_lib.generator_active(config, epoch) else "heuristic"
 
 
-def global_norm(tree: Any) -> jax.Array:
-  """The L2 norm of a pytree, as one dot product of its flattened leaves.
-
-  Why not ``optax.tree.norm`` (a sum of per-leaf sums of squares): XLA's GPU compiler
-  (jax 0.11.2 on an H200) rejects the model-phase step built with it at the paper's
-  shapes ("Expected instruction to have shape equal to f32[], actual shape is
-  f32[1]"); the same step with this form compiled and ran (benchmarks/gpu_check.py).
-  The parameters are a few hundred thousand floats, so the concatenation is cheap.
-  """
-  leaves = [jnp.ravel(x) for x in jax.tree.leaves(tree)]
-  if not leaves:
-    return jnp.zeros((), jnp.float32)
-  vec = jnp.concatenate(leaves)
-  return jnp.sqrt(jnp.dot(vec, vec))
-
-
-def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
-  """``optax.clip_by_global_norm`` (same rule, same empty state) with ``global_norm``."""
-  def update(updates, state, params=None):
-    del params
-    g_norm = global_norm(updates)
-    trigger = g_norm < max_norm
-    updates = jax.tree.map(
-        lambda t: jnp.where(trigger, t, (t / g_norm.astype(t.dtype)) * max_norm),
-        updates)
-    return updates, state
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-
-
-def _optimizer(lr: float, weight_decay: float, clip: float) -> optax.GradientTransformation:
-  return optax.chain(clip_by_global_norm(clip),
-                     optax.adamw(lr, weight_decay=weight_decay))
+def make_players(config: config_lib.TrainConfig):
+  """The reranker and generator modules as the compiled step runs them (row-sharded
+  tables when ``model_parallel > 1``)."""
+  shards = config.model_parallel
+  return (models.make_reranker(config.model, table_shards=shards),
+          noise_lib.make_generator(config.noise, config.model, table_shards=shards))
 
 
 def create_state(config: config_lib.TrainConfig, example: batch_lib.ListBatch,
                  key: jax.Array) -> DNRState:
   """Initialises both players from an example (per-device or global) batch.
+
+  The tables are created whole (the same values for every ``model_parallel``);
+  ``Runner.put_state`` splits them.
 
   Compiled as one program: run eagerly, the initialisers and optimiser states are
   hundreds of small operations, each compiled on its own (about 7 s per run on
@@ -116,19 +101,13 @@ def _create_state(config: config_lib.TrainConfig, example: batch_lib.ListBatch,
       step=jnp.zeros((), jnp.int32),
       reranker=train_state.TrainState.create(
           apply_fn=reranker.apply, params=theta["params"],
-          tx=_optimizer(config.learning_rate, config.weight_decay, config.grad_clip)),
+          tx=parallel.optimizer(config.learning_rate, config.weight_decay, config.grad_clip,
+                        config.model_parallel)),
       generator=train_state.TrainState.create(
           apply_fn=generator.apply, params=phi["params"],
-          tx=_optimizer(config.generator_learning_rate, 0.0, config.grad_clip)),
+          tx=parallel.optimizer(config.generator_learning_rate, 0.0, config.grad_clip,
+                        config.model_parallel)),
       key=k_root)
-
-
-def device_step_key(key: jax.Array, step: jax.Array) -> jax.Array:
-  """This step's key on this device: ``fold_in(fold_in(key, step), axis_index)``.
-
-  Without the device index every device would draw the same noise and dropout.
-  """
-  return jax.random.fold_in(jax.random.fold_in(key, step), jax.lax.axis_index(AXIS))
 
 
 def generated_scores(phi: Any, batch: batch_lib.ListBatch, key: jax.Array, *,
@@ -137,7 +116,7 @@ def generated_scores(phi: Any, batch: batch_lib.ListBatch, key: jax.Array, *,
   if phase == "heuristic":
     return noise_lib.heuristic_scores(key, batch.labels, batch.mask, config.noise)
   if phase == "model":
-    generator = noise_lib.make_generator(config.noise, config.model)
+    _, generator = make_players(config)
     return generator.apply({"params": phi}, batch, rngs={"noise": key})
   return None
 
@@ -180,7 +159,7 @@ def reranker_loss(theta: Any, batch: batch_lib.ListBatch, x_gen: Optional[jax.Ar
                    keys: tuple[jax.Array, jax.Array], *, config: config_lib.TrainConfig):
   """Eq. 5's ``L_theta`` given the generated scores ``x'`` (None: ``L_direct`` only)."""
   k_drop, k_drop_z = keys
-  reranker = models.make_reranker(config.model)
+  reranker, _ = make_players(config)
   if x_gen is None:
     logits = reranker.apply({"params": theta}, batch, train=True,
                             rngs={"dropout": k_drop})
@@ -231,7 +210,7 @@ def simultaneous_grads(theta: Any, phi: Any, batch: batch_lib.ListBatch,
   """
   k_drop, k_drop_z, k_noise = keys
   lc = config.loss
-  generator = noise_lib.make_generator(config.noise, config.model)
+  _, generator = make_players(config)
   x_gen, generator_vjp = jax.vjp(
       lambda p: generator.apply({"params": p}, batch, rngs={"noise": k_noise}), phi)
   (_, terms), (theta_grads, dl_theta_dx) = jax.value_and_grad(
@@ -261,8 +240,7 @@ def generator_objective(phi: Any, theta: Any, batch: batch_lib.ListBatch,
   theta = jax.lax.stop_gradient(theta)
   x = generated_scores(phi, batch, key, config=config, phase="model")
   gen_batch = noise_lib.generated_list(batch, x, config.noise.sort_generated)
-  logits = models.make_reranker(config.model).apply(
-      {"params": theta}, gen_batch, train=False)
+  logits = make_players(config)[0].apply({"params": theta}, gen_batch, train=False)
   l_adv = losses.adversarial_loss(logits, gen_batch.labels, gen_batch.mask)
   l_x = losses.distribution_loss(x, batch.scores, batch.labels, batch.mask, config.loss)
   total = config.loss.lambda_adv * l_adv + config.loss.lambda_x * l_x
@@ -284,16 +262,16 @@ def sequential_update(reranker, generator, batch: batch_lib.ListBatch, keys, *,
   grads, metrics = jax.grad(reranker_objective, has_aux=True)(
       reranker.params, generator.params, batch, (k_drop, k_drop_z, k_noise),
       config=config, phase=phase)
-  grads = jax.lax.pmean(grads, AXIS)
+  grads = mean_grads(grads, config)
   reranker = reranker.apply_gradients(grads=grads)
-  metrics["grad_norm_theta"] = global_norm(grads)
+  metrics["grad_norm_theta"] = global_norm(grads, config.model_parallel)
   if phase == "model":
     g_grads, g_terms = jax.grad(generator_objective, has_aux=True)(
         generator.params, reranker.params, batch, k_gen, config=config)
-    g_grads = jax.lax.pmean(g_grads, AXIS)
+    g_grads = mean_grads(g_grads, config)
     generator = generator.apply_gradients(grads=g_grads)
     metrics.update(g_terms)
-    metrics["grad_norm_phi"] = global_norm(g_grads)
+    metrics["grad_norm_phi"] = global_norm(g_grads, config.model_parallel)
   return reranker, generator, metrics
 
 
@@ -308,12 +286,12 @@ def simultaneous_update(reranker, generator, batch: batch_lib.ListBatch, keys, *
                              phase=phase)
   grads, g_grads, metrics = simultaneous_grads(
       reranker.params, generator.params, batch, keys[:3], config=config)
-  g_grads = jax.lax.pmean(g_grads, AXIS)
+  g_grads = mean_grads(g_grads, config)
   generator = generator.apply_gradients(grads=g_grads)
-  metrics["grad_norm_phi"] = global_norm(g_grads)
-  grads = jax.lax.pmean(grads, AXIS)
+  metrics["grad_norm_phi"] = global_norm(g_grads, config.model_parallel)
+  grads = mean_grads(grads, config)
   reranker = reranker.apply_gradients(grads=grads)
-  metrics["grad_norm_theta"] = global_norm(grads)
+  metrics["grad_norm_theta"] = global_norm(grads, config.model_parallel)
   return reranker, generator, metrics
 
 
@@ -351,13 +329,13 @@ def train_step(state: DNRState, batch: batch_lib.ListBatch, *,
   if phase not in PHASES:
     raise ValueError(f"phase={phase!r} is not one of {PHASES}")
   batch_lib.check_batch(batch)
-  key = device_step_key(state.key, state.step)
+  key = device_step_key(state.key, state.step, data_axes(config))
   k_drop, k_drop_z, k_noise, k_gen = jax.random.split(key, 4)
   update = _UPDATES[config.adversarial_order]
   reranker, generator, metrics = update(
       state.reranker, state.generator, batch, (k_drop, k_drop_z, k_noise, k_gen),
       config=config, phase=phase)
-  metrics = jax.lax.pmean(metrics, AXIS)
+  metrics = jax.lax.pmean(metrics, data_axes(config))
   reranker, generator, metrics["nonfinite"] = _guard_nonfinite(
       state, reranker, generator, metrics)
   # The step counter advances even for a skipped step, so the next one draws anew.
@@ -392,10 +370,10 @@ def eval_step(params: Any, batch: batch_lib.ListBatch, *, config: config_lib.Tra
     weights) to its weighted sum over the shard, ``psum``-ed over ``'batch'``;
     ``logits`` ``[B / devices, n]`` for the exact global AUC, computed once per split.
   """
-  reranker = models.make_reranker(config.model)
+  reranker, _ = make_players(config)
   logits = reranker.apply({"params": params}, batch, train=False)
   per_list = metrics_lib.list_metrics(logits, batch.labels, batch.mask,
                                       k=config.eval_k,
                                       map_normaliser=config.map_normaliser)
   sums = metrics_lib.weighted_sums(per_list)
-  return jax.lax.psum(sums, AXIS), logits
+  return jax.lax.psum(sums, data_axes(config)), logits

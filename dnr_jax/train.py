@@ -194,7 +194,8 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
   best_ckpt = checkpoints_lib.Checkpoints(
       os.path.join(workdir, "checkpoints_best"), 1, config) if workdir else None
   best_state = None
-  restored = (ckpt.restore_latest(state, num_epochs=config.num_epochs)
+  restored = (ckpt.restore_latest(runner.checkpoint_like(state),
+                                  num_epochs=config.num_epochs)
               if ckpt is not None else None)
   if restored is not None:
     state, meta = restored
@@ -228,10 +229,10 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
   def save(epoch: int, meta: dict) -> Optional[int]:
     if ckpt is None:
       return None
-    host = runner.get_state(state)
-    ckpt.save(int(host.step), host, guards.json_safe(
+    step = int(runner.get_state(state.step))
+    ckpt.save(step, runner.checkpoint_state(state), guards.json_safe(
         dict(meta, epoch=epoch, history=history)))
-    return int(host.step)
+    return step
 
   def interrupted(signal_name: str, where: str, saved: Optional[int]):
     if ckpt is not None:
@@ -324,11 +325,15 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
         on_epoch(record)
       stopping = early_stopping.status(history, config, metric=SELECT_METRIC)
       if stopping.best_epoch == epoch + 1:
-        best_state = runner.get_state(state)
+        step = int(runner.get_state(state.step))
+        # Sharded tables are not gathered to the host at every better epoch: the
+        # best checkpoint holds them, read back once at the end.
+        best_state = (runner.get_state(state) if config.model_parallel == 1
+                      or best_ckpt is None else None)
         # (A rerun of an epoch after a crash finds its own save there already.)
         if best_ckpt is not None and (best_ckpt.latest() is None
-                                      or best_ckpt.latest() < int(best_state.step)):
-          best_ckpt.save(int(best_state.step), best_state, {"epoch": epoch})
+                                      or best_ckpt.latest() < step):
+          best_ckpt.save(step, runner.checkpoint_state(state), {"epoch": epoch})
       saved = None
       signalled = distributed.any_process(stop.requested is not None)
       if ((epoch + 1) % config.checkpoint_every_epochs == 0
@@ -351,9 +356,11 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
       best_state = final_state
     elif best_state is None and best_ckpt is not None \
         and best_ckpt.latest() is not None:
-      saved_best, meta = best_ckpt.restore(best_ckpt.latest(), final_state)
+      saved_best, meta = best_ckpt.restore(best_ckpt.latest(),
+                                           runner.checkpoint_like(final_state))
       if int(meta["epoch"]) == best["epoch"] - 1:
-        best_state = saved_best
+        best_state = (saved_best if config.model_parallel == 1
+                      else runner.get_state(saved_best))
     if best_state is None:
       # A work directory from before checkpoints_best existed: the best epoch's
       # parameters are gone.

@@ -95,6 +95,10 @@ _CONFIG_FLAGS = {
     "generator_learning_rate": "Generator learning rate.",
     "weight_decay": "Reranker weight decay.",
     "compile": "Compile the per-device step with jax.pmap or jit(shard_map).",
+    "model_parallel":
+        "Split the item and user embedding tables (and their Adam moments) by rows "
+        "over this many devices (a 'model' mesh axis; must divide the device count); "
+        "1: every device holds every table.",
     "eval_k": "K of the @K metrics.",
     "log_every_steps": "Log every N steps (0: never).",
     "nonfinite": "A step with a NaN/inf loss or gradient is never applied; stop: the run "

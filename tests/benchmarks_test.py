@@ -70,6 +70,30 @@ def test_step_benchmark_compares_the_adversarial_orders():
             <= d["lists_per_s_max"] / o["lists_per_s_min"])
 
 
+def test_step_benchmark_times_and_sizes_sharded_tables():
+  proc = _run("benchmarks.step", *TINY, "--steps=model", "--devices=2",
+              "--model_parallel=1,2", "--table_items=41,4001", "--table_devices=2")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  recs = _records(proc.stdout)
+  steps = [r for r in recs if r["bench"] == "step"]
+  assert [r["model_parallel"] for r in steps] == [1, 2]
+  assert all(r["lists_per_s"] > 0 for r in steps)
+  memory = {(r["items"], r["model_parallel"]): r for r in recs
+            if r["bench"] == "table_memory"}
+  assert sorted(memory) == [(41, 1), (41, 2), (4001, 1), (4001, 2)]
+  for r in memory.values():
+    # What the devices hold is the analytic state, plus the step count and key.
+    assert 0 <= r["allocated_bytes"] - r["analytic_state_bytes"] < 64
+    assert r["compiled_argument_bytes"] >= r["analytic_state_bytes"]
+    assert r["compiled_total_bytes"] >= r["compiled_argument_bytes"]
+  rep, shard = memory[(4001, 1)], memory[(4001, 2)]
+  # Halving the tables halves their bytes on a device (4001 rows: 2001 per shard).
+  assert shard["analytic_table_params_bytes"] * 2 == pytest.approx(
+      rep["analytic_table_params_bytes"], rel=1e-3)
+  assert shard["allocated_bytes"] < 0.6 * rep["allocated_bytes"]
+  assert shard["compiled_total_bytes"] < 0.7 * rep["compiled_total_bytes"]
+
+
 def test_step_benchmark_reports_each_steps_matmul_ceiling():
   with_torch = importlib.util.find_spec("torch") is not None
   proc = _run("benchmarks.step", *TINY, "--steps=direct,model", "--roofline",

@@ -3,8 +3,10 @@
 Two processes with 2 CPU devices each (gloo collectives) run the synthetic binary
 and must give what one process with 4 devices gives: the same parameters in the
 final checkpoint and the same per-epoch training, validation and test metrics; and
-only one of them writes the run's files. A 2-process run stopped after one epoch and
-started again resumes from its checkpoint and ends where the uninterrupted one did.
+only one of them writes the run's files. A 2-process run with its tables split over
+all 4 devices (``--model_parallel=4``: each table shard's group spans both
+processes) stopped after one epoch and started again resumes from its sharded
+checkpoint and ends where the uninterrupted replicated run did.
 """
 
 import json
@@ -80,8 +82,13 @@ def _final_params(run_dir):
   # Checkpoints are named by global step (dnr_jax/runtime/checkpoints.py): take the last.
   ckpt_dir = os.path.join(run_dir, "checkpoints")
   last = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
-  path = os.path.join(ckpt_dir, str(last), "state")
-  state = ocp.StandardCheckpointer().restore(os.path.abspath(path))
+  path = os.path.abspath(os.path.join(ckpt_dir, str(last), "state"))
+  # As host arrays: a sharded checkpoint names devices this process does not have.
+  with ocp.PyTreeCheckpointer() as ckptr:
+    meta = ckptr.metadata(path).item_metadata
+    state = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+        restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                  meta)))
   return {k: state[k]["params"] for k in ("reranker", "generator")}
 
 
@@ -107,7 +114,8 @@ def runs(tmp_path_factory):
            f"--process_id={i}"])
     _wait_all(procs, logs)
     # A 2-process run stopped after epoch 1 and run again to EPOCHS: it resumes from
-    # its multi-process checkpoint (both processes restore the same step).
+    # its multi-process checkpoint (both processes restore the same step), with the
+    # tables sharded across the processes.
     for phase, epochs in (("first", 1), ("resumed", EPOCHS)):
       names = [f"{phase}{i}" for i in range(2)]
       for n in names:
@@ -117,7 +125,7 @@ def runs(tmp_path_factory):
       phase_procs = {n: _start(
           tmp / "resume", 2, handles[n],
           [f"--coordinator_address=localhost:{port}", "--num_processes=2",
-           f"--process_id={i}", f"--num_epochs={epochs}"])
+           f"--process_id={i}", f"--num_epochs={epochs}", "--model_parallel=4"])
                      for i, n in enumerate(names)}
       procs.update(phase_procs)
       _wait_all(phase_procs, logs)
@@ -212,17 +220,30 @@ def _check_resume(runs):
     with open(logs[f"resumed{i}"]) as f:
       log = f.read()
     assert "resumed from" in log and "at epoch 2" in log, log[-2000:]
-  # The same parameters and the same epochs, each once, as the uninterrupted run.
+  # The same parameters and the same epochs, each once, as the uninterrupted
+  # replicated run (up to the order of the sums: sharded tables reduce their
+  # gradients and norms in another order). The checkpoint holds the tables padded
+  # to a multiple of 4 rows (31 -> 32): only the real rows are compared, and the
+  # padding rows stayed zero.
   whole, resumed = _final_params(_run_dir(tmp / "multi")), _final_params(
       _run_dir(tmp / "resume"))
+  padded = 0
   for (path, a), (_, b) in zip(jax.tree_util.tree_flatten_with_path(whole)[0],
                                jax.tree_util.tree_flatten_with_path(resumed)[0]):
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6,
-                               err_msg=jax.tree_util.keystr(path))
+    name = jax.tree_util.keystr(path)
+    if "['key']['bias']" in name:
+      continue          # rounding noise, as in _check_training
+    if b.shape != a.shape:
+      assert "embedding" in name and b.shape[0] == 4 * -(-a.shape[0] // 4), name
+      np.testing.assert_array_equal(b[a.shape[0]:], 0, err_msg=name)
+      b = b[:a.shape[0]]
+      padded += 1
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5, err_msg=name)
+  assert padded == 4      # both players' item and user tables were sharded
   one, two = _metrics(_run_dir(tmp / "multi")), _metrics(_run_dir(tmp / "resume"))
   assert [r["epoch"] for r in two] == list(range(1, EPOCHS + 1))
   for r1, r2 in zip(one, two):
-    assert r2["test"] == pytest.approx(r1["test"], rel=1e-5, abs=1e-6), r1["epoch"]
+    assert r2["test"] == pytest.approx(r1["test"], rel=1e-4, abs=1e-5), r1["epoch"]
 
 
 def test_config_validation_names_the_problem():

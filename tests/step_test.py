@@ -16,6 +16,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from dnr_jax import batch as batch_lib
 from dnr_jax import config as config_lib
 from dnr_jax import noise as noise_lib
+from dnr_jax import parallel
 from dnr_jax.runtime import pipeline
 from dnr_jax import step as step_lib
 from dnr_jax.runtime import runner as runner_lib
@@ -181,9 +182,9 @@ def test_shared_pass_step_equals_reference_two_pass_step():
   # (softmax ignores a shift shared by all keys): Adam normalises their rounding
   # noise into steps of up to the learning rate.
   runner = runner_lib.Runner(cfg, tuple(jax.devices()[:2]))
-  ref_fn = runner._compile(  # pylint: disable=protected-access
+  ref_fn = runner.compile_step(
       lambda s, b: reference_step.train_step(s, b, config=cfg, phase="model"),
-      in_specs=(P(), P(step_lib.AXIS)), out_specs=(P(), P()), donate=False)
+      out_specs=lambda specs: (specs, P()), donate=False)
   new, ref = runner.put_state(_state(cfg)), runner.put_state(_state(cfg))
   for i in range(3):
     batch = runner.put_batch(_arrays(16, 16 * i))
@@ -226,10 +227,10 @@ def test_global_norm_and_clipping_equal_optax():
   k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
   tree = {"w": jax.random.normal(k1, (5, 3)), "b": jax.random.normal(k2, (1,)),
           "s": jax.random.normal(k3, ())}
-  np.testing.assert_allclose(step_lib.global_norm(tree), optax.tree.norm(tree),
+  np.testing.assert_allclose(parallel.global_norm(tree), optax.tree.norm(tree),
                              rtol=1e-6)
   for max_norm in (0.5, 100.0):  # clipped, and left alone
-    ours, _ = step_lib.clip_by_global_norm(max_norm).update(tree, optax.EmptyState())
+    ours, _ = parallel.clip_by_global_norm(max_norm).update(tree, optax.EmptyState())
     ref, _ = optax.clip_by_global_norm(max_norm).update(tree, optax.EmptyState())
     chex.assert_trees_all_close(ours, ref, rtol=1e-6)
-  assert float(step_lib.global_norm({})) == 0.0
+  assert float(parallel.global_norm({})) == 0.0

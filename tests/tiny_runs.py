@@ -25,11 +25,13 @@ def read_arrays(path, config, vocab, history=None):
   return {k: np.concatenate([c.arrays[k] for c in chunks]) for k in chunks[0].arrays}
 
 
-def own_lists_run(root, n, h, devices, method="c_score", **data_overrides):
+def own_lists_run(root, n, h, devices, method="c_score", train_overrides=None,
+                  **data_overrides):
   """A tiny one-epoch run on a generated own-lists example (120 lists, 6-14
   candidates, features, an interactions file), with its bundle under
   ``<root>/workdir/runs/prm/<method>/seed0/bundle``; ``data_overrides`` are
-  ``OwnListsConfig`` fields (``min_id_count=...``)."""
+  ``OwnListsConfig`` fields (``min_id_count=...``), ``train_overrides``
+  ``TrainConfig`` fields (``model_parallel=...``)."""
   lists, inter = own_lists_sample.write_example(
       str(root / "example"), own_lists_sample.ExampleConfig(
           num_users=30, num_items=60, lists_per_user=4, min_candidates=6,
@@ -52,6 +54,7 @@ def own_lists_run(root, n, h, devices, method="c_score", **data_overrides):
       model=config_lib.ModelConfig(hidden=16, num_heads=2, dropout=0.1),
       num_epochs=1, global_batch_size=32, eval_batch_size=32, log_every_steps=0,
       eval_shuffled_scores=False), method)
+  cfg = dataclasses.replace(cfg, **(train_overrides or {}))
   workdir = root / "workdir"
   run_dir = workdir / "runs" / "prm" / method / "seed0"
   result = train.train_and_evaluate(cfg, data, str(run_dir), devices=devices)

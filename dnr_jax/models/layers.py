@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from dnr_jax import batch as batch_lib
 from dnr_jax import config as config_lib
 from dnr_jax.models import dropout as dropout_lib
+from dnr_jax.models import tables
 
 
 class EncoderBlock(nn.Module):
@@ -88,8 +89,12 @@ class InputTokens(nn.Module):
   The item and user parts do not depend on the scores: with ``K`` score sets they are
   computed once (one history encoder pass) and only the score part is per set. The
   tokens of set ``k`` are rows ``k * B .. (k + 1) * B - 1``.
+
+  ``table_shards > 1``: the item and user tables are this device's row shards
+  (``models.tables``), for the step compiled with a ``'model'`` mesh axis.
   """
   config: config_lib.ModelConfig
+  table_shards: int = 1
 
   @nn.compact
   def __call__(self, batch: batch_lib.ListBatch, train: bool,
@@ -97,7 +102,8 @@ class InputTokens(nn.Module):
     c = self.config
     d, dt = c.hidden, compute_dtype(c)
     scores = score_sets_of(batch, score_sets)                       # [K, B, n]
-    item_embed = nn.Embed(c.num_items, d, name="item_embed", dtype=dt)
+    item_embed = tables.Embed(c.num_items, d, name="item_embed", dtype=dt,
+                              shards=self.table_shards)
     item = item_embed(batch.items)
     for j, vocab in enumerate(c.item_feature_vocab):
       item = item + nn.Embed(vocab, d, name=f"item_feature_{j}", dtype=dt)(
@@ -110,7 +116,8 @@ class InputTokens(nn.Module):
       hist = EncoderBlock(d, c.num_heads, c.dropout, dtype=dt, name=f"history_{i}")(
           hist, batch.history_mask, train)
     user = masked_mean(hist, batch.history_mask)
-    user = user + nn.Embed(c.num_users, d, name="user_embed", dtype=dt)(batch.user)
+    user = user + tables.Embed(c.num_users, d, name="user_embed", dtype=dt,
+                               shards=self.table_shards)(batch.user)
     for j, vocab in enumerate(c.user_feature_vocab):
       user = user + nn.Embed(vocab, d, name=f"user_feature_{j}", dtype=dt)(
           batch.user_features[..., j])

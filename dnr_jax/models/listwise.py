@@ -21,13 +21,14 @@ class PRM(nn.Module):
   blocks over the list, then a per-item MLP head.
   """
   config: config_lib.ModelConfig
+  table_shards: int = 1
 
   @nn.compact
   def __call__(self, batch: batch_lib.ListBatch, train: bool = False,
                score_sets=None) -> jax.Array:
     c = self.config
     dt = compute_dtype(c)
-    x = InputTokens(c, name="tokens")(batch, train, score_sets)
+    x = InputTokens(c, self.table_shards, name="tokens")(batch, train, score_sets)
     mask = tile_sets(batch.mask, x.shape[0] // batch.mask.shape[0])
     x = x + self.param("rank_position", nn.initializers.normal(0.02),
                        (batch.items.shape[-1], c.hidden)).astype(dt)
@@ -47,6 +48,7 @@ class SetRank(nn.Module):
   followed by ``num_layers`` self-attention blocks.
   """
   config: config_lib.ModelConfig
+  table_shards: int = 1
   num_inducing: int = 8
 
   @nn.compact
@@ -54,7 +56,7 @@ class SetRank(nn.Module):
                score_sets=None) -> jax.Array:
     c = self.config
     dt = compute_dtype(c)
-    x = InputTokens(c, name="tokens")(batch, train, score_sets)
+    x = InputTokens(c, self.table_shards, name="tokens")(batch, train, score_sets)
     b = x.shape[0]
     mask = tile_sets(batch.mask, b // batch.mask.shape[0])
     inducing = self.param("inducing", nn.initializers.normal(0.02),
@@ -89,6 +91,7 @@ class DLCM(nn.Module):
   compiles one step body whatever ``n``.
   """
   config: config_lib.ModelConfig
+  table_shards: int = 1
   unroll: bool = False
 
   @nn.compact
@@ -96,7 +99,7 @@ class DLCM(nn.Module):
                score_sets=None) -> jax.Array:
     c = self.config
     dt = compute_dtype(c)
-    x = InputTokens(c, name="tokens")(batch, train, score_sets)
+    x = InputTokens(c, self.table_shards, name="tokens")(batch, train, score_sets)
     mask = tile_sets(batch.mask, x.shape[0] // batch.mask.shape[0])
     lengths = mask.sum(-1).astype(jnp.int32)
     # Valid candidates are a prefix of the list (padding at the end), so reversing

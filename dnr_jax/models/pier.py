@@ -75,6 +75,7 @@ import jax.numpy as jnp
 from dnr_jax import batch as batch_lib
 from dnr_jax import config as config_lib
 from dnr_jax.models import dropout as dropout_lib
+from dnr_jax.models import tables
 from dnr_jax.models.layers import InputTokens, head, masked_mean, per_set, tile_sets
 
 
@@ -151,6 +152,7 @@ class PIER(nn.Module):
   interest]``.
   """
   config: config_lib.ModelConfig
+  table_shards: int = 1   # the item table's row shards (``models.tables``)
 
   @nn.compact
   def __call__(self, batch: batch_lib.ListBatch, train: bool = False,
@@ -158,7 +160,7 @@ class PIER(nn.Module):
     c = self.config
     d = c.hidden
     n = batch.items.shape[-1]
-    tokens = InputTokens(c, name="tokens")
+    tokens = InputTokens(c, self.table_shards, name="tokens")
     x = tokens(batch, train, score_sets)       # [K * B, n, d] (models: score sets)
     k = x.shape[0] // batch.items.shape[0]
     mask = tile_sets(batch.mask, k)
@@ -173,7 +175,7 @@ class PIER(nn.Module):
     table = tokens.variables["params"]["item_embed"]["embedding"]
     window = c.pier_window
     hist, hmask = history_permutations(batch.history, batch.history_mask, window)
-    h = jnp.take(table, hist, axis=0)
+    h = tables.take(table, hist, self.table_shards)
     h = h + self.param("window_position", nn.initializers.normal(0.02), (window, d))
     h = nn.Dense(d, name="past_proj")(masked_mean(h, hmask))             # [B, P, d]
     h = h + self.param("recency", nn.initializers.normal(0.02), (h.shape[-2], d))

@@ -20,12 +20,15 @@ BACKBONES = {"prm": listwise.PRM, "setrank": listwise.SetRank, "dlcm": listwise.
 RankFn = Callable[[jax.Array, dict, batch_lib.ListBatch], jax.Array]
 
 
-def make_reranker(config: config_lib.ModelConfig, *, export: bool = False) -> nn.Module:
+def make_reranker(config: config_lib.ModelConfig, *, export: bool = False,
+                  table_shards: int = 1) -> nn.Module:
   """The reranker module of ``config.backbone``.
 
   ``export=True`` gives the formulation graph exporters trace (ONNX,
   ``serving/onnx_export.py``): the same parameters and logits, no flax lifted
-  transform (DLCM's GRU unrolled, ``DLCM.unroll``).
+  transform (DLCM's GRU unrolled, ``DLCM.unroll``). ``table_shards > 1``: the item
+  and user tables are row shards over the ``'model'`` mesh axis (``models.tables``;
+  only inside the step compiled with that axis).
   """
   if config.backbone not in BACKBONES:
     raise ValueError(f"model.backbone={config.backbone!r} is not one of "
@@ -34,8 +37,8 @@ def make_reranker(config: config_lib.ModelConfig, *, export: bool = False) -> nn
     raise ValueError(f"model.score_usage={config.score_usage!r} is not one of "
                      f"{list(config_lib.SCORE_USAGES)}")
   if export and config.backbone == "dlcm":
-    return listwise.DLCM(config, unroll=True)
-  return BACKBONES[config.backbone](config)
+    return listwise.DLCM(config, table_shards=table_shards, unroll=True)
+  return BACKBONES[config.backbone](config, table_shards=table_shards)
 
 
 def ranking_fn(config: config_lib.ModelConfig) -> Optional[RankFn]:

@@ -68,10 +68,18 @@ def config_differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
 
 
 def all_finite(tree) -> bool:
-  """Whether every floating-point array of ``tree`` (host or device) is finite."""
+  """Whether every floating-point array of ``tree`` (host or device) is finite.
+
+  A device array is read shard by shard, one copy of each (a sharded table is never
+  gathered whole), and only the shards this process holds (``Checkpoints.save``
+  combines the processes' answers).
+  """
   for x in jax.tree.leaves(tree):
-    x = np.asarray(x)
-    if np.issubdtype(x.dtype, np.inexact) and not np.isfinite(x).all():
+    if not np.issubdtype(x.dtype, np.inexact):
+      continue
+    parts = ([s.data for s in x.addressable_shards if s.replica_id == 0]
+             if isinstance(x, jax.Array) else [x])
+    if not all(np.isfinite(np.asarray(p)).all() for p in parts):
       return False
   return True
 
@@ -95,7 +103,7 @@ def _one_line(e: BaseException) -> str:
 
 
 class Checkpoints:
-  """orbax ``CheckpointManager`` over the host copy of the state plus JSON metadata.
+  """orbax ``CheckpointManager`` over the state plus JSON metadata.
 
   Args:
     directory: the checkpoint folder (created).
@@ -152,12 +160,15 @@ class Checkpoints:
     return self.manager.latest_step()
 
   def save(self, step: int, state, meta: dict) -> None:
-    """Saves ``state`` (host copy) and ``meta`` (plus the config) as checkpoint ``step``.
+    """Saves ``state`` and ``meta`` (plus the config) as checkpoint ``step``.
+
+    ``state`` is a host copy, or placed (sharded) device arrays, which each process
+    writes its shards of (``Runner.checkpoint_state``).
 
     Raises:
       errors.TrainingDiverged: ``state`` holds a NaN or inf: nothing is written.
     """
-    if not all_finite(state):
+    if distributed.any_process(not all_finite(state)):
       raise errors.TrainingDiverged(
           f"refusing to write checkpoint {step} in {self.directory}: the parameters "
           "are not finite")

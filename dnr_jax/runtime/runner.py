@@ -3,6 +3,10 @@
 ``Runner`` compiles ``step.train_step`` and ``step.eval_step`` with
 ``jax.jit(jax.shard_map(...))`` over a 1-D ``'batch'`` mesh or with ``jax.pmap``
 (``TrainConfig.compile``), donates the state, and hides the placement from callers.
+With ``TrainConfig.model_parallel = M > 1`` the mesh is ``('batch', 'model')``,
+``[devices / M, M]``: the batch is split over all devices, the item and user tables
+and their optimiser moments by rows over ``'model'`` (``models.tables``), padded
+to a multiple of ``M`` on the devices and unpadded on the host.
 """
 
 from __future__ import annotations
@@ -18,7 +22,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dnr_jax import batch as batch_lib
 from dnr_jax import config as config_lib
-from dnr_jax.step import AXIS, DNRState, eval_step, train_step
+from dnr_jax import errors
+from dnr_jax.models import tables
+from dnr_jax.parallel import AXIS, MODEL_AXIS, data_axes
+from dnr_jax.step import DNRState, eval_step, train_step
 
 
 @dataclasses.dataclass
@@ -35,6 +42,11 @@ class Runner:
   Each phase's train step is traced once (``traces`` counts it): a batch of a new
   shape or dtype would recompile, and fails loudly instead.
 
+  ``model_parallel > 1``: the placed state's tables are row shards, padded to a
+  multiple of ``M`` rows; ``get_state`` gathers and unpads them, and checkpoints
+  save the placed state itself (``checkpoint_state``, ``checkpoint_like``), each
+  process writing its own shards.
+
   Multi-process (``dnr_jax.runtime.distributed``): the mesh spans every process's devices
   (``jax.devices()``), each process passes its own share of the global batch, and
   collectives reduce across processes; host values returned are the same in every
@@ -46,14 +58,22 @@ class Runner:
   def __post_init__(self):
     # Global devices: with several processes the one mesh spans all of them.
     self.devices = tuple(self.devices or jax.devices())
-    self.mesh = Mesh(np.array(self.devices), (AXIS,))
+    m = self.config.model_parallel
+    if m == 1:
+      self.mesh = Mesh(np.array(self.devices), (AXIS,))
+    elif len(self.devices) % m:
+      raise errors.ConfigError(f"model_parallel={m} does not divide the "
+                               f"{len(self.devices)} devices")
+    else:
+      self.mesh = Mesh(np.array(self.devices).reshape(-1, m), (AXIS, MODEL_AXIS))
+    self.data_spec = P(data_axes(self.config))
     self.local_devices = tuple(d for d in self.devices
                                if d.process_index == jax.process_index())
     self.multiprocess = len(self.local_devices) < len(self.devices)
     self._train: dict[str, Callable] = {}
     self.traces: dict[str, int] = {}
     self._eval = self._compile(functools.partial(eval_step, config=self.config),
-                               in_specs=(P(), P(AXIS)), out_specs=(P(), P(AXIS)),
+                               out_specs=lambda specs: (P(), self.data_spec),
                                donate=False)
 
   @property
@@ -66,7 +86,26 @@ class Runner:
     """This process's devices of the mesh (what one ``put_batch`` is split over)."""
     return len(self.local_devices)
 
-  def _compile(self, body, in_specs, out_specs, donate: bool):
+  def state_specs(self, tree):
+    """The ``PartitionSpec`` of each leaf of a state (or parameter) tree: rows over
+    ``'model'`` for the tables when ``model_parallel > 1``, else replicated."""
+    if self.config.model_parallel == 1:
+      return jax.tree.map(lambda _: P(), tree)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: P(MODEL_AXIS) if tables.table_name(path) else P(), tree)
+
+  def compile_step(self, body, out_specs, donate: bool) -> Callable:
+    """``body(state_or_params, batch)`` compiled over the mesh.
+
+    Args:
+      body: a per-device function of the (sharded) state and this device's batch.
+      out_specs: ``state specs -> out_specs`` (the state's specs are known only
+        from the tree the compiled function is called with).
+      donate: donate the first argument.
+    """
+    return self._compile(body, out_specs, donate)
+
+  def _compile(self, body, out_specs, donate: bool):
     donate_argnums = (0,) if donate else ()
     if self.config.compile == "pmap":
       return jax.pmap(body, axis_name=AXIS, devices=self.devices,
@@ -75,9 +114,13 @@ class Runner:
     # parameter is the *local* gradient, which the body averages with pmean. (With
     # varying-axis checking on, shard_map would already psum it, and the one body
     # would train 8x faster on 8 devices than under pmap.)
-    return jax.jit(jax.shard_map(body, mesh=self.mesh, in_specs=in_specs,
-                                 out_specs=out_specs, check_vma=False),
-                   donate_argnums=donate_argnums)
+    def build(specs):
+      return jax.jit(jax.shard_map(body, mesh=self.mesh, in_specs=(specs, self.data_spec),
+                                   out_specs=out_specs(specs), check_vma=False),
+                     donate_argnums=donate_argnums)
+    if self.config.model_parallel == 1:
+      return build(P())      # one spec for every leaf: no need to see the tree first
+    return _PerTree(build, self.state_specs)
 
   def eval_fn(self) -> Callable:
     """The compiled eval step ``(params, placed batch) -> (sums, logits)``."""
@@ -94,12 +137,17 @@ class Runner:
               f"shapes {jax.tree.map(jnp.shape, batch.as_dict())}); every step of a "
               f"run must see the same per-device batch shape")
         return train_step(state, batch, config=self.config, phase=phase)
-      self._train[phase] = self._compile(body, in_specs=(P(), P(AXIS)),
-                                         out_specs=(P(), P()), donate=True)
+      self._train[phase] = self._compile(body, out_specs=lambda specs: (specs, P()),
+                                         donate=True)
     return self._train[phase]
 
   # Placement.
   def put_state(self, state: DNRState) -> DNRState:
+    """Places a host state (or parameter tree) on the devices.
+
+    Replicated, or with ``model_parallel > 1`` the tables split by rows (arrays
+    already placed that way, e.g. restored from a checkpoint, are kept as they are).
+    """
     if self.config.compile == "pmap":
       # A leading device axis, one replica per device (what pmap maps over).
       d = self.num_devices
@@ -107,13 +155,78 @@ class Runner:
       return jax.tree.map(
           lambda x: _global_from_host(
               np.broadcast_to(np.asarray(x), (d,) + np.shape(x)), sharding), state)
+    if self.config.model_parallel > 1:
+      return jax.tree_util.tree_map_with_path(self._put_leaf, state)
     sharding = NamedSharding(self.mesh, P())
     return jax.tree.map(lambda x: _global_from_host(np.asarray(x), sharding), state)
 
+  def _put_leaf(self, path, x):
+    sharding = NamedSharding(self.mesh, P(MODEL_AXIS) if tables.table_name(path)
+                             else P())
+    if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+      return x
+    x = np.asarray(x)
+    if not tables.table_name(path):
+      return _global_from_host(x, sharding)
+    rows = tables.padded_rows(x.shape[0], self.config.model_parallel)
+
+    def shard(idx):
+      # This device's rows, the padding rows past the table's end as zeros (only
+      # the last shard has any); the padded table is never built on the host.
+      lo, hi, _ = idx[0].indices(rows)
+      out = np.zeros((hi - lo,) + x.shape[1:], x.dtype)
+      out[:max(0, min(hi, x.shape[0]) - lo)] = x[lo:min(hi, x.shape[0])]
+      return out
+    return jax.make_array_from_callback((rows,) + x.shape[1:], sharding, shard)
+
   def get_state(self, state: DNRState) -> DNRState:
-    """The host copy of a placed state (first replica under pmap)."""
+    """The host copy of a placed state (first replica under pmap; the tables
+    gathered from their shards and unpadded with ``model_parallel > 1``)."""
+    if self.config.model_parallel > 1:
+      return jax.tree_util.tree_map_with_path(self._get_leaf, state)
     return jax.tree.map(lambda x: _first_replica(x, self.config.compile == "pmap"),
                         state)
+
+  def _get_leaf(self, path, x):
+    name = tables.table_name(path)
+    if not name or not isinstance(x, jax.Array):
+      return _first_replica(x, False)
+    if x.is_fully_addressable:
+      full = np.asarray(x)
+    else:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      full = np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    rows = (self.config.model.num_items if name == "item_embed"
+            else self.config.model.num_users)
+    if tables.padded_rows(rows, self.config.model_parallel) != full.shape[0]:
+      raise errors.ConfigError(
+          f"{name} has {full.shape[0]} rows on the devices, not {rows} padded to a "
+          f"multiple of model_parallel={self.config.model_parallel}: the config's "
+          "vocabulary sizes do not match the state")
+    return full[:rows]
+
+  def checkpoint_state(self, state: DNRState):
+    """What a checkpoint of the placed ``state`` saves: its host copy, or with
+    ``model_parallel > 1`` the placed arrays (orbax writes each process's shards;
+    the tables are never gathered)."""
+    if self.config.model_parallel > 1:
+      return state
+    return self.get_state(state)
+
+  def checkpoint_like(self, host_state: DNRState):
+    """The restore target matching ``checkpoint_state``: the host state, or with
+    ``model_parallel > 1`` its placed shapes and shardings (restored straight onto
+    the devices, where ``put_state`` keeps them)."""
+    if self.config.model_parallel == 1:
+      return host_state
+    def like(path, x):
+      name = tables.table_name(path)
+      shape = np.shape(x)
+      if name:
+        shape = (tables.padded_rows(shape[0], self.config.model_parallel),) + shape[1:]
+      return jax.ShapeDtypeStruct(shape, np.result_type(x), sharding=NamedSharding(
+          self.mesh, P(MODEL_AXIS) if name else P()))
+    return jax.tree_util.tree_map_with_path(like, host_state)
 
   def put_batch(self, arrays) -> batch_lib.ListBatch:
     """Copies this process's host batch to its devices, split along ``'batch'``.
@@ -125,7 +238,7 @@ class Runner:
     if size % self.num_local_devices:
       raise ValueError(f"batch of {size} lists is not divisible by the "
                        f"{self.num_local_devices} devices")
-    sharding = NamedSharding(self.mesh, P(AXIS))
+    sharding = NamedSharding(self.mesh, self.data_spec)
     if self.config.compile == "pmap":
       # One shard per device along the leading axis pmap maps over, copied now
       # rather than inside the step call (where it would not overlap compute).
@@ -188,6 +301,26 @@ class Runner:
     if self.config.compile == "pmap":
       logits = logits.reshape((-1,) + logits.shape[2:])
     return sums, logits
+
+
+class _PerTree:
+  """A step compiled once per state tree structure, with specs from its paths (the
+  table leaves are known only from the tree it is called with)."""
+
+  def __init__(self, build: Callable, specs_of: Callable):
+    self._build, self._specs_of, self._built = build, specs_of, {}
+
+  def _fn(self, tree):
+    treedef = jax.tree.structure(tree)
+    if treedef not in self._built:
+      self._built[treedef] = self._build(self._specs_of(tree))
+    return self._built[treedef]
+
+  def __call__(self, tree, batch):
+    return self._fn(tree)(tree, batch)
+
+  def lower(self, tree, batch):
+    return self._fn(tree).lower(tree, batch)
 
 
 def _global_from_host(x: np.ndarray, sharding: NamedSharding) -> jax.Array:

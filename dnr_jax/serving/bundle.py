@@ -39,7 +39,9 @@ class Bundle:
   """A trained reranker: its config, its selected parameters, its vocabulary.
 
   Attributes:
-    config: the run's full configuration (vocabulary sizes of the data included).
+    config: the run's full configuration (vocabulary sizes of the data included),
+      with ``model_parallel=1``: a bundle's tables are whole, however they were
+      trained (``meta["trained_model_parallel"]`` keeps the run's value).
     params: the reranker parameters of the selected epoch (host arrays).
     meta: ``best_epoch``, ``valid`` (its validation metrics), ``data`` (name,
       is_real) and whatever else the run recorded.
@@ -66,10 +68,13 @@ class Bundle:
     """
     if result.get("best_params") is None:
       raise ValueError("the result has no best_params (a run with no epoch?)")
-    return cls(config=config_lib.from_dict(result["config"]), params=result["best_params"],
+    config = config_lib.from_dict(result["config"])
+    return cls(config=dataclasses.replace(config, model_parallel=1),
+               params=result["best_params"],
                meta={"best_epoch": result["best_epoch"], "valid": result["valid"],
                      "test": result["test"], "data": result.get("data", {}),
-                     "list_size": int(list_size), "history_size": int(history_size)},
+                     "list_size": int(list_size), "history_size": int(history_size),
+                     "trained_model_parallel": config.model_parallel},
                data_config=data_config, vocabulary_dir=vocabulary_dir)
 
   def vocabulary(self):

@@ -252,12 +252,13 @@ def encode(requests: Sequence[CheckedRequest], vocab, limits: RequestLimits
   items = np.zeros((b, n), np.int32)
   items[lst, slot] = look("item", [i for r, k in zip(requests, kept)
                                    for i in r.item_ids[:k]], kept)
-  scores = np.zeros((b, n), np.float32)
-  scores[lst, slot] = np.fromiter(
-      (s for r, k in zip(requests, kept) for s in r.scores[:k]), np.float64,
-      count=len(lst))
+  given = np.fromiter((s for r, k in zip(requests, kept) for s in r.scores[:k]),
+                      np.float64, count=len(lst))
   if limits.score_transform == "sigmoid":
-    scores[lst, slot] = 1.0 / (1.0 + np.exp(-scores[lst, slot]))
+    # In float64, then cast: the file reader's order, so the two give the same bits.
+    given = 1.0 / (1.0 + np.exp(-given))
+  scores = np.zeros((b, n), np.float32)
+  scores[lst, slot] = given
   mask = np.zeros((b, n), bool)
   mask[lst, slot] = True
   user = look("user", [r.user_id for r in requests], [1] * b)
