@@ -9,9 +9,11 @@ Three figures for one (items, model_parallel) on ``devices``:
   device: arguments (state and batch), outputs (the donated state is aliased),
   temporaries and peak. Compiled from abstract inputs, nothing is allocated, so it
   runs at any size;
-* **allocated** (when the analytic bytes over all devices fit under a limit): the
+* **allocated** (when twice the analytic bytes over all devices fit under a limit): the
   state created straight onto the devices (no host copy) and the bytes the fullest
-  device then holds.
+  device then holds, in a child process (``allocated_in_child``) whose peak RSS is
+  reported too: the host allocator keeps freed buffers for reuse, so sizes measured
+  one after another in one process would add up.
 """
 
 from __future__ import annotations
@@ -122,3 +124,30 @@ def allocated_bytes(config, devices, lists: dict) -> int:
       per_device[s.device] = per_device.get(s.device, 0) + s.data.nbytes
   del state
   return max(per_device.values())
+
+
+def _child(config_dict: dict, num_devices: int, lists: dict, out) -> None:
+  import resource
+  import jax
+  from dnr_jax import config as config_lib
+  config = config_lib.from_dict(config_dict)
+  got = allocated_bytes(config, jax.devices()[:num_devices], lists)
+  out.put((got, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+
+
+def allocated_in_child(config, num_devices: int, lists: dict) -> tuple[int, int]:
+  """``allocated_bytes`` in a fresh process: ``(bytes on the fullest device, the
+  child's peak RSS in bytes)``. The child inherits ``XLA_FLAGS`` (the host devices)."""
+  import multiprocessing
+  from dnr_jax import config as config_lib
+  ctx = multiprocessing.get_context("spawn")
+  out = ctx.Queue()
+  small = {k: v[:1] for k, v in lists.items()}
+  proc = ctx.Process(target=_child, args=(config_lib.to_dict(config), num_devices,
+                                          small, out))
+  proc.start()
+  proc.join()
+  if proc.exitcode != 0:
+    raise RuntimeError(f"the allocation child exited with {proc.exitcode} (out of "
+                       "memory? lower --allocate_limit_gb)")
+  return out.get(timeout=10)

@@ -32,6 +32,7 @@ from absl import logging
 from dnr_jax import batch as batch_lib
 from dnr_jax.runtime import checkpoints as checkpoints_lib
 from dnr_jax import config as config_lib
+from dnr_jax.runtime import disk_input
 from dnr_jax.runtime import distributed
 from dnr_jax.runtime import early_stopping
 from dnr_jax import errors
@@ -42,6 +43,7 @@ from dnr_jax.runtime import pipeline
 from dnr_jax.runtime import preemption
 from dnr_jax import step as step_lib
 from dnr_jax.runtime import runner as runner_lib
+from dnr_jax.data import list_records
 from dnr_jax.data import types
 
 SELECT_METRIC = "ndcg"
@@ -151,13 +153,17 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
   """
   config = with_data_vocab(config, data)
   runner = runner_lib.Runner(config, devices or ())
-  train = pipeline.complete(data.splits["train"])
+  # A training split in a list-records file is read from disk (``runtime.disk_input``,
+  # the same batches as in memory); valid and test are in memory.
+  on_disk = isinstance(data.splits["train"], list_records.ListRecords)
+  train = data.splits["train"] if on_disk else pipeline.complete(data.splits["train"])
   valid = pipeline.complete(data.splits["valid"])
   test = pipeline.complete(data.splits["test"])
   # One fixed shuffle (seed 0) for every run, so methods are compared on the same.
   test_shuffled = (pipeline.shuffle_scores(test) if config.eval_shuffled_scores
                    else None)
-  n_train, n_dev = pipeline.num_lists(train), runner.num_devices
+  n_train = len(train) if on_disk else pipeline.num_lists(train)
+  n_dev = runner.num_devices
   if config.global_batch_size > n_train >= n_dev:
     # The paper's batch (2048) exceeds a small data set (the embedded sample): train
     # with the whole set per step rather than fail, and say so.
@@ -166,7 +172,7 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
                     config.global_batch_size, n_train, smaller)
     config = dataclasses.replace(config, global_batch_size=smaller)
   eval_bs = config.eval_batch_size or config.global_batch_size
-  config_lib.validate(config, list_size=train["items"].shape[1],
+  config_lib.validate(config, list_size=valid["items"].shape[1],
                       num_devices=runner.num_devices)
   if not data.is_real:
     logging.warning("DATA: %s -- this is NOT the real data; numbers are not comparable "
@@ -181,7 +187,8 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
   root = jax.random.PRNGKey(config.seed)
   per_device = config.global_batch_size // runner.num_devices
   example = batch_lib.ListBatch.from_arrays(
-      {k: v[:per_device] for k, v in train.items()})
+      train.read(range(per_device)) if on_disk
+      else {k: v[:per_device] for k, v in train.items()})
   state = step_lib.create_state(config, example, root)
 
   history: list[dict] = []
@@ -221,10 +228,10 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
     on_resume(history)
 
   state = runner.put_state(state)
-  steps = pipeline.steps_per_epoch(train, config.global_batch_size, pad_last=False)
+  steps = n_train // config.global_batch_size
   if steps == 0:
     raise errors.ConfigError(f"global_batch_size={config.global_batch_size} exceeds "
-                             f"the {pipeline.num_lists(train)} training lists")
+                             f"the {n_train} training lists")
 
   def save(epoch: int, meta: dict) -> Optional[int]:
     if ckpt is None:
@@ -261,13 +268,17 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
       # next epoch) so every train step has the same shape and nothing recompiles.
       # Batches are assembled and placed on the devices in a background thread while
       # the previous step runs, so the input pipeline stays off the critical path.
-      host_batches = pipeline.batches(
-          train, config.global_batch_size, shuffle=True, seed=config.seed, epoch=epoch,
-          process_index=jax.process_index(), process_count=jax.process_count(),
-          pad_last=False)
-      for i, b in enumerate(pipeline.prefetch(
-          itertools.islice(host_batches, first, None), size=2,
-          transform=runner.put_batch), start=first):
+      where = dict(seed=config.seed, epoch=epoch, process_index=jax.process_index(),
+                   process_count=jax.process_count())
+      if on_disk:     # starts at ``first`` without reading the skipped lists
+        host_batches = disk_input.batches(train, config.global_batch_size,
+                                          start_step=first, **where)
+      else:
+        host_batches = itertools.islice(pipeline.batches(
+            train, config.global_batch_size, shuffle=True, pad_last=False, **where),
+                                        first, None)
+      for i, b in enumerate(pipeline.prefetch(host_batches, size=2,
+                                              transform=runner.put_batch), start=first):
         state, m = runner.train(state, b, phase)
         step_metrics.append(m)
         if config.log_every_steps and (i + 1) % config.log_every_steps == 0:

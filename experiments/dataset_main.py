@@ -16,6 +16,7 @@ FLAGS = flags.FLAGS
 def main(argv) -> None:
   """Checks every flag and where the outputs go, prepares the lists, runs the experiment."""
   import jax  # pylint: disable=g-import-not-at-top
+  from dnr_jax.data import list_records  # pylint: disable=g-import-not-at-top
   from dnr_jax.data import prepare  # pylint: disable=g-import-not-at-top
   from dnr_jax.protocol import experiment  # pylint: disable=g-import-not-at-top
   from dnr_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
@@ -36,9 +37,11 @@ def main(argv) -> None:
                jax.default_backend())
   # Process 0 prepares (and caches) the lists first; the others then read its cache
   # or, on a file system of their own, repeat the same deterministic preparation.
-  data = distributed.primary_first(lambda: prepare.prepare_lists(data_config),
-                                   "prepare_lists")
-  distributed.check_same(distributed.fingerprint(data.splits), "the prepared lists")
+  on_disk = ("train",) if FLAGS.input == "disk" else ()
+  data = distributed.primary_first(
+      lambda: prepare.prepare_lists(data_config, on_disk=on_disk), "prepare_lists")
+  distributed.check_same(distributed.fingerprint(list_records.comparable(data.splits)),
+                         "the prepared lists")
   out = experiment.run_experiment(exp, data, FLAGS.workdir)
   print(out["table"])
   print(f"outputs: {FLAGS.workdir}")

@@ -77,6 +77,7 @@ def run(argv) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   from dnr_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
   from dnr_jax.protocol import experiment  # pylint: disable=g-import-not-at-top
+  from dnr_jax.data import list_records  # pylint: disable=g-import-not-at-top
   from dnr_jax.data import raw  # pylint: disable=g-import-not-at-top
   from dnr_jax.data.own_lists import sample  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
@@ -103,12 +104,14 @@ def run(argv) -> None:
       logging.warning("no --lists given: using the GENERATED example %s (NOT real "
                       "data)", lists)
       data_config = dataclasses.replace(data_config, lists=lists, interactions=inter)
-    return data_config, own_lists.prepare_own_lists(data_config)
+    return data_config, own_lists.prepare_own_lists(
+        data_config, on_disk=("train",) if FLAGS.input == "disk" else ())
 
   # Multi-process: process 0 prepares first (dnr_jax.runtime.distributed.primary_first).
   data_config, data = distributed.primary_first(lambda: prepare(data_config),
                                                 "prepare_own_lists")
-  distributed.check_same(distributed.fingerprint(data.splits), "the prepared lists")
+  distributed.check_same(distributed.fingerprint(list_records.comparable(data.splits)),
+                         "the prepared lists")
   if distributed.is_primary():
     os.makedirs(FLAGS.workdir, exist_ok=True)
     record = own_lists.save_for_run(FLAGS.workdir, data_config,

@@ -41,6 +41,9 @@ BASE = config_lib.TrainConfig(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if FLAGS.input != "memory":
+    raise app.UsageError("--input=disk reads prepared lists; the synthetic lists are "
+                         "generated in memory")
   train_flags.setup()
   exp = train_flags.experiment_from_flags(BASE)
   cli.check_workdir(FLAGS.workdir, create=not FLAGS.check_flags)

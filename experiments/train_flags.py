@@ -43,6 +43,11 @@ flags.DEFINE_bool("check_flags", False,
                   "Validate every flag and the configs they make, print them, and exit "
                   "without touching data or devices (e.g. before queueing a batch job).")
 flags.DEFINE_string("workdir", None, "Where metrics, checkpoints and results go.")
+flags.DEFINE_enum("input", "memory", ["memory", "disk"],
+                  "Training lists: memory (loaded whole) or disk (read batch by batch "
+                  "with Grain from a one-list-per-record file written beside the "
+                  "prepared lists: for a training split larger than host memory; the "
+                  "same batches). Prepared data sets and own lists only.")
 cli.define_cluster_flags()
 FLAGS = flags.FLAGS
 

@@ -94,6 +94,23 @@ def test_step_benchmark_times_and_sizes_sharded_tables():
   assert shard["compiled_total_bytes"] < 0.7 * rep["compiled_total_bytes"]
 
 
+def test_disk_input_benchmark_reports_feed_step_and_memory(tmp_path):
+  proc = _run("benchmarks.disk_input", "--lists=3000,6000", f"--workdir={tmp_path}",
+              "--batch_size=32", "--feed_batches=20", "--train_steps=5")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  recs = _records(proc.stdout)
+  assert [r["lists"] for r in recs] == [3000, 6000]
+  for r in recs:
+    for field in ("write_lists_per_s", "feed_lists_per_s", "step_lists_per_s",
+                  "train_from_disk_lists_per_s", "peak_rss_gb", "file_gb"):
+      assert r[field] > 0, field
+    assert r["feed_over_step"] == pytest.approx(
+        r["feed_lists_per_s"] / r["step_lists_per_s"])
+  assert sorted(os.listdir(tmp_path)) == [
+      "lists_3000.list_records", "lists_3000.list_records.json",
+      "lists_6000.list_records", "lists_6000.list_records.json"]
+
+
 def test_step_benchmark_reports_each_steps_matmul_ceiling():
   with_torch = importlib.util.find_spec("torch") is not None
   proc = _run("benchmarks.step", *TINY, "--steps=direct,model", "--roofline",

@@ -343,6 +343,25 @@ def test_lists_binary_on_the_generated_example(tmp_path):
   assert bundle.data_config["list_size"] == 20 and bundle.meta["history_size"] == 8
 
 
+@pytest.mark.slow
+def test_lists_binary_trains_from_disk_as_from_memory(tmp_path):
+  common = ("--flagfile=experiments/configs/lists_example.flags",
+            f"--data_dir={tmp_path / 'data'}", "--example_users=30",
+            "--example_items=60", "--example_lists_per_user=5", "--history_size=8",
+            "--methods=c_score", "--num_epochs=2", "--batch_size=32", "--hidden=16",
+            "--plots=false")
+  results = {}
+  for mode in ("memory", "disk"):
+    proc = _run(*common, f"--workdir={tmp_path / mode}", f"--input={mode}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results[mode] = json.loads((tmp_path / mode / "results.json").read_text())
+  # The training split was written once as list records, beside the prepared lists.
+  assert len(list((tmp_path / "data").rglob("train.list_records"))) == 1
+  strip = lambda r: [{k: v for k, v in run.items() if k not in ("lists_per_s", "time_s")}
+                     for run in r["runs"]]
+  assert strip(results["disk"]) == strip(results["memory"])
+
+
 def test_lists_binary_bad_file_is_one_line(tmp_path):
   bad = tmp_path / "bad.csv"
   bad.write_text("list_id,user_id,item_id,score,label\n1,u,a,0.5,1\n1,u,b,0.2,3\n")

@@ -45,6 +45,7 @@ from dnr_jax import batch as batch_lib
 from dnr_jax.batch import FIELDS
 from dnr_jax.data import (amazon_books, dual_tower, integrity, kuairand, lists,
                            movielens, raw, samples, types)
+from dnr_jax.data import list_records as records_lib
 from dnr_jax.data import retriever as retriever_lib
 from dnr_jax.data import stream as stream_lib
 from dnr_jax.errors import DataError
@@ -438,8 +439,12 @@ class DnrLists(raw.Preparation, tfds.core.GeneratorBasedBuilder,
     return list_records(files)
 
 
-def prepare_lists(config: DataConfig) -> types.PreparedLists:
-  """The lists of ``config``: from the cache, or built and cached (see module doc)."""
+def prepare_lists(config: DataConfig, *, on_disk=()) -> types.PreparedLists:
+  """The lists of ``config``: from the cache, or built and cached (see module doc).
+
+  Splits named in ``on_disk`` (``("train",)`` for ``--input=disk``) stay on disk as
+  ``ListRecords`` (``disk_split``) instead of being loaded.
+  """
   config.validate()
   builder = DnrLists(data_config=config)
   folder = os.path.dirname(builder.data_dir)
@@ -447,7 +452,7 @@ def prepare_lists(config: DataConfig) -> types.PreparedLists:
   # Read under the shared lock: a process that finds the sources changed deletes the
   # lists under the exclusive one, never while they are being loaded (integrity).
   with integrity.reading(folder, what):
-    splits = _load_if_current(builder, config)
+    splits = _load_if_current(builder, config, on_disk)
   if splits is None:
     with integrity.preparing(folder, what):
       if builder.is_prepared():
@@ -476,7 +481,7 @@ def prepare_lists(config: DataConfig) -> types.PreparedLists:
       if not builder.is_prepared():
         raise DataError(f"{builder.data_dir}: the lists were deleted by another "
                         "process while this one was about to read them; run again")
-      splits = load_splits(builder)
+      splits = load_splits(builder, on_disk=on_disk)
   meta = builder.info.metadata
   data = types.PreparedLists(
       splits=splits, num_items=int(meta["num_items"]), num_users=int(meta["num_users"]),
@@ -487,32 +492,55 @@ def prepare_lists(config: DataConfig) -> types.PreparedLists:
   return data
 
 
-def load_splits(builder: tfds.core.DatasetBuilder, names=lists.SPLITS
-                ) -> dict[str, dict[str, np.ndarray]]:
-  """The prepared list splits ``names`` of ``builder`` (ours or own lists') in memory."""
+def load_splits(builder: tfds.core.DatasetBuilder, names=lists.SPLITS, *,
+                on_disk=()) -> dict[str, Any]:
+  """The prepared list splits ``names`` of ``builder`` (ours or own lists') in memory,
+  but those named in ``on_disk``: a ``ListRecords`` file each (``disk_split``)."""
   splits = {}
   for name in names:
+    if name in on_disk:
+      splits[name] = disk_split(builder, name)
+      continue
     source = builder.as_data_source(split=name)
     blocks = [source[i] for i in range(len(source))]
-    split = {f: np.concatenate([np.asarray(b[f]) for b in blocks])
-             for f in FIELDS if f in blocks[0]}
-    # The zero-wide feature fields list_features leaves out.
-    shapes = batch_lib.array_shapes(
-        list_size=split["items"].shape[1], history_size=split["history"].shape[1],
-        num_user_features=0, num_item_features=0, batch=len(split["items"]))
-    splits[name] = {f: split[f] if f in split else
-                    np.zeros(shapes[f], batch_lib.SCHEMA[f].dtype) for f in FIELDS}
+    splits[name] = _with_zero_wide(
+        {f: np.concatenate([np.asarray(b[f]) for b in blocks])
+         for f in FIELDS if f in blocks[0]})
   return splits
 
 
-def _load_if_current(builder: "DnrLists", config: DataConfig):
+def _with_zero_wide(split: dict) -> dict[str, np.ndarray]:
+  """``split`` with the zero-wide feature fields ``list_features`` leaves out."""
+  shapes = batch_lib.array_shapes(
+      list_size=split["items"].shape[1], history_size=split["history"].shape[1],
+      num_user_features=0, num_item_features=0, batch=len(split["items"]))
+  return {f: np.asarray(split[f]) if f in split else
+          np.zeros(shapes[f], batch_lib.SCHEMA[f].dtype) for f in FIELDS}
+
+
+def disk_split(builder: tfds.core.DatasetBuilder, name: str) -> records_lib.ListRecords:
+  """Split ``name`` of ``builder`` as a list-records file (one list a record, for
+  training from disk), written beside the TFDS files on first use by streaming the
+  split one TFDS record (1,024 lists) at a time; it goes with them when the cache
+  is deleted."""
+  path = os.path.join(os.fspath(builder.data_dir), f"{name}.list_records")
+  if not os.path.exists(path):
+    source = builder.as_data_source(split=name)
+    logging.info("writing the %s split (%d records of up to %d lists) as list records "
+                 "for --input=disk: %s", name, len(source), _LISTS_PER_RECORD, path)
+    records_lib.write_list_records(path, (_with_zero_wide(source[i])
+                                           for i in range(len(source))))
+  return records_lib.ListRecords(path)
+
+
+def _load_if_current(builder: "DnrLists", config: DataConfig, on_disk=()):
   """The cached lists' splits, or None when they are missing or their sources changed."""
   if not builder.is_prepared() or integrity.changes(
       builder.info.metadata.get("source_fingerprint"),
       raw_builder(config).source_fingerprint()):
     return None
   logging.info("reusing the cached lists %s", builder.data_dir)
-  return load_splits(builder)
+  return load_splits(builder, on_disk=on_disk)
 
 
 def _log_report(data: types.PreparedLists) -> None:

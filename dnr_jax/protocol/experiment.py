@@ -223,11 +223,11 @@ def _run_one(cfg: config_lib.TrainConfig, data: types.PreparedLists, run_dir: st
   with open(os.path.join(run_dir, "result.json"), "w") as f:
     json.dump({k: result[k] for k in ("best_epoch", "valid", "test", "retriever",
                                       "stop_reason", "under_trained")}, f, indent=2)
-  train_split = data.splits["train"]
+  shapes = data.splits["valid"]    # the training split's shapes (it may be on disk)
   bundle_lib.save_bundle(os.path.join(run_dir, bundle_lib.RUN_BUNDLE),
                          bundle_lib.Bundle.from_result(
-                             result, list_size=train_split["items"].shape[1],
-                             history_size=train_split["history"].shape[1],
+                             result, list_size=shapes["items"].shape[1],
+                             history_size=shapes["history"].shape[1],
                              **(bundle_assets or {})))
   return result
 

@@ -306,8 +306,11 @@ class DnrOwnLists(raw.Preparation, tfds.core.GeneratorBasedBuilder,
     return prepare.list_records(files)
 
 
-def prepare_own_lists(config: OwnListsConfig) -> types.PreparedLists:
+def prepare_own_lists(config: OwnListsConfig, *, on_disk=()) -> types.PreparedLists:
   """Your lists as train / valid / test ``PreparedLists`` (cached; see module doc).
+
+  Splits named in ``on_disk`` (``("train",)`` for ``--input=disk``) stay on disk as
+  ``ListRecords`` instead of being loaded (``prepare.disk_split``).
 
   The report holds the read statistics (truncated / padded lists, unknown ids), the
   per-split counts and raw-score AUC, ``vocab_dir`` (the saved ``Vocabulary``) and
@@ -331,7 +334,7 @@ def prepare_own_lists(config: OwnListsConfig) -> types.PreparedLists:
           try_download_gcs=False, manual_dir=os.path.dirname(
               os.path.abspath(config.lists))))
   meta = builder.info.metadata
-  splits = prepare.load_splits(builder, SPLITS)
+  splits = prepare.load_splits(builder, SPLITS, on_disk=on_disk)
   report = dict(meta["report"])
   report["vocab_dir"] = os.path.join(os.fspath(builder.data_dir), "vocab")
   report["data_config"] = dataclasses.asdict(config)
