@@ -39,7 +39,7 @@ setuptools.setup(
         "numpy>=1.26",
         "tensorflow-datasets>=4.9.8",
         "array_record>=0.7",
-        "grain>=0.2.12",  # --input=disk: training lists read from disk (runtime/disk_input)
+        "grain>=0.2.18",  # --input=disk: training lists read from disk (runtime/disk_input)
         "pyarrow>=15",
         "etils[epath]>=1.7",
         "importlib_resources>=6",  # TFDS download manager needs it, does not declare it

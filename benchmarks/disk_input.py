@@ -91,6 +91,7 @@ def measure(total: int, workdir: str, batch_size: int, feed_batches: int,
   import itertools
   import jax
   from dnr_jax import batch as batch_lib
+  from dnr_jax import errors
   from dnr_jax import step as step_lib
   from dnr_jax.data import list_records
   from dnr_jax.runtime import disk_input, pipeline
@@ -100,7 +101,11 @@ def measure(total: int, workdir: str, batch_size: int, feed_batches: int,
   rec = {"bench": "disk_input", "lists": total, "batch_size": batch_size,
          "list_size": N, "history_size": H, "threads": threads,
          "platform": jax.devices()[0].platform}
-  if not (os.path.exists(path) and len(list_records.ListRecords(path)) == total):
+  try:
+    reuse = len(list_records.ListRecords(path)) == total
+  except errors.DataError:   # missing, or damaged by a killed run
+    reuse = False
+  if not reuse:
     t0 = time.perf_counter()
     list_records.write_list_records(path, _chunks(total))
     rec["write_lists_per_s"] = total / (time.perf_counter() - t0)

@@ -90,33 +90,16 @@ def compiled_memory(config, devices, lists: dict, phase: str = "model") -> dict:
 def allocated_bytes(config, devices, lists: dict) -> int:
   """The state's bytes on the fullest device once created on ``devices``.
 
-  Created by one program whose outputs have the placed shardings: a replicated
-  array is written on every device, a table shard only on its own, and the whole
-  state never exists on one device or on the host. Tables whose rows
-  ``model_parallel`` does not divide would need padding: there the host state is
-  placed instead (``Runner.put_state``).
+  Created as training creates it (``Runner.init_state``): with ``model_parallel > 1``
+  by one program whose outputs are already split, so a table shard is written only
+  on its own device and the whole table never exists on one device or on the host;
+  a replicated state is created on the default device and placed on the others.
   """
   import jax
-  from jax.sharding import NamedSharding
-  from dnr_jax import step as step_lib
-  from dnr_jax.models import tables
   from dnr_jax.runtime import runner as runner_lib
   runner = runner_lib.Runner(config, tuple(devices))
-  example, abstract = _abstract_state(config, lists)
-  m = config.model_parallel
-  divisible = all(x.shape[0] % m == 0 for p, x in
-                  jax.tree_util.tree_flatten_with_path(abstract)[0]
-                  if tables.table_name(p))
-  if divisible:
-    def create():
-      s = step_lib.create_state(config, example, jax.random.PRNGKey(0))
-      return jax.tree.map(
-          lambda x, spec: jax.lax.with_sharding_constraint(
-              x, NamedSharding(runner.mesh, spec)), s, runner.state_specs(s))
-    state = jax.jit(create)()
-  else:
-    state = runner.put_state(step_lib.create_state(config, example,
-                                                   jax.random.PRNGKey(0)))
+  example, _ = _abstract_state(config, lists)
+  state = runner.put_state(runner.init_state(example, jax.random.PRNGKey(0)))
   jax.block_until_ready(state)
   per_device = {}
   for x in jax.tree.leaves(state):

@@ -61,7 +61,9 @@ def global_norm(tree: Any, shards: int = 1) -> jax.Array:
   (jax 0.11.2 on an H200) rejects the model-phase step built with it at the paper's
   shapes ("Expected instruction to have shape equal to f32[], actual shape is
   f32[1]"); the same step with this form compiled and ran (benchmarks/gpu_check.py).
-  The parameters are a few hundred thousand floats, so the concatenation is cheap.
+  The concatenation copies every leaf, the tables included: cheap at the paper's
+  vocabularies (a few hundred thousand floats besides the tables), a copy of each
+  table per norm with a large catalogue (0.5 GB at 1M items, hidden 128).
 
   ``shards > 1`` (inside the step on a ``'model'`` axis): the row-sharded tables'
   squares are summed over ``'model'``, so every device gets the whole tree's norm.

@@ -28,7 +28,6 @@ from typing import Any, Optional
 import flax
 import jax
 import jax.numpy as jnp
-import optax
 from flax.training import train_state
 
 from dnr_jax import batch as batch_lib
@@ -101,12 +100,12 @@ def _create_state(config: config_lib.TrainConfig, example: batch_lib.ListBatch,
       step=jnp.zeros((), jnp.int32),
       reranker=train_state.TrainState.create(
           apply_fn=reranker.apply, params=theta["params"],
-          tx=parallel.optimizer(config.learning_rate, config.weight_decay, config.grad_clip,
-                        config.model_parallel)),
+          tx=parallel.optimizer(config.learning_rate, config.weight_decay,
+                                config.grad_clip, config.model_parallel)),
       generator=train_state.TrainState.create(
           apply_fn=generator.apply, params=phi["params"],
-          tx=parallel.optimizer(config.generator_learning_rate, 0.0, config.grad_clip,
-                        config.model_parallel)),
+          tx=parallel.optimizer(config.generator_learning_rate, 0.0,
+                                config.grad_clip, config.model_parallel)),
       key=k_root)
 
 

@@ -65,7 +65,7 @@ def evaluate(runner: runner_lib.Runner, state: step_lib.DNRState, arrays,
   c = runner.config
   rank = models.ranking_fn(c.model)
   if rank is not None:
-    logits = ranked_logits(rank, runner.get_state(state).reranker.params, arrays,
+    logits = ranked_logits(rank, runner.get_state(state.reranker.params), arrays,
                            batch_size)
     return _metrics(logits, arrays, k=c.eval_k, map_normaliser=c.map_normaliser,
                     num_items=num_items)
@@ -187,9 +187,10 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
   root = jax.random.PRNGKey(config.seed)
   per_device = config.global_batch_size // runner.num_devices
   example = batch_lib.ListBatch.from_arrays(
-      train.read(range(per_device)) if on_disk
+      train.read(range(min(per_device, n_train))) if on_disk
       else {k: v[:per_device] for k, v in train.items()})
-  state = step_lib.create_state(config, example, root)
+  # With model_parallel > 1 created on the devices, the tables already split.
+  state = runner.init_state(example, root)
 
   history: list[dict] = []
   start_epoch, start_step, done_steps = 0, 0, []
@@ -277,22 +278,25 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
         host_batches = itertools.islice(pipeline.batches(
             train, config.global_batch_size, shuffle=True, pad_last=False, **where),
                                         first, None)
-      for i, b in enumerate(pipeline.prefetch(host_batches, size=2,
-                                              transform=runner.put_batch), start=first):
-        state, m = runner.train(state, b, phase)
-        step_metrics.append(m)
-        if config.log_every_steps and (i + 1) % config.log_every_steps == 0:
-          m = jax.device_get(m)
-          if config.nonfinite == "stop" and m["nonfinite"]:
-            raise guards.diverged(config, epoch, i, steps, m)
-          logging.info("epoch %d step %d/%d %s", epoch + 1, i + 1, steps,
-                       _fmt(m, ("l_theta", "l_phi")))
-        # Processes stop at the same step, or the others would wait for it forever.
-        if distributed.any_process(stop.requested is not None):
-          so_far = done_steps + jax.device_get(step_metrics)
-          saved = save(epoch, {"step_in_epoch": i + 1, "epoch_steps": so_far})
-          raise interrupted(stop.requested or "another process's signal",
-                            f"epoch {epoch + 1} step {i + 1}/{steps}", saved)
+      # Closed on every way out (an error, a stop request), so the reader threads of
+      # the disk input stop with the epoch.
+      batches = pipeline.prefetch(host_batches, size=2, transform=runner.put_batch)
+      with contextlib.closing(batches):
+        for i, b in enumerate(batches, start=first):
+          state, m = runner.train(state, b, phase)
+          step_metrics.append(m)
+          if config.log_every_steps and (i + 1) % config.log_every_steps == 0:
+            m = jax.device_get(m)
+            if config.nonfinite == "stop" and m["nonfinite"]:
+              raise guards.diverged(config, epoch, i, steps, m)
+            logging.info("epoch %d step %d/%d %s", epoch + 1, i + 1, steps,
+                         _fmt(m, ("l_theta", "l_phi")))
+          # Processes stop at the same step, or the others would wait for it forever.
+          if distributed.any_process(stop.requested is not None):
+            so_far = done_steps + jax.device_get(step_metrics)
+            saved = save(epoch, {"step_in_epoch": i + 1, "epoch_steps": so_far})
+            raise interrupted(stop.requested or "another process's signal",
+                              f"epoch {epoch + 1} step {i + 1}/{steps}", saved)
       step_metrics = (done_steps if first else []) + jax.device_get(step_metrics)
       train_metrics = guards.epoch_train_metrics(step_metrics)
       bad = guards.first_nonfinite(step_metrics)
@@ -339,12 +343,13 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
         step = int(runner.get_state(state.step))
         # Sharded tables are not gathered to the host at every better epoch: the
         # best checkpoint holds them, read back once at the end.
-        best_state = (runner.get_state(state) if config.model_parallel == 1
-                      or best_ckpt is None else None)
+        sharded = config.model_parallel > 1 and best_ckpt is not None
+        best_state = None if sharded else runner.get_state(state)
         # (A rerun of an epoch after a crash finds its own save there already.)
         if best_ckpt is not None and (best_ckpt.latest() is None
                                       or best_ckpt.latest() < step):
-          best_ckpt.save(step, runner.checkpoint_state(state), {"epoch": epoch})
+          best_ckpt.save(step, runner.checkpoint_state(state) if sharded
+                         else best_state, {"epoch": epoch})
       saved = None
       signalled = distributed.any_process(stop.requested is not None)
       if ((epoch + 1) % config.checkpoint_every_epochs == 0
@@ -363,6 +368,9 @@ def train_and_evaluate(config: config_lib.TrainConfig, data: types.PreparedLists
                       "early_stopping_patience)", stopping.best_epoch, len(history))
     best = history[stopping.best_epoch - 1]
     final_state = runner.get_state(state)
+    # The devices' copy is no longer needed: a sharded best state is read back onto
+    # the devices next, and two states there at once may not fit.
+    del state
     if best["epoch"] == len(history):
       best_state = final_state
     elif best_state is None and best_ckpt is not None \

@@ -241,10 +241,10 @@ def test_lists_and_the_raw_log_are_read_under_the_shared_lock(tmp_path, monkeypa
                  _can_lock(raw_folder, fcntl.LOCK_EX)))
     return real_build(*a)
 
-  def load(*a):
+  def load(*a, **k):
     seen.append(("load", _can_lock(lists_folder, fcntl.LOCK_SH),
                  _can_lock(lists_folder, fcntl.LOCK_EX)))
-    return real_load(*a)
+    return real_load(*a, **k)
 
   monkeypatch.setattr(prepare, "_build", build)
   monkeypatch.setattr(prepare, "load_splits", load)

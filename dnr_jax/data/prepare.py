@@ -524,12 +524,16 @@ def disk_split(builder: tfds.core.DatasetBuilder, name: str) -> records_lib.List
   split one TFDS record (1,024 lists) at a time; it goes with them when the cache
   is deleted."""
   path = os.path.join(os.fspath(builder.data_dir), f"{name}.list_records")
-  if not os.path.exists(path):
-    source = builder.as_data_source(split=name)
-    logging.info("writing the %s split (%d records of up to %d lists) as list records "
-                 "for --input=disk: %s", name, len(source), _LISTS_PER_RECORD, path)
-    records_lib.write_list_records(path, (_with_zero_wide(source[i])
-                                           for i in range(len(source))))
+  if os.path.exists(path):
+    try:
+      return records_lib.ListRecords(path)
+    except DataError as e:   # a damaged or half-replaced file: written again
+      logging.warning("%s; writing it again", e)
+  source = builder.as_data_source(split=name)
+  logging.info("writing the %s split (%d records of up to %d lists) as list records "
+               "for --input=disk: %s", name, len(source), _LISTS_PER_RECORD, path)
+  records_lib.write_list_records(path, (_with_zero_wide(source[i])
+                                        for i in range(len(source))))
   return records_lib.ListRecords(path)
 
 

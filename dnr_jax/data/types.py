@@ -69,7 +69,9 @@ class PreparedLists:
 
   Attributes:
     splits: ``{"train", "valid", "test"}`` -> dict of numpy arrays with the
-      ``dnr_jax.batch.FIELDS`` keys, leading axis = lists (see ``dnr_jax.runtime.pipeline``).
+      ``dnr_jax.batch.FIELDS`` keys, leading axis = lists (see ``dnr_jax.runtime.pipeline``);
+      the training split may instead be a ``data.list_records.ListRecords`` file, read
+      from disk batch by batch (``--input=disk``).
     num_items / num_users: vocabulary sizes including the padding id 0.
     user_feature_vocab / item_feature_vocab: per-column vocabulary sizes.
     report: the preparation report (counts, retriever AUC, raw-score AUC per split, ...).

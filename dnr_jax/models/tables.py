@@ -71,7 +71,8 @@ def take(table: jax.Array, ids: jax.Array, shards: int) -> jax.Array:
 
   ``shards == 1``: a plain gather. Otherwise it must run under a mesh with a
   ``'model'`` axis of size ``shards`` whose devices see different ids (see the
-  module docstring).
+  module docstring). Ids are vocabulary ids, ``0 <= id < rows``: an id past the
+  table reads zeros here where ``jnp.take`` would fill NaN.
   """
   if shards == 1:
     return jnp.take(table, ids, axis=0)

@@ -75,6 +75,8 @@ def all_finite(tree) -> bool:
   combines the processes' answers).
   """
   for x in jax.tree.leaves(tree):
+    if not isinstance(x, jax.Array):
+      x = np.asarray(x)
     if not np.issubdtype(x.dtype, np.inexact):
       continue
     parts = ([s.data for s in x.addressable_shards if s.replica_id == 0]

@@ -10,9 +10,9 @@ For a split too large for that, the lists stay in a list-records file
   every global batch, so a run gives the same batches from memory or from disk. The
   order is the one thing held in memory: 4 bytes per training list (``int32``);
 * **Grain** reads the batches ahead: a ``MapDataset`` over the epoch's steps, each
-  element one batch read from the file (array_record reads a batch's records in
-  parallel) and decoded in one pass, turned into an iterator with ``num_threads``
-  worker threads and ``prefetch`` batches of buffer;
+  element one batch read from the file (a ``pread`` per list) and decoded in one
+  pass, turned into an iterator with ``num_threads`` worker threads and ``prefetch``
+  batches of buffer;
 * **resumable**: the order is a function of ``(seed, epoch)``, so an iterator's
   whole state is its position ``(epoch, step)``; a run stopped mid-epoch records it
   in its checkpoint (``step_in_epoch``, as for the in-memory input) and starts the

@@ -159,9 +159,16 @@ def prefetch(iterator: Iterable[T], size: int = 2,
     except BaseException as e:  # pylint: disable=broad-except
       put((None, e))            # re-raised in the consumer; a silent end would hang it
       return
+    finally:
+      # A generator source is closed in the thread that runs it, when it ends or
+      # the consumer leaves early: the disk input's reader threads stop with it.
+      close = getattr(iterator, "close", None)
+      if close is not None:
+        close()
     put((_END, None))
 
-  threading.Thread(target=work, name="dnr-prefetch", daemon=True).start()
+  worker = threading.Thread(target=work, name="dnr-prefetch", daemon=True)
+  worker.start()
   try:
     while True:
       value, error = ready.get()
@@ -172,5 +179,9 @@ def prefetch(iterator: Iterable[T], size: int = 2,
       yield value
   finally:
     # Runs on exhaustion, on an error, and when the consumer stops early (``break``,
-    # ``close()``, garbage collection): the worker then ends after its current item.
+    # ``close()``, garbage collection): the worker then ends after its current item,
+    # which it is given a moment to finish (a daemon thread killed at exit in the
+    # middle of a read can abort the process).
     stop.set()
+    if worker is not threading.current_thread():
+      worker.join(timeout=10)

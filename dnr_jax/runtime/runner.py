@@ -26,6 +26,7 @@ from dnr_jax import errors
 from dnr_jax.models import tables
 from dnr_jax.parallel import AXIS, MODEL_AXIS, data_axes
 from dnr_jax.step import DNRState, eval_step, train_step
+from dnr_jax.step import create_state as step_create_state
 
 
 @dataclasses.dataclass
@@ -66,6 +67,9 @@ class Runner:
                                f"{len(self.devices)} devices")
     else:
       self.mesh = Mesh(np.array(self.devices).reshape(-1, m), (AXIS, MODEL_AXIS))
+    if m > 1 and self.config.compile != "shard_map":
+      raise errors.ConfigError(f"model_parallel={m} needs compile='shard_map' (pmap "
+                               "has one mesh axis)")
     self.data_spec = P(data_axes(self.config))
     self.local_devices = tuple(d for d in self.devices
                                if d.process_index == jax.process_index())
@@ -142,6 +146,29 @@ class Runner:
     return self._train[phase]
 
   # Placement.
+  def init_state(self, example: batch_lib.ListBatch, key: jax.Array) -> DNRState:
+    """The run's initial state (``step.create_state``).
+
+    ``model_parallel == 1``: created on the default device, to be placed by
+    ``put_state``. Otherwise created by one program whose outputs are already split:
+    each table padded and sharded by rows, the rest replicated, so no device and
+    not the host ever holds a whole table. The values are ``create_state``'s (the
+    padding rows zero).
+    """
+    if self.config.model_parallel == 1:
+      return step_create_state(self.config, example, key)
+    m = self.config.model_parallel
+
+    def place(path, x):
+      if not tables.table_name(path):
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P()))
+      pad = tables.padded_rows(x.shape[0], m) - x.shape[0]
+      x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+      return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh,
+                                                               P(MODEL_AXIS)))
+    return jax.jit(lambda b, k: jax.tree_util.tree_map_with_path(
+        place, step_create_state(self.config, b, k)))(example, key)
+
   def put_state(self, state: DNRState) -> DNRState:
     """Places a host state (or parameter tree) on the devices.
 
@@ -171,8 +198,8 @@ class Runner:
     rows = tables.padded_rows(x.shape[0], self.config.model_parallel)
 
     def shard(idx):
-      # This device's rows, the padding rows past the table's end as zeros (only
-      # the last shard has any); the padded table is never built on the host.
+      # This device's rows, the padding rows past the table's end as zeros; the
+      # padded table is never built on the host.
       lo, hi, _ = idx[0].indices(rows)
       out = np.zeros((hi - lo,) + x.shape[1:], x.dtype)
       out[:max(0, min(hi, x.shape[0]) - lo)] = x[lo:min(hi, x.shape[0])]
@@ -215,16 +242,17 @@ class Runner:
 
   def checkpoint_like(self, host_state: DNRState):
     """The restore target matching ``checkpoint_state``: the host state, or with
-    ``model_parallel > 1`` its placed shapes and shardings (restored straight onto
-    the devices, where ``put_state`` keeps them)."""
+    ``model_parallel > 1`` the placed shapes and shardings of a state (host or
+    placed: restored straight onto the devices, where ``put_state`` keeps them)."""
     if self.config.model_parallel == 1:
       return host_state
     def like(path, x):
       name = tables.table_name(path)
       shape = np.shape(x)
-      if name:
+      if name:    # (a placed table is padded already: padding it again is a no-op)
         shape = (tables.padded_rows(shape[0], self.config.model_parallel),) + shape[1:]
-      return jax.ShapeDtypeStruct(shape, np.result_type(x), sharding=NamedSharding(
+      dtype = x.dtype if hasattr(x, "dtype") else np.result_type(x)
+      return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(
           self.mesh, P(MODEL_AXIS) if name else P()))
     return jax.tree_util.tree_map_with_path(like, host_state)
 
