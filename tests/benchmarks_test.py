@@ -94,21 +94,33 @@ def test_step_benchmark_times_and_sizes_sharded_tables():
   assert shard["compiled_total_bytes"] < 0.7 * rep["compiled_total_bytes"]
 
 
-def test_disk_input_benchmark_reports_feed_step_and_memory(tmp_path):
+@pytest.mark.parametrize("source", ["records", "own_lists"])
+def test_disk_input_benchmark_reports_feed_step_and_memory(tmp_path, source):
   proc = _run("benchmarks.disk_input", "--lists=3000,6000", f"--workdir={tmp_path}",
-              "--batch_size=32", "--feed_batches=20", "--train_steps=5")
+              "--batch_size=32", "--feed_batches=20", "--train_steps=5",
+              f"--source={source}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   recs = _records(proc.stdout)
   assert [r["lists"] for r in recs] == [3000, 6000]
   for r in recs:
-    for field in ("write_lists_per_s", "feed_lists_per_s", "step_lists_per_s",
+    for field in ("feed_lists_per_s", "step_lists_per_s",
                   "train_from_disk_lists_per_s", "peak_rss_gb", "file_gb"):
       assert r[field] > 0, field
     assert r["feed_over_step"] == pytest.approx(
         r["feed_lists_per_s"] / r["step_lists_per_s"])
-  assert sorted(os.listdir(tmp_path)) == [
-      "lists_3000.list_records", "lists_3000.list_records.json",
-      "lists_6000.list_records", "lists_6000.list_records.json"]
+  if source == "records":
+    assert all(r["write_lists_per_s"] > 0 and r["train_lists"] == r["lists"]
+               for r in recs)
+    assert sorted(os.listdir(tmp_path)) == [
+        "lists_3000.list_records", "lists_3000.list_records.json",
+        "lists_6000.list_records", "lists_6000.list_records.json"]
+  else:
+    # Prepared as experiments.lists --input=disk prepares: 0.1% each for valid and
+    # test, the rest trained from the list records beside the TFDS files.
+    for r in recs:
+      assert r["prepare_s"] > 0 and r["prepare_peak_rss_gb"] > 0
+      assert 0.99 * r["lists"] <= r["train_lists"] < r["lists"]
+    assert len(list(tmp_path.rglob("train.list_records"))) == 2
 
 
 def test_step_benchmark_reports_each_steps_matmul_ceiling():
