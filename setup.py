@@ -58,6 +58,9 @@ setuptools.setup(
         # benchmarks/torch_prm.py, the PyTorch eager reference of benchmarks/step.py
         # --compare_torch; never a dependency of the library.
         "bench": ["torch>=2.1"],
+        # Preparing a split of more than 1 GB (millions of lists): TFDS's writer
+        # spills it through TensorFlow's file API (dnr_jax/data/raw.py).
+        "large": ["tensorflow-cpu>=2.16"],
         # The docs site (mkdocs.yml): ``mkdocs serve``, ``mkdocs build --strict``.
         "docs": ["mkdocs>=1.6", "mkdocs-material>=9"],
     },

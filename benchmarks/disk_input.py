@@ -13,9 +13,9 @@ For each ``--lists`` size, in fresh processes (so each peak RSS is its own):
    the training split written as list records; 0.1% of the lists each for
    validation and test, which stay in memory), reporting the preparation's time and
    peak RSS. Preparation goes through TFDS's writer, which keeps a split's first
-   1 GB in memory and spills the rest through TensorFlow's file API: without
-   TensorFlow installed, a training split of more than 1 GB serialized (about 4M
-   lists at n = 8, H = 20) fails there;
+   1 GB in memory and spills the rest through TensorFlow's file API: a training
+   split of more than 1 GB serialized (about 4M lists at n = 8, H = 20) needs the
+   ``large`` extra;
 1. ``--source=records`` (default): writes that many generated lists (random ids, scores and
    labels; n = 20, H = 20, 2 user and 1 item feature; NOT real data) straight to a
    list-records file (``data.list_records``), 100,000 lists at a time;

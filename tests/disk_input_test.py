@@ -132,3 +132,26 @@ def test_a_run_from_disk_is_the_run_from_memory_and_resumes_mid_epoch(
   assert _strip(disk["history"]) == _strip(memory["history"])
   for x, y in zip(_leaves(memory["final_state"]), _leaves(disk["final_state"])):
     np.testing.assert_array_equal(x, y)
+
+
+class _NeedsTensorFlow:
+  """A builder whose preparation fails the way TFDS's writer does when a split
+  outgrows its 1 GB buffer and TensorFlow is not installed."""
+  data_dir = "/data/dnr_own_lists/own-x/1.0.0"
+
+  def download_and_prepare(self, download_config):
+    del download_config
+    raise ModuleNotFoundError("No module named 'tensorflow'", name="tensorflow")
+
+
+class _Broken(_NeedsTensorFlow):
+  def download_and_prepare(self, download_config):
+    raise ModuleNotFoundError("No module named 'somethingelse'", name="somethingelse")
+
+
+def test_a_split_too_large_without_tensorflow_is_one_line():
+  from dnr_jax.data import raw  # pylint: disable=g-import-not-at-top
+  with pytest.raises(errors.DataError, match=r"more than 1 GB .*\.\[large\]"):
+    raw.download_and_prepare(_NeedsTensorFlow(), None)
+  with pytest.raises(ModuleNotFoundError, match="somethingelse"):
+    raw.download_and_prepare(_Broken(), None)

@@ -472,7 +472,7 @@ def prepare_lists(config: DataConfig, *, on_disk=()) -> types.PreparedLists:
         os.makedirs(spill)
         try:
           builder.spill_dir = spill
-          builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          raw.download_and_prepare(builder, tfds.download.DownloadConfig(
               try_download_gcs=False))
         finally:
           shutil.rmtree(spill, ignore_errors=True)

@@ -348,9 +348,31 @@ def prepare(builder: RawBuilder) -> RawBuilder:
                         "preparing it again", what, "; ".join(changed))
         shutil.rmtree(builder.data_dir)
         builder = builder.fresh()
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        try_download_gcs=False))
+    download_and_prepare(builder, tfds.download.DownloadConfig(try_download_gcs=False))
   return _announce(builder)
+
+
+def download_and_prepare(builder: tfds.core.DatasetBuilder,
+                         download_config: tfds.download.DownloadConfig) -> None:
+  """``builder.download_and_prepare``, with TensorFlow's absence named in one line.
+
+  TFDS's writer keeps a split's first 1 GB of serialized examples in memory and
+  spills the rest through TensorFlow's file API (``tf.io.gfile``), which dnr-jax
+  does not otherwise need: a larger split (millions of lists) needs the ``large``
+  extra.
+
+  Raises:
+    DataError: the split needed TensorFlow and it is not installed.
+  """
+  try:
+    builder.download_and_prepare(download_config=download_config)
+  except ModuleNotFoundError as e:
+    if (e.name or "").split(".")[0] != "tensorflow":
+      raise
+    raise DataError(
+        f"{builder.data_dir}: a split of more than 1 GB (TFDS spills it through "
+        "TensorFlow's file API) needs TensorFlow: pip install -e '.[large]' (or "
+        "tensorflow-cpu), then run again") from e
 
 
 def _announce(builder: RawBuilder) -> RawBuilder:

@@ -330,7 +330,7 @@ def prepare_own_lists(config: OwnListsConfig, *, on_disk=()) -> types.PreparedLi
     with tempfile.TemporaryDirectory(prefix="dnr_own_lists_spill_",
                                      dir=_data_dir(config)) as spill:
       builder.spill_dir = spill
-      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      raw.download_and_prepare(builder, tfds.download.DownloadConfig(
           try_download_gcs=False, manual_dir=os.path.dirname(
               os.path.abspath(config.lists))))
   meta = builder.info.metadata
