@@ -11,6 +11,7 @@ training run's eval program.
 make it a query field.)
 """
 
+import gc
 import json
 import os
 import signal
@@ -113,6 +114,10 @@ class RerankAPI(ls.LitAPI):
                                        item_features={})
     for b in self.buckets:
       self._score([warm] * b)
+    # JAX's and the model's objects stay for the worker's life: keep full collections
+    # under load from walking them.
+    gc.collect()
+    gc.freeze()
     logging.info("reranker %s (%s/%s) ready on %s: batch sizes %s compiled in %.1fs",
                  self.bundle_dir, bundle.config.model.backbone, bundle.config.method,
                  jax_device, list(self.buckets), time.time() - t0)

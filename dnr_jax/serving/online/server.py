@@ -1,20 +1,21 @@
 """LitServe's server as the service runs it: pipe queues, a drainable socket, metrics.
 
 ``PipeQueueServer`` is ``litserve.LitServer`` with its Manager queues replaced by
-pipes and its listening sockets kept for the drain; ``RequestMetrics`` is the ASGI
+pipes (``pipes``) and its listening sockets kept for the drain; ``RequestMetrics`` is the ASGI
 middleware that counts and times ``POST /rerank``.
 """
 
+import gc
 import multiprocessing
 import time
 
 import litserve as ls
-from litserve.transport.process_transport import MPQueueTransport
 from litserve.utils import WorkerSetupStatus
 
 from dnr_jax import errors
 
 from dnr_jax.serving.online import metrics as metrics_lib
+from dnr_jax.serving.online import pipes
 from dnr_jax.serving.online.api import PATH
 
 
@@ -23,10 +24,10 @@ class PipeQueueServer(ls.LitServer):
 
   LitServe (0.2.x) passes every request and every reply through
   ``multiprocessing.Manager`` queues: each ``put`` and ``get`` is a round trip to
-  the manager's own process, which on 2 CPU cores cost a quarter of a core and a
-  fifth of the throughput at 32 concurrent clients (``docs/serving.md``).
-  ``multiprocessing.Queue``s (pipes; created before the HTTP process is forked and
-  the worker spawned, so both inherit them) behave the same for its loops. Its
+  the manager's own process. Here the requests go through one ``pipes.RequestPipe``
+  and the replies through ``pipes.ReplyTransport`` (created before the HTTP
+  processes are forked and the worker spawned, so all inherit them), written and read
+  without helper threads (why, and what it changed: ``docs/serving.md``). Its
   ``fast_queue=True`` (ZeroMQ replies) is no alternative here: in 0.2.19 the flag
   never reaches the transport (``TransportConfig`` gets an unknown keyword), and
   forced on, the replies never arrived. ``_init_manager`` and ``_start_server`` are
@@ -39,16 +40,15 @@ class PipeQueueServer(ls.LitServer):
   accepts from any more. ``shutdown`` acts on the socket itself, in every process.
 
   A caveat of pipes: an HTTP process killed outright (SIGKILL) while writing to the
-  request queue can leave it locked for the others; a drain never does that.
+  request pipe can leave it locked for the others; a drain never does that.
   """
 
   def _init_manager(self, num_api_servers):
     manager = super()._init_manager(num_api_servers)
     ctx = multiprocessing.get_context("spawn")
     for path in list(self.litapi_request_queues):
-      self.litapi_request_queues[path] = ctx.Queue()
-    self._transport = MPQueueTransport(manager,
-                                       [ctx.Queue() for _ in range(num_api_servers)])
+      self.litapi_request_queues[path] = pipes.RequestPipe(ctx)
+    self._transport = pipes.ReplyTransport(num_api_servers, ctx)
     return manager
 
   def verify_worker_status(self):
@@ -72,6 +72,11 @@ class PipeQueueServer(ls.LitServer):
   def _start_server(self, port, num_uvicorn_servers, log_level, sockets,
                     uvicorn_worker_type, **kwargs):
     self.listening = list(sockets)
+    # The HTTP processes are forked from here: everything imported so far moves out
+    # of the collector's reach, so that a full collection under load walks only the
+    # objects made since (gc.freeze's documented use before fork).
+    gc.collect()
+    gc.freeze()
     return super()._start_server(port, num_uvicorn_servers, log_level, sockets,
                                  uvicorn_worker_type, **kwargs)
 
