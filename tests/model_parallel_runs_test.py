@@ -7,7 +7,6 @@ conftest.py gives this process 8 fake CPU devices; the runs use 4 of them as a
 import dataclasses
 import os
 import signal
-import types
 
 import jax
 import numpy as np
@@ -18,7 +17,6 @@ from dnr_jax import errors
 from dnr_jax import serving
 from dnr_jax import synthetic
 from dnr_jax import train
-from dnr_jax.runtime import pipeline
 from dnr_jax.runtime import runner as runner_lib
 from dnr_jax.serving import exported
 from dnr_jax.serving import rerank_files
@@ -111,23 +109,10 @@ def run(tmp_path_factory):
                                  train_overrides={"model_parallel": 2})
 
 
-def _sharded_eval_logits(run):
-  """The logits the sharded run's own (sharded) eval step gives its parameters."""
-  cfg = dataclasses.replace(run.bundle.config, model_parallel=2)
-  runner = runner_lib.Runner(cfg, DEVICES)
-  state = types.SimpleNamespace(reranker=types.SimpleNamespace(
-      params=runner.put_state(run.result["best_params"])))
-  arrays = pipeline.complete(run.arrays)
-  return np.concatenate([
-      np.asarray(runner.evaluate(state, b)[1])
-      for b in pipeline.batches(arrays, cfg.eval_batch_size, shuffle=False)]
-  )[:pipeline.num_lists(arrays)]
-
-
 def test_the_bundle_of_a_sharded_run_reranks_and_exports_its_scores(run, tmp_path):
   assert run.bundle.config.model_parallel == 1
   assert run.bundle.meta["trained_model_parallel"] == 2
-  sharded = _sharded_eval_logits(run)
+  sharded = tiny_runs.eval_logits(run, DEVICES, model_parallel=2)
   # Replicated scoring of the same parameters (what rerank, export and the service
   # run) gives the sharded eval's logits: the lookups are exact, the rest is the
   # same program up to the batch split.

@@ -68,10 +68,11 @@ def own_lists_run(root, n, h, devices, method="c_score", train_overrides=None,
       vocab=vocab, run_dir=str(run_dir))
 
 
-def eval_logits(run, devices):
+def eval_logits(run, devices, model_parallel=1):
   """The training loop's own eval logits (``Runner.evaluate``) of the run's selected
-  parameters on every list of its file, ``[lists, n]``."""
-  cfg = run.bundle.config
+  parameters on every list of its file, ``[lists, n]``; with its tables split
+  ``model_parallel`` ways if that is above 1."""
+  cfg = dataclasses.replace(run.bundle.config, model_parallel=model_parallel)
   runner = runner_lib.Runner(cfg, devices)
   state = types.SimpleNamespace(reranker=types.SimpleNamespace(
       params=runner.put_state(run.result["best_params"])))

@@ -95,8 +95,11 @@ class Runner:
     ``'model'`` for the tables when ``model_parallel > 1``, else replicated."""
     if self.config.model_parallel == 1:
       return jax.tree.map(lambda _: P(), tree)
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: P(MODEL_AXIS) if tables.table_name(path) else P(), tree)
+    return jax.tree_util.tree_map_with_path(lambda path, _: self._leaf_spec(path), tree)
+
+  def _leaf_spec(self, path) -> P:
+    """One leaf's spec with ``model_parallel > 1``: a table's rows over ``'model'``."""
+    return P(MODEL_AXIS) if tables.table_name(path) else P()
 
   def compile_step(self, body, out_specs, donate: bool) -> Callable:
     """``body(state_or_params, batch)`` compiled over the mesh.
@@ -160,12 +163,11 @@ class Runner:
     m = self.config.model_parallel
 
     def place(path, x):
-      if not tables.table_name(path):
-        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P()))
-      pad = tables.padded_rows(x.shape[0], m) - x.shape[0]
-      x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-      return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh,
-                                                               P(MODEL_AXIS)))
+      if tables.table_name(path):
+        pad = tables.padded_rows(x.shape[0], m) - x.shape[0]
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+      return jax.lax.with_sharding_constraint(
+          x, NamedSharding(self.mesh, self._leaf_spec(path)))
     return jax.jit(lambda b, k: jax.tree_util.tree_map_with_path(
         place, step_create_state(self.config, b, k)))(example, key)
 
@@ -188,8 +190,7 @@ class Runner:
     return jax.tree.map(lambda x: _global_from_host(np.asarray(x), sharding), state)
 
   def _put_leaf(self, path, x):
-    sharding = NamedSharding(self.mesh, P(MODEL_AXIS) if tables.table_name(path)
-                             else P())
+    sharding = NamedSharding(self.mesh, self._leaf_spec(path))
     if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
       return x
     x = np.asarray(x)
@@ -253,7 +254,7 @@ class Runner:
         shape = (tables.padded_rows(shape[0], self.config.model_parallel),) + shape[1:]
       dtype = x.dtype if hasattr(x, "dtype") else np.result_type(x)
       return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(
-          self.mesh, P(MODEL_AXIS) if name else P()))
+          self.mesh, self._leaf_spec(path)))
     return jax.tree_util.tree_map_with_path(like, host_state)
 
   def put_batch(self, arrays) -> batch_lib.ListBatch:
