@@ -145,4 +145,3 @@ class ReplyTransport(MessageTransport):
           self.send(None, i)
         except (OSError, ValueError):
           pass
-

@@ -1,8 +1,8 @@
 """LitServe's server as the service runs it: pipe queues, a drainable socket, metrics.
 
 ``PipeQueueServer`` is ``litserve.LitServer`` with its Manager queues replaced by
-pipes (``pipes``) and its listening sockets kept for the drain; ``RequestMetrics`` is the ASGI
-middleware that counts and times ``POST /rerank``.
+pipes (``pipes``) and its listening sockets kept for the drain; ``RequestMetrics`` is
+the ASGI middleware that counts and times ``POST /rerank``.
 """
 
 import gc
