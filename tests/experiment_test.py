@@ -64,6 +64,21 @@ def test_bad_experiment_fails_before_any_run():
         base=base, methods=("dnr_g", "dnr_g")))
 
 
+def test_sweep_table_shows_the_validation_score_to_choose_by():
+  point = lambda v, seed, valid, test, epoch: {
+      "field": "noise.lambda_c", "value": v, "seed": seed, "method": "dnr_g",
+      "ndcg": test, "valid_ndcg": valid, "best_epoch": epoch}
+  sweep = [point(0.2, 0, 0.10, 0.20, 5), point(0.2, 1, 0.12, 0.22, 7),
+           point(0.6, 0, 0.30, 0.15, 9)]
+  md = report.sweep_table(sweep, 6, None)
+  assert "| field | value | valid N@6 | test N@6 | best epoch | seeds |" in md
+  assert "| noise.lambda_c | 0.2 | 11.00 ± 1.41 | 21.00 ± 1.41 | 5, 7 | 2 |" in md
+  assert "| noise.lambda_c | 0.6 | 30.00 | 15.00 | 9 | 1 |" in md
+  # a point read from an older results.json has no validation score: "-", not 0
+  old = [{k: v for k, v in sweep[2].items() if k not in ("valid_ndcg", "best_epoch")}]
+  assert "| noise.lambda_c | 0.6 | - | 15.00 | - | 1 |" in report.sweep_table(old, 6, None)
+
+
 def test_variants_apply_after_the_preset_and_sweeps_after_the_variant():
   base = config_lib.TrainConfig(model=config_lib.ModelConfig(num_items=10))
   exp = experiment.ExperimentConfig(base=base, overrides=(("loss.lambda_m", 0.6),))
@@ -119,6 +134,11 @@ def test_run_experiment_writes_every_output(tmp_path):
   assert "NOT the real data" in out["table"]
   assert "| noise.lambda_c | 0.6 |" in out["table"]     # the Figure 3 table
   assert "| warmup_epochs | 0 |" in out["table"]
+  assert {"valid_ndcg", "best_epoch"} <= set(out["sweep"][0])
+  # dnr_g's own run stands in Figure 3 at its configured values, not trained again
+  assert "| noise.lambda_c | 0.4 (configured) |" in out["table"]
+  assert "| warmup_epochs | 1 (configured) |" in out["table"]
+  assert len(out["sweep"]) == 4
   methods = [r["method"] for r in out["summary"]]
   assert methods == ["c_score", "dnr_g", "retriever"]
 

@@ -232,6 +232,27 @@ def _run_one(cfg: config_lib.TrainConfig, data: types.PreparedLists, run_dir: st
   return result
 
 
+def _base_points(experiment: ExperimentConfig, rows: list[dict]) -> list[dict]:
+  """The swept method's own runs as sweep points at the values they trained with.
+
+  Figure 3 then shows the configured value beside the swept ones without training
+  it twice; these points are marked ``"base": True``.
+  """
+  points = []
+  for field, _ in experiment.sweeps:
+    for r in rows:
+      if (r["backbone"], r["method"]) != (experiment.backbones[0],
+                                          experiment.sweep_method) or r.get("failed"):
+        continue
+      cfg = run_config(experiment, r["method"], r["backbone"], r["seed"])
+      points.append({"field": field,
+                     "value": config_lib.flatten(config_lib.to_dict(cfg))[field],
+                     "seed": r["seed"], "method": r["method"], "base": True,
+                     "ndcg": r["test"]["ndcg"], "valid_ndcg": r["valid"]["ndcg"],
+                     "best_epoch": r["best_epoch"]})
+  return points
+
+
 def run_experiment(experiment: ExperimentConfig, data: types.PreparedLists,
                    workdir: str, *, bundle_assets: Optional[dict] = None
                    ) -> dict[str, Any]:
@@ -298,7 +319,13 @@ def run_experiment(experiment: ExperimentConfig, data: types.PreparedLists,
       continue
     sweep.append({"field": field, "value": config_lib.parse_value(cfg, field, value),
                   "seed": seed, "method": experiment.sweep_method,
-                  "ndcg": result["test"]["ndcg"]})
+                  "ndcg": result["test"]["ndcg"],
+                  # hyper-parameters are chosen on validation: the table shows both
+                  "valid_ndcg": result["valid"]["ndcg"],
+                  "best_epoch": result["best_epoch"]})
+  swept = {(p["field"], p["value"], p["seed"]) for p in sweep}
+  sweep += [p for p in (_base_points(experiment, rows) if sweep else [])
+            if (p["field"], p["value"], p["seed"]) not in swept]
 
   summary = report.summarize(rows, k)
   n = len(experiment.seeds)

@@ -111,10 +111,15 @@ def write_plots(workdir: str, histories: dict, noise: dict, sweep: list[dict],
                   # The table's spread: the sample std over seeds (0 for one seed).
                   yerr=[100 * np.std(n, ddof=1) if len(n) > 1 else 0.0 for n in ndcg],
                   marker="o",
-                  label=points[0]["method"])
+                  label=f"{points[0]['method']}, test")
+      valid = [[p["valid_ndcg"] for p in points if p["value"] == v and "valid_ndcg" in p]
+               for v in vals]
+      if all(valid):   # the curve a value is chosen on
+        ax.plot(vals, [100 * np.mean(n) for n in valid], marker="s", ls=":",
+                label=f"{points[0]['method']}, validation")
       if baseline is not None:
         ax.axhline(100 * baseline[1], color="gray", ls="--", label=baseline[0])
-      ax.set(xlabel=field, ylabel=f"test NDCG@{k} (%)", title=f"Sensitivity: {field}")
+      ax.set(xlabel=field, ylabel=f"NDCG@{k} (%)", title=f"Sensitivity: {field}")
       ax.legend(fontsize=7)
     fig.suptitle("Figure 3: sensitivity (mean ± std over seeds)")
     fig.tight_layout()

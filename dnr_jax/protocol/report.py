@@ -185,20 +185,32 @@ def write_table(summary: list[dict], k: int, path_md: str, path_csv: str,
 
 
 def sweep_table(sweep: list[dict], k: int, best: Optional[dict]) -> str:
-  """Figure 3 as a Markdown table: test NDCG@K per swept value, mean ± std over seeds."""
-  lines = [f"### Sensitivity of {sweep[0]['method']} (Figure 3): test N@{k}, mean ± std "
-           "over seeds",
+  """Figure 3 as a Markdown table: NDCG@K per swept value, mean ± std over seeds.
+
+  The validation column is the one to choose a value by; the test column is what
+  that choice gives. Points from files written before they carried a validation
+  score show "-" there.
+  """
+  lines = [f"### Sensitivity of {sweep[0]['method']} (Figure 3): N@{k} at the best "
+           "validation epoch, mean ± std over seeds",
            ""]
   if best is not None:
-    lines += [f"Best baseline ({best['method']}): "
+    lines += [f"Best baseline ({best['method']}, test): "
               f"{_mean_std(best['mean']['ndcg'], best['std']['ndcg'], best['n_seeds'])}",
               ""]
-  lines += ["| field | value | N@{k} | seeds |".format(k=k), "|---|---|---|---|"]
+  lines += [f"| field | value | valid N@{k} | test N@{k} | best epoch | seeds |",
+            "|---|---|---|---|---|---|"]
   for field in dict.fromkeys(p["field"] for p in sweep):
     points = [p for p in sweep if p["field"] == field]
     for v in sorted({p["value"] for p in points}):
-      n = [p["ndcg"] for p in points if p["value"] == v]
-      std = np.std(n, ddof=1) if len(n) > 1 else 0.0
-      lines.append(f"| {field} | {v} | {_mean_std(np.mean(n), std, len(n))} | "
-                   f"{len(n)} |")
+      at = [p for p in points if p["value"] == v]
+      cells = []
+      for key in ("valid_ndcg", "ndcg"):
+        n = [p[key] for p in at if key in p]
+        std = np.std(n, ddof=1) if len(n) > 1 else 0.0
+        cells.append(_mean_std(np.mean(n), std, len(n)) if n else "-")
+      epochs = ", ".join(str(p["best_epoch"]) for p in at if "best_epoch" in p) or "-"
+      mark = " (configured)" if any(p.get("base") for p in at) else ""
+      lines.append(f"| {field} | {v}{mark} | {cells[0]} | {cells[1]} | {epochs} | "
+                   f"{len(at)} |")
   return "\n".join(lines) + "\n"
