@@ -244,9 +244,7 @@ def _base_points(experiment: ExperimentConfig, rows: list[dict]) -> list[dict]:
       if (r["backbone"], r["method"]) != (experiment.backbones[0],
                                           experiment.sweep_method) or r.get("failed"):
         continue
-      cfg = run_config(experiment, r["method"], r["backbone"], r["seed"])
-      points.append({"field": field,
-                     "value": config_lib.flatten(config_lib.to_dict(cfg))[field],
+      points.append({"field": field, "value": config_lib.flatten(r["config"])[field],
                      "seed": r["seed"], "method": r["method"], "base": True,
                      "ndcg": r["test"]["ndcg"], "valid_ndcg": r["valid"]["ndcg"],
                      "best_epoch": r["best_epoch"]})
@@ -323,9 +321,10 @@ def run_experiment(experiment: ExperimentConfig, data: types.PreparedLists,
                   # hyper-parameters are chosen on validation: the table shows both
                   "valid_ndcg": result["valid"]["ndcg"],
                   "best_epoch": result["best_epoch"]})
-  swept = {(p["field"], p["value"], p["seed"]) for p in sweep}
-  sweep += [p for p in (_base_points(experiment, rows) if sweep else [])
-            if (p["field"], p["value"], p["seed"]) not in swept]
+  if sweep:
+    swept = {(p["field"], p["value"], p["seed"]) for p in sweep}
+    sweep += [p for p in _base_points(experiment, rows)
+              if (p["field"], p["value"], p["seed"]) not in swept]
 
   summary = report.summarize(rows, k)
   n = len(experiment.seeds)
