@@ -70,6 +70,23 @@ def test_hashed_ids_have_fixed_rows_and_none_is_unknown(tmp_path):
   assert again.lookup("item", ["i3", "never-seen"])[0].tolist() == ids[:2].tolist()
 
 
+@pytest.mark.parametrize("bounds", [{}, {"min_count": 2}, {"buckets": 16}])
+def test_the_online_lookup_gives_the_file_lookups_ids(bounds):
+  # The online service maps a request's ids with lookup_texts (a dict), a lists file
+  # goes through lookup (pyarrow): one id must get one row either way.
+  values = {"user": [["u1", "u1", "u2"]], "item": [["a", "a", "b", "c", "a", "c"]],
+            "i_cat": [["x", "y", "x"]]}
+  vocab = own_lists.Vocabulary.fit(values, item_features=["i_cat"], **bounds)
+  for column, texts in [("item", ["a", "b", "c", "zzz", "a", "5"]),
+                        ("user", ["u2", "u1", "nobody"]), ("i_cat", ["y", "q", "x"])]:
+    ids = vocab.lookup_texts(column, texts)
+    assert ids.dtype == np.int32
+    assert ids.tolist() == vocab.lookup(column, texts)[0].tolist(), (column, bounds)
+  assert vocab.lookup_texts("item", []).tolist() == []
+  with pytest.raises(KeyError, match="no vocabulary column 'i_nope'"):
+    vocab.lookup_texts("i_nope", ["a"])
+
+
 @pytest.mark.parametrize("field, value, words", [
     ("min_id_count", 0, "must be >= 1"), ("id_buckets", 1, "must be 0"),
     ("id_buckets", -3, "must be 0")])

@@ -70,16 +70,23 @@ def score_lists(bundle: Bundle, arrays: Mapping[str, np.ndarray], *,
   return Scorer(bundle, devices=devices, batch_size=batch_size).score(arrays)[0]
 
 
+def rerank_order(logits: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  """Positions ``[N, n]`` in the new order: the candidates by logit descending,
+  ties by upstream position, then the padded ones."""
+  logits, mask = np.asarray(logits), np.asarray(mask, bool)
+  pos = np.broadcast_to(np.arange(logits.shape[-1]), logits.shape)
+  return np.lexsort((pos, -logits, ~mask), axis=-1)
+
+
 def rerank(logits: np.ndarray, mask: np.ndarray) -> np.ndarray:
   """New 1-based ranks ``[N, n]``: logit descending, ties by upstream position.
 
   The order of ``metrics.rank_order`` (the metrics' own), computed on the host;
   padded candidates get rank 0.
   """
-  logits, mask = np.asarray(logits), np.asarray(mask, bool)
-  n = logits.shape[-1]
-  pos = np.broadcast_to(np.arange(n), logits.shape)
-  order = np.lexsort((pos, -logits, ~mask), axis=-1)
+  mask = np.asarray(mask, bool)
+  n = mask.shape[-1]
+  order = rerank_order(logits, mask)
   ranks = np.empty_like(order)
   np.put_along_axis(ranks, order, np.broadcast_to(np.arange(1, n + 1), order.shape),
                     -1)

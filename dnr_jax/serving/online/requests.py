@@ -226,8 +226,8 @@ def encode(requests: Sequence[CheckedRequest], vocab, limits: RequestLimits
   """The ``dnr_jax.batch`` arrays of a batch of checked requests.
 
   Candidates are cut to ``n`` in upstream (request) order; ids go through
-  ``vocab.lookup`` once per column for the whole batch, as the lists-file reader
-  does it.
+  ``vocab.lookup_texts`` once per column for the whole batch, to the ids the
+  lists-file reader's ``vocab.lookup`` gives them.
 
   Returns:
     ``(arrays, unknown)``: ``arrays`` the ``batch.FIELDS`` with leading axis the
@@ -241,7 +241,7 @@ def encode(requests: Sequence[CheckedRequest], vocab, limits: RequestLimits
   def look(column, values, lengths, count_as=None, owners=None):
     """Ids of ``values`` (``lengths[j]`` of them for request ``owners[j]``; default:
     every request in order), their unknown ones counted per request."""
-    ids = vocab.lookup(column, values)[0] if values else np.zeros(0, np.int32)
+    ids = vocab.lookup_texts(column, values)
     counts = np.zeros(b, np.int64)
     counts[np.arange(b) if owners is None else owners] = _split_unknown(ids, lengths)
     unknown[count_as or column] = unknown.get(count_as or column, 0) + counts
@@ -297,18 +297,23 @@ def replies(requests: Sequence[CheckedRequest], logits: np.ndarray,
   ``serving.rerank``'s rule), then those past ``n`` in upstream order with a
   ``null`` score.
   """
-  from dnr_jax.serving.scorer import rerank  # pylint: disable=g-import-not-at-top
-  ranks = rerank(logits, mask)
-  total_unknown = sum(unknown.values()) if unknown else np.zeros(len(requests))
+  from dnr_jax.serving.scorer import rerank_order  # pylint: disable=g-import-not-at-top
+  order = rerank_order(logits, mask)
+  kept = np.asarray(mask, bool).sum(-1).tolist()
+  # One conversion to Python numbers for the whole batch, not one per element.
+  logit_rows = np.take_along_axis(np.asarray(logits), order, -1).astype(
+      np.float64).tolist()
+  orders = order.tolist()
+  total_unknown = (sum(unknown.values()) if unknown else np.zeros(len(requests))
+                   ).tolist()
   out = []
   for i, r in enumerate(requests):
-    k = int(mask[i].sum())
-    order = np.argsort(ranks[i, :k], kind="stable")
+    k = kept[i]
     raw = r.raw_item_ids if r.raw_item_ids is not None else r.item_ids
     out.append({
         "list_id": r.list_id,
-        "item_ids": [raw[j] for j in order] + list(raw[k:]),
-        "scores": [float(x) for x in logits[i, order]] + [None] * (len(r.item_ids) - k),
+        "item_ids": [raw[j] for j in orders[i][:k]] + list(raw[k:]),
+        "scores": logit_rows[i][:k] + [None] * (len(r.item_ids) - k),
         "reranked": k,
         "unknown_ids": int(total_unknown[i]),
     })

@@ -11,6 +11,7 @@ import time
 
 import litserve as ls
 from litserve.utils import WorkerSetupStatus
+from starlette.middleware.gzip import GZipMiddleware
 
 from dnr_jax import errors
 
@@ -50,6 +51,15 @@ class PipeQueueServer(ls.LitServer):
       self.litapi_request_queues[path] = pipes.RequestPipe(ctx)
     self._transport = pipes.ReplyTransport(num_api_servers, ctx)
     return manager
+
+  def _register_middleware(self):
+    # LitServe puts GZip in front of every non-streaming server. A reply here is one
+    # list, about 1 KB for 20 candidates (GZip's threshold is 1,000 bytes), on the
+    # request path of a ranking system in the same data centre: compressing it costs
+    # the HTTP process, the busiest one, more than it saves on the wire.
+    self.middlewares = [m for m in self.middlewares
+                        if (m[0] if isinstance(m, tuple) else m) is not GZipMiddleware]
+    super()._register_middleware()
 
   def verify_worker_status(self):
     # LitServe's waits for a READY or ERROR status; a worker that dies without one
