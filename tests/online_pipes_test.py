@@ -90,3 +90,58 @@ def test_reply_transport_timeout_and_close():
 
   with pytest.raises(asyncio.CancelledError):
     asyncio.run(receive_closed())
+
+
+def _count_writes():
+  writes = []
+  write = pipes._write_all   # pylint: disable=protected-access
+
+  def counted(fd, data):
+    writes.append(len(data))
+    write(fd, data)
+  return writes, counted
+
+
+def test_requests_put_in_one_event_loop_turn_go_in_one_write(monkeypatch):
+  requests = pipes.RequestPipe(CTX)
+  writes, counted = _count_writes()
+  monkeypatch.setattr(pipes, "_write_all", counted)
+  big = "y" * 100_000   # past the pipe's atomic size, and past one default pipe
+
+  async def burst():
+    for i in range(5):
+      requests.put((i, big if i == 2 else "x"))
+    assert not writes      # nothing written before the turn ends
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    requests.put("after")  # a later turn: a write of its own
+    await asyncio.sleep(0)
+
+  worker = CTX.Process(target=_read_and_check, args=(requests, 6))
+  worker.start()
+  asyncio.run(burst())
+  worker.join(30)
+  assert worker.exitcode == 0
+  assert len(writes) == 2 and writes[0] > 100_000
+
+
+def _read_and_check(requests, count):
+  # The worker's side: Connection.recv_bytes reads the coalesced messages one by one.
+  got = [requests.get(timeout=30) for _ in range(count)]
+  expected = [(i, "y" * 100_000 if i == 2 else "x") for i in range(5)] + ["after"]
+  if got != expected:
+    raise SystemExit(f"got {got!r:.200}")
+
+
+def test_frames_are_split_however_the_bytes_arrive():
+  messages = [b"", b"a", b"bc" * 5000, b"d"]
+  stream = pipes._framed(messages)   # pylint: disable=protected-access
+  for cut in (1, 3, 4, 5, 7, 4096, len(stream)):
+    frames = pipes._Frames()   # pylint: disable=protected-access
+    got = []
+    for start in range(0, len(stream), cut):
+      frames.feed(stream[start:start + cut])
+      while (m := frames.pop()) is not None:
+        got.append(m)
+    assert got == messages, cut
+    assert frames.pop() is None
