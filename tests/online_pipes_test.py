@@ -4,7 +4,10 @@ with bursts larger than a default pipe holds."""
 
 import asyncio
 import multiprocessing
+import os
 import queue
+import struct
+import threading
 
 import pytest
 
@@ -102,22 +105,33 @@ def _count_writes():
   return writes, counted
 
 
+def _read_and_check(requests, expected):
+  # The worker's side: Connection.recv_bytes reads the coalesced messages one by one.
+  got = [requests.get(timeout=30) for _ in range(len(expected))]
+  if sorted(got, key=repr) != sorted(expected, key=repr):
+    raise SystemExit(f"got {got!r:.300}")
+  for name in {e[0] for e in expected}:   # each sender's requests in its order
+    if [g for g in got if g[0] == name] != [e for e in expected if e[0] == name]:
+      raise SystemExit(f"{name}: out of order")
+
+
 def test_requests_put_in_one_event_loop_turn_go_in_one_write(monkeypatch):
   requests = pipes.RequestPipe(CTX)
   writes, counted = _count_writes()
   monkeypatch.setattr(pipes, "_write_all", counted)
   big = "y" * 100_000   # past the pipe's atomic size, and past one default pipe
+  expected = [("a", i, big if i == 2 else "x") for i in range(5)] + [("a", 5, "after")]
 
   async def burst():
-    for i in range(5):
-      requests.put((i, big if i == 2 else "x"))
+    for item in expected[:5]:
+      requests.put(item)
     assert not writes      # nothing written before the turn ends
     await asyncio.sleep(0)
     await asyncio.sleep(0)
-    requests.put("after")  # a later turn: a write of its own
+    requests.put(expected[5])  # a later turn: a write of its own
     await asyncio.sleep(0)
 
-  worker = CTX.Process(target=_read_and_check, args=(requests, 6))
+  worker = CTX.Process(target=_read_and_check, args=(requests, expected))
   worker.start()
   asyncio.run(burst())
   worker.join(30)
@@ -125,23 +139,77 @@ def test_requests_put_in_one_event_loop_turn_go_in_one_write(monkeypatch):
   assert len(writes) == 2 and writes[0] > 100_000
 
 
-def _read_and_check(requests, count):
-  # The worker's side: Connection.recv_bytes reads the coalesced messages one by one.
-  got = [requests.get(timeout=30) for _ in range(count)]
-  expected = [(i, "y" * 100_000 if i == 2 else "x") for i in range(5)] + ["after"]
-  if got != expected:
-    raise SystemExit(f"got {got!r:.200}")
+def test_event_loops_in_threads_share_the_request_pipe():
+  # LitServe's thread mode: one event loop per thread, one pipe for all.
+  requests = pipes.RequestPipe(CTX)
+  expected = [(name, i) for name in "ab" for i in range(300)]
+
+  def loop_thread(name):
+    async def put_all():
+      for i in range(300):
+        requests.put((name, i))
+        if i % 7 == 0:
+          await asyncio.sleep(0)
+    asyncio.run(put_all())
+
+  worker = CTX.Process(target=_read_and_check, args=(requests, expected))
+  worker.start()
+  threads = [threading.Thread(target=loop_thread, args=(n,)) for n in "ab"]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(30)
+  worker.join(30)
+  assert worker.exitcode == 0
+
+
+def test_a_request_too_large_to_frame_is_refused_at_put(monkeypatch):
+  requests = pipes.RequestPipe(CTX)
+  monkeypatch.setattr(pipes, "_MAX_FRAMED", 100)
+
+  async def put():
+    requests.put("z" * 200)
+
+  with pytest.raises(ValueError, match="too large to queue"):
+    asyncio.run(put())
+  requests.put("fits")
+  assert requests.get(timeout=5) == "fits"
+
+
+def _connection_bytes(messages):
+  """The bytes ``Connection.send_bytes`` puts in a pipe for ``messages``."""
+  reader, writer = CTX.Pipe(duplex=False)
+  for m in messages:
+    writer.send_bytes(m)
+  writer.close()
+  out = b""
+  while chunk := os.read(reader.fileno(), 1 << 16):
+    out += chunk
+  return out
 
 
 def test_frames_are_split_however_the_bytes_arrive():
   messages = [b"", b"a", b"bc" * 5000, b"d"]
-  stream = pipes._framed(messages)   # pylint: disable=protected-access
-  for cut in (1, 3, 4, 5, 7, 4096, len(stream)):
+  # Connection's header for a message over 2 GiB (-1, then 8 bytes of length), on a
+  # short message: the parser must read that form too.
+  stream = _connection_bytes(messages) + struct.pack("!iQ", -1, 3) + b"xyz"
+  for cut in (1, 3, 4, 5, 7, 11, 4096, len(stream)):
     frames = pipes._Frames()   # pylint: disable=protected-access
     got = []
     for start in range(0, len(stream), cut):
       frames.feed(stream[start:start + cut])
       while (m := frames.pop()) is not None:
         got.append(m)
-    assert got == messages, cut
+    assert got == messages + [b"xyz"], cut
     assert frames.pop() is None
+
+
+def test_a_reply_that_cannot_be_read_does_not_hold_back_the_others():
+  transport = pipes.ReplyTransport(1, CTX)
+  transport._writers[0].send_bytes(b"not a pickle")   # pylint: disable=protected-access
+  transport.send(("uid-1", "ok"), 0)
+
+  async def receive():
+    return await transport.areceive(0, timeout=5)
+
+  assert asyncio.run(receive()) == ("uid-1", "ok")

@@ -161,6 +161,42 @@ def test_replies_order_by_logit_then_keep_the_candidates_past_n_in_upstream_orde
                    "reranked": 3, "unknown_ids": 0}
 
 
+def test_a_batch_of_replies_keeps_each_lists_own_length_and_order():
+  limits = requests.RequestLimits(list_size=3, history_size=2, max_candidates=5)
+  bodies = [{"user_id": 1, "item_ids": ["a", "b", "c", "d", "e"], "scores": [0.1] * 5},
+            {"user_id": 2, "item_ids": ["x"], "scores": [0.2], "list_id": 9},
+            {"user_id": 3, "item_ids": ["p", "q"], "scores": [0.3, 0.4]}]
+  checked = [requests.check_request(b, limits) for b in bodies]
+  mask = np.array([[1, 1, 1], [1, 0, 0], [1, 1, 0]], bool)
+  logits = np.array([[0.1, 0.3, 0.2], [0.7, 9.0, 9.0], [-1.0, 2.0, 9.0]], np.float32)
+  out = requests.replies(checked, logits, mask,
+                         {"item": np.array([0, 1, 0]), "user": np.array([1, 0, 0])})
+  assert [r["item_ids"] for r in out] == [["b", "c", "a", "d", "e"], ["x"], ["q", "p"]]
+  assert [r["scores"] for r in out] == [
+      [pytest.approx(0.3), pytest.approx(0.2), pytest.approx(0.1), None, None],
+      [pytest.approx(0.7)], [2.0, -1.0]]
+  assert [r["reranked"] for r in out] == [3, 1, 2]
+  assert [r["unknown_ids"] for r in out] == [1, 1, 0]
+  assert [r["list_id"] for r in out] == [None, 9, None]
+  assert all(type(x) is float for r in out for x in r["scores"] if x is not None)
+
+
+def test_the_checked_body_has_a_short_repr():
+  # LitServe formats every body into a debug-log string, logged or not.
+  pytest.importorskip("litserve")
+  from dnr_jax.serving.online import api  # pylint: disable=g-import-not-at-top
+  before = api._LIMITS   # pylint: disable=protected-access
+  api.set_limits(requests.RequestLimits(list_size=3, history_size=2,
+                                        max_candidates=5))
+  try:
+    body = api.RerankBody.model_validate(
+        {"user_id": 1, "item_ids": ["a", "b"], "scores": [0.1, 0.2]})
+  finally:
+    api.set_limits(before)
+  assert repr(body) == str(body) == "RerankBody(2 candidates)"
+  assert body.checked.item_ids == ["a", "b"]
+
+
 def test_features_sent_by_some_requests_of_a_batch_count_per_request(example):
   """Unknown feature values are counted for the request that sent them only."""
   vocab, _, limits = example

@@ -247,6 +247,20 @@ def test_unknown_ids_and_candidates_past_n(run, service):
   assert "dnr_request_latency_seconds_bucket" in text1
 
 
+def test_a_long_reply_is_not_compressed(run, service):
+  # LitServe would gzip a reply past 1,000 bytes for a client that accepts it; the
+  # service leaves GZip out (server.PipeQueueServer._register_middleware).
+  body = {"user_id": "u", "item_ids": run.vocab.columns["item"][:N],
+          "scores": [0.5] * N, "list_id": "L" * 2000}
+  req = urllib.request.Request(
+      service.url + "/rerank", data=json.dumps(body).encode(),
+      headers={"Content-Type": "application/json", "Accept-Encoding": "gzip"})
+  with urllib.request.urlopen(req, timeout=60) as r:
+    encoding, raw = r.headers.get("Content-Encoding"), r.read()
+  assert encoding is None and len(raw) > 2000
+  assert json.loads(raw)["list_id"] == "L" * 2000
+
+
 def test_sigterm_answers_the_requests_in_flight_then_exits_0(run, tmp_path):
   # A long batch timeout keeps the requests waiting in the batcher when SIGTERM comes.
   s = Service(run.run_dir, tmp_path, "--max_batch_size=32", "--batch_timeout_ms=1500")

@@ -19,11 +19,11 @@ pipe), and each pipe's buffer is enlarged to ``PIPE_BYTES``, so that a burst of
 requests waits in the kernel rather than blocking the writer: a write blocks only
 while the buffer is full, i.e. while the worker is that far behind.
 
-The HTTP process, the busiest of the service's processes, makes as few system calls
-as it can: the requests ``put`` during one turn of its event loop go to the worker in
-one write when the turn ends, and each wake-up reads every reply waiting in its pipe
-in one read (``_Frames`` splits them). Both use ``multiprocessing.Connection``'s
-framing (a 4-byte big-endian length before each message), so the worker's side reads
+The HTTP process, the busiest of the service's processes, batches its side of both
+pipes: the requests ``put`` during one turn of its event loop go to the worker in one
+write when the turn ends (the worker then finds them together, and its batches fill),
+and each wake-up of its reply watch reads every reply waiting in one read (``_Frames``
+splits them). Both keep ``multiprocessing.Connection``'s framing, so the worker reads
 and writes with ``Connection`` as it is.
 """
 
@@ -59,14 +59,12 @@ def _pipe(ctx):
   return reader, writer
 
 
-def _dumps(item) -> bytes:
-  # Plain pickle: the messages are data (requests, finished replies, errors), none of
-  # the process objects ForkingPickler exists for, and it costs a third less.
-  return pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+# Connection.send_bytes's framing: a 4-byte big-endian signed length, or -1 and an
+# 8-byte length for a message past 2 GiB (a request is refused long before that).
+_MAX_FRAMED = 0x7fffffff
 
 
 def _framed(messages) -> bytes:
-  # Connection.send_bytes's framing, so that Connection.recv_bytes reads each one.
   return b"".join(struct.pack("!i", len(m)) + m for m in messages)
 
 
@@ -74,6 +72,12 @@ def _write_all(fd: int, data: bytes) -> None:
   view = memoryview(data)
   while view:
     view = view[os.write(fd, view):]
+
+
+def _dumps(item) -> bytes:
+  # Plain pickle: the messages are data (requests, finished replies, errors), none of
+  # the process objects ForkingPickler exists for, and it costs a third less.
+  return pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 class _Frames:
@@ -90,13 +94,20 @@ class _Frames:
 
   def pop(self) -> Optional[bytes]:
     """The next whole message, or None until the rest of it is fed."""
-    if len(self._buf) - self._at < 4:
+    have = len(self._buf) - self._at
+    if have < 4:
       return None
     size, = struct.unpack_from("!i", self._buf, self._at)
-    end = self._at + 4 + size
+    header = 4
+    if size == -1:   # Connection's header of a message over 2 GiB: 8 more bytes
+      if have < 12:
+        return None
+      size, = struct.unpack_from("!Q", self._buf, self._at + 4)
+      header = 12
+    end = self._at + header + size
     if len(self._buf) < end:
       return None
-    message = bytes(self._buf[self._at + 4:end])
+    message = bytes(self._buf[self._at + header:end])
     self._at = end
     return message
 
@@ -109,31 +120,41 @@ class RequestPipe:
     ctx = ctx or multiprocessing.get_context("spawn")
     self._reader, self._writer = _pipe(ctx)
     self._wlock, self._rlock = ctx.Lock(), ctx.Lock()
-    self._pending: list[bytes] = []
+    # Per event loop (LitServe's thread mode runs one per thread), the messages its
+    # current turn put; each loop touches only its own entry.
+    self._pending: dict[asyncio.AbstractEventLoop, list[bytes]] = {}
+
+  def __getstate__(self):
+    return {**self.__dict__, "_pending": {}}
 
   def put(self, item: Any, block: bool = True, timeout: Optional[float] = None):
-    """Writes at the end of the event loop's turn (with the turn's other requests);
-    at once when called outside an event loop."""
+    """Writes at the end of the event loop's turn, with the turn's other requests; at
+    once outside an event loop. A message that cannot be sent raises here."""
     del block, timeout
     data = _dumps(item)
+    if len(data) > _MAX_FRAMED:
+      raise ValueError(f"a request of {len(data)} bytes is too large to queue")
     try:
       loop = asyncio.get_running_loop()
     except RuntimeError:
       self._write([data])
       return
-    if not self._pending:
-      loop.call_soon(self._flush)
-    self._pending.append(data)
+    pending = self._pending.get(loop)
+    if pending is None:
+      pending = self._pending[loop] = []
+      loop.call_soon(self._flush, loop)
+    pending.append(data)
 
-  def _flush(self) -> None:
-    pending, self._pending = self._pending, []
+  def _flush(self, loop) -> None:
+    pending = self._pending.pop(loop, [])
     try:
       self._write(pending)
-    except OSError as e:
-      # The worker is gone; its requests wait out --request_timeout_s (504), and
-      # readiness already reports the worker down.
-      logging.error("service: %d request(s) not delivered to the inference worker "
-                    "(%s)", len(pending), e)
+    except Exception:   # pylint: disable=broad-except
+      # Every process holds the pipe's read end, so a write blocks rather than fails
+      # while the service runs; it fails only once the pipe is closed (shutdown).
+      # Those requests then get no reply: say so.
+      logging.exception("service: %d request(s) not delivered to the inference "
+                        "worker", len(pending))
 
   def _write(self, messages: list[bytes]) -> None:
     data = _framed(messages)
@@ -193,7 +214,12 @@ class ReplyTransport(MessageTransport):
         return
       frames.feed(data)
       while (message := frames.pop()) is not None:
-        inbox.put_nowait(pickle.loads(message))
+        try:
+          inbox.put_nowait(pickle.loads(message))
+        except Exception:   # pylint: disable=broad-except
+          # One reply that cannot be read must not hold back the others read with it.
+          logging.exception("service: a reply from the inference worker could not "
+                            "be read")
 
     asyncio.get_running_loop().add_reader(fd, on_readable)
     return inbox
