@@ -181,22 +181,6 @@ def test_a_batch_of_replies_keeps_each_lists_own_length_and_order():
   assert all(type(x) is float for r in out for x in r["scores"] if x is not None)
 
 
-def test_the_checked_body_has_a_short_repr():
-  # LitServe formats every body into a debug-log string, logged or not.
-  pytest.importorskip("litserve")
-  from dnr_jax.serving.online import api  # pylint: disable=g-import-not-at-top
-  before = api._LIMITS   # pylint: disable=protected-access
-  api.set_limits(requests.RequestLimits(list_size=3, history_size=2,
-                                        max_candidates=5))
-  try:
-    body = api.RerankBody.model_validate(
-        {"user_id": 1, "item_ids": ["a", "b"], "scores": [0.1, 0.2]})
-  finally:
-    api.set_limits(before)
-  assert repr(body) == str(body) == "RerankBody(2 candidates)"
-  assert body.checked.item_ids == ["a", "b"]
-
-
 def test_features_sent_by_some_requests_of_a_batch_count_per_request(example):
   """Unknown feature values are counted for the request that sent them only."""
   vocab, _, limits = example

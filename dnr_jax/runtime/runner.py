@@ -285,7 +285,14 @@ class Runner:
 
   def _placed(self, batch) -> batch_lib.ListBatch:
     # A ListBatch is one ``put_batch`` already placed; anything else is host arrays.
-    return batch if isinstance(batch, batch_lib.ListBatch) else self.put_batch(batch)
+    if isinstance(batch, batch_lib.ListBatch):
+      return batch
+    if self.num_devices == 1 and self.config.compile != "pmap":
+      # One device: the compiled program's own dispatch copies host arrays, for far
+      # less per call than ``device_put`` of the whole tree (what every small online
+      # batch pays; docs/serving.md).
+      return jax.tree.map(np.asarray, batch_lib.ListBatch.from_arrays(batch))
+    return self.put_batch(batch)
 
   # Steps.
   def train(self, state: DNRState, batch, phase: str) -> tuple[DNRState, dict]:

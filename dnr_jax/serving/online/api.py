@@ -1,34 +1,31 @@
-"""The reranker as LitServe's API: the request body, batching, scoring, replies.
+"""The reranker as LitServe's API: the inference worker's side of the service.
 
-``RerankBody`` is FastAPI's body type of ``POST /rerank``: it checks a request in the
-HTTP process (``requests.check_request``), so a bad one is answered 400 there and
-never joins a batch. ``RerankAPI`` is the inference worker's side: it loads the
-bundle, compiles every padded batch size at start-up, and scores each batch with the
-training run's eval program.
+``RerankAPI`` loads the bundle, compiles every padded batch size at start-up, and
+scores each batch of checked requests (``requests.CheckedRequest``, checked in the
+HTTP process by ``endpoint.RerankEndpoint``) with the training run's eval program;
+each reply leaves the worker as finished JSON bytes.
 
 (No ``from __future__ import annotations`` in this file: LitServe reads
-``RerankAPI.decode_request``'s annotation as FastAPI's body type, and a string would
-make it a query field.)
+``RerankAPI.decode_request``'s annotation when it registers its route.)
 """
 
 import gc
+import inspect
 import json
 import os
 import signal
 import sys
 import time
-from typing import Any, Optional
 
 import litserve as ls
 import numpy as np
-import pydantic
-import starlette.responses
+import starlette.requests
 from absl import logging
 
 from dnr_jax.serving.online import metrics as metrics_lib
 from dnr_jax.serving.online import requests as requests_lib
 
-PATH = "/rerank"
+PATH = requests_lib.PATH
 
 
 def bucket_sizes(max_batch_size: int) -> tuple[int, ...]:
@@ -40,55 +37,9 @@ def _bucket(size: int, buckets: tuple[int, ...]) -> int:
   return next(b for b in buckets if b >= size)
 
 
-# The limits the HTTP process checks bodies against. Set (``set_limits``) by
-# ``service.build_server`` in the main process before LitServe forks its HTTP
-# processes, which inherit it; the pydantic body below is a module-level class (the
-# worker unpickles it by name), so it cannot carry them itself.
-_LIMITS: Optional[requests_lib.RequestLimits] = None
-
-
-def set_limits(limits: requests_lib.RequestLimits) -> None:
-  """The limits ``RerankBody`` checks requests against, in this process and the ones
-  forked from it."""
-  global _LIMITS
-  _LIMITS = limits
-
-
-class RerankBody(pydantic.BaseModel):
-  """One checked request (``requests.check_request``) as FastAPI's body type."""
-  checked: Any
-
-  @pydantic.model_validator(mode="before")
-  @classmethod
-  def _check(cls, data):
-    if _LIMITS is None:
-      raise ValueError("service: not configured (build_server sets the limits)")
-    return {"checked": requests_lib.check_request(data, _LIMITS)}
-
-  def __repr__(self) -> str:
-    # LitServe formats every request into a debug-log f-string, logged or not;
-    # pydantic's repr would walk the whole checked list (5% of the HTTP process's
-    # time under load).
-    return f"RerankBody({len(self.checked.item_ids)} candidates)"
-
-  __str__ = __repr__
-
-
-def error_line(exc) -> str:
-  """The one line of a FastAPI validation error (a bad or malformed body)."""
-  errs = exc.errors() if hasattr(exc, "errors") else []
-  if not errs:
-    return f"body: {exc}"
-  e = errs[0]
-  if e.get("type") == "json_invalid":
-    return f"body: malformed JSON ({e.get('ctx', {}).get('error', e.get('msg'))})"
-  if e.get("type") == "missing" and tuple(e.get("loc", ())) == ("body",):
-    return "body: missing (send one list as a JSON object)"
-  error = e.get("ctx", {}).get("error")
-  if isinstance(error, requests_lib.RequestError):
-    return str(error)
-  loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
-  return f"{loc}: {e.get('msg')}"
+def _signature_once(fn):
+  fn.__signature__ = inspect.signature(fn)
+  return fn
 
 
 class RerankAPI(ls.LitAPI):
@@ -147,17 +98,23 @@ class RerankAPI(ls.LitAPI):
     logits = np.asarray(logits)[:len(batch)]
     return requests_lib.replies(batch, logits, arrays["mask"], unknown), unknown
 
-  async def authorize(self) -> None:
-    """No authentication (put the service behind your gateway's). Async, so FastAPI
-    runs it on the event loop instead of handing every request to a thread (LitServe's
-    default dependency is a sync function)."""
+  # LitServe's batch loop calls ``inspect.signature`` on these methods for every
+  # request (it looks for a ``context`` parameter): as static methods with their
+  # signature computed once, that is an attribute read instead of ~9 us each.
 
-  def decode_request(self, request: RerankBody):
-    return request.checked
+  @staticmethod
+  @_signature_once
+  def decode_request(request: starlette.requests.Request):
+    # What ``endpoint.RerankEndpoint`` queued: a ``CheckedRequest``. (The annotation
+    # is for LitServe's own route of the path, which the endpoint shadows.)
+    return request
 
-  def batch(self, inputs):
+  @staticmethod
+  @_signature_once
+  def batch(inputs):
     return list(inputs)
 
+  @_signature_once
   def predict(self, x):
     out, unknown = self._score(x)
     m = metrics_lib.get()
@@ -169,12 +126,14 @@ class RerankAPI(ls.LitAPI):
         m.unknown_ids.labels(column=column).inc(total)
     return out
 
-  def unbatch(self, output):
+  @staticmethod
+  @_signature_once
+  def unbatch(output):
     return output
 
-  def encode_response(self, output):
-    # The reply's JSON is made here, in the worker, and travels as a finished
-    # response: the HTTP process (the busier one) then does not encode it again.
-    return starlette.responses.Response(
-        json.dumps(output, separators=(",", ":")).encode(),
-        media_type="application/json")
+  @staticmethod
+  @_signature_once
+  def encode_response(output):
+    # The reply's JSON is made here, in the worker, and travels as bytes: the HTTP
+    # process (the busier one) then only sends it.
+    return json.dumps(output, separators=(",", ":")).encode()

@@ -40,6 +40,8 @@ import numpy as np
 from dnr_jax.data.own_lists.histories import right_aligned
 from dnr_jax.errors import DataError
 
+# The endpoint a request is posted to.
+PATH = "/rerank"
 # A history longer than this is refused: only its last H known items are read, and an
 # unbounded list is a way to make one request cost the whole batch.
 MAX_HISTORY = 10_000

@@ -1,8 +1,7 @@
 """LitServe's server as the service runs it: pipe queues, a drainable socket, metrics.
 
 ``PipeQueueServer`` is ``litserve.LitServer`` with its Manager queues replaced by
-pipes (``pipes``) and its listening sockets kept for the drain; ``RequestMetrics`` is
-the ASGI middleware that counts and times ``POST /rerank``.
+pipes (``pipes``) and its listening sockets kept for the drain.
 """
 
 import gc
@@ -15,9 +14,7 @@ from starlette.middleware.gzip import GZipMiddleware
 
 from dnr_jax import errors
 
-from dnr_jax.serving.online import metrics as metrics_lib
 from dnr_jax.serving.online import pipes
-from dnr_jax.serving.online.api import PATH
 
 
 class PipeQueueServer(ls.LitServer):
@@ -90,32 +87,3 @@ class PipeQueueServer(ls.LitServer):
     gc.freeze()
     return super()._start_server(port, num_uvicorn_servers, log_level, sockets,
                                  uvicorn_worker_type, **kwargs)
-
-
-class RequestMetrics:
-  """ASGI middleware: counts ``/rerank`` requests by status and times them."""
-
-  def __init__(self, app):
-    self.app = app
-
-  async def __call__(self, scope, receive, send):
-    if scope["type"] != "http" or scope.get("path") != PATH:
-      await self.app(scope, receive, send)
-      return
-    t0 = time.perf_counter()
-    status = [499]   # nginx's "client closed request": no reply was started
-
-    async def send_status(message):
-      if message["type"] == "http.response.start":
-        status[0] = message["status"]
-      await send(message)
-
-    try:
-      await self.app(scope, receive, send_status)
-    finally:
-      m = metrics_lib.get()
-      code = str(status[0])
-      m.requests.labels(code=code).inc()
-      if status[0] >= 400:
-        m.errors.labels(code=code).inc()
-      m.latency.observe(time.perf_counter() - t0)

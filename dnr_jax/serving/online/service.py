@@ -12,8 +12,8 @@ Processes: LitServe runs the HTTP server (uvicorn) in a process of its own
 (``http_processes`` of them) and one inference worker on JAX's first local device,
 both started by this (the main) process.
 
-* A request is checked in the HTTP process (``requests.check_request``, through the
-  endpoint's pydantic body): a bad one is answered 400 with ``{"error": "<field>:
+* A request is checked in the HTTP process (``endpoint.RerankEndpoint``, with
+  ``requests.check_request``): a bad one is answered 400 with ``{"error": "<field>:
   <problem>"}`` there and never joins a batch, so it cannot fail the requests batched
   with it. Malformed JSON is a 400 too.
 * The port opens once the worker has loaded the reranker and compiled every batch
@@ -48,6 +48,7 @@ from absl import logging
 
 from dnr_jax import errors
 from dnr_jax.serving.online import api as api_lib
+from dnr_jax.serving.online import endpoint as endpoint_lib
 from dnr_jax.serving.online import metrics as metrics_lib
 from dnr_jax.serving.online import requests as requests_lib
 from dnr_jax.serving.online import server as server_lib
@@ -119,8 +120,7 @@ def build_server(config: ServiceConfig, log: Callable[[str], None] = logging.inf
   Raises:
     DNRError: a bad config or checkpoint (one line), before any process starts.
   """
-  from fastapi.exceptions import RequestValidationError  # pylint: disable=g-import-not-at-top
-  from fastapi.responses import JSONResponse, Response  # pylint: disable=g-import-not-at-top
+  from fastapi.responses import Response  # pylint: disable=g-import-not-at-top
   from dnr_jax.serving import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
   config.validate()
   if os.environ.get("LIT_SERVER_API_KEY"):
@@ -130,7 +130,6 @@ def build_server(config: ServiceConfig, log: Callable[[str], None] = logging.inf
         "behind your gateway's authentication")
   bundle = bundle_lib.load_bundle(config.checkpoint)
   limits = requests_lib.RequestLimits.from_bundle(bundle, config.max_candidates or None)
-  api_lib.set_limits(limits)
   drained = multiprocessing.get_context("spawn").Event()
   api = api_lib.RerankAPI(bundle.directory, limits, drained,
                           max_batch_size=config.max_batch_size,
@@ -141,11 +140,6 @@ def build_server(config: ServiceConfig, log: Callable[[str], None] = logging.inf
   server = server_lib.PipeQueueServer(
       api, accelerator="cpu", devices=1,
       timeout=config.request_timeout_s, healthcheck_path=READY_PATH,
-      middlewares=[server_lib.RequestMetrics],
-      # A body is refused (413) before it is parsed past this: room for the most
-      # candidates and history ids a request may hold, at 256 bytes each.
-      max_payload_size=65536 + 256 * (limits.max_candidates * (
-          2 + len(limits.item_features)) + requests_lib.MAX_HISTORY),
       model_metadata={"checkpoint": bundle.directory,
                       "backbone": bundle.config.model.backbone,
                       "method": bundle.config.method,
@@ -156,10 +150,6 @@ def build_server(config: ServiceConfig, log: Callable[[str], None] = logging.inf
                       "user_features": list(limits.user_features),
                       "item_features": list(limits.item_features)})
 
-  async def bad_request(request, exc):
-    del request
-    return JSONResponse({"error": api_lib.error_line(exc)}, status_code=400)
-
   async def live():
     return {"status": "alive"}
 
@@ -169,7 +159,13 @@ def build_server(config: ServiceConfig, log: Callable[[str], None] = logging.inf
 
   # uvicorn's graceful shutdown is the drain: bound it by the config.
   server.uvicorn_graceful_timeout = config.drain_timeout_s
-  server.app.add_exception_handler(RequestValidationError, bad_request)
+  # Added last, so outermost of the app's middlewares: it answers POST /rerank. A
+  # body is refused (413) before it is parsed past max_body: room for the most
+  # candidates and history ids a request may hold, at 256 bytes each.
+  server.app.add_middleware(
+      endpoint_lib.RerankEndpoint, server=server, limits=limits,
+      max_body=65536 + 256 * (limits.max_candidates * (
+          2 + len(limits.item_features)) + requests_lib.MAX_HISTORY))
   server.app.add_api_route(LIVE_PATH, live, methods=["GET"])
   server.app.add_api_route(METRICS_PATH, prometheus, methods=["GET"])
   log(f"serving {bundle.directory} ({bundle.config.model.backbone}/"

@@ -1,0 +1,214 @@
+"""The /rerank ASGI endpoint (serving.online.endpoint) without processes.
+
+A stand-in for LitServe's server holds the request queue and the response buffer; its
+"worker" answers each queued request on the event loop as LitServe's reply watcher
+would (setting the buffer item's response and event). So every answer the endpoint
+gives, and what it counts, is checked in one process: 200 with the worker's bytes,
+400 for bad bodies, 413 past the size limit, 499 for a client that left, 504 and 500
+from the worker, and other methods passed to the app. The real service over HTTP is
+tests/online_service_test.py.
+"""
+
+import asyncio
+import json
+import pickle
+
+import pytest
+
+pytest.importorskip("litserve")
+
+# pylint: disable=g-import-not-at-top
+from litserve.utils import LitAPIStatus
+from starlette.exceptions import HTTPException
+
+from dnr_jax.serving.online import endpoint
+from dnr_jax.serving.online import metrics as metrics_lib
+from dnr_jax.serving.online import requests
+# pylint: enable=g-import-not-at-top
+
+LIMITS = requests.RequestLimits(list_size=3, history_size=2, max_candidates=4)
+GOOD = {"user_id": "u", "item_ids": ["a", "b"], "scores": [0.2, 0.9], "list_id": 7}
+
+
+class _Counter:
+
+  def __init__(self):
+    self.counts = {}
+
+  def labels(self, code):
+    return _Child(self.counts, code)
+
+
+class _Child:
+
+  def __init__(self, counts, code):
+    self.counts, self.code = counts, code
+
+  def inc(self):
+    self.counts[self.code] = self.counts.get(self.code, 0) + 1
+
+
+class _Histogram:
+
+  def __init__(self):
+    self.values = []
+
+  def observe(self, v):
+    self.values.append(v)
+
+
+class _Metrics:
+
+  def __init__(self):
+    self.requests, self.errors, self.latency = _Counter(), _Counter(), _Histogram()
+
+
+class _Queue:
+  """LitServe's request queue; ``answer`` plays the worker and the reply watcher."""
+
+  def __init__(self, server, answer):
+    self.server, self.answer, self.items = server, answer, []
+
+  def put(self, item):
+    self.items.append(item)
+    _, uid, _, checked = item
+
+    def reply():
+      entry = self.server.response_buffer[uid]
+      entry.response = list(self.answer(checked))
+      entry.event.set()
+
+    asyncio.get_running_loop().call_soon(reply)
+
+
+class _App:
+
+  def __init__(self):
+    self.calls = 0
+
+  async def __call__(self, scope, receive, send):
+    self.calls += 1
+    await send({"type": "http.response.start", "status": 405, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def _server(answer):
+  server = type("Server", (), {})()
+  server.response_buffer = {}
+  server.app = type("App", (), {"response_queue_id": 0})()
+  server.litapi_request_queues = {requests.PATH: _Queue(server, answer)}
+  return server
+
+
+def _ok(checked):
+  return json.dumps({"item_ids": checked.item_ids[::-1]}).encode(), LitAPIStatus.OK
+
+
+def _call(handler, body, method="POST", path=requests.PATH, chunks=1,
+          disconnect=False):
+  """``(status, parsed body)`` of one request through ``handler``."""
+  sent = []
+  step = max(1, -(-len(body) // chunks))
+  parts = [body[i:i + step] for i in range(0, len(body), step)] or [b""]
+  messages = ([{"type": "http.disconnect"}] if disconnect else
+              [{"type": "http.request", "body": p, "more_body": i < len(parts) - 1}
+               for i, p in enumerate(parts)])
+
+  async def receive():
+    return messages.pop(0)
+
+  async def send(message):
+    sent.append(message)
+
+  scope = {"type": "http", "path": path, "method": method}
+  asyncio.run(handler(scope, receive, send))
+  if not sent:
+    return None, None
+  status = sent[0]["status"]
+  payload = b"".join(m.get("body", b"") for m in sent[1:])
+  return status, json.loads(payload) if payload else None
+
+
+@pytest.fixture
+def metrics(monkeypatch):
+  m = _Metrics()
+  monkeypatch.setattr(metrics_lib, "get", lambda: m)
+  return m
+
+
+def _handler(answer=_ok, max_body=10_000):
+  app = _App()
+  server = _server(answer)
+  return endpoint.RerankEndpoint(app, server=server, limits=LIMITS,
+                                 max_body=max_body), server, app
+
+
+def test_a_good_request_is_queued_checked_and_gets_the_workers_bytes(metrics):
+  handler, server, _ = _handler()
+  status, reply = _call(handler, json.dumps(GOOD).encode(), chunks=3)
+  assert status == 200 and reply == {"item_ids": ["b", "a"]}
+  (queue_id, uid, _, checked), = server.litapi_request_queues[requests.PATH].items
+  assert queue_id == 0 and isinstance(checked, requests.CheckedRequest)
+  assert checked.item_ids == ["a", "b"] and checked.list_id == 7
+  # Answered and forgotten: the buffer holds nothing once the reply is sent.
+  assert server.response_buffer == {} and uid
+  assert metrics.requests.counts == {"200": 1} and metrics.errors.counts == {}
+  assert len(metrics.latency.values) == 1
+
+
+@pytest.mark.parametrize("body, words", [
+    (b"", "body: missing"),
+    (b"  ", "body: missing"),
+    (b'{"user_id": "u"', "body: malformed JSON"),
+    (b"\xff\xfe", "body: malformed JSON"),
+    (b"[1, 2]", "body: expected a JSON object"),
+    (b'{"item_ids": ["a"], "scores": [0.5]}', "user_id: missing"),
+    (b'{"user_id": "u", "item_ids": ["a"], "scores": [NaN]}',
+     "scores[0]: non-finite score nan"),
+])
+def test_a_bad_body_gets_400_with_one_line_and_is_never_queued(metrics, body, words):
+  handler, server, _ = _handler()
+  status, reply = _call(handler, body)
+  assert status == 400 and set(reply) == {"error"}
+  assert reply["error"].startswith(words) and "\n" not in reply["error"]
+  assert server.litapi_request_queues[requests.PATH].items == []
+  assert metrics.errors.counts == {"400": 1}
+
+
+def test_a_body_past_the_limit_gets_413_before_it_is_parsed(metrics):
+  handler, server, _ = _handler(max_body=100)
+  status, reply = _call(handler, b"x" * 101, chunks=4)
+  assert status == 413 and reply == {"error": "body: larger than 100 bytes"}
+  assert server.litapi_request_queues[requests.PATH].items == []
+  assert metrics.errors.counts == {"413": 1}
+
+
+def test_a_client_that_left_is_counted_499_and_sent_nothing(metrics):
+  handler, _, _ = _handler()
+  assert _call(handler, b"", disconnect=True) == (None, None)
+  assert metrics.requests.counts == {"499": 1}
+
+
+@pytest.mark.parametrize("response, want", [
+    (HTTPException(504, "Request timed out"), (504, "request: Request timed out")),
+    (pickle.dumps(HTTPException(504, "Request timed out")),
+     (504, "request: Request timed out")),
+    (RuntimeError("XLA says no"), (500, "request: the reranker failed")),
+])
+def test_a_request_the_worker_failed_gets_its_status_and_one_line(metrics, response,
+                                                                   want):
+  handler, server, _ = _handler(lambda checked: (response, LitAPIStatus.ERROR))
+  status, reply = _call(handler, json.dumps(GOOD).encode())
+  assert status == want[0] and reply["error"].startswith(want[1])
+  assert server.response_buffer == {}
+  assert metrics.errors.counts == {str(want[0]): 1}
+
+
+def test_other_methods_and_paths_go_to_the_app(metrics):
+  handler, _, app = _handler()
+  assert _call(handler, b"", method="GET")[0] == 405
+  assert metrics.errors.counts == {"405": 1}
+  assert _call(handler, b"", path="/ready", method="GET")[0] == 405
+  assert app.calls == 2
+  # Only the rerank path is counted.
+  assert metrics.requests.counts == {"405": 1}
