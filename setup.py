@@ -14,10 +14,12 @@ import setuptools
 # The online service (dnr_jax/serving/online/, experiments.serve): LitServe, pinned
 # to the release whose private queue and socket set-up online/server.py overrides
 # (``PipeQueueServer``),
-# prometheus-client for /metrics, and aiohttp for benchmarks.serving's clients.
+# prometheus-client for /metrics, httptools (uvicorn's C HTTP parser; without it
+# uvicorn falls back to pure-Python h11) and orjson (the replies' JSON) for the
+# request rate docs/serving.md measures, and aiohttp for benchmarks.serving's clients.
 SERVE = ["jax2onnx>=0.17.1", "onnx>=1.23", "onnxruntime>=1.32",
          "tritonclient[grpc]>=2.73", "litserve==0.2.19",
-         "prometheus-client>=0.20", "aiohttp>=3.9"]
+         "prometheus-client>=0.20", "httptools>=0.6", "orjson>=3.10", "aiohttp>=3.9"]
 
 setuptools.setup(
     name="dnr-jax",

@@ -79,6 +79,15 @@ def test_a_bad_request_is_named_in_one_line(body, field, words):
   assert text.startswith(f"{field}: ") and words in text and "\n" not in text
 
 
+def test_integer_ids_are_their_text_and_come_back_as_sent():
+  checked = requests.check_request(
+      _body(user_id=17, item_ids=[5, "b", 10**30], history=[5, "x"],
+            features={"i_cat": [1, "k", 2]}), LIMITS)
+  assert checked.user_id == "17" and checked.item_ids == ["5", "b", str(10**30)]
+  assert checked.history == ["5", "x"] and checked.item_features["i_cat"] == ["1", "k", "2"]
+  assert checked.raw_item_ids == [5, "b", 10**30]
+
+
 def test_limits_refuse_max_candidates_below_n():
   with pytest.raises(ValueError, match="max_candidates=3 must be >= the reranker's n=4"):
     requests.RequestLimits(list_size=4, history_size=2, max_candidates=3)
@@ -179,6 +188,19 @@ def test_a_batch_of_replies_keeps_each_lists_own_length_and_order():
   assert [r["unknown_ids"] for r in out] == [1, 1, 0]
   assert [r["list_id"] for r in out] == [None, 9, None]
   assert all(type(x) is float for r in out for x in r["scores"] if x is not None)
+
+
+def test_a_reply_leaves_the_worker_as_the_json_of_its_values():
+  # orjson writes it; what orjson cannot write (an integer past 64 bits, sent as a
+  # list_id or an id and given back as sent) falls back to the standard library.
+  pytest.importorskip("litserve")
+  from dnr_jax.serving.online import api  # pylint: disable=g-import-not-at-top
+  reply = {"list_id": "r", "item_ids": ["b", 7, "a"], "scores": [1.5, 1e-7, None],
+           "reranked": 2, "unknown_ids": 0}
+  for list_id in ("r", 2**70, None):
+    body = api.RerankAPI.encode_response({**reply, "list_id": list_id})
+    assert isinstance(body, bytes) and b" " not in body
+    assert json.loads(body) == {**reply, "list_id": list_id}
 
 
 def test_features_sent_by_some_requests_of_a_batch_count_per_request(example):

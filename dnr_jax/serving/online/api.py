@@ -19,6 +19,7 @@ import time
 
 import litserve as ls
 import numpy as np
+import orjson
 import starlette.requests
 from absl import logging
 
@@ -135,5 +136,10 @@ class RerankAPI(ls.LitAPI):
   @_signature_once
   def encode_response(output):
     # The reply's JSON is made here, in the worker, and travels as bytes: the HTTP
-    # process (the busier one) then only sends it.
-    return json.dumps(output, separators=(",", ":")).encode()
+    # process (the busier one) then only sends it. orjson writes the same JSON
+    # values as the standard library in a tenth of its time; a list_id or an id it
+    # cannot write (an integer past 64 bits) goes to the standard library.
+    try:
+      return orjson.dumps(output)
+    except TypeError:
+      return json.dumps(output, separators=(",", ":")).encode()

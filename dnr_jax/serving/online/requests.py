@@ -133,6 +133,18 @@ def _show(value) -> str:
 def _ids(values, where: str) -> list[str]:
   if not isinstance(values, list):
     raise RequestError(f"{where}: expected a list of ids, got {_show(values)}")
+  # The common case in one pass, without a location string per id (a fifth of the
+  # HTTP process's checking time): non-empty strings, or integers, that encode
+  # together. Anything else goes through ``_id`` one by one, which names the first
+  # bad id.
+  texts = [v if type(v) is str else str(v) if type(v) is int else None  # pylint: disable=unidiomatic-typecheck
+           for v in values]
+  if None not in texts and "" not in texts:
+    try:
+      "".join(texts).encode("utf-8")
+      return texts
+    except UnicodeEncodeError:
+      pass
   return [_id(v, f"{where}[{i}]") for i, v in enumerate(values)]
 
 
