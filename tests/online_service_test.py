@@ -216,11 +216,16 @@ def test_bad_requests_get_400_and_never_fail_their_batch(run, service):
   for (_, reply), (_, before) in zip(good_answers[:4], alone):
     assert reply["item_ids"] == before["item_ids"]
     np.testing.assert_allclose(reply["scores"], before["scores"], atol=ATOL)
+  # Too large a body (413, before parsing) and another method (405) over real HTTP.
+  status, reply = service.rerank(b" " * (4 << 20))
+  assert status == 413 and reply["error"].startswith("body: larger than"), reply
+  assert _call(service.url + "/rerank")[0] == 405
   # The server is still up, and counted the errors.
   assert _call(service.url + "/healthz")[0] == 200
   assert _call(service.url + "/ready")[0] == 200
   text = _call(service.url + "/metrics")[1]
   assert float(_metric(text, "dnr_request_errors_total", '{code="400"}')) >= len(BAD)
+  assert float(_metric(text, "dnr_request_errors_total", '{code="413"}')) >= 1
 
 
 def test_unknown_ids_and_candidates_past_n(run, service):
