@@ -26,8 +26,8 @@ flags.DEFINE_float("batch_timeout_ms", 2.0, "How long a batch waits to fill once
                    "request is waiting.")
 flags.DEFINE_integer("max_candidates", 0, "The most candidates per request (0: the "
                      "reranker's n; those past n come back after the reranked ones).")
-flags.DEFINE_float("request_timeout_s", 30.0, "A request waiting longer for the worker "
-                   "gets 504.")
+flags.DEFINE_float("request_timeout_s", 30.0, "A request the worker has not answered "
+                   "within this gets 504.")
 flags.DEFINE_float("drain_timeout_s", 30.0, "On SIGTERM, at most this long to answer "
                    "the requests in flight.")
 flags.DEFINE_integer("http_processes", 1, "HTTP server processes (more lift the request "

@@ -92,10 +92,10 @@ class _App:
     await send({"type": "http.response.body", "body": b""})
 
 
-def _server(answer):
+def _server(answer, queue_id=0):
   server = type("Server", (), {})()
   server.response_buffer = {}
-  server.app = type("App", (), {"response_queue_id": 0})()
+  server.app = type("App", (), {"response_queue_id": queue_id})()
   server.litapi_request_queues = {requests.PATH: _Queue(server, answer)}
   return server
 
@@ -105,7 +105,7 @@ def _ok(checked):
 
 
 def _call(handler, body, method="POST", path=requests.PATH, chunks=1,
-          disconnect=False):
+          disconnect=False, headers=None):
   """``(status, parsed body)`` of one request through ``handler``."""
   sent = []
   step = max(1, -(-len(body) // chunks))
@@ -124,6 +124,8 @@ def _call(handler, body, method="POST", path=requests.PATH, chunks=1,
   asyncio.run(handler(scope, receive, send))
   if not sent:
     return None, None
+  if headers is not None:
+    headers.update(dict(sent[0]["headers"]))
   status = sent[0]["status"]
   payload = b"".join(m.get("body", b"") for m in sent[1:])
   return status, json.loads(payload) if payload else None
@@ -136,11 +138,11 @@ def metrics(monkeypatch):
   return m
 
 
-def _handler(answer=_ok, max_body=10_000):
+def _handler(answer=_ok, max_body=10_000, timeout_s=30.0, queue_id=0):
   app = _App()
-  server = _server(answer)
+  server = _server(answer, queue_id)
   return endpoint.RerankEndpoint(app, server=server, limits=LIMITS,
-                                 max_body=max_body), server, app
+                                 max_body=max_body, timeout_s=timeout_s), server, app
 
 
 def test_a_good_request_is_queued_checked_and_gets_the_workers_bytes(metrics):
@@ -162,6 +164,8 @@ def test_a_good_request_is_queued_checked_and_gets_the_workers_bytes(metrics):
     (b'{"user_id": "u"', "body: malformed JSON"),
     (b"\xff\xfe", "body: malformed JSON"),
     (b"[1, 2]", "body: expected a JSON object"),
+    pytest.param(b"[" * 5000, "body: malformed JSON (nested too deeply)",
+                 id="nested"),
     (b'{"item_ids": ["a"], "scores": [0.5]}', "user_id: missing"),
     (b'{"user_id": "u", "item_ids": ["a"], "scores": [NaN]}',
      "scores[0]: non-finite score nan"),
@@ -177,8 +181,11 @@ def test_a_bad_body_gets_400_with_one_line_and_is_never_queued(metrics, body, wo
 
 def test_a_body_past_the_limit_gets_413_before_it_is_parsed(metrics):
   handler, server, _ = _handler(max_body=100)
-  status, reply = _call(handler, b"x" * 101, chunks=4)
+  headers = {}
+  status, reply = _call(handler, b"x" * 101, chunks=4, headers=headers)
   assert status == 413 and reply == {"error": "body: larger than 100 bytes"}
+  # The rest of the body is still on the connection: it is closed, not kept alive.
+  assert headers[b"connection"] == b"close"
   assert server.litapi_request_queues[requests.PATH].items == []
   assert metrics.errors.counts == {"413": 1}
 
@@ -212,3 +219,92 @@ def test_other_methods_and_paths_go_to_the_app(metrics):
   assert app.calls == 2
   # Only the rerank path is counted.
   assert metrics.requests.counts == {"405": 1}
+
+
+def test_requests_in_flight_together_get_their_own_replies_in_any_order(metrics):
+  # The worker answers only once all of them are queued, last first.
+  held = []
+
+  def answer(checked):
+    return _ok(checked)
+
+  handler, server, _ = _handler(answer, queue_id=3)
+  queue = server.litapi_request_queues[requests.PATH]
+
+  def put(item):
+    queue.items.append(item)
+    held.append(item)
+    if len(held) == 3:
+      for _, uid, _, checked in reversed(held):
+        entry = server.response_buffer[uid]
+        entry.response = list(_ok(checked))
+        entry.event.set()
+
+  queue.put = put
+  bodies = [dict(GOOD, item_ids=[f"a{i}", f"b{i}"]) for i in range(3)]
+
+  async def all_three():
+    sent = [[] for _ in bodies]
+
+    def one(body, out):
+      messages = [{"type": "http.request", "body": json.dumps(body).encode()}]
+
+      async def receive():
+        return messages.pop(0)
+
+      async def send(message):
+        out.append(message)
+
+      return handler({"type": "http", "path": requests.PATH, "method": "POST"},
+                     receive, send)
+
+    await asyncio.gather(*(one(b, out) for b, out in zip(bodies, sent)))
+    return [json.loads(out[1]["body"]) for out in sent]
+
+  replies = asyncio.run(all_three())
+  assert replies == [{"item_ids": [f"b{i}", f"a{i}"]} for i in range(3)]
+  assert {item[0] for item in queue.items} == {3}            # this process's replies
+  assert len({item[1] for item in queue.items}) == 3         # one uid each
+  assert server.response_buffer == {} and metrics.requests.counts == {"200": 3}
+
+
+def test_a_request_never_answered_gets_504_after_the_timeout(metrics):
+  handler, server, _ = _handler(timeout_s=0.05)
+  server.litapi_request_queues[requests.PATH].put = lambda item: None   # lost
+  status, reply = _call(handler, json.dumps(GOOD).encode())
+  assert status == 504 and reply["error"].startswith(
+      "request: no reply from the reranker within 0.05s")
+  assert server.response_buffer == {} and metrics.errors.counts == {"504": 1}
+
+
+def test_a_cancelled_request_counts_499_and_a_crash_500(metrics):
+  handler, server, _ = _handler(timeout_s=60)
+  server.litapi_request_queues[requests.PATH].put = lambda item: None
+
+  async def cancelled():
+    messages = [{"type": "http.request", "body": json.dumps(GOOD).encode()}]
+
+    async def receive():
+      return messages.pop(0)
+
+    async def send(message):
+      raise AssertionError(f"nothing is sent: {message}")
+
+    task = asyncio.ensure_future(handler(
+        {"type": "http", "path": requests.PATH, "method": "POST"}, receive, send))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+      await task
+
+  asyncio.run(cancelled())
+  assert metrics.requests.counts == {"499": 1} and server.response_buffer == {}
+
+  def crash(item):
+    raise OSError("pipe gone")
+
+  server.litapi_request_queues[requests.PATH].put = crash
+  with pytest.raises(OSError):
+    _call(handler, json.dumps(GOOD).encode())
+  assert metrics.requests.counts == {"499": 1, "500": 1}
+  assert server.response_buffer == {}

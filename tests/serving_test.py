@@ -125,6 +125,24 @@ def test_scores_are_identical_to_the_training_eval_logits(run):
                                err_msg=key)
 
 
+@pytest.mark.parametrize("compile_, n_devices", [("shard_map", 1), ("shard_map", 2),
+                                                  ("pmap", 2)])
+def test_score_params_are_the_eval_logits_to_the_bit(run, compile_, n_devices):
+  """Serving's logits-only program (Runner.score_params) gives evaluate_params'
+  logits exactly, from host arrays (on one device, copied by the program's own
+  dispatch) and from placed batches."""
+  cfg = dataclasses.replace(config_lib.from_dict(run.result["config"]),
+                            compile=compile_)
+  runner = runner_lib.Runner(cfg, DEVICES[:n_devices])
+  params = runner.put_state(run.result["best_params"])
+  test = pipeline.complete(DATA.splits["test"])
+  batch = {k: v[:32] for k, v in test.items()}
+  want = np.asarray(runner.evaluate_params(params, runner.put_batch(batch))[1])
+  assert want.shape == (32, N)
+  for given in (batch, runner.put_batch(batch)):
+    np.testing.assert_array_equal(np.asarray(runner.score_params(params, given)), want)
+
+
 def test_rerank_orders_by_logit_ties_by_position():
   logits = np.array([[0.1, 0.9, 0.5, 0.9, 7.0], [3.0, 1.0, 2.0, 0.0, 0.0]], np.float32)
   mask = np.array([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]], bool)

@@ -1,7 +1,7 @@
 """Compiles the DNR step across devices and places state and batches on them.
 
-``Runner`` compiles ``step.train_step`` and ``step.eval_step`` with
-``jax.jit(jax.shard_map(...))`` over a 1-D ``'batch'`` mesh or with ``jax.pmap``
+``Runner`` compiles ``step.train_step``, ``step.eval_step`` and ``step.score_step``
+with ``jax.jit(jax.shard_map(...))`` over a 1-D ``'batch'`` mesh or with ``jax.pmap``
 (``TrainConfig.compile``), donates the state, and hides the placement from callers.
 With ``TrainConfig.model_parallel = M > 1`` the mesh is ``('batch', 'model')``,
 ``[devices / M, M]``: the batch is split over all devices, the item and user tables
@@ -25,7 +25,7 @@ from dnr_jax import config as config_lib
 from dnr_jax import errors
 from dnr_jax.models import tables
 from dnr_jax.parallel import AXIS, MODEL_AXIS, data_axes
-from dnr_jax.step import DNRState, eval_step, train_step
+from dnr_jax.step import DNRState, eval_step, score_step, train_step
 from dnr_jax.step import create_state as step_create_state
 
 
@@ -79,6 +79,8 @@ class Runner:
     self._eval = self._compile(functools.partial(eval_step, config=self.config),
                                out_specs=lambda specs: (P(), self.data_spec),
                                donate=False)
+    self._score = self._compile(functools.partial(score_step, config=self.config),
+                                out_specs=lambda specs: self.data_spec, donate=False)
 
   @property
   def num_devices(self) -> int:
@@ -285,14 +287,7 @@ class Runner:
 
   def _placed(self, batch) -> batch_lib.ListBatch:
     # A ListBatch is one ``put_batch`` already placed; anything else is host arrays.
-    if isinstance(batch, batch_lib.ListBatch):
-      return batch
-    if self.num_devices == 1 and self.config.compile != "pmap":
-      # One device: the compiled program's own dispatch copies host arrays, for far
-      # less per call than ``device_put`` of the whole tree (what every small online
-      # batch pays; docs/serving.md).
-      return jax.tree.map(np.asarray, batch_lib.ListBatch.from_arrays(batch))
-    return self.put_batch(batch)
+    return batch if isinstance(batch, batch_lib.ListBatch) else self.put_batch(batch)
 
   # Steps.
   def train(self, state: DNRState, batch, phase: str) -> tuple[DNRState, dict]:
@@ -337,6 +332,26 @@ class Runner:
     if self.config.compile == "pmap":
       logits = logits.reshape((-1,) + logits.shape[2:])
     return sums, logits
+
+  def score_params(self, params, batch) -> jax.Array:
+    """The logits ``[B, n]`` of ``batch`` alone (``step.score_step``), for serving.
+
+    ``evaluate_params`` without the metric sums. On one device, host arrays go to
+    the compiled program as they are: its own dispatch copies them for far less per
+    call than ``put_batch``'s ``device_put`` of the whole tree (what every small
+    online batch pays; docs/serving.md). Equal to ``evaluate_params``' logits (a
+    test pins them to the bit).
+    """
+    if (self.num_devices == 1 and self.config.compile != "pmap"
+        and not isinstance(batch, batch_lib.ListBatch)):
+      batch = jax.tree.map(np.asarray, batch_lib.ListBatch.from_arrays(batch))
+    logits = self._score(params, self._placed(batch))
+    if self.multiprocess:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      logits = multihost_utils.process_allgather(logits, tiled=True)
+    if self.config.compile == "pmap":
+      logits = logits.reshape((-1,) + logits.shape[2:])
+    return logits
 
 
 class _PerTree:

@@ -2,8 +2,9 @@
 
 ``RerankAPI`` loads the bundle, compiles every padded batch size at start-up, and
 scores each batch of checked requests (``requests.CheckedRequest``, checked in the
-HTTP process by ``endpoint.RerankEndpoint``) with the training run's eval program;
-each reply leaves the worker as finished JSON bytes.
+HTTP process by ``endpoint.RerankEndpoint``) with the reranker's compiled scoring
+program (``runtime.Runner.score_params``: the eval program's logits without its
+metrics); each reply leaves the worker as finished JSON bytes.
 
 (No ``from __future__ import annotations`` in this file: LitServe reads
 ``RerankAPI.decode_request``'s annotation when it registers its route.)
@@ -95,8 +96,7 @@ class RerankAPI(ls.LitAPI):
     pad = size - len(batch)
     padded = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
               if pad else v for k, v in arrays.items()}
-    _, logits = self.runner.evaluate_params(self.params, padded)
-    logits = np.asarray(logits)[:len(batch)]
+    logits = np.asarray(self.runner.score_params(self.params, padded))[:len(batch)]
     return requests_lib.replies(batch, logits, arrays["mask"], unknown), unknown
 
   # LitServe's batch loop calls ``inspect.signature`` on these methods for every
@@ -136,9 +136,10 @@ class RerankAPI(ls.LitAPI):
   @_signature_once
   def encode_response(output):
     # The reply's JSON is made here, in the worker, and travels as bytes: the HTTP
-    # process (the busier one) then only sends it. orjson writes the same JSON
-    # values as the standard library in a tenth of its time; a list_id or an id it
-    # cannot write (an integer past 64 bits) goes to the standard library.
+    # process (the busier one) then only sends it. orjson writes the standard
+    # library's JSON values in a tenth of its time (a NaN list_id as null, where the
+    # standard library wrote the non-JSON NaN); a list_id or an id it cannot write
+    # (an integer past 64 bits) goes to the standard library.
     try:
       return orjson.dumps(output)
     except TypeError:

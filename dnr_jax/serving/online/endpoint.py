@@ -49,11 +49,15 @@ class RerankEndpoint:
       before it is forked).
     limits: what a request may hold (``requests.RequestLimits``).
     max_body: the largest body read, in bytes (413 past it, before parsing).
+    timeout_s: a request the worker has not answered within this gets 504 (whether
+      it waited in the queue, where the worker itself answers 504 after LitServe's
+      ``timeout``, or in a batch that never finished).
   """
 
   def __init__(self, app, *, server, limits: requests_lib.RequestLimits,
-               max_body: int):
+               max_body: int, timeout_s: float):
     self.app, self.server, self.limits, self.max_body = app, server, limits, max_body
+    self.timeout_s = timeout_s
     # A uid only has to be unique among this HTTP process's requests in flight (the
     # replies come back to the process that sent the request); LitServe's uuid4
     # read the OS's random source once per request.
@@ -64,12 +68,15 @@ class RerankEndpoint:
       await self.app(scope, receive, send)
       return
     t0 = time.perf_counter()
-    status = 500
+    status = 499   # nginx's "client closed request": cancelled before any reply
     try:
       if scope["method"] == "POST":
         status = await self._answer(receive, send)
       else:
         status = await self._pass(scope, receive, send)
+    except Exception:
+      status = 500   # what Starlette's error middleware outside answers
+      raise
     finally:
       m = metrics_lib.get()
       code = str(status)
@@ -93,8 +100,10 @@ class RerankEndpoint:
   async def _answer(self, receive, send) -> int:
     body = await self._body(receive)
     if isinstance(body, int):
+      # After a 413 the rest of the body is still on the connection: close it.
       return body if body == 499 else await _reply(
-          send, 413, _error_body(f"body: larger than {self.max_body} bytes"))
+          send, 413, _error_body(f"body: larger than {self.max_body} bytes"),
+          close=True)
     if not body.strip():
       return await _reply(send, 400, _error_body(
           "body: missing (send one list as a JSON object)"))
@@ -102,11 +111,19 @@ class RerankEndpoint:
       data = json.loads(body)
     except ValueError as e:   # JSONDecodeError, and UnicodeDecodeError for bad bytes
       return await _reply(send, 400, _error_body(f"body: malformed JSON ({e})"))
+    except RecursionError:
+      return await _reply(send, 400, _error_body("body: malformed JSON (nested too "
+                                                 "deeply)"))
     try:
       checked = requests_lib.check_request(data, self.limits)
     except requests_lib.RequestError as e:
       return await _reply(send, 400, _error_body(str(e)))
-    response, status = await self._submit(checked)
+    answer = await self._submit(checked)
+    if answer is None:
+      return await _reply(send, 504, _error_body(
+          f"request: no reply from the reranker within {self.timeout_s:g}s "
+          "(request_timeout_s)"))
+    response, status = answer
     if status == LitAPIStatus.OK:
       return await _reply(send, 200, response)
     code, line = _failure(response)
@@ -128,17 +145,21 @@ class RerankEndpoint:
         return b"".join(chunks)
 
   async def _submit(self, checked):
-    """Queues one checked request for the worker; its ``(response, status)``."""
+    """Queues one checked request for the worker; its ``(response, status)``, or
+    None if none came within ``timeout_s``."""
     server = self.server
     uid = next(self._uids)
     event = asyncio.Event()
-    server.response_buffer[uid] = ResponseBufferItem(event=event)
+    item = server.response_buffer[uid] = ResponseBufferItem(event=event)
+    # A timer rather than asyncio.wait_for, which would make a task per request.
+    timer = asyncio.get_running_loop().call_later(self.timeout_s, event.set)
     try:
       server.litapi_request_queues[PATH].put(
           (server.app.response_queue_id, uid, time.monotonic(), checked))
       await event.wait()
-      return server.response_buffer[uid].response
+      return item.response
     finally:
+      timer.cancel()
       server.response_buffer.pop(uid, None)
 
 
@@ -157,8 +178,10 @@ def _failure(response) -> tuple[int, str]:
   return 500, "request: the reranker failed on this request's batch (the worker's log says why)"
 
 
-async def _reply(send, status: int, body: bytes) -> int:
-  await send({"type": "http.response.start", "status": status,
-              "headers": _JSON + [(b"content-length", str(len(body)).encode())]})
+async def _reply(send, status: int, body: bytes, close: bool = False) -> int:
+  headers = _JSON + [(b"content-length", str(len(body)).encode())]
+  if close:
+    headers.append((b"connection", b"close"))
+  await send({"type": "http.response.start", "status": status, "headers": headers})
   await send({"type": "http.response.body", "body": body})
   return status

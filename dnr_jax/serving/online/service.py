@@ -3,8 +3,9 @@
 ``serve(ServiceConfig(checkpoint=RUN))`` answers ``POST /rerank`` (one list per
 request, ``requests``'s format) with dynamic batching: LitServe's inference worker
 takes up to ``max_batch_size`` waiting requests, or what arrived within
-``batch_timeout_ms``, and scores them in one call of the training run's compiled
-eval program (``runtime.Runner.evaluate_params``, as ``experiments.rerank`` does).
+``batch_timeout_ms``, and scores them in one call of the reranker's compiled scoring
+program (``runtime.Runner.score_params``: the logits of the eval program that
+``experiments.rerank`` runs, without its metrics).
 Batches are padded to the next power of two (each size compiled once, at start-up),
 so a batch never recompiles.
 
@@ -76,7 +77,7 @@ class ServiceConfig:
       batcher busy-waits at 0).
     max_candidates: the most candidates a request may send (0: the reranker's ``n``);
       those past ``n`` come back after the reranked ones, in upstream order.
-    request_timeout_s: a request waiting longer than this for the worker gets 504.
+    request_timeout_s: a request the worker has not answered within this gets 504.
     drain_timeout_s: at most this long to answer the requests in flight on SIGTERM.
     http_processes: HTTP server processes (LitServe's ``num_api_servers``): on a
       machine with cores to spare, more of them lift the request rate (the HTTP side,
@@ -164,6 +165,7 @@ def build_server(config: ServiceConfig, log: Callable[[str], None] = logging.inf
   # candidates and history ids a request may hold, at 256 bytes each.
   server.app.add_middleware(
       endpoint_lib.RerankEndpoint, server=server, limits=limits,
+      timeout_s=config.request_timeout_s,
       max_body=65536 + 256 * (limits.max_candidates * (
           2 + len(limits.item_features)) + requests_lib.MAX_HISTORY))
   server.app.add_api_route(LIVE_PATH, live, methods=["GET"])
