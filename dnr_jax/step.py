@@ -369,8 +369,7 @@ def eval_step(params: Any, batch: batch_lib.ListBatch, *, config: config_lib.Tra
     weights) to its weighted sum over the shard, ``psum``-ed over ``'batch'``;
     ``logits`` ``[B / devices, n]`` for the exact global AUC, computed once per split.
   """
-  reranker, _ = make_players(config)
-  logits = reranker.apply({"params": params}, batch, train=False)
+  logits = score_step(params, batch, config=config)
   per_list = metrics_lib.list_metrics(logits, batch.labels, batch.mask,
                                       k=config.eval_k,
                                       map_normaliser=config.map_normaliser)
@@ -381,7 +380,6 @@ def eval_step(params: Any, batch: batch_lib.ListBatch, *, config: config_lib.Tra
 def score_step(params: Any, batch: batch_lib.ListBatch, *,
                config: config_lib.TrainConfig) -> jax.Array:
   """The reranker's logits of a shard, ``[B / devices, n]``: ``eval_step`` without
-  the metrics, for serving (no labels to sum; a third less per call for a small
-  online batch on CPU)."""
+  the metrics, for serving (an online request has no labels to sum them over)."""
   reranker, _ = make_players(config)
   return reranker.apply({"params": params}, batch, train=False)

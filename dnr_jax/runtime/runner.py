@@ -326,12 +326,17 @@ class Runner:
     if self.config.compile == "pmap" or self.multiprocess:
       sums = jax.tree.map(
           lambda x: _first_replica(x, self.config.compile == "pmap"), sums)
+    return sums, self._global_logits(logits)
+
+  def _global_logits(self, logits) -> jax.Array:
+    """``[global batch, n]`` logits: gathered from every process, pmap's device axis
+    folded into the batch."""
     if self.multiprocess:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       logits = multihost_utils.process_allgather(logits, tiled=True)
     if self.config.compile == "pmap":
       logits = logits.reshape((-1,) + logits.shape[2:])
-    return sums, logits
+    return logits
 
   def score_params(self, params, batch) -> jax.Array:
     """The logits ``[B, n]`` of ``batch`` alone (``step.score_step``), for serving.
@@ -345,13 +350,7 @@ class Runner:
     if (self.num_devices == 1 and self.config.compile != "pmap"
         and not isinstance(batch, batch_lib.ListBatch)):
       batch = jax.tree.map(np.asarray, batch_lib.ListBatch.from_arrays(batch))
-    logits = self._score(params, self._placed(batch))
-    if self.multiprocess:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      logits = multihost_utils.process_allgather(logits, tiled=True)
-    if self.config.compile == "pmap":
-      logits = logits.reshape((-1,) + logits.shape[2:])
-    return logits
+    return self._global_logits(self._score(params, self._placed(batch)))
 
 
 class _PerTree:
