@@ -1,14 +1,30 @@
-"""The load generator of the serving benchmarks: keep-alive HTTP clients on asyncio.
+"""The load generators of the serving benchmarks: keep-alive HTTP clients.
 
-Used by ``benchmarks.serving`` and ``benchmarks.serving_engines`` (aiohttp, from the
-``serve`` extra). Localhost only: the benchmarks start the servers they drive.
+Two, chosen by ``measure(..., generator=)``:
+
+* ``aiohttp``: asyncio clients in the benchmark's own process (aiohttp, from the
+  ``serve`` extra). On a small machine they take a share of the cores the server
+  runs on (about 0.1 ms of CPU per request on the 2-core build machine), as a
+  sidecar load test would.
+* ``wrk``: the C load generator (``apt-get install wrk``), one thread; about a
+  tenth of the CPU per request, so the numbers come closer to a server whose clients
+  run elsewhere. It runs for the time given (no request count).
+
+Localhost only: the benchmarks start the servers they drive.
 """
 
 import asyncio
+import json
+import os
+import shutil
 import socket
+import subprocess
+import tempfile
 import time
 
 import numpy as np
+
+GENERATORS = ("aiohttp", "wrk")
 
 
 def free_port() -> int:
@@ -19,8 +35,8 @@ def free_port() -> int:
 
 
 async def drive(url: str, bodies: list, concurrency: int, count: int, seconds: float):
-  """``concurrency`` keep-alive clients POST ``bodies`` (round robin) to ``url`` until
-  ``count`` requests or ``seconds`` have gone by.
+  """``concurrency`` keep-alive aiohttp clients POST ``bodies`` (round robin) to
+  ``url`` until ``count`` requests or ``seconds`` have gone by.
 
   Returns:
     ``(latencies in seconds, errors, wall seconds)``.
@@ -52,3 +68,81 @@ async def drive(url: str, bodies: list, concurrency: int, count: int, seconds: f
     await asyncio.gather(*(client() for _ in range(concurrency)))
     wall = time.perf_counter() - t0
   return np.asarray(latencies), errors, wall
+
+
+# wrk's script: the bodies round robin (one JSON per line), and at the end one JSON
+# line of what is measured. Every error counts: connect, read, write, timeout and
+# any status but 2xx/3xx (``requests`` holds the replies, those with a bad status
+# among them).
+_WRK_SCRIPT = """
+local bodies = {}
+for line in io.lines([==[%(bodies)s]==]) do bodies[#bodies + 1] = line end
+local i = 0
+local headers = {["Content-Type"] = "application/json"}
+request = function()
+  i = i %% #bodies + 1
+  return wrk.format("POST", nil, headers, bodies[i])
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+      '\\n{"requests": %%d, "duration_us": %%d, "errors": %%d, "bad_status": %%d, ' ..
+      '"p50_us": %%d, "p95_us": %%d, "p99_us": %%d}\\n', summary.requests,
+      summary.duration, e.connect + e.read + e.write + e.status + e.timeout, e.status,
+      latency:percentile(50),
+      latency:percentile(95), latency:percentile(99)))
+end
+"""
+
+
+def _wrk(url: str, bodies: list, concurrency: int, seconds: float) -> dict:
+  wrk = shutil.which("wrk")
+  if wrk is None:
+    raise SystemExit("--load_generator=wrk: wrk is not installed (apt-get install wrk)")
+  if any(b"\n" in b for b in bodies):
+    raise ValueError("wrk's bodies are read one per line: a body holds a newline")
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "bodies.jsonl")
+    with open(path, "wb") as f:
+      f.write(b"\n".join(bodies) + b"\n")
+    script = os.path.join(tmp, "post.lua")
+    with open(script, "w") as f:
+      f.write(_WRK_SCRIPT % {"bodies": path})
+    proc = subprocess.run(
+        [wrk, "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s",
+         "--timeout", "30s", "-s", script, url], capture_output=True, text=True)
+  line = next((l for l in reversed(proc.stdout.splitlines()) if l.startswith("{")),
+              None)
+  if proc.returncode or line is None:
+    raise RuntimeError(f"wrk failed (exit {proc.returncode}): "
+                       f"{(proc.stderr or proc.stdout).strip()[-2000:]}")
+  line = json.loads(line)
+  answered = line["requests"] - line["bad_status"]
+  return {"requests": line["requests"], "errors": line["errors"],
+          "lists_per_s": round(answered / (line["duration_us"] / 1e6), 1),
+          "p50_ms": round(line["p50_us"] / 1000, 2),
+          "p95_ms": round(line["p95_us"] / 1000, 2),
+          "p99_ms": round(line["p99_us"] / 1000, 2)}
+
+
+def measure(url: str, bodies: list, concurrency: int, count: int, seconds: float,
+            generator: str = "aiohttp") -> dict:
+  """``concurrency`` clients POST ``bodies`` to ``url`` (round robin, keep-alive)
+  for at most ``count`` requests (aiohttp only) and ``seconds``.
+
+  Returns:
+    ``{"requests", "errors", "lists_per_s", "p50_ms", "p95_ms", "p99_ms"}``:
+    ``lists_per_s`` counts the lists answered with 200; latencies as the clients
+    see them.
+  """
+  if generator == "wrk":
+    return _wrk(url, bodies, concurrency, seconds)
+  if generator != "aiohttp":
+    raise ValueError(f"generator={generator!r}: one of {GENERATORS}")
+  lat, errors, wall = asyncio.run(drive(url, bodies, concurrency, count, seconds))
+  ms = lat * 1000
+  return {"requests": len(lat), "errors": errors,
+          "lists_per_s": round((len(lat) - errors) / wall, 1),
+          "p50_ms": round(float(np.percentile(ms, 50)), 2),
+          "p95_ms": round(float(np.percentile(ms, 95)), 2),
+          "p99_ms": round(float(np.percentile(ms, 99)), 2)}

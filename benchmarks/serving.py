@@ -5,8 +5,10 @@ r"""Benchmark: the online service under load, beside the in-process scorer's cei
 Starts ``experiments.serve`` on a free localhost port (a process of its own), replays
 the lists of the run's own-lists example (one list per request, the requests built
 from the file with ``requests.request_bodies``) from ``c`` concurrent clients for each
-level ``c`` (aiohttp, keep-alive connections; at most ``--requests_per_level``
-requests and ``--seconds_per_level`` seconds per level, after ``--warmup`` requests),
+level ``c`` (keep-alive connections, from aiohttp in this process or, with
+``--load_generator=wrk``, from the C load generator wrk; at most
+``--requests_per_level`` requests and ``--seconds_per_level`` seconds per level,
+after ``--warmup`` requests),
 and prints one JSON line per level: lists/s, p50 / p95 / p99 latency (ms, client
 side), the mean batch size (the service's ``/metrics``), errors. Then, with the
 service stopped, the in-process scorer (``serving.Scorer``, the batch reranker's) on
@@ -14,8 +16,8 @@ the same lists and model: its lists/s, the ceiling the service is compared with.
 
 Without ``--checkpoint`` it first trains the reranker of
 ``experiments/configs/lists_example.flags`` (DNR-G, n = 20; about a minute on 2 CPU
-cores) into ``--workdir``. The clients run in this process, the service in its own:
-on a small machine they share the cores, as a sidecar load test would.
+cores) into ``--workdir``. The clients and the service share the machine's cores,
+as a sidecar load test would (``http_load`` says what each generator costs).
 """
 
 import asyncio
@@ -36,12 +38,16 @@ flags.DEFINE_string("checkpoint", None, "A trained own-lists run (default: train
                     "lists_example reranker into --workdir).")
 flags.DEFINE_string("workdir", "/tmp/dnr_serving_bench", "Where the default run goes.")
 flags.DEFINE_list("levels", ["1", "8", "32", "128"], "Concurrent clients per level.")
-flags.DEFINE_integer("requests_per_level", 4000, "At most this many requests per level.")
+flags.DEFINE_integer("requests_per_level", 4000, "At most this many requests per level "
+                     "(aiohttp; wrk runs for --seconds_per_level).")
 flags.DEFINE_float("seconds_per_level", 15.0, "At most this long per level.")
+flags.DEFINE_enum("load_generator", "aiohttp", http_load.GENERATORS, "The clients: "
+                  "aiohttp in this process, or the C load generator wrk (installed "
+                  "apart), whose clients take about a tenth of the CPU.")
 flags.DEFINE_integer("warmup", 200, "Requests sent (at the level's concurrency) before "
                      "the measurement.")
 flags.DEFINE_integer("max_batch_size", 64, "The service's --max_batch_size.")
-flags.DEFINE_float("batch_timeout_ms", 2.0, "The service's --batch_timeout_ms.")
+flags.DEFINE_float("batch_timeout_ms", 1.0, "The service's --batch_timeout_ms.")
 flags.DEFINE_integer("http_processes", 1, "The service's --http_processes.")
 flags.DEFINE_integer("scorer_lists", 8192, "Lists for the in-process scorer's timing.")
 flags.DEFINE_integer("scorer_batch_size", 0, "The in-process scorer's batch (0: the "
@@ -146,18 +152,13 @@ def main(argv):
     for level in [int(x) for x in FLAGS.levels]:
       asyncio.run(http_load.drive(base + "/rerank", bodies, level, FLAGS.warmup, 60))
       s0, c0 = _batch_stats(base)
-      lat, errors, wall = asyncio.run(http_load.drive(base + "/rerank", bodies, level,
-                                             FLAGS.requests_per_level,
-                                             FLAGS.seconds_per_level))
+      result = http_load.measure(base + "/rerank", bodies, level,
+                                 FLAGS.requests_per_level, FLAGS.seconds_per_level,
+                                 FLAGS.load_generator)
       s1, c1 = _batch_stats(base)
-      ms = lat * 1000
-      print(json.dumps({
-          "clients": level, "requests": len(lat), "errors": errors,
-          "lists_per_s": round(len(lat) / wall, 1),
-          "p50_ms": round(float(np.percentile(ms, 50)), 2),
-          "p95_ms": round(float(np.percentile(ms, 95)), 2),
-          "p99_ms": round(float(np.percentile(ms, 99)), 2),
-          "mean_batch": round((s1 - s0) / max(c1 - c0, 1), 2)}), flush=True)
+      print(json.dumps({"clients": level, **result,
+                        "mean_batch": round((s1 - s0) / max(c1 - c0, 1), 2),
+                        "load": FLAGS.load_generator}), flush=True)
   finally:
     server.terminate()
     try:

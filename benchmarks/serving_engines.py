@@ -1,7 +1,8 @@
 r"""Benchmark: LitServe, Ray Serve and BentoML under the same load, engine cost only.
 
-  python -m benchmarks.serving_engines [--engines=litserve,ray,bentoml] \
-      [--python_ray=/path/to/venv/bin/python] [--python_bentoml=...]
+  python -m benchmarks.serving_engines [--engines=litserve,ray,bentoml,uvicorn] \
+      [--python_ray=/path/to/venv/bin/python] [--python_bentoml=...] \
+      [--load_generator=aiohttp|wrk]
 
 How the service's engine was chosen (``docs/serving.md``). Each engine serves the
 same trivial batched endpoint: a request holds one list of 20 candidates with scores
@@ -11,9 +12,13 @@ with dynamic batching (at most 64 lists, 2 ms wait) and one worker, in a process
 of its own started from ``--python_<engine>`` (engines whose dependencies conflict
 can live in their own virtualenvs: the app needs only the engine and numpy). Printed
 per engine, one JSON line: cold start (launch to the first answered request),
-lists/s and p50 / p99 latency from ``--clients`` concurrent aiohttp clients
-(``--requests`` requests or ``--seconds``), and the CPU the idle service burns
-(its process tree, over 5 s). Localhost only.
+lists/s and p50 / p95 / p99 latency from ``--clients`` concurrent clients (aiohttp,
+or wrk with ``--load_generator=wrk``; ``--requests`` requests or ``--seconds``),
+and the CPU the idle service burns (its process tree, over 5 s). Localhost only.
+
+``--engines=uvicorn`` adds the floor under them all: the same work per request done
+inline by a bare ASGI app on uvicorn (LitServe's HTTP server), one process, no
+batching: what HTTP alone costs in Python on the machine.
 """
 
 import asyncio
@@ -31,10 +36,14 @@ import numpy as np
 
 from benchmarks import http_load
 
-flags.DEFINE_list("engines", ["litserve", "ray", "bentoml"], "Engines to measure.")
+flags.DEFINE_list("engines", ["litserve", "ray", "bentoml"], "Engines to measure "
+                  "(and uvicorn: no engine, the same work inline on a bare ASGI app).")
 flags.DEFINE_string("python_litserve", sys.executable, "Python with litserve.")
 flags.DEFINE_string("python_ray", sys.executable, "Python with ray[serve].")
 flags.DEFINE_string("python_bentoml", sys.executable, "Python with bentoml.")
+flags.DEFINE_string("python_uvicorn", sys.executable, "Python with uvicorn.")
+flags.DEFINE_enum("load_generator", "aiohttp", http_load.GENERATORS, "The clients "
+                  "(benchmarks/http_load.py).")
 flags.DEFINE_integer("clients", 32, "Concurrent clients.")
 flags.DEFINE_integer("requests", 4000, "At most this many requests.")
 flags.DEFINE_float("seconds", 15.0, "At most this long.")
@@ -99,6 +108,31 @@ if __name__ == "__main__":
   serve.run(Order.bind(), route_prefix="/rerank")
   while True:
     time.sleep(3600)
+''',
+    # No engine: the same work per request, inline, in a bare ASGI app on uvicorn with
+    # its C parser (what LitServe's HTTP process runs on): no batching, no worker
+    # process. The HTTP floor under the engines here.
+    "uvicorn": _MODEL + '''
+import json, sys
+import uvicorn
+
+async def app(scope, receive, send):
+  if scope["type"] != "http":
+    return
+  body, more = b"", True
+  while more:
+    message = await receive()
+    body += message.get("body", b"")
+    more = message.get("more_body", False)
+  reply = json.dumps(order([json.loads(body)])[0]).encode()
+  await send({"type": "http.response.start", "status": 200,
+              "headers": [(b"content-type", b"application/json"),
+                          (b"content-length", str(len(reply)).encode())]})
+  await send({"type": "http.response.body", "body": reply})
+
+if __name__ == "__main__":
+  uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), http="httptools",
+              log_level="warning", access_log=False)
 ''',
     "bentoml": _MODEL + '''
 import bentoml
@@ -184,14 +218,10 @@ def measure(engine: str, python: str, workdir: str) -> dict:
     c0 = _cpu_seconds(pids)
     time.sleep(5)
     idle = (_cpu_seconds(pids) - c0) / 5
-    seconds, errors, wall = asyncio.run(http_load.drive(url, bodies, FLAGS.clients,
-                                                      FLAGS.requests, FLAGS.seconds))
-    ms = seconds * 1000
+    result = http_load.measure(url, bodies, FLAGS.clients, FLAGS.requests,
+                               FLAGS.seconds, FLAGS.load_generator)
     return {"engine": engine, "cold_start_s": round(cold, 1),
-            "clients": FLAGS.clients, "requests": len(ms), "errors": errors,
-            "lists_per_s": round(len(ms) / wall, 1),
-            "p50_ms": round(float(np.percentile(ms, 50)), 2),
-            "p99_ms": round(float(np.percentile(ms, 99)), 2),
+            "clients": FLAGS.clients, **result, "load": FLAGS.load_generator,
             "idle_cpu_cores": round(idle, 3), "processes": len(pids)}
   finally:
     os.killpg(proc.pid, signal.SIGTERM)

@@ -1,7 +1,7 @@
 r"""Serve a trained reranker online: HTTP, one list per request, dynamic batching.
 
   python -m experiments.serve --checkpoint=/tmp/dnr_lists_example/runs/prm/dnr_g/seed0 \
-      [--port=8000] [--host=127.0.0.1] [--max_batch_size=64] [--batch_timeout_ms=2]
+      [--port=8000] [--host=127.0.0.1] [--max_batch_size=64] [--batch_timeout_ms=1]
 
 ``--checkpoint`` is what ``experiments.rerank`` takes (a run directory of
 ``experiments.lists``, its bundle, or a one-run workdir). ``POST /rerank`` takes one
@@ -22,8 +22,8 @@ flags.DEFINE_string("host", "127.0.0.1", "Where to listen: 127.0.0.1 (this machi
 flags.DEFINE_integer("port", 8000, "The port.")
 flags.DEFINE_integer("max_batch_size", 64, "The most lists per scoring batch (a power "
                      "of two).")
-flags.DEFINE_float("batch_timeout_ms", 2.0, "How long a batch waits to fill once a "
-                   "request is waiting.")
+flags.DEFINE_float("batch_timeout_ms", 1.0, "How long a request may wait for others "
+                   "to batch with, counted from its arrival (0: no wait).")
 flags.DEFINE_integer("max_candidates", 0, "The most candidates per request (0: the "
                      "reranker's n; those past n come back after the reranked ones).")
 flags.DEFINE_float("request_timeout_s", 30.0, "A request the worker has not answered "

@@ -24,6 +24,7 @@ import orjson
 import starlette.requests
 from absl import logging
 
+from dnr_jax.serving.online import batching
 from dnr_jax.serving.online import metrics as metrics_lib
 from dnr_jax.serving.online import requests as requests_lib
 
@@ -50,7 +51,8 @@ class RerankAPI(ls.LitAPI):
   def __init__(self, bundle_dir: str, limits: requests_lib.RequestLimits, drained, *,
                max_batch_size: int, batch_timeout_ms: float):
     super().__init__(max_batch_size=max_batch_size,
-                     batch_timeout=batch_timeout_ms / 1000.0, api_path=PATH)
+                     batch_timeout=batch_timeout_ms / 1000.0, api_path=PATH,
+                     loop=batching.QueueDelayLoop())
     self.bundle_dir, self.limits, self.drained = bundle_dir, limits, drained
     self.buckets = bucket_sizes(max_batch_size)
 

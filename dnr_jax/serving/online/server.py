@@ -6,6 +6,7 @@ pipes (``pipes``) and its listening sockets kept for the drain.
 
 import gc
 import multiprocessing
+import signal
 import time
 
 import litserve as ls
@@ -15,6 +16,9 @@ from starlette.middleware.gzip import GZipMiddleware
 from dnr_jax import errors
 
 from dnr_jax.serving.online import pipes
+
+# The signals that drain the service (``service.serve``).
+DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class PipeQueueServer(ls.LitServer):
@@ -28,15 +32,18 @@ class PipeQueueServer(ls.LitServer):
   without helper threads (why, and what it changed: ``docs/serving.md``). Its
   ``fast_queue=True`` (ZeroMQ replies) is no alternative here: in 0.2.19 the flag
   never reaches the transport (``TransportConfig`` gets an unknown keyword), and
-  forced on, the replies never arrived. ``_init_manager``, ``_start_server`` and
-  ``_register_middleware`` are LitServe's private methods: setup.py pins the release
-  they were written against.
+  forced on, the replies never arrived. ``_init_manager``, ``_start_server``,
+  ``_start_worker_monitoring`` and ``_register_middleware`` are LitServe's private
+  methods: setup.py pins the release they were written against.
 
   ``_start_server`` also keeps the listening sockets (``listening``), so that the
   drain can shut them down: closing uvicorn's copy is not enough, since the main
   process and LitServe's manager process (forked after the socket was bound) hold
   copies too, and the port would go on queueing connections in a backlog that nobody
   accepts from any more. ``shutdown`` acts on the socket itself, in every process.
+
+  ``_start_worker_monitoring`` starts LitServe's monitoring thread with SIGTERM and
+  SIGINT blocked, so that only the main thread can take them (below).
 
   A caveat of pipes: an HTTP process killed outright (SIGKILL) while writing to the
   request pipe can leave it locked for the others; a drain never does that.
@@ -76,6 +83,20 @@ class PipeQueueServer(ls.LitServer):
             "its batch sizes (its error, if it printed one, is above); nothing was "
             "served")
       time.sleep(0.05)
+
+  def _start_worker_monitoring(self, *args, **kwargs):
+    # The main process waits out the service in LitServe's ``_shutdown_event.wait()``,
+    # a blocking read that only a signal taken by the main thread interrupts. The
+    # kernel hands a SIGTERM to any thread that does not block it, and it goes to
+    # the monitoring thread whenever the main thread has a signal pending already
+    # (a SIGCONT just after a SIGSTOP, say): Python then runs the drain handler only
+    # when the main thread next wakes, which here is never, and the SIGTERM is lost.
+    # A thread inherits the mask of the thread that starts it.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, DRAIN_SIGNALS)
+    try:
+      return super()._start_worker_monitoring(*args, **kwargs)
+    finally:
+      signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
   def _start_server(self, port, num_uvicorn_servers, log_level, sockets,
                     uvicorn_worker_type, **kwargs):

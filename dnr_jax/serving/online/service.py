@@ -2,9 +2,9 @@
 
 ``serve(ServiceConfig(checkpoint=RUN))`` answers ``POST /rerank`` (one list per
 request, ``requests``'s format) with dynamic batching: LitServe's inference worker
-takes up to ``max_batch_size`` waiting requests, or what arrived within
-``batch_timeout_ms``, and scores them in one call of the reranker's compiled scoring
-program (``runtime.Runner.score_params``: the logits of the eval program that
+takes up to ``max_batch_size`` waiting requests, the oldest of them delayed at most
+``batch_timeout_ms`` for company (``batching.QueueDelayLoop``), and scores them in
+one call of the reranker's compiled scoring program (``runtime.Runner.score_params``: the logits of the eval program that
 ``experiments.rerank`` runs, without its metrics).
 Batches are padded to the next power of two (each size compiled once, at start-up),
 so a batch never recompiles.
@@ -72,9 +72,9 @@ class ServiceConfig:
       interfaces).
     max_batch_size: the most lists scored in one batch (a power of two: every batch
       is padded to one).
-    batch_timeout_ms: how long the batcher collects requests for one batch (> 0; it
-      is also how long an idle worker blocks between polls of its queue: LitServe's
-      batcher busy-waits at 0).
+    batch_timeout_ms: how long a request may wait for company, counted from when it
+      was queued (>= 0; 0: a batch is what is queued when the worker comes for it;
+      ``batching``).
     max_candidates: the most candidates a request may send (0: the reranker's ``n``);
       those past ``n`` come back after the reranked ones, in upstream order.
     request_timeout_s: a request the worker has not answered within this gets 504.
@@ -88,7 +88,7 @@ class ServiceConfig:
   host: str = "127.0.0.1"
   port: int = 8000
   max_batch_size: int = 64
-  batch_timeout_ms: float = 2.0
+  batch_timeout_ms: float = 1.0
   max_candidates: int = 0
   request_timeout_s: float = 30.0
   drain_timeout_s: float = 30.0
@@ -99,9 +99,9 @@ class ServiceConfig:
     if self.max_batch_size < 1 or self.max_batch_size & (self.max_batch_size - 1):
       raise errors.ConfigError(f"max_batch_size={self.max_batch_size} must be a power "
                                "of two (batches are padded to one)")
-    if self.batch_timeout_ms <= 0:
-      raise errors.ConfigError(f"batch_timeout_ms={self.batch_timeout_ms} must be > 0 "
-                               "(at 0 LitServe's batcher spins a core while idle)")
+    if not 0 <= self.batch_timeout_ms < 1000 * self.request_timeout_s:
+      raise errors.ConfigError(f"batch_timeout_ms={self.batch_timeout_ms} must be >= 0 "
+                               "and below request_timeout_s")
     if self.max_candidates < 0:
       raise errors.ConfigError(f"max_candidates={self.max_candidates} must be >= 0")
     if not 1024 <= self.port <= 65535:
@@ -225,7 +225,7 @@ def serve(config: ServiceConfig, log: Callable[[str], None] = logging.info) -> N
       # queues.
       raise KeyboardInterrupt
 
-    previous = {s: signal.signal(s, drain) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, drain) for s in server_lib.DRAIN_SIGNALS}
     try:
       server.run(host=config.host, port=config.port,
                  num_api_servers=config.http_processes,
