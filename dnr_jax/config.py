@@ -1,7 +1,8 @@
 """Typed configuration for dnr-jax. The library reads these, never flags.
 
-Every open point of the paper (``docs/paper.md``, "Open points") that the method touches is a field here, with the choice this project makes as its default and
-the reason in a comment. ``validate`` checks a whole config at start, so a bad value
+Every open point of the paper (``docs/paper.md``, "Open points") that the method
+touches is a field here, with the choice this project makes as its default and the
+reason in a comment. ``validate`` checks a whole config at start, so a bad value
 fails before any compilation with a message that names it.
 
 Every method of the paper's tables is a configuration of the same train step; see

@@ -2,10 +2,10 @@
 
 ``flax.linen.Dropout`` draws one threefry-2x32 number per element, millions a step
 at the paper's shapes, a measurable share of a CPU step (``docs/performance.md``).
-A dropout mask needs no cryptographic generator: here threefry draws two 32-bit seeds per call, and each
-element's keep decision is a two-round integer hash of its index and the seeds
-(Wellons' "lowbias32" finaliser, a bijection of 32-bit integers with good
-avalanche). Same interface and semantics as ``nn.Dropout``: elements are kept
+A dropout mask needs no cryptographic generator: here threefry draws two 32-bit
+seeds per call, and each element's keep decision is a two-round integer hash of its
+index and the seeds (Wellons' "lowbias32" finaliser, a bijection of 32-bit integers
+with good avalanche). Same interface and semantics as ``nn.Dropout``: elements are kept
 with probability ``1 - rate`` (to within 2**-32) and scaled by ``1 / (1 - rate)``;
 new randomness for every call (``make_rng``), none when deterministic.
 

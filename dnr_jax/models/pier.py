@@ -20,8 +20,8 @@ order), padding id 0, the ``score_usage`` variants through ``InputTokens``,
 differentiable in the scores (L_adv trains the generator through it). FPSM is
 ``fpsm_search``, an option for reranking at inference time: with
 ``ModelConfig.fpsm_permutations > 0`` evaluation ranks each list by the permutation
-it picks (``fpsm_ranking``, the backbone's ranking hook) instead of sorting the logits, so a table row such as
-``c_score+model.fpsm_permutations=16`` measures it.
+it picks (``fpsm_ranking``, the backbone's ranking hook) instead of sorting the
+logits, so a table row such as ``c_score+model.fpsm_permutations=16`` measures it.
 
 What is kept:
 

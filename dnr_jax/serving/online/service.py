@@ -4,8 +4,8 @@
 request, ``requests``'s format) with dynamic batching: LitServe's inference worker
 takes up to ``max_batch_size`` waiting requests, the oldest of them delayed at most
 ``batch_timeout_ms`` for company (``batching.QueueDelayLoop``), and scores them in
-one call of the reranker's compiled scoring program (``runtime.Runner.score_params``: the logits of the eval program that
-``experiments.rerank`` runs, without its metrics).
+one call of the reranker's compiled scoring program (``runtime.Runner.score_params``:
+the logits of the eval program that ``experiments.rerank`` runs, without its metrics).
 Batches are padded to the next power of two (each size compiled once, at start-up),
 so a batch never recompiles.
 
