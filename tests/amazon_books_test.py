@@ -18,6 +18,8 @@ from dnr_jax.data import retriever, samples, stream
 from dnr_jax.data.csv_reader import Column
 from dnr_jax.errors import ConfigError, DataError
 
+import child_env  # pylint: disable=g-bad-import-order  (tests/child_env.py)
+
 tfds.disable_progress_bar()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = samples.SampleConfig(num_users=120, num_items=90, rows_per_user=30)
@@ -264,8 +266,7 @@ def test_sample_through_the_builder_to_prepared_lists(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_demo_flagfile_end_to_end(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="true",
-             JAX_COMPILATION_CACHE_DIR=os.environ.get("DNR_TEST_COMPILE_CACHE", ""))
+  env = child_env.jax_child_env()
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.amazon_books",
        "--flagfile=experiments/configs/demo_amazon_books.flags",

@@ -5,14 +5,13 @@ import subprocess
 import sys
 
 import pytest
+import child_env  # pylint: disable=g-bad-import-order  (tests/child_env.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(module, *flags, timeout=600):
-  # Tiny models: compilation dominates, and XLA's optimisations buy nothing here.
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="true",
-             JAX_COMPILATION_CACHE_DIR=os.environ.get("DNR_TEST_COMPILE_CACHE", ""))
+  env = child_env.jax_child_env()
   return subprocess.run([sys.executable, "-m", module, *flags], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
 

@@ -1,4 +1,4 @@
-"""Test-wide JAX settings: CPU, 8 fake devices, and cheap compilation.
+"""Test-wide JAX settings: CPU, 8 fake devices, and cheap compilation (child_env.py).
 
 XLA_FLAGS must be set before JAX is imported anywhere, which is why this lives in
 conftest.py: every test sees 8 host devices, and single-device tests pick one.
@@ -6,10 +6,10 @@ conftest.py: every test sees 8 host devices, and single-device tests pick one.
 
 import os
 
+import child_env  # tests/child_env.py: no JAX imported
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-flags = os.environ.get("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" not in flags:
-  os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = child_env.xla_flags(8, os.environ.get("XLA_FLAGS", ""))
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -22,4 +22,5 @@ jax.config.update("jax_disable_most_optimizations", True)
 _cache = os.environ.setdefault("DNR_TEST_COMPILE_CACHE",
                                tempfile.mkdtemp(prefix="dnr-jax-xla-cache-"))
 jax.config.update("jax_compilation_cache_dir", _cache)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# Every program: at the suite's compile times most take under a second.
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)

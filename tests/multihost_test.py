@@ -23,6 +23,8 @@ import pytest
 from dnr_jax.runtime import distributed
 from dnr_jax import errors
 
+import child_env  # pylint: disable=g-bad-import-order  (tests/child_env.py)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 900
 EPOCHS = 2
@@ -41,10 +43,7 @@ def _free_port() -> int:
 
 
 def _start(workdir, devices: int, log, extra=()) -> subprocess.Popen:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             # Compilation dominates on tiny models; optimisation buys nothing here.
-             JAX_DISABLE_MOST_OPTIMIZATIONS="true")
+  env = child_env.jax_child_env(devices, PYTHONPATH=ROOT)
   cache = os.environ.get("DNR_TEST_COMPILE_CACHE", "")
   return subprocess.Popen(
       [sys.executable, "-m", "experiments.synthetic", *FLAGS, f"--workdir={workdir}",

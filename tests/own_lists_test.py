@@ -17,6 +17,8 @@ from dnr_jax.data.own_lists import builder as own_lists_builder
 from dnr_jax.data.own_lists import sample as own_lists_sample
 from dnr_jax.errors import DataError
 
+import child_env  # pylint: disable=g-bad-import-order  (tests/child_env.py)
+
 
 def _rows():
   """Three lists with string ids: L1 has 4 candidates, L2 has 2, L3 has 3."""
@@ -311,8 +313,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*flags, timeout=600):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="true",
-             JAX_COMPILATION_CACHE_DIR=os.environ.get("DNR_TEST_COMPILE_CACHE", ""))
+  env = child_env.jax_child_env()
   return subprocess.run([sys.executable, "-m", "experiments.lists", *flags], cwd=_ROOT,
                         env=env, capture_output=True, text=True, timeout=timeout)
 

@@ -26,6 +26,8 @@ from dnr_jax.runtime import guards
 from dnr_jax import synthetic
 from dnr_jax import train
 
+import child_env  # pylint: disable=g-bad-import-order  (tests/child_env.py)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYNTH = synthetic.SyntheticConfig(num_users=40, num_items=40, list_size=8,
                                   history_size=4, num_lists=(128, 64, 64), seed=0)
@@ -291,7 +293,7 @@ _CHILD = textwrap.dedent("""
     jax.config.update("jax_disable_most_optimizations", True)
     if os.environ.get("DNR_TEST_COMPILE_CACHE"):
       jax.config.update("jax_compilation_cache_dir", os.environ["DNR_TEST_COMPILE_CACHE"])
-      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     sys.path.insert(0, os.path.join({root!r}, "tests"))
     import reliability_test as t
     from dnr_jax import train
@@ -330,7 +332,7 @@ _TIMING = ("lists_per_s", "epoch_s")
 
 
 def _child(workdir, sig_at_step=0, sig=0, kill_at_epoch=0):
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env = child_env.jax_child_env(-1, PYTHONPATH=ROOT)   # one device
   return subprocess.run([sys.executable, "-c", _CHILD, str(workdir), str(sig_at_step),
                          str(sig), str(kill_at_epoch)], env=env, capture_output=True,
                         text=True, timeout=1200)

@@ -25,6 +25,7 @@ from dnr_jax.runtime import runner as runner_lib
 from dnr_jax import train
 from dnr_jax.data import own_lists
 
+import child_env  # pylint: disable=g-bad-import-order  (tests/child_env.py)
 import tiny_runs  # pylint: disable=g-bad-import-order  (tests/tiny_runs.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -145,9 +146,7 @@ def test_output_is_atomic(run, tmp_path):
 
 
 def _binary(*flags, timeout=600):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="true",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_COMPILATION_CACHE_DIR=os.environ.get("DNR_TEST_COMPILE_CACHE", ""))
+  env = child_env.jax_child_env(2)
   return subprocess.run([sys.executable, "-m", "experiments.rerank", *flags], cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -364,9 +363,7 @@ def test_rerank_binary_stops_cleanly_on_a_signal(run, tmp_path, signame):
   lists = _big_lists(run, str(tmp_path / "big.parquet"), copies=100)
   out_dir = tmp_path / "out"
   out_dir.mkdir()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="true",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_COMPILATION_CACHE_DIR=os.environ.get("DNR_TEST_COMPILE_CACHE", ""))
+  env = child_env.jax_child_env(2)
   proc = subprocess.Popen(
       [sys.executable, "-m", "experiments.rerank", f"--checkpoint={run.workdir}",
        f"--lists={lists}", f"--interactions={run.inter}",
