@@ -2,12 +2,14 @@
 ones that tests start (not a test file itself; imports no JAX).
 
 The suite's models are tiny, so XLA's compile time is most of its time. Two settings
-cut it without touching what is computed:
+cut it:
 
 * ``jax_disable_most_optimizations``: XLA's optimisation passes buy nothing here;
 * ``--xla_cpu_use_fusion_emitters=false``: XLA's CPU backend emits its fusions with
   the older elemental emitters, which compile a tiny model's steps in under half the
-  time (``docs/development.md`` has the measurement).
+  time (``docs/development.md`` has the measurement). They round differently from
+  the default ones, which is why every process of the suite uses them: a test that
+  compares two runs compares programs built alike.
 
 Every process of one run also shares one persistent compilation cache
 (``DNR_TEST_COMPILE_CACHE``), so a program that several tests or child processes
@@ -36,9 +38,7 @@ def jax_child_env(devices: int = 0, **extra: str) -> dict:
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="true",
              JAX_COMPILATION_CACHE_DIR=os.environ.get("DNR_TEST_COMPILE_CACHE", ""),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  if devices:
-    env["XLA_FLAGS"] = xla_flags(max(devices, 0))
-  else:
-    env["XLA_FLAGS"] = xla_flags(base=os.environ.get("XLA_FLAGS", ""))
+  base = os.environ.get("XLA_FLAGS", "") if devices == 0 else ""
+  env["XLA_FLAGS"] = xla_flags(max(devices, 0), base)
   env.update(extra)
   return env

@@ -44,10 +44,9 @@ def _free_port() -> int:
 
 def _start(workdir, devices: int, log, extra=()) -> subprocess.Popen:
   env = child_env.jax_child_env(devices, PYTHONPATH=ROOT)
-  cache = os.environ.get("DNR_TEST_COMPILE_CACHE", "")
   return subprocess.Popen(
       [sys.executable, "-m", "experiments.synthetic", *FLAGS, f"--workdir={workdir}",
-       f"--compilation_cache={cache}", *extra],
+       *extra],
       cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 

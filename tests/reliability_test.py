@@ -290,10 +290,6 @@ _CHILD = textwrap.dedent("""
     import jax
     from absl import logging
     logging.set_verbosity(logging.INFO)
-    jax.config.update("jax_disable_most_optimizations", True)
-    if os.environ.get("DNR_TEST_COMPILE_CACHE"):
-      jax.config.update("jax_compilation_cache_dir", os.environ["DNR_TEST_COMPILE_CACHE"])
-      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     sys.path.insert(0, os.path.join({root!r}, "tests"))
     import reliability_test as t
     from dnr_jax import train
