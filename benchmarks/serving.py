@@ -4,7 +4,8 @@ r"""Benchmark: the online service under load, beside the in-process scorer's cei
 
 Starts ``experiments.serve`` on a free localhost port (a process of its own), replays
 the lists of the run's own-lists example (one list per request, the requests built
-from the file with ``requests.request_bodies``) from ``c`` concurrent clients for each
+from the file with ``replay.request_bodies``; with ``--lists_per_request=k``, k lists
+per request to ``/rerank_lists``) from ``c`` concurrent clients for each
 level ``c`` (keep-alive connections, from aiohttp in this process or, with
 ``--load_generator=wrk``, from the C load generator wrk; at most
 ``--requests_per_level`` requests and ``--seconds_per_level`` seconds per level,
@@ -49,6 +50,9 @@ flags.DEFINE_integer("warmup", 200, "Requests sent (at the level's concurrency) 
 flags.DEFINE_integer("max_batch_size", 64, "The service's --max_batch_size.")
 flags.DEFINE_float("batch_timeout_ms", 1.0, "The service's --batch_timeout_ms.")
 flags.DEFINE_integer("http_processes", 1, "The service's --http_processes.")
+flags.DEFINE_integer("lists_per_request", 1, "Lists per request: 1 posts each to "
+                     "/rerank; more post them in groups to /rerank_lists (lists/s "
+                     "then counts every list of a request answered with 200).")
 flags.DEFINE_integer("scorer_lists", 8192, "Lists for the in-process scorer's timing.")
 flags.DEFINE_integer("scorer_batch_size", 0, "The in-process scorer's batch (0: the "
                      "run's evaluation batch, as experiments.rerank).")
@@ -75,7 +79,7 @@ def _lists(bundle):
   """The example's lists as request bodies (JSON bytes) and as arrays."""
   from dnr_jax.data import own_lists  # pylint: disable=g-import-not-at-top
   from dnr_jax.serving import rerank_files  # pylint: disable=g-import-not-at-top
-  from dnr_jax.serving.online import requests  # pylint: disable=g-import-not-at-top
+  from dnr_jax.serving.online import replay  # pylint: disable=g-import-not-at-top
   config = rerank_files.data_config(bundle, lists=bundle.data_config["lists"],
                                     interactions=bundle.data_config.get("interactions"))
   vocab = bundle.vocabulary()
@@ -84,9 +88,12 @@ def _lists(bundle):
   bodies, chunks = [], []
   for chunk in own_lists.read_lists(config.lists, vocab=vocab, config=config,
                                     history=history):
-    bodies += requests.request_bodies(chunk, vocab, config.score_transform)
+    bodies += replay.request_bodies(chunk, vocab, config.score_transform)
     chunks.append(chunk.arrays)
   arrays = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+  k = FLAGS.lists_per_request
+  if k > 1:
+    bodies = [{"lists": bodies[i:i + k]} for i in range(0, len(bodies) - k + 1, k)]
   return [json.dumps(b).encode() for b in bodies], arrays
 
 
@@ -131,12 +138,15 @@ def main(argv):
   checkpoint = _checkpoint()
   bundle = serving.load_bundle(checkpoint)
   bodies, arrays = _lists(bundle)
+  k = FLAGS.lists_per_request
+  path = "/rerank" if k == 1 else "/rerank_lists"
   port = http_load.free_port()
   base = f"http://127.0.0.1:{port}"
   cmd = [sys.executable, "-m", "experiments.serve", f"--checkpoint={checkpoint}",
          f"--port={port}", f"--max_batch_size={FLAGS.max_batch_size}",
          f"--batch_timeout_ms={FLAGS.batch_timeout_ms}",
-         f"--http_processes={FLAGS.http_processes}"]
+         f"--http_processes={FLAGS.http_processes}",
+         f"--max_lists_per_request={max(k, 64)}"]
   print(f"starting: {' '.join(cmd)}", file=sys.stderr, flush=True)
   server = subprocess.Popen(cmd, cwd=ROOT)
   try:
@@ -148,15 +158,16 @@ def main(argv):
         raise SystemExit("the service was not ready after 300 s")
       time.sleep(0.5)
     print(json.dumps({"what": "service ready", "seconds": round(time.time() - t0, 1),
-                      "lists": len(bodies)}), flush=True)
+                      "requests": len(bodies), "lists_per_request": k}), flush=True)
     for level in [int(x) for x in FLAGS.levels]:
-      asyncio.run(http_load.drive(base + "/rerank", bodies, level, FLAGS.warmup, 60))
+      asyncio.run(http_load.drive(base + path, bodies, level, FLAGS.warmup, 60))
       s0, c0 = _batch_stats(base)
-      result = http_load.measure(base + "/rerank", bodies, level,
+      result = http_load.measure(base + path, bodies, level,
                                  FLAGS.requests_per_level, FLAGS.seconds_per_level,
                                  FLAGS.load_generator)
       s1, c1 = _batch_stats(base)
-      print(json.dumps({"clients": level, **result,
+      result["lists_per_s"] = round(result["lists_per_s"] * k, 1)
+      print(json.dumps({"clients": level, "lists_per_request": k, **result,
                         "mean_batch": round((s1 - s0) / max(c1 - c0, 1), 2),
                         "load": FLAGS.load_generator}), flush=True)
   finally:

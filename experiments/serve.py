@@ -6,7 +6,8 @@ r"""Serve a trained reranker online: HTTP, one list per request, dynamic batchin
 ``--checkpoint`` is what ``experiments.rerank`` takes (a run directory of
 ``experiments.lists``, its bundle, or a one-run workdir). ``POST /rerank`` takes one
 list in raw ids and returns it reranked (``dnr_jax/serving/online/requests.py`` gives
-the format); ``GET /ready``, ``/healthz``, ``/metrics`` (Prometheus), ``/info``.
+the format), ``POST /rerank_lists`` several (``{"lists": [...]}``); ``GET /ready``,
+``/healthz``, ``/metrics`` (Prometheus), ``/info``.
 SIGTERM or Ctrl-C drains (the requests in flight are answered) and exits 0. Needs the
 serve extra: ``pip install -e ".[serve]"``.
 """
@@ -26,6 +27,8 @@ flags.DEFINE_float("batch_timeout_ms", 1.0, "How long a request may wait for oth
                    "to batch with, counted from its arrival (0: no wait).")
 flags.DEFINE_integer("max_candidates", 0, "The most candidates per request (0: the "
                      "reranker's n; those past n come back after the reranked ones).")
+flags.DEFINE_integer("max_lists_per_request", 64, "The most lists a POST "
+                     "/rerank_lists request may hold.")
 flags.DEFINE_float("request_timeout_s", 30.0, "A request the worker has not answered "
                    "within this gets 504.")
 flags.DEFINE_float("drain_timeout_s", 30.0, "On SIGTERM, at most this long to answer "
@@ -50,6 +53,7 @@ def run(argv) -> None:
       checkpoint=FLAGS.checkpoint, host=FLAGS.host, port=FLAGS.port,
       max_batch_size=FLAGS.max_batch_size, batch_timeout_ms=FLAGS.batch_timeout_ms,
       max_candidates=FLAGS.max_candidates,
+      max_lists_per_request=FLAGS.max_lists_per_request,
       request_timeout_s=FLAGS.request_timeout_s,
       drain_timeout_s=FLAGS.drain_timeout_s, http_processes=FLAGS.http_processes,
       log_level=FLAGS.server_log_level))

@@ -31,11 +31,13 @@ GOOD = {"user_id": "u", "item_ids": ["a", "b"], "scores": [0.2, 0.9], "list_id":
 
 
 class _Counter:
+  """Counts by code; ``paths`` by (path, code)."""
 
   def __init__(self):
-    self.counts = {}
+    self.counts, self.paths = {}, {}
 
-  def labels(self, code):
+  def labels(self, path, code):
+    self.paths[(path, code)] = self.paths.get((path, code), 0) + 1
     return _Child(self.counts, code)
 
 
@@ -51,7 +53,11 @@ class _Child:
 class _Histogram:
 
   def __init__(self):
-    self.values = []
+    self.values, self.paths = [], []
+
+  def labels(self, path):
+    self.paths.append(path)
+    return self
 
   def observe(self, v):
     self.values.append(v)
@@ -138,11 +144,12 @@ def metrics(monkeypatch):
   return m
 
 
-def _handler(answer=_ok, max_body=10_000, timeout_s=30.0, queue_id=0):
+def _handler(answer=_ok, max_body=10_000, timeout_s=30.0, queue_id=0, max_lists=64):
   app = _App()
   server = _server(answer, queue_id)
   return endpoint.RerankEndpoint(app, server=server, limits=LIMITS,
-                                 max_body=max_body, timeout_s=timeout_s), server, app
+                                 max_body=max_body, timeout_s=timeout_s,
+                                 max_lists=max_lists), server, app
 
 
 def test_a_good_request_is_queued_checked_and_gets_the_workers_bytes(metrics):
@@ -308,3 +315,57 @@ def test_a_cancelled_request_counts_499_and_a_crash_500(metrics):
     _call(handler, json.dumps(GOOD).encode())
   assert metrics.requests.counts == {"499": 1, "500": 1}
   assert server.response_buffer == {}
+
+
+def test_several_lists_are_queued_each_on_its_own_and_answered_in_order(metrics):
+  handler, server, _ = _handler()
+  lists = [dict(GOOD, item_ids=[f"a{i}", f"b{i}"], list_id=i) for i in range(3)]
+  status, reply = _call(handler, json.dumps({"lists": lists}).encode(),
+                        path=requests.LISTS_PATH)
+  assert status == 200
+  assert reply == {"results": [{"item_ids": [f"b{i}", f"a{i}"]} for i in range(3)]}
+  items = server.litapi_request_queues[requests.PATH].items
+  assert [checked.list_id for _, _, _, checked in items] == [0, 1, 2]
+  assert len({uid for _, uid, _, _ in items}) == 3 and server.response_buffer == {}
+  assert metrics.requests.paths == {(requests.LISTS_PATH, "200"): 1}
+  assert metrics.latency.paths == [requests.LISTS_PATH]
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"lists": [GOOD, dict(GOOD, scores=[0.2, float("nan")])]},
+     "lists[1].scores[1]: non-finite score nan"),
+    ({"lists": [GOOD, [1]]}, "lists[1]: expected a JSON object"),
+    ({"lists": []}, "lists: expected a non-empty list"),
+    ({"lists": [GOOD] * 5}, "lists: 5 lists, more than the 4"),
+    ({"lists": [GOOD], "user_id": "u"}, "user_id: unknown field"),
+    (GOOD, 'body: one list, where this path takes {"lists": [...]} (post one '
+           "list to /rerank)"),
+])
+def test_one_bad_list_refuses_the_request_and_queues_none(metrics, body, words):
+  handler, server, _ = _handler(max_lists=4)
+  status, reply = _call(handler, json.dumps(body).encode(), path=requests.LISTS_PATH)
+  assert status == 400 and reply["error"].startswith(words), reply
+  assert server.litapi_request_queues[requests.PATH].items == []
+  assert metrics.errors.paths == {(requests.LISTS_PATH, "400"): 1}
+
+
+def test_a_list_the_worker_failed_fails_its_request_naming_the_list(metrics):
+  def answer(checked):
+    if checked.list_id == 1:
+      return HTTPException(504, "Request timed out"), LitAPIStatus.ERROR
+    return _ok(checked)
+
+  handler, server, _ = _handler(answer)
+  lists = [dict(GOOD, list_id=i) for i in range(3)]
+  status, reply = _call(handler, json.dumps({"lists": lists}).encode(),
+                        path=requests.LISTS_PATH)
+  assert status == 504 and reply["error"] == "lists[1]: request: Request timed out"
+  assert server.response_buffer == {}
+
+
+def test_the_body_limit_of_several_lists_is_per_list(metrics):
+  handler, _, _ = _handler(max_body=100, max_lists=3)
+  status, reply = _call(handler, b" " * 301, path=requests.LISTS_PATH)
+  assert status == 413 and reply == {"error": "body: larger than 300 bytes"}
+  status, _ = _call(handler, b" " * 300, path=requests.LISTS_PATH)
+  assert status == 400

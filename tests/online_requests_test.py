@@ -11,6 +11,7 @@ import pytest
 
 from dnr_jax.data import own_lists
 from dnr_jax.data.own_lists import sample as own_lists_sample
+from dnr_jax.serving.online import replay
 from dnr_jax.serving.online import requests
 
 N, H = 10, 5
@@ -120,7 +121,7 @@ def test_requests_from_a_lists_file_encode_to_the_readers_arrays(example):
   """A lists file replayed as requests gives the arrays experiments.rerank scores."""
   vocab, chunks, limits = example
   for chunk in chunks:
-    bodies = requests.request_bodies(chunk, vocab)
+    bodies = replay.request_bodies(chunk, vocab)
     # Through JSON, as a client sends them.
     checked = [requests.check_request(json.loads(json.dumps(b)), limits)
                for b in bodies]

@@ -28,6 +28,7 @@ import pytest
 
 from dnr_jax.data import own_lists
 from dnr_jax.serving import rerank_files
+from dnr_jax.serving.online import replay
 from dnr_jax.serving.online import requests
 
 import tiny_runs  # pylint: disable=g-bad-import-order  (tests/tiny_runs.py)
@@ -129,7 +130,7 @@ def _bodies(run):
   bodies = []
   for chunk in own_lists.read_lists(run.lists, vocab=run.vocab, config=run.config,
                                     history=history):
-    bodies += requests.request_bodies(chunk, run.vocab)
+    bodies += replay.request_bodies(chunk, run.vocab)
   return bodies
 
 
@@ -225,8 +226,10 @@ def test_bad_requests_get_400_and_never_fail_their_batch(run, service):
   assert _call(service.url + "/healthz")[0] == 200
   assert _call(service.url + "/ready")[0] == 200
   text = _call(service.url + "/metrics")[1]
-  assert float(_metric(text, "dnr_request_errors_total", '{code="400"}')) >= len(BAD)
-  assert float(_metric(text, "dnr_request_errors_total", '{code="413"}')) >= 1
+  assert float(_metric(text, "dnr_request_errors_total",
+                             '{code="400",path="/rerank"}')) >= len(BAD)
+  assert float(_metric(text, "dnr_request_errors_total",
+                             '{code="413",path="/rerank"}')) >= 1
 
 
 def test_unknown_ids_and_candidates_past_n(run, service):
@@ -251,6 +254,28 @@ def test_unknown_ids_and_candidates_past_n(run, service):
     assert float(_metric(text1, "dnr_unknown_ids_total",
                          f'{{column="{column}"}}')) == before + 1
   assert "dnr_request_latency_seconds_bucket" in text1
+
+
+def test_several_lists_in_one_request_get_what_each_gets_alone(run, service):
+  # 12 lists, more than a batch (8) holds: the worker scores them in two batches or
+  # more, with whatever else is queued.
+  bodies = _bodies(run)[30:42]
+  alone = [service.rerank(b) for b in bodies]
+  status, reply = _call(service.url + "/rerank_lists", {"lists": bodies})
+  assert status == 200, reply
+  assert len(reply["results"]) == len(bodies)
+  for got, (code, want) in zip(reply["results"], alone):
+    assert code == 200 and got["list_id"] == want["list_id"]
+    assert got["item_ids"] == want["item_ids"]
+    np.testing.assert_allclose(got["scores"], want["scores"], atol=ATOL)
+  status, reply = _call(service.url + "/rerank_lists",
+                        {"lists": bodies[:2] + [dict(bodies[2], scores=[2.0])]})
+  assert status == 400 and reply["error"].startswith("lists[2].scores: 1 scores")
+  text = _call(service.url + "/metrics")[1]
+  assert float(_metric(text, "dnr_requests_total",
+                       '{code="200",path="/rerank_lists"}')) >= 1
+  assert float(_metric(text, "dnr_request_errors_total",
+                       '{code="400",path="/rerank_lists"}')) >= 1
 
 
 def test_a_long_reply_is_not_compressed(run, service):
@@ -326,19 +351,22 @@ def _json_lines(text):
   return [json.loads(l) for l in text.splitlines() if l.startswith("{")]
 
 
-def test_serving_benchmark_prints_a_line_per_level(run):
+@pytest.mark.parametrize("lists_per_request, levels", [(1, [1, 4]), (3, [4])])
+def test_serving_benchmark_prints_a_line_per_level(run, lists_per_request, levels):
   pytest.importorskip("aiohttp")
   proc = subprocess.run(
       [sys.executable, "-m", "benchmarks.serving", f"--checkpoint={run.run_dir}",
-       "--levels=1,4", "--requests_per_level=40", "--seconds_per_level=10",
-       "--warmup=4", "--max_batch_size=8", "--scorer_lists=64"],
+       f"--levels={','.join(map(str, levels))}", "--requests_per_level=40",
+       "--seconds_per_level=10", "--warmup=4", "--max_batch_size=8",
+       "--scorer_lists=64", f"--lists_per_request={lists_per_request}"],
       cwd=ROOT, capture_output=True, text=True, timeout=400)
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = _json_lines(proc.stdout)
-  levels = [l for l in lines if "clients" in l]
-  assert [l["clients"] for l in levels] == [1, 4]
-  for l in levels:
+  levels_run = [l for l in lines if "clients" in l]
+  assert [l["clients"] for l in levels_run] == levels
+  for l in levels_run:
     assert l["errors"] == 0 and l["requests"] == 40 and l["lists_per_s"] > 0
+    assert l["lists_per_request"] == lists_per_request
     assert 0 < l["p50_ms"] <= l["p95_ms"] <= l["p99_ms"] and l["mean_batch"] >= 1
   assert lines[-1]["what"] == "in-process scorer" and lines[-1]["lists_per_s"] > 0
 

@@ -1,4 +1,5 @@
-"""``POST /rerank`` as a plain ASGI handler in front of LitServe's FastAPI app.
+"""``POST /rerank`` (and ``/rerank_lists``) as a plain ASGI handler in front of
+LitServe's FastAPI app.
 
 Under load the request rate is set by two single-threaded stages taking turns: the
 HTTP process's event loop and the inference worker's batch loop
@@ -12,7 +13,12 @@ buffer exactly as LitServe's own request handler does, then sends the reply the
 worker encoded. Dynamic batching, the inference worker, the reply transport and the
 processes stay LitServe's; LitServe's own route for the path is never reached.
 
-It also counts and times every request to the path (``metrics``).
+``POST /rerank_lists`` takes several lists in one request (``requests.check_lists``):
+each is queued as a request of its own, so the worker batches and scores it exactly
+as if it had come alone, and the reply gathers the worker's replies in the body's
+order, ``{"results": [...]}``. Only the HTTP work is shared.
+
+It also counts and times every request to the two paths (``metrics``).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from dnr_jax.serving.online import metrics as metrics_lib
 from dnr_jax.serving.online import requests as requests_lib
 
 PATH = requests_lib.PATH
+LISTS_PATH = requests_lib.LISTS_PATH
 _JSON = [(b"content-type", b"application/json")]
 
 
@@ -40,7 +47,8 @@ def _error_body(line: str) -> bytes:
 
 
 class RerankEndpoint:
-  """ASGI middleware: answers ``POST /rerank``, counts and times the path.
+  """ASGI middleware: answers ``POST /rerank`` and ``POST /rerank_lists``, counts and
+  times both paths.
 
   Args:
     app: the ASGI app below (FastAPI's, with LitServe's routes).
@@ -48,15 +56,18 @@ class RerankEndpoint:
       response buffer, and ``app.response_queue_id`` (set in each HTTP process
       before it is forked).
     limits: what a request may hold (``requests.RequestLimits``).
-    max_body: the largest body read, in bytes (413 past it, before parsing).
+    max_body: the largest body of one list read, in bytes (413 past it, before
+      parsing; ``max_lists`` times it for ``/rerank_lists``).
+    max_lists: the most lists a ``/rerank_lists`` request may hold.
     timeout_s: a request the worker has not answered within this gets 504 (whether
       it waited in the queue, where the worker itself answers 504 after LitServe's
       ``timeout``, or in a batch that never finished).
   """
 
   def __init__(self, app, *, server, limits: requests_lib.RequestLimits,
-               max_body: int, timeout_s: float):
+               max_body: int, timeout_s: float, max_lists: int = 64):
     self.app, self.server, self.limits, self.max_body = app, server, limits, max_body
+    self.max_lists = max_lists
     self.timeout_s = timeout_s
     # A uid only has to be unique among this HTTP process's requests in flight (the
     # replies come back to the process that sent the request); LitServe's uuid4
@@ -64,14 +75,15 @@ class RerankEndpoint:
     self._uids = map(str, itertools.count())
 
   async def __call__(self, scope, receive, send):
-    if scope["type"] != "http" or scope["path"] != PATH:
+    path = scope["path"] if scope["type"] == "http" else None
+    if path != PATH and path != LISTS_PATH:
       await self.app(scope, receive, send)
       return
     t0 = time.perf_counter()
     status = 499   # nginx's "client closed request": cancelled before any reply
     try:
       if scope["method"] == "POST":
-        status = await self._answer(receive, send)
+        status = await self._answer(receive, send, many=path == LISTS_PATH)
       else:
         status = await self._pass(scope, receive, send)
     except Exception:
@@ -80,10 +92,10 @@ class RerankEndpoint:
     finally:
       m = metrics_lib.get()
       code = str(status)
-      m.requests.labels(code=code).inc()
+      m.requests.labels(path=path, code=code).inc()
       if status >= 400:
-        m.errors.labels(code=code).inc()
-      m.latency.observe(time.perf_counter() - t0)
+        m.errors.labels(path=path, code=code).inc()
+      m.latency.labels(path=path).observe(time.perf_counter() - t0)
 
   async def _pass(self, scope, receive, send) -> int:
     """Another method on the path: the app's answer (405), its status kept."""
@@ -97,15 +109,17 @@ class RerankEndpoint:
     await self.app(scope, receive, send_status)
     return seen[0]
 
-  async def _answer(self, receive, send) -> int:
-    body = await self._body(receive)
+  async def _answer(self, receive, send, many: bool = False) -> int:
+    max_body = self.max_body * self.max_lists if many else self.max_body
+    body = await self._body(receive, max_body)
     if isinstance(body, int):
       # After a 413 the rest of the body is still on the connection: close it.
       return body if body == 499 else await _reply(
-          send, 413, _error_body(f"body: larger than {self.max_body} bytes"),
+          send, 413, _error_body(f"body: larger than {max_body} bytes"),
           close=True)
     if not body.strip():
       return await _reply(send, 400, _error_body(
+          'body: missing (send {"lists": [...]} as a JSON object)' if many else
           "body: missing (send one list as a JSON object)"))
     try:
       data = json.loads(body)
@@ -115,21 +129,28 @@ class RerankEndpoint:
       return await _reply(send, 400, _error_body("body: malformed JSON (nested too "
                                                  "deeply)"))
     try:
-      checked = requests_lib.check_request(data, self.limits)
+      checked = (requests_lib.check_lists(data, self.limits, self.max_lists) if many
+                 else [requests_lib.check_request(data, self.limits)])
     except requests_lib.RequestError as e:
       return await _reply(send, 400, _error_body(str(e)))
-    answer = await self._submit(checked)
-    if answer is None:
-      return await _reply(send, 504, _error_body(
-          f"request: no reply from the reranker within {self.timeout_s:g}s "
-          "(request_timeout_s)"))
-    response, status = answer
-    if status == LitAPIStatus.OK:
-      return await _reply(send, 200, response)
-    code, line = _failure(response)
-    return await _reply(send, code, _error_body(line))
+    answers = await self._submit(checked)
+    replies = []
+    for i, answer in enumerate(answers):
+      where = f"lists[{i}]: " if many else ""
+      if answer is None:
+        return await _reply(send, 504, _error_body(
+            f"{where}request: no reply from the reranker within {self.timeout_s:g}s "
+            "(request_timeout_s)"))
+      response, status = answer
+      if status != LitAPIStatus.OK:
+        code, line = _failure(response)
+        return await _reply(send, code, _error_body(where + line))
+      replies.append(response)
+    if not many:
+      return await _reply(send, 200, replies[0])
+    return await _reply(send, 200, b'{"results":[' + b",".join(replies) + b"]}")
 
-  async def _body(self, receive):
+  async def _body(self, receive, max_body: int):
     """The request's body, or 413 (too large) or 499 (the client went away)."""
     chunks, size = [], 0
     while True:
@@ -138,29 +159,39 @@ class RerankEndpoint:
         return 499
       chunk = message.get("body", b"")
       size += len(chunk)
-      if size > self.max_body:
+      if size > max_body:
         return 413
       chunks.append(chunk)
       if not message.get("more_body", False):
         return b"".join(chunks)
 
-  async def _submit(self, checked):
-    """Queues one checked request for the worker; its ``(response, status)``, or
-    None if none came within ``timeout_s``."""
+  async def _submit(self, checked: list) -> list:
+    """Queues checked requests for the worker, each on its own; their ``(response,
+    status)``, each None if none came within ``timeout_s``."""
     server = self.server
-    uid = next(self._uids)
-    event = asyncio.Event()
-    item = server.response_buffer[uid] = ResponseBufferItem(event=event)
+    queue = server.litapi_request_queues[PATH]
+    uids = [next(self._uids) for _ in checked]
+    events = [asyncio.Event() for _ in checked]
+    items = [ResponseBufferItem(event=e) for e in events]
+    server.response_buffer.update(zip(uids, items))
+
+    def expire():
+      for e in events:
+        e.set()
+
     # A timer rather than asyncio.wait_for, which would make a task per request.
-    timer = asyncio.get_running_loop().call_later(self.timeout_s, event.set)
+    timer = asyncio.get_running_loop().call_later(self.timeout_s, expire)
     try:
-      server.litapi_request_queues[PATH].put(
-          (server.app.response_queue_id, uid, time.monotonic(), checked))
-      await event.wait()
-      return item.response
+      now = time.monotonic()
+      for uid, one in zip(uids, checked):
+        queue.put((server.app.response_queue_id, uid, now, one))
+      for e in events:
+        await e.wait()
+      return [item.response for item in items]
     finally:
       timer.cancel()
-      server.response_buffer.pop(uid, None)
+      for uid in uids:
+        server.response_buffer.pop(uid, None)
 
 
 def _failure(response) -> tuple[int, str]:

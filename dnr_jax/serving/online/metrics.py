@@ -33,14 +33,15 @@ class Metrics:
     # reads them with a registry of its own; registering in the default registry
     # would fail in a process that inherited one already holding them.
     kw = {"registry": None}
-    self.requests = pc.Counter("dnr_requests", "Rerank requests answered, by HTTP "
-                               "status code (499: the client left).", ["code"], **kw)
+    self.requests = pc.Counter("dnr_requests", "Rerank requests answered, by path "
+                               "and HTTP status code (499: the client left).",
+                               ["path", "code"], **kw)
     self.errors = pc.Counter("dnr_request_errors", "Rerank requests answered with an "
-                             "error (4xx: a bad request; 5xx: the service).", ["code"],
-                             **kw)
+                             "error, by path and code (4xx: a bad request; 5xx: the "
+                             "service).", ["path", "code"], **kw)
     self.latency = pc.Histogram("dnr_request_latency_seconds", "Time from a rerank "
-                                "request's arrival to its reply, in the HTTP process.",
-                                buckets=LATENCY_BUCKETS, **kw)
+                                "request's arrival to its reply, in the HTTP process, "
+                                "by path.", ["path"], buckets=LATENCY_BUCKETS, **kw)
     self.batch_size = pc.Histogram("dnr_batch_size", "Lists per scoring batch (the "
                                    "dynamic batcher's batches).", buckets=BATCH_BUCKETS,
                                    **kw)

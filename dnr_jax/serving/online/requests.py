@@ -23,7 +23,9 @@ unknown ids become 0 and are counted in ``unknown_ids``; a history keeps its las
 ``H`` known items, right-aligned; a feature the request leaves out is 0 (unknown).
 
 ``check_request`` validates one body and names the first problem in one line
-(``RequestError``: field and problem); ``encode`` turns a batch of checked requests
+(``RequestError``: field and problem); ``check_lists`` a body of several lists
+(``{"lists": [<request>, ...]}``, answered ``{"results": [<reply>, ...]}``);
+``encode`` turns a batch of checked requests
 into the ``dnr_jax.batch`` arrays; ``replies`` turns the batch's logits into the
 replies. The online service (``service``) checks each request in its HTTP process,
 so a bad request is answered 400 there and never reaches a batch.
@@ -42,6 +44,8 @@ from dnr_jax.errors import DataError
 
 # The endpoint a request is posted to.
 PATH = "/rerank"
+# The endpoint for several lists in one request (``check_lists``).
+LISTS_PATH = "/rerank_lists"
 # A history longer than this is refused: only its last H known items are read, and an
 # unbounded list is a way to make one request cost the whole batch.
 MAX_HISTORY = 10_000
@@ -227,6 +231,48 @@ def check_request(body: Any, limits: RequestLimits) -> CheckedRequest:
                         list_id=body.get("list_id"), raw_item_ids=list(body["item_ids"]))
 
 
+def check_lists(body: Any, limits: RequestLimits, max_lists: int
+                ) -> list[CheckedRequest]:
+  """Checks a body of several lists, ``{"lists": [<request>, ...]}``.
+
+  Each list is a request body of its own (``check_request``). The HTTP cost of a
+  request is paid once for all of its lists, while each list is batched and scored
+  as if it had come alone.
+
+  Returns:
+    the ``CheckedRequest`` of each list, in the body's order.
+
+  Raises:
+    RequestError: the first problem found, its field named from the body
+      (``"lists[3].scores[0]: non-finite score nan"``); a body with no lists, or
+      more than ``max_lists``.
+  """
+  if not isinstance(body, Mapping):
+    raise RequestError('body: expected a JSON object {"lists": [...]}, got '
+                       f"{_show(body)}")
+  unknown = [k for k in body if k != "lists"]
+  if unknown and "lists" not in body and "item_ids" in body:
+    raise RequestError(f'body: one list, where this path takes {{"lists": [...]}} '
+                       f"(post one list to {PATH})")
+  if unknown:
+    raise RequestError(f'{unknown[0]}: unknown field (a request has ["lists"])')
+  lists = body.get("lists")
+  if not isinstance(lists, list) or not lists:
+    raise RequestError(f"lists: expected a non-empty list of lists, got {_show(lists)}")
+  if len(lists) > max_lists:
+    raise RequestError(f"lists: {len(lists)} lists, more than the {max_lists} a "
+                       "request may hold (max_lists_per_request)")
+  out = []
+  for i, one in enumerate(lists):
+    try:
+      out.append(check_request(one, limits))
+    except RequestError as e:
+      line = str(e)
+      raise RequestError(f"lists[{i}]{line[4:]}" if line.startswith("body:")
+                         else f"lists[{i}].{line}") from None
+  return out
+
+
 def _split_unknown(ids: np.ndarray, lengths: Sequence[int]) -> np.ndarray:
   """Per request, how many of its ids (concatenated in ``ids``) are unknown (0)."""
   if not len(ids):
@@ -332,47 +378,3 @@ def replies(requests: Sequence[CheckedRequest], logits: np.ndarray,
         "unknown_ids": int(total_unknown[i]),
     })
   return out
-
-
-def request_bodies(chunk, vocab, score_transform: str = "none") -> list[dict]:
-  """The request bodies of a lists file's lists, as a client would send them.
-
-  ``chunk`` is a ``dnr_jax.data.own_lists.ListChunk`` (``read_lists``): its first
-  ``n`` candidates in upstream order, their scores (as the reranker read them, so a
-  ``sigmoid`` file's scores come back as logits), the history the reader built (known
-  items only, oldest first; none with a hashed vocabulary, which keeps no raw ids)
-  and the feature values, raw ids through ``vocab``. For
-  replaying a lists file against the service (its benchmark and tests): the service
-  then scores exactly the arrays ``experiments.rerank`` scores.
-  """
-  a = chunk.arrays
-  # A hashed vocabulary keeps no raw ids, so the histories the reader built cannot be
-  # turned back into ids: the bodies then carry none.
-  item_text = None if vocab.buckets else vocab.columns["item"]
-  scores = a["scores"].astype(np.float64)
-  if score_transform == "sigmoid":
-    scores = np.log(scores) - np.log1p(-scores)
-
-  def raw(column, ids):
-    values = vocab.columns[column]
-    # An id the reader mapped to 0 (unknown) has no raw value; any id not in the
-    # vocabulary maps to 0 again.
-    return [values[i - 1] if i > 0 else f"<unknown {column}>" for i in ids]
-
-  bodies = []
-  for i in range(len(chunk)):
-    k = int(a["mask"][i].sum())
-    features = {c: raw(c, [int(a["user_features"][i, j])])[0]
-                for j, c in enumerate(vocab.user_features)}
-    features.update({c: raw(c, a["item_features"][i, :k, j].tolist())
-                     for j, c in enumerate(vocab.item_features)})
-    bodies.append({
-        "list_id": chunk.list_ids[i],
-        "user_id": chunk.user_ids[i],
-        "item_ids": list(chunk.item_ids[i, :k]),
-        "scores": [float(s) for s in scores[i, :k]],
-        "history": ([] if item_text is None else
-                    [item_text[h - 1] for h in a["history"][i][a["history_mask"][i]]]),
-        "features": features,
-    })
-  return bodies

@@ -1,7 +1,8 @@
 """The online reranking service: a trained bundle behind HTTP, on LitServe.
 
 ``serve(ServiceConfig(checkpoint=RUN))`` answers ``POST /rerank`` (one list per
-request, ``requests``'s format) with dynamic batching: LitServe's inference worker
+request, ``requests``'s format; ``POST /rerank_lists`` takes several, each batched as
+a request of its own) with dynamic batching: LitServe's inference worker
 takes up to ``max_batch_size`` waiting requests, the oldest of them delayed at most
 ``batch_timeout_ms`` for company (``batching.QueueDelayLoop``), and scores them in
 one call of the reranker's compiled scoring program (``runtime.Runner.score_params``:
@@ -77,6 +78,8 @@ class ServiceConfig:
       ``batching``).
     max_candidates: the most candidates a request may send (0: the reranker's ``n``);
       those past ``n`` come back after the reranked ones, in upstream order.
+    max_lists_per_request: the most lists a ``POST /rerank_lists`` request may hold
+      (each is batched and scored as a request of its own).
     request_timeout_s: a request the worker has not answered within this gets 504.
     drain_timeout_s: at most this long to answer the requests in flight on SIGTERM.
     http_processes: HTTP server processes (LitServe's ``num_api_servers``): on a
@@ -90,6 +93,7 @@ class ServiceConfig:
   max_batch_size: int = 64
   batch_timeout_ms: float = 1.0
   max_candidates: int = 0
+  max_lists_per_request: int = 64
   request_timeout_s: float = 30.0
   drain_timeout_s: float = 30.0
   http_processes: int = 1
@@ -104,6 +108,9 @@ class ServiceConfig:
                                "and below request_timeout_s")
     if self.max_candidates < 0:
       raise errors.ConfigError(f"max_candidates={self.max_candidates} must be >= 0")
+    if not 1 <= self.max_lists_per_request <= 4096:
+      raise errors.ConfigError(f"max_lists_per_request={self.max_lists_per_request} "
+                               "must be in 1..4096")
     if not 1024 <= self.port <= 65535:
       raise errors.ConfigError(f"port={self.port} must be in 1024..65535")
     if self.host not in ("127.0.0.1", "0.0.0.0", "::"):
@@ -147,6 +154,7 @@ def build_server(config: ServiceConfig, log: Callable[[str], None] = logging.inf
                       "list_size": limits.list_size,
                       "history_size": limits.history_size,
                       "max_candidates": limits.max_candidates,
+                      "max_lists_per_request": config.max_lists_per_request,
                       "score_transform": limits.score_transform,
                       "user_features": list(limits.user_features),
                       "item_features": list(limits.item_features)})
@@ -160,12 +168,13 @@ def build_server(config: ServiceConfig, log: Callable[[str], None] = logging.inf
 
   # uvicorn's graceful shutdown is the drain: bound it by the config.
   server.uvicorn_graceful_timeout = config.drain_timeout_s
-  # Added last, so outermost of the app's middlewares: it answers POST /rerank. A
-  # body is refused (413) before it is parsed past max_body: room for the most
-  # candidates and history ids a request may hold, at 256 bytes each.
+  # Added last, so outermost of the app's middlewares: it answers POST /rerank and
+  # /rerank_lists. A body is refused (413) before it is parsed past max_body (per
+  # list): room for the most candidates and history ids a list may hold, at 256
+  # bytes each.
   server.app.add_middleware(
       endpoint_lib.RerankEndpoint, server=server, limits=limits,
-      timeout_s=config.request_timeout_s,
+      timeout_s=config.request_timeout_s, max_lists=config.max_lists_per_request,
       max_body=65536 + 256 * (limits.max_candidates * (
           2 + len(limits.item_features)) + requests_lib.MAX_HISTORY))
   server.app.add_api_route(LIVE_PATH, live, methods=["GET"])
