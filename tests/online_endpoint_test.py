@@ -369,3 +369,31 @@ def test_the_body_limit_of_several_lists_is_per_list(metrics):
   assert status == 413 and reply == {"error": "body: larger than 300 bytes"}
   status, _ = _call(handler, b" " * 300, path=requests.LISTS_PATH)
   assert status == 400
+
+
+@pytest.mark.parametrize("text, field, want", [
+    # orjson reads an integer past 64 bits as a float; the standard library's reading
+    # (an integer id, its digits as the text) must win.
+    ('{"user_id": 123456789012345678901234567890, "item_ids": ["a"], '
+     '"scores": [0.5]}', "user_id", "123456789012345678901234567890"),
+    ('{"user_id": "u", "item_ids": [-99999999999999999999, "b"], '
+     '"scores": [0.5, 0.5]}', "raw_item_ids", [-99999999999999999999, "b"]),
+    # Echoed back: as the standard library reads it.
+    ('{"user_id": "u", "item_ids": ["a"], "scores": [0.5], '
+     '"list_id": 123456789012345678901234567890}', "list_id",
+     123456789012345678901234567890),
+    ('{"user_id": "u", "item_ids": ["a"], "scores": [0.5], "list_id": [1, {"x": 2}]}',
+     "list_id", [1, {"x": 2}]),
+    ('\ufeff{"user_id": "u", "item_ids": ["a"], "scores": [0.5]}', "user_id", "u"),
+])
+def test_a_body_is_read_as_the_standard_librarys_json_reads_it(metrics, text, field,
+                                                              want):
+  handler, server, _ = _handler()
+  body = text.encode("utf-8")
+  status, _ = _call(handler, body)
+  assert status == 200
+  (_, _, _, checked), = server.litapi_request_queues[requests.PATH].items
+  got = getattr(checked, field)
+  assert got == want and type(got) is type(want)   # pylint: disable=unidiomatic-typecheck
+  assert endpoint.read_body(body, lambda d: [requests.check_request(d, LIMITS)]) == [
+      requests.check_request(json.loads(body), LIMITS)]

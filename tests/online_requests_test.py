@@ -63,6 +63,8 @@ LIMITS = requests.RequestLimits(list_size=2, history_size=3, max_candidates=4,
     (_body(scores=[0.5, float("inf"), 0.1]), "scores[1]", "non-finite"),
     (_body(scores=[0.5, 1.5, 0.1]), "scores[1]", "outside [0, 1]"),
     (_body(scores=[0.5, "high", 0.1]), "scores[1]", "expected a number"),
+    (_body(scores=[0.5, True, 0.1]), "scores[1]", "expected a number, got True"),
+    (_body(scores=[0.5, 0.2, -1e-300]), "scores[2]", "outside [0, 1]"),
     (_body(history=["a", None]), "history[1]", "not None"),
     (_body(features={"u_age": ["1", "2"]}), "features.u_age", "not ['1', '2']"),
     (_body(features={"i_cat": ["x"]}), "features.i_cat", "1 values for 3"),
@@ -87,6 +89,16 @@ def test_integer_ids_are_their_text_and_come_back_as_sent():
   assert checked.user_id == "17" and checked.item_ids == ["5", "b", str(10**30)]
   assert checked.history == ["5", "x"] and checked.item_features["i_cat"] == ["1", "k", "2"]
   assert checked.raw_item_ids == [5, "b", 10**30]
+
+
+def test_scores_are_floats_and_a_sum_that_overflows_is_no_error():
+  assert requests.check_request(_body(scores=[0, 1, 0.5]), LIMITS).scores == [
+      0.0, 1.0, 0.5]
+  logits = requests.RequestLimits(list_size=2, history_size=3, max_candidates=4,
+                                  score_transform="sigmoid")
+  checked = requests.check_request(_body(scores=[1e308, 1e308, -3]), logits)
+  assert checked.scores == [1e308, 1e308, -3.0]
+  assert all(type(s) is float for s in checked.scores)  # pylint: disable=unidiomatic-typecheck
 
 
 def test_limits_refuse_max_candidates_below_n():

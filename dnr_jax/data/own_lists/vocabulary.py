@@ -12,6 +12,7 @@ in ``vocab.json``, so reranking and serving map ids exactly as training did.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -209,7 +210,8 @@ class Vocabulary:
     index = self._index.get(column)
     if index is None:
       index = self._index[column] = {v: i + 1 for i, v in enumerate(self.columns[column])}
-    return np.fromiter((index.get(v, 0) for v in values), np.int32, count=len(values))
+    return np.fromiter(map(index.get, values, itertools.repeat(0)), np.int32,
+                       count=len(values))
 
   def lookup_users(self, raw) -> tuple[np.ndarray, int]:
     return self.lookup("user", raw)

@@ -32,6 +32,7 @@ import time
 
 from absl import logging
 from litserve.utils import LitAPIStatus, ResponseBufferItem
+import orjson
 from starlette.exceptions import HTTPException
 
 from dnr_jax.serving.online import metrics as metrics_lib
@@ -40,6 +41,37 @@ from dnr_jax.serving.online import requests as requests_lib
 PATH = requests_lib.PATH
 LISTS_PATH = requests_lib.LISTS_PATH
 _JSON = [(b"content-type", b"application/json")]
+
+
+def read_body(body: bytes, check):
+  """``check`` of the JSON value of ``body``, exactly as with ``json.loads``.
+
+  orjson parses a request's body in a quarter of the standard library's time, but
+  refuses some bodies the standard library reads (``NaN``, ``1e400``, a lone
+  surrogate, a byte-order mark) and reads an integer past 64 bits as a float. So a
+  body orjson refuses, one whose orjson reading fails ``check`` (an id that came
+  out a float, say), and one with a ``list_id`` that is not a string or an integer
+  (echoed back, it must be what was sent) are read again by the standard library,
+  whose reading (or error) is then the answer.
+
+  Returns:
+    ``check(value)``: the checked requests.
+
+  Raises:
+    ValueError: malformed JSON (``json.JSONDecodeError``, or ``UnicodeDecodeError``
+      for bytes that are not text); RecursionError: nested too deeply;
+      ``requests.RequestError``: what ``check`` raised.
+  """
+  try:
+    checked = check(orjson.loads(body))
+    if all(type(c.list_id) in _PLAIN for c in checked):
+      return checked
+  except (orjson.JSONDecodeError, requests_lib.RequestError):
+    pass
+  return check(json.loads(body))
+
+
+_PLAIN = (str, int, type(None))
 
 
 def _error_body(line: str) -> bytes:
@@ -122,17 +154,14 @@ class RerankEndpoint:
           'body: missing (send {"lists": [...]} as a JSON object)' if many else
           "body: missing (send one list as a JSON object)"))
     try:
-      data = json.loads(body)
+      checked = read_body(body, self._check_lists if many else self._check_one)
+    except requests_lib.RequestError as e:
+      return await _reply(send, 400, _error_body(str(e)))
     except ValueError as e:   # JSONDecodeError, and UnicodeDecodeError for bad bytes
       return await _reply(send, 400, _error_body(f"body: malformed JSON ({e})"))
     except RecursionError:
       return await _reply(send, 400, _error_body("body: malformed JSON (nested too "
                                                  "deeply)"))
-    try:
-      checked = (requests_lib.check_lists(data, self.limits, self.max_lists) if many
-                 else [requests_lib.check_request(data, self.limits)])
-    except requests_lib.RequestError as e:
-      return await _reply(send, 400, _error_body(str(e)))
     answers = await self._submit(checked)
     replies = []
     for i, answer in enumerate(answers):
@@ -149,6 +178,12 @@ class RerankEndpoint:
     if not many:
       return await _reply(send, 200, replies[0])
     return await _reply(send, 200, b'{"results":[' + b",".join(replies) + b"]}")
+
+  def _check_one(self, data) -> list:
+    return [requests_lib.check_request(data, self.limits)]
+
+  def _check_lists(self, data) -> list:
+    return requests_lib.check_lists(data, self.limits, self.max_lists)
 
   async def _body(self, receive, max_body: int):
     """The request's body, or 413 (too large) or 499 (the client went away)."""
