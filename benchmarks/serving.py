@@ -34,6 +34,7 @@ from absl import app, flags
 import numpy as np
 
 from benchmarks import http_load
+from benchmarks import run_requests
 
 flags.DEFINE_string("checkpoint", None, "A trained own-lists run (default: train the "
                     "lists_example reranker into --workdir).")
@@ -73,28 +74,6 @@ def _checkpoint() -> str:
                     "--methods=dnr_g", f"--workdir={FLAGS.workdir}", "--plots=false"],
                    check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
   return run
-
-
-def _lists(bundle):
-  """The example's lists as request bodies (JSON bytes) and as arrays."""
-  from dnr_jax.data import own_lists  # pylint: disable=g-import-not-at-top
-  from dnr_jax.serving import rerank_files  # pylint: disable=g-import-not-at-top
-  from dnr_jax.serving.online import replay  # pylint: disable=g-import-not-at-top
-  config = rerank_files.data_config(bundle, lists=bundle.data_config["lists"],
-                                    interactions=bundle.data_config.get("interactions"))
-  vocab = bundle.vocabulary()
-  history = (own_lists.InteractionHistory.load(config.interactions, vocab, config)
-             if config.interactions else None)
-  bodies, chunks = [], []
-  for chunk in own_lists.read_lists(config.lists, vocab=vocab, config=config,
-                                    history=history):
-    bodies += replay.request_bodies(chunk, vocab, config.score_transform)
-    chunks.append(chunk.arrays)
-  arrays = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-  k = FLAGS.lists_per_request
-  if k > 1:
-    bodies = [{"lists": bodies[i:i + k]} for i in range(0, len(bodies) - k + 1, k)]
-  return [json.dumps(b).encode() for b in bodies], arrays
 
 
 def _get(url: str, timeout: float = 2.0) -> tuple[int, str]:
@@ -137,7 +116,7 @@ def main(argv):
   from dnr_jax import serving  # pylint: disable=g-import-not-at-top
   checkpoint = _checkpoint()
   bundle = serving.load_bundle(checkpoint)
-  bodies, arrays = _lists(bundle)
+  bodies, arrays = run_requests.request_bodies(bundle, FLAGS.lists_per_request)
   k = FLAGS.lists_per_request
   path = "/rerank" if k == 1 else "/rerank_lists"
   port = http_load.free_port()

@@ -18,7 +18,10 @@ and the CPU the idle service burns (its process tree, over 5 s). Localhost only.
 
 ``--engines=uvicorn`` adds the floor under them all: the same work per request done
 inline by a bare ASGI app on uvicorn (LitServe's HTTP server), one process, no
-batching: what HTTP alone costs in Python on the machine.
+batching: what HTTP alone costs in Python on the machine. ``granian_asgi`` and
+``granian_rsgi`` serve that app from granian (``--python_granian``: a Python with
+granian), whose HTTP server is Rust: the same ASGI app, and the app on granian's own
+RSGI interface.
 """
 
 import asyncio
@@ -35,13 +38,17 @@ from absl import app, flags
 import numpy as np
 
 from benchmarks import http_load
+from benchmarks import process_cpu
 
 flags.DEFINE_list("engines", ["litserve", "ray", "bentoml"], "Engines to measure "
-                  "(and uvicorn: no engine, the same work inline on a bare ASGI app).")
+                  "(and uvicorn, granian_asgi, granian_rsgi: no engine, the same "
+                  "work inline on a bare app).")
 flags.DEFINE_string("python_litserve", sys.executable, "Python with litserve.")
 flags.DEFINE_string("python_ray", sys.executable, "Python with ray[serve].")
 flags.DEFINE_string("python_bentoml", sys.executable, "Python with bentoml.")
 flags.DEFINE_string("python_uvicorn", sys.executable, "Python with uvicorn.")
+flags.DEFINE_string("python_granian", sys.executable, "Python with granian (for "
+                    "granian_asgi and granian_rsgi).")
 flags.DEFINE_enum("load_generator", "aiohttp", http_load.GENERATORS, "The clients "
                   "(benchmarks/http_load.py).")
 flags.DEFINE_integer("clients", 32, "Concurrent clients.")
@@ -61,6 +68,25 @@ def order(bodies):
     out.append({"item_ids": [b["item_ids"][i] for i in idx],
                 "scores": s[idx].tolist()})
   return out
+'''
+
+# The floor's app: one list per request, ordered inline, as plain ASGI.
+_ASGI_APP = '''
+import json
+
+async def app(scope, receive, send):
+  if scope["type"] != "http":
+    return
+  body, more = b"", True
+  while more:
+    message = await receive()
+    body += message.get("body", b"")
+    more = message.get("more_body", False)
+  reply = json.dumps(order([json.loads(body)])[0]).encode()
+  await send({"type": "http.response.start", "status": 200,
+              "headers": [(b"content-type", b"application/json"),
+                          (b"content-length", str(len(reply)).encode())]})
+  await send({"type": "http.response.body", "body": reply})
 '''
 
 APPS = {
@@ -112,27 +138,36 @@ if __name__ == "__main__":
     # No engine: the same work per request, inline, in a bare ASGI app on uvicorn with
     # its C parser (what LitServe's HTTP process runs on): no batching, no worker
     # process. The HTTP floor under the engines here.
-    "uvicorn": _MODEL + '''
-import json, sys
+    "uvicorn": _MODEL + _ASGI_APP + '''
+import sys
 import uvicorn
-
-async def app(scope, receive, send):
-  if scope["type"] != "http":
-    return
-  body, more = b"", True
-  while more:
-    message = await receive()
-    body += message.get("body", b"")
-    more = message.get("more_body", False)
-  reply = json.dumps(order([json.loads(body)])[0]).encode()
-  await send({"type": "http.response.start", "status": 200,
-              "headers": [(b"content-type", b"application/json"),
-                          (b"content-length", str(len(reply)).encode())]})
-  await send({"type": "http.response.body", "body": reply})
 
 if __name__ == "__main__":
   uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), http="httptools",
               log_level="warning", access_log=False)
+''',
+    # The same ASGI app, on granian (one process, its Rust HTTP server).
+    "granian_asgi": _MODEL + _ASGI_APP + '''
+import sys
+from granian import Granian
+
+if __name__ == "__main__":
+  Granian("granian_asgi_app:app", address="127.0.0.1", port=int(sys.argv[1]),
+          interface="asgi", workers=1, log_enabled=False).serve()
+''',
+    # The same work on granian's own interface (RSGI), which skips ASGI's messages.
+    "granian_rsgi": _MODEL + '''
+import json, sys
+from granian import Granian
+
+async def app(scope, proto):
+  body = await proto()
+  reply = json.dumps(order([json.loads(body)])[0]).encode()
+  proto.response_bytes(200, [("content-type", "application/json")], reply)
+
+if __name__ == "__main__":
+  Granian("granian_rsgi_app:app", address="127.0.0.1", port=int(sys.argv[1]),
+          interface="rsgi", workers=1, log_enabled=False).serve()
 ''',
     "bentoml": _MODEL + '''
 import bentoml
@@ -165,31 +200,6 @@ def _post(url: str, body: bytes, timeout: float = 2.0) -> int:
     return 0
 
 
-def _tree(pid: int) -> list[int]:
-  out, todo = [], [pid]
-  while todo:
-    p = todo.pop()
-    out.append(p)
-    try:
-      with open(f"/proc/{p}/task/{p}/children") as f:
-        todo += [int(c) for c in f.read().split()]
-    except OSError:
-      pass
-  return out
-
-
-def _cpu_seconds(pids) -> float:
-  total = 0.0
-  for p in pids:
-    try:
-      with open(f"/proc/{p}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-      total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except OSError:
-      pass
-  return total
-
-
 def measure(engine: str, python: str, workdir: str) -> dict:
   path = os.path.join(workdir, f"{engine}_app.py")
   with open(path, "w") as f:
@@ -214,10 +224,10 @@ def measure(engine: str, python: str, workdir: str) -> dict:
     cold = time.time() - t0
     asyncio.run(http_load.drive(url, bodies, FLAGS.clients, 200, 30))   # warm-up
     time.sleep(1)
-    pids = _tree(proc.pid)
-    c0 = _cpu_seconds(pids)
+    pids = process_cpu.tree(proc.pid)
+    c0 = process_cpu.cpu_seconds(pids)
     time.sleep(5)
-    idle = (_cpu_seconds(pids) - c0) / 5
+    idle = (process_cpu.cpu_seconds(pids) - c0) / 5
     result = http_load.measure(url, bodies, FLAGS.clients, FLAGS.requests,
                                FLAGS.seconds, FLAGS.load_generator)
     return {"engine": engine, "cold_start_s": round(cold, 1),
@@ -235,7 +245,7 @@ def main(argv):
   del argv
   with tempfile.TemporaryDirectory() as workdir:
     for engine in FLAGS.engines:
-      python = getattr(FLAGS, f"python_{engine}")
+      python = getattr(FLAGS, f"python_{engine.split('_')[0]}")
       print(json.dumps(measure(engine, python, workdir)), flush=True)
 
 

@@ -371,6 +371,24 @@ def test_serving_benchmark_prints_a_line_per_level(run, lists_per_request, level
   assert lines[-1]["what"] == "in-process scorer" and lines[-1]["lists_per_s"] > 0
 
 
+def test_ab_benchmark_alternates_two_checkouts(run):
+  pytest.importorskip("aiohttp")
+  proc = subprocess.run(
+      [sys.executable, "-m", "benchmarks.serving_ab", f"--before={ROOT}",
+       f"--after={ROOT}", f"--checkpoint={run.run_dir}", "--rounds=2",
+       "--seconds=1", "--clients=2", "--load_generator=aiohttp",
+       "--serve_flags=--max_batch_size=4"],
+      cwd=ROOT, capture_output=True, text=True, timeout=400)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = _json_lines(proc.stdout)
+  turns, (summary,) = lines[:-1], lines[-1:]
+  # A B, then B A: each side measured in both positions.
+  assert [l["side"] for l in turns] == ["before", "after", "after", "before"]
+  for l in turns:
+    assert l["errors"] == 0 and l["lists_per_s"] > 0 and l["cpu_ms_per_list"] > 0
+  assert summary["what"] == "medians" and summary["after_over_before"] > 0
+
+
 @pytest.mark.parametrize("engine,load", [("litserve", "aiohttp"), ("uvicorn", "wrk")])
 def test_engine_benchmark_measures_an_engine(engine, load):
   pytest.importorskip("aiohttp")
