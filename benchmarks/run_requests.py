@@ -29,6 +29,9 @@ def request_bodies(bundle, lists_per_request: int = 1):
     chunks.append(chunk.arrays)
   arrays = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
   k = lists_per_request
+  if k > len(bodies):
+    raise ValueError(f"lists_per_request={k}: the run's lists file has only "
+                     f"{len(bodies)} lists")
   if k > 1:
     bodies = [{"lists": bodies[i:i + k]} for i in range(0, len(bodies) - k + 1, k)]
   return [json.dumps(b).encode() for b in bodies], arrays

@@ -54,6 +54,8 @@ flags.DEFINE_integer("http_processes", 1, "The service's --http_processes.")
 flags.DEFINE_integer("lists_per_request", 1, "Lists per request: 1 posts each to "
                      "/rerank; more post them in groups to /rerank_lists (lists/s "
                      "then counts every list of a request answered with 200).")
+flags.register_validator("lists_per_request", lambda k: 1 <= k <= 1024,
+                         "--lists_per_request must be in 1..1024")
 flags.DEFINE_integer("scorer_lists", 8192, "Lists for the in-process scorer's timing.")
 flags.DEFINE_integer("scorer_batch_size", 0, "The in-process scorer's batch (0: the "
                      "run's evaluation batch, as experiments.rerank).")

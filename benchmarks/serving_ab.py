@@ -27,6 +27,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -49,6 +50,8 @@ flags.DEFINE_enum("load_generator", "wrk", http_load.GENERATORS, "The clients.")
 flags.DEFINE_list("serve_flags", [], "More flags for both services, e.g. "
                   "--serve_flags=--max_batch_size=32.")
 flags.mark_flag_as_required("before")
+flags.register_validator("lists_per_request", lambda k: 1 <= k <= 1024,
+                         "--lists_per_request must be in 1..1024")
 FLAGS = flags.FLAGS
 
 SIDES = ("before", "after")
@@ -77,22 +80,27 @@ def main(argv):
   bodies, _ = run_requests.request_bodies(serving.load_bundle(FLAGS.checkpoint), k)
   path = "/rerank" if k == 1 else "/rerank_lists"
   dirs = {"before": os.path.abspath(FLAGS.before), "after": os.path.abspath(FLAGS.after)}
-  ports, procs = {}, {}
+  # A checkout from before /rerank_lists has no --max_lists_per_request: one list per
+  # request leaves it out.
+  lists_flag = [f"--max_lists_per_request={max(k, 64)}"] if k > 1 else []
+  ports, procs, logs = {}, {}, {}
   try:
     for side in SIDES:
       ports[side] = http_load.free_port()
+      logs[side] = tempfile.TemporaryFile()
       procs[side] = subprocess.Popen(
           [sys.executable, "-m", "experiments.serve", f"--checkpoint={FLAGS.checkpoint}",
-           f"--port={ports[side]}", f"--max_lists_per_request={max(k, 64)}",
-           *FLAGS.serve_flags],
+           f"--port={ports[side]}", *lists_flag, *FLAGS.serve_flags],
           cwd=dirs[side], env=dict(os.environ, PYTHONPATH=dirs[side]),
-          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+          stdout=subprocess.DEVNULL, stderr=logs[side], start_new_session=True)
     for side in SIDES:
       t0 = time.time()
       while not _ready(ports[side]):
         if procs[side].poll() is not None or time.time() - t0 > 300:
+          logs[side].seek(0)
+          tail = logs[side].read().decode(errors="replace").strip()[-2000:]
           raise SystemExit(f"the {side} service ({dirs[side]}) did not start "
-                           f"(exit {procs[side].poll()})")
+                           f"(exit {procs[side].poll()}):\n{tail}")
         time.sleep(0.5)
     trees = {side: process_cpu.tree(procs[side].pid) for side in SIDES}
     results = {side: [] for side in SIDES}
@@ -125,9 +133,12 @@ def main(argv):
     summary["after_ahead_in"] = f"{sum(x > 1 for x in ratios)} of {len(ratios)}"
     print(json.dumps(summary), flush=True)
   finally:
-    for side, proc in procs.items():
+    for proc in procs.values():
       _signal(process_cpu.tree(proc.pid), signal.SIGCONT)
-      os.killpg(proc.pid, signal.SIGTERM)
+      try:
+        os.killpg(proc.pid, signal.SIGTERM)
+      except ProcessLookupError:   # it exited already (a service that did not start)
+        pass
     for proc in procs.values():
       try:
         proc.wait(60)

@@ -1,4 +1,5 @@
-r"""Serve a trained reranker online: HTTP, one list per request, dynamic batching.
+r"""Serve a trained reranker online: HTTP, one list per request (or several), dynamic
+batching.
 
   python -m experiments.serve --checkpoint=/tmp/dnr_lists_example/runs/prm/dnr_g/seed0 \
       [--port=8000] [--host=127.0.0.1] [--max_batch_size=64] [--batch_timeout_ms=1]
@@ -28,7 +29,7 @@ flags.DEFINE_float("batch_timeout_ms", 1.0, "How long a request may wait for oth
 flags.DEFINE_integer("max_candidates", 0, "The most candidates per request (0: the "
                      "reranker's n; those past n come back after the reranked ones).")
 flags.DEFINE_integer("max_lists_per_request", 64, "The most lists a POST "
-                     "/rerank_lists request may hold.")
+                     "/rerank_lists request may hold (1..1024).")
 flags.DEFINE_float("request_timeout_s", 30.0, "A request the worker has not answered "
                    "within this gets 504.")
 flags.DEFINE_float("drain_timeout_s", 30.0, "On SIGTERM, at most this long to answer "

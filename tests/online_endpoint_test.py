@@ -363,12 +363,50 @@ def test_a_list_the_worker_failed_fails_its_request_naming_the_list(metrics):
   assert server.response_buffer == {}
 
 
-def test_the_body_limit_of_several_lists_is_per_list(metrics):
+def test_the_body_limit_of_several_lists_is_per_list_up_to_a_cap(metrics,
+                                                                 monkeypatch):
   handler, _, _ = _handler(max_body=100, max_lists=3)
   status, reply = _call(handler, b" " * 301, path=requests.LISTS_PATH)
-  assert status == 413 and reply == {"error": "body: larger than 300 bytes"}
+  assert status == 413 and reply == {"error": "body: larger than 300 bytes (the "
+                                     "most a request of up to 3 lists may send)"}
   status, _ = _call(handler, b" " * 300, path=requests.LISTS_PATH)
   assert status == 400
+  # The cap: never past MAX_LISTS_BODY, never below one list's room.
+  monkeypatch.setattr(endpoint, "MAX_LISTS_BODY", 250)
+  assert _call(handler, b" " * 251, path=requests.LISTS_PATH)[0] == 413
+  assert _call(handler, b" " * 250, path=requests.LISTS_PATH)[0] == 400
+  monkeypatch.setattr(endpoint, "MAX_LISTS_BODY", 50)
+  assert _call(handler, b" " * 100, path=requests.LISTS_PATH)[0] == 400
+
+
+def test_another_method_on_the_lists_path_gets_405(metrics):
+  handler, _, app = _handler()
+  headers = {}
+  status, reply = _call(handler, b"", method="GET", path=requests.LISTS_PATH,
+                        headers=headers)
+  assert status == 405 and headers[b"allow"] == b"POST" and app.calls == 0
+  assert reply == {"error": "request: /rerank_lists takes POST, not GET"}
+  assert metrics.errors.paths == {(requests.LISTS_PATH, "405"): 1}
+
+
+def test_a_list_never_answered_fails_its_request_after_the_timeout(metrics):
+  handler, server, _ = _handler(timeout_s=0.05)
+  queue = server.litapi_request_queues[requests.PATH]
+  answer = queue.put
+
+  def put(item):   # the second list is lost
+    if item[3].list_id == 1:
+      queue.items.append(item)
+    else:
+      answer(item)
+
+  queue.put = put
+  lists = [dict(GOOD, list_id=i) for i in range(3)]
+  status, reply = _call(handler, json.dumps({"lists": lists}).encode(),
+                        path=requests.LISTS_PATH)
+  assert status == 504 and reply["error"].startswith(
+      "lists[1]: request: no reply from the reranker within 0.05s")
+  assert server.response_buffer == {}
 
 
 @pytest.mark.parametrize("text, field, want", [
@@ -388,6 +426,7 @@ def test_the_body_limit_of_several_lists_is_per_list(metrics):
 ])
 def test_a_body_is_read_as_the_standard_librarys_json_reads_it(metrics, text, field,
                                                               want):
+  # (Bodies orjson refuses but the checks then refuse too: below.)
   handler, server, _ = _handler()
   body = text.encode("utf-8")
   status, _ = _call(handler, body)
@@ -397,3 +436,20 @@ def test_a_body_is_read_as_the_standard_librarys_json_reads_it(metrics, text, fi
   assert got == want and type(got) is type(want)   # pylint: disable=unidiomatic-typecheck
   assert endpoint.read_body(body, lambda d: [requests.check_request(d, LIMITS)]) == [
       requests.check_request(json.loads(body), LIMITS)]
+
+
+@pytest.mark.parametrize("text, words", [
+    ('{"user_id": "u", "item_ids": ["a"], "scores": [1e400]}',
+     "scores[0]: non-finite score inf"),
+    ('{"user_id": "u", "item_ids": ["a"], "scores": [NaN]}',
+     "scores[0]: non-finite score nan"),
+    ('{"user_id": "\\ud800", "item_ids": ["a"], "scores": [0.5]}',
+     "user_id: not valid Unicode"),
+    ('{"user_id": "u", "item_ids": ["a"], "scores": [1%s]}' % ("0" * 400),
+     "scores[0]: non-finite score (an integer of 401 digits)"),
+])
+def test_a_body_orjson_refuses_gets_the_standard_librarys_answer(metrics, text, words):
+  handler, server, _ = _handler()
+  status, reply = _call(handler, text.encode())
+  assert status == 400 and reply["error"].startswith(words), reply
+  assert server.litapi_request_queues[requests.PATH].items == []

@@ -1,16 +1,19 @@
-"""Online requests (dnr_jax.serving.online.requests): checks, arrays, replies.
+"""Online requests (dnr_jax.serving.online.requests, batches): checks, arrays, replies.
 
 In-process and without the serve extra: the service's HTTP side is in
 online_service_test.py.
 """
 
+import dataclasses
 import json
+import pickle
 
 import numpy as np
 import pytest
 
 from dnr_jax.data import own_lists
 from dnr_jax.data.own_lists import sample as own_lists_sample
+from dnr_jax.serving.online import batches
 from dnr_jax.serving.online import replay
 from dnr_jax.serving.online import requests
 
@@ -65,6 +68,8 @@ LIMITS = requests.RequestLimits(list_size=2, history_size=3, max_candidates=4,
     (_body(scores=[0.5, "high", 0.1]), "scores[1]", "expected a number"),
     (_body(scores=[0.5, True, 0.1]), "scores[1]", "expected a number, got True"),
     (_body(scores=[0.5, 0.2, -1e-300]), "scores[2]", "outside [0, 1]"),
+    (_body(scores=[0.5, 10**400, 0.1]), "scores[1]", "non-finite score (an integer"),
+    ({"lists": [_body()]}, "lists", "post several to /rerank_lists"),
     (_body(history=["a", None]), "history[1]", "not None"),
     (_body(features={"u_age": ["1", "2"]}), "features.u_age", "not ['1', '2']"),
     (_body(features={"i_cat": ["x"]}), "features.i_cat", "1 values for 3"),
@@ -92,13 +97,20 @@ def test_integer_ids_are_their_text_and_come_back_as_sent():
 
 
 def test_scores_are_floats_and_a_sum_that_overflows_is_no_error():
-  assert requests.check_request(_body(scores=[0, 1, 0.5]), LIMITS).scores == [
-      0.0, 1.0, 0.5]
+  scores = requests.check_request(_body(scores=[0, 1, 0.5]), LIMITS).scores
+  assert scores == [0.0, 1.0, 0.5]
+  assert all(type(s) is float for s in scores)  # pylint: disable=unidiomatic-typecheck
   logits = requests.RequestLimits(list_size=2, history_size=3, max_candidates=4,
                                   score_transform="sigmoid")
   checked = requests.check_request(_body(scores=[1e308, 1e308, -3]), logits)
   assert checked.scores == [1e308, 1e308, -3.0]
   assert all(type(s) is float for s in checked.scores)  # pylint: disable=unidiomatic-typecheck
+
+
+def test_a_checked_request_crosses_a_pipe_whole():
+  values = {f.name: f"<{f.name}>" for f in dataclasses.fields(requests.CheckedRequest)}
+  checked = requests.CheckedRequest(**values)
+  assert pickle.loads(pickle.dumps(checked, pickle.HIGHEST_PROTOCOL)) == checked
 
 
 def test_limits_refuse_max_candidates_below_n():
@@ -124,7 +136,7 @@ def test_logits_become_the_scores_the_file_reader_gives(example):
   checked = [requests.check_request(_body(item_ids=[f"i{j}" for j in range(N)],
                                           scores=[float(x) for x in row]), limits)
              for row in logits]
-  arrays, _ = requests.encode(checked, vocab, limits)
+  arrays, _ = batches.encode(checked, vocab, limits)
   np.testing.assert_array_equal(arrays["scores"],
                                 (1.0 / (1.0 + np.exp(-logits))).astype(np.float32))
 
@@ -137,7 +149,7 @@ def test_requests_from_a_lists_file_encode_to_the_readers_arrays(example):
     # Through JSON, as a client sends them.
     checked = [requests.check_request(json.loads(json.dumps(b)), limits)
                for b in bodies]
-    arrays, unknown = requests.encode(checked, vocab, limits)
+    arrays, unknown = batches.encode(checked, vocab, limits)
     assert set(arrays) == set(chunk.arrays)
     for k, v in chunk.arrays.items():
       if k != "labels":          # a request has none (zeros)
@@ -157,7 +169,7 @@ def test_unknown_ids_are_counted_per_request_and_histories_right_aligned(example
        "history": ["gone"]},
   ]
   checked = [requests.check_request(b, limits) for b in bodies]
-  arrays, unknown = requests.encode(checked, vocab, limits)
+  arrays, unknown = batches.encode(checked, vocab, limits)
   assert unknown["item"].tolist() == [2, 0]
   assert unknown["user"].tolist() == [1, 0]
   assert unknown["history"].tolist() == [1, 1]
@@ -177,7 +189,7 @@ def test_replies_order_by_logit_then_keep_the_candidates_past_n_in_upstream_orde
   mask = np.array([[True, True, True]])
   # Candidates 0 and 2 tie: upstream position breaks the tie.
   logits = np.array([[0.5, 0.9, 0.5]], np.float32)
-  (reply,) = requests.replies([checked], logits, mask, {"item": np.array([0])})
+  (reply,) = batches.replies([checked], logits, mask, {"item": np.array([0])})
   assert reply == {"list_id": "L", "item_ids": ["b", 10, "c", "d", "e"],
                    "scores": [pytest.approx(0.9), 0.5, 0.5, None, None],
                    "reranked": 3, "unknown_ids": 0}
@@ -191,7 +203,7 @@ def test_a_batch_of_replies_keeps_each_lists_own_length_and_order():
   checked = [requests.check_request(b, limits) for b in bodies]
   mask = np.array([[1, 1, 1], [1, 0, 0], [1, 1, 0]], bool)
   logits = np.array([[0.1, 0.3, 0.2], [0.7, 9.0, 9.0], [-1.0, 2.0, 9.0]], np.float32)
-  out = requests.replies(checked, logits, mask,
+  out = batches.replies(checked, logits, mask,
                          {"item": np.array([0, 1, 0]), "user": np.array([1, 0, 0])})
   assert [r["item_ids"] for r in out] == [["b", "c", "a", "d", "e"], ["x"], ["q", "p"]]
   assert [r["scores"] for r in out] == [
@@ -229,9 +241,9 @@ def test_features_sent_by_some_requests_of_a_batch_count_per_request(example):
        "features": {u: "no-such-value"}},
   ]
   checked = [requests.check_request(b, limits) for b in bodies]
-  arrays, unknown = requests.encode(checked, vocab, limits)
+  arrays, unknown = batches.encode(checked, vocab, limits)
   assert unknown[u].tolist() == [0, 1, 1] and unknown[i].tolist() == [0, 1, 0]
-  replies = requests.replies(checked, np.zeros((3, N), np.float32), arrays["mask"],
+  replies = batches.replies(checked, np.zeros((3, N), np.float32), arrays["mask"],
                              unknown)
   # The unknown user "x" in each, plus the request's own unknown feature values.
   assert [r["unknown_ids"] for r in replies] == [1, 3, 2]

@@ -24,6 +24,7 @@ import orjson
 import starlette.requests
 from absl import logging
 
+from dnr_jax.serving.online import batches
 from dnr_jax.serving.online import batching
 from dnr_jax.serving.online import metrics as metrics_lib
 from dnr_jax.serving.online import requests as requests_lib
@@ -93,13 +94,13 @@ class RerankAPI(ls.LitAPI):
       sys.exit(0)
 
   def _score(self, batch):
-    arrays, unknown = requests_lib.encode(batch, self.vocab, self.limits)
+    arrays, unknown = batches.encode(batch, self.vocab, self.limits)
     size = _bucket(len(batch), self.buckets)
     pad = size - len(batch)
     padded = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
               if pad else v for k, v in arrays.items()}
     logits = np.asarray(self.runner.score_params(self.params, padded))[:len(batch)]
-    return requests_lib.replies(batch, logits, arrays["mask"], unknown), unknown
+    return batches.replies(batch, logits, arrays["mask"], unknown), unknown
 
   # LitServe's batch loop calls ``inspect.signature`` on these methods for every
   # request (it looks for a ``context`` parameter): as static methods with their

@@ -41,6 +41,11 @@ from dnr_jax.serving.online import requests as requests_lib
 PATH = requests_lib.PATH
 LISTS_PATH = requests_lib.LISTS_PATH
 _JSON = [(b"content-type", b"application/json")]
+# The largest ``/rerank_lists`` body: the per-list room (``max_body``, which allows a
+# history of ``requests.MAX_HISTORY`` ids) times the lists would reach gigabytes,
+# buffered and parsed on the HTTP process's only event loop. 32 MiB is half a
+# megabyte per list for 64 lists; one list alone may still send ``max_body``.
+MAX_LISTS_BODY = 32 << 20
 
 
 def read_body(body: bytes, check):
@@ -60,7 +65,7 @@ def read_body(body: bytes, check):
   Raises:
     ValueError: malformed JSON (``json.JSONDecodeError``, or ``UnicodeDecodeError``
       for bytes that are not text); RecursionError: nested too deeply;
-      ``requests.RequestError``: what ``check`` raised.
+      ``requests.RequestError`` (a ``ValueError``): what ``check`` raised.
   """
   try:
     checked = check(orjson.loads(body))
@@ -89,7 +94,8 @@ class RerankEndpoint:
       before it is forked).
     limits: what a request may hold (``requests.RequestLimits``).
     max_body: the largest body of one list read, in bytes (413 past it, before
-      parsing; ``max_lists`` times it for ``/rerank_lists``).
+      parsing); for ``/rerank_lists``, ``max_lists`` times it, at most
+      ``MAX_LISTS_BODY`` (but never less than ``max_body``).
     max_lists: the most lists a ``/rerank_lists`` request may hold.
     timeout_s: a request the worker has not answered within this gets 504 (whether
       it waited in the queue, where the worker itself answers 504 after LitServe's
@@ -116,6 +122,10 @@ class RerankEndpoint:
     try:
       if scope["method"] == "POST":
         status = await self._answer(receive, send, many=path == LISTS_PATH)
+      elif path == LISTS_PATH:   # no route of the app's: 405 here, not its 404
+        status = await _reply(send, 405, _error_body(
+            f"request: {LISTS_PATH} takes POST, not {scope['method']}"),
+            extra=[(b"allow", b"POST")])
       else:
         status = await self._pass(scope, receive, send)
     except Exception:
@@ -142,12 +152,15 @@ class RerankEndpoint:
     return seen[0]
 
   async def _answer(self, receive, send, many: bool = False) -> int:
-    max_body = self.max_body * self.max_lists if many else self.max_body
+    max_body = (max(self.max_body, min(self.max_body * self.max_lists, MAX_LISTS_BODY))
+                if many else self.max_body)
     body = await self._body(receive, max_body)
     if isinstance(body, int):
       # After a 413 the rest of the body is still on the connection: close it.
+      what = (f" (the most a request of up to {self.max_lists} lists may send)"
+              if many else "")
       return body if body == 499 else await _reply(
-          send, 413, _error_body(f"body: larger than {max_body} bytes"),
+          send, 413, _error_body(f"body: larger than {max_body} bytes{what}"),
           close=True)
     if not body.strip():
       return await _reply(send, 400, _error_body(
@@ -244,8 +257,9 @@ def _failure(response) -> tuple[int, str]:
   return 500, "request: the reranker failed on this request's batch (the worker's log says why)"
 
 
-async def _reply(send, status: int, body: bytes, close: bool = False) -> int:
-  headers = _JSON + [(b"content-length", str(len(body)).encode())]
+async def _reply(send, status: int, body: bytes, close: bool = False,
+                 extra=()) -> int:
+  headers = _JSON + [(b"content-length", str(len(body)).encode()), *extra]
   if close:
     headers.append((b"connection", b"close"))
   await send({"type": "http.response.start", "status": status, "headers": headers})

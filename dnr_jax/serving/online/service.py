@@ -108,9 +108,9 @@ class ServiceConfig:
                                "and below request_timeout_s")
     if self.max_candidates < 0:
       raise errors.ConfigError(f"max_candidates={self.max_candidates} must be >= 0")
-    if not 1 <= self.max_lists_per_request <= 4096:
+    if not 1 <= self.max_lists_per_request <= 1024:
       raise errors.ConfigError(f"max_lists_per_request={self.max_lists_per_request} "
-                               "must be in 1..4096")
+                               "must be in 1..1024")
     if not 1024 <= self.port <= 65535:
       raise errors.ConfigError(f"port={self.port} must be in 1024..65535")
     if self.host not in ("127.0.0.1", "0.0.0.0", "::"):
