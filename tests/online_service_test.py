@@ -407,6 +407,17 @@ def test_engine_benchmark_measures_an_engine(engine, load):
   assert line["requests"] == 40 if load == "aiohttp" else line["requests"] > 40
 
 
+def test_the_endpoint_answers_in_front_of_the_middleware_stack(run):
+  from dnr_jax.serving.online import endpoint  # pylint: disable=g-import-not-at-top
+  from dnr_jax.serving.online import service  # pylint: disable=g-import-not-at-top
+  server, _ = service.build_server(service.ServiceConfig(checkpoint=run.run_dir),
+                                   log=lambda line: None)
+  stack = server.app.build_middleware_stack()
+  assert isinstance(stack, endpoint.RerankEndpoint)
+  # Everything else still goes through Starlette's stack (errors, LitServe's routes).
+  assert type(stack.app).__name__ == "ServerErrorMiddleware"
+
+
 def test_service_config_refuses_what_would_misbehave(monkeypatch):
   from dnr_jax import errors  # pylint: disable=g-import-not-at-top
   from dnr_jax.serving.online import service  # pylint: disable=g-import-not-at-top

@@ -168,15 +168,23 @@ def build_server(config: ServiceConfig, log: Callable[[str], None] = logging.inf
 
   # uvicorn's graceful shutdown is the drain: bound it by the config.
   server.uvicorn_graceful_timeout = config.drain_timeout_s
-  # Added last, so outermost of the app's middlewares: it answers POST /rerank and
-  # /rerank_lists. A body is refused (413) before it is parsed past max_body (per
-  # list): room for the most candidates and history ids a list may hold, at 256
-  # bytes each.
-  server.app.add_middleware(
-      endpoint_lib.RerankEndpoint, server=server, limits=limits,
-      timeout_s=config.request_timeout_s, max_lists=config.max_lists_per_request,
-      max_body=65536 + 256 * (limits.max_candidates * (
-          2 + len(limits.item_features)) + requests_lib.MAX_HISTORY))
+  # The endpoint answers POST /rerank and /rerank_lists in front of the whole
+  # middleware stack that Starlette builds (its error middleware and LitServe's
+  # telemetry and body-limit layers: 12 of the 30 us the stack took per request),
+  # none of which those paths need: the endpoint limits its bodies itself, and an
+  # exception it raises gets uvicorn's 500, as it got Starlette's. A body is refused
+  # (413) before it is parsed past max_body (per list): room for the most candidates
+  # and history ids a list may hold, at 256 bytes each.
+  build_stack = server.app.build_middleware_stack
+
+  def build_stack_behind_endpoint():
+    return endpoint_lib.RerankEndpoint(
+        build_stack(), server=server, limits=limits,
+        timeout_s=config.request_timeout_s, max_lists=config.max_lists_per_request,
+        max_body=65536 + 256 * (limits.max_candidates * (
+            2 + len(limits.item_features)) + requests_lib.MAX_HISTORY))
+
+  server.app.build_middleware_stack = build_stack_behind_endpoint
   server.app.add_api_route(LIVE_PATH, live, methods=["GET"])
   server.app.add_api_route(METRICS_PATH, prometheus, methods=["GET"])
   log(f"serving {bundle.directory} ({bundle.config.model.backbone}/"
