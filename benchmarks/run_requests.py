@@ -5,6 +5,11 @@ import json
 import numpy as np
 
 
+def post_path(lists_per_request: int) -> str:
+  """Where the bodies of ``request_bodies(..., lists_per_request)`` are posted."""
+  return "/rerank" if lists_per_request == 1 else "/rerank_lists"
+
+
 def request_bodies(bundle, lists_per_request: int = 1):
   """The lists of ``bundle``'s training file as request bodies, and as arrays.
 

@@ -120,7 +120,7 @@ def main(argv):
   bundle = serving.load_bundle(checkpoint)
   bodies, arrays = run_requests.request_bodies(bundle, FLAGS.lists_per_request)
   k = FLAGS.lists_per_request
-  path = "/rerank" if k == 1 else "/rerank_lists"
+  path = run_requests.post_path(k)
   port = http_load.free_port()
   base = f"http://127.0.0.1:{port}"
   cmd = [sys.executable, "-m", "experiments.serve", f"--checkpoint={checkpoint}",

@@ -78,7 +78,7 @@ def main(argv):
   from dnr_jax import serving  # pylint: disable=g-import-not-at-top
   k = FLAGS.lists_per_request
   bodies, _ = run_requests.request_bodies(serving.load_bundle(FLAGS.checkpoint), k)
-  path = "/rerank" if k == 1 else "/rerank_lists"
+  path = run_requests.post_path(k)
   dirs = {"before": os.path.abspath(FLAGS.before), "after": os.path.abspath(FLAGS.after)}
   # A checkout from before /rerank_lists has no --max_lists_per_request: one list per
   # request leaves it out.

@@ -170,7 +170,7 @@ def build_server(config: ServiceConfig, log: Callable[[str], None] = logging.inf
   server.uvicorn_graceful_timeout = config.drain_timeout_s
   # The endpoint answers POST /rerank and /rerank_lists in front of the whole
   # middleware stack that Starlette builds (its error middleware and LitServe's
-  # telemetry and body-limit layers: 12 of the 30 us the stack took per request),
+  # telemetry and body-limit layers, each a call per request: docs/serving.md),
   # none of which those paths need: the endpoint limits its bodies itself, and an
   # exception it raises gets uvicorn's 500, as it got Starlette's. A body is refused
   # (413) before it is parsed past max_body (per list): room for the most candidates
