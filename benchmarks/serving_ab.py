@@ -4,7 +4,7 @@ r"""Benchmark: two checkouts' services, alternated under the same load (A/B).
       [--after=.] [--checkpoint=RUN] [--lists_per_request=1] [--rounds=6] \
       [--seconds=6] [--clients=32] [--load_generator=wrk]
 
-How each round of the service's tuning was measured (``docs/serving.md``). The
+How each round of the service's tuning was measured (``docs/serving_tuning.md``). The
 build machine's speed drifts by a factor of two within minutes, so two services
 measured one after the other compare the machine as much as the code. Here both
 run at once (``experiments.serve`` from each checkout, each on a free localhost

@@ -347,6 +347,20 @@ def test_a_bad_checkpoint_fails_in_one_line_before_any_process_starts(tmp_path):
   assert proc.stderr.strip().splitlines()[-1].startswith("CheckpointError: --checkpoint=")
 
 
+def test_a_port_in_use_fails_in_one_line_before_any_process_starts(run):
+  with socket.socket() as taken:
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.serve", f"--checkpoint={run.run_dir}",
+         f"--port={port}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"ConfigError: port={port}: cannot listen on 127.0.0.1"), last
+  assert "inference worker" not in proc.stderr
+
+
 def _json_lines(text):
   return [json.loads(l) for l in text.splitlines() if l.startswith("{")]
 

@@ -344,7 +344,7 @@ class Runner:
     ``evaluate_params`` without the metric sums. On one device, host arrays go to
     the compiled program as they are: its own dispatch copies them for far less per
     call than ``put_batch``'s ``device_put`` of the whole tree (what every small
-    online batch pays; docs/serving.md). Equal to ``evaluate_params``' logits (a
+    online batch pays; docs/serving_tuning.md). Equal to ``evaluate_params``' logits (a
     test pins them to the bit).
     """
     if (self.num_devices == 1 and self.config.compile != "pmap"

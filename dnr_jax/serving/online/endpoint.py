@@ -3,7 +3,7 @@ LitServe's FastAPI app.
 
 Under load the request rate is set by two single-threaded stages taking turns: the
 HTTP process's event loop and the inference worker's batch loop
-(``docs/serving.md``, "Performance"). In the HTTP process, FastAPI's routing,
+(``docs/serving_tuning.md``). In the HTTP process, FastAPI's routing,
 dependency solving and pydantic body handling around LitServe's endpoint took more
 of the loop's time than reading, checking and queueing the request did. So
 ``RerankEndpoint`` answers ``POST /rerank`` itself, as the outermost of the app's

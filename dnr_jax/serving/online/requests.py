@@ -114,7 +114,8 @@ class CheckedRequest:
 
   def __reduce__(self):
     # Every request crosses a pipe to the worker: pickled as its fields alone, it
-    # skips the dataclass default's copyreg path both ways (docs/serving.md, round 5).
+    # skips the dataclass default's copyreg path both ways
+    # (docs/serving_tuning.md, round 5).
     return (CheckedRequest, _checked_fields(self))
 
 

@@ -122,6 +122,22 @@ class ServiceConfig:
       raise errors.ConfigError("request_timeout_s and drain_timeout_s must be > 0")
 
 
+def _check_port_free(host: str, port: int) -> None:
+  # uvicorn, which binds the port inside LitServe's run, logs a taken port and exits
+  # with status 3; checked here, it is one line naming the flag, before any process
+  # starts. (Bound as uvicorn binds it, with SO_REUSEADDR: a port in TIME_WAIT is
+  # free to both.)
+  family = socket.AF_INET6 if ":" in host else socket.AF_INET
+  with socket.socket(family, socket.SOCK_STREAM) as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      s.bind((host, port))
+    except OSError as e:
+      raise errors.ConfigError(
+          f"port={port}: cannot listen on {host}:{port} ({e.strerror}); is another "
+          "server there? Pick another --port") from None
+
+
 def build_server(config: ServiceConfig, log: Callable[[str], None] = logging.info):
   """The ``litserve.LitServer`` of ``config`` (not started), and its drain event.
 
@@ -136,6 +152,7 @@ def build_server(config: ServiceConfig, log: Callable[[str], None] = logging.inf
         "LIT_SERVER_API_KEY is set, but this service has no authentication (its "
         "requests would not be checked against it): unset it and put the service "
         "behind your gateway's authentication")
+  _check_port_free(config.host, config.port)
   bundle = bundle_lib.load_bundle(config.checkpoint)
   limits = requests_lib.RequestLimits.from_bundle(bundle, config.max_candidates or None)
   drained = multiprocessing.get_context("spawn").Event()
@@ -170,7 +187,7 @@ def build_server(config: ServiceConfig, log: Callable[[str], None] = logging.inf
   server.uvicorn_graceful_timeout = config.drain_timeout_s
   # The endpoint answers POST /rerank and /rerank_lists in front of the whole
   # middleware stack that Starlette builds (its error middleware and LitServe's
-  # telemetry and body-limit layers, each a call per request: docs/serving.md),
+  # telemetry and body-limit layers, each a call per request: docs/serving_tuning.md),
   # none of which those paths need: the endpoint limits its bodies itself, and an
   # exception it raises gets uvicorn's 500, as it got Starlette's. A body is refused
   # (413) before it is parsed past max_body (per list): room for the most candidates
