@@ -51,6 +51,7 @@ flags.DEFINE_integer("warmup", 200, "Requests sent (at the level's concurrency) 
 flags.DEFINE_integer("max_batch_size", 64, "The service's --max_batch_size.")
 flags.DEFINE_float("batch_timeout_ms", 1.0, "The service's --batch_timeout_ms.")
 flags.DEFINE_integer("http_processes", 1, "The service's --http_processes.")
+flags.DEFINE_integer("workers", 1, "The service's --workers.")
 flags.DEFINE_integer("lists_per_request", 1, "Lists per request: 1 posts each to "
                      "/rerank; more post them in groups to /rerank_lists (lists/s "
                      "then counts every list of a request answered with 200).")
@@ -126,7 +127,7 @@ def main(argv):
   cmd = [sys.executable, "-m", "experiments.serve", f"--checkpoint={checkpoint}",
          f"--port={port}", f"--max_batch_size={FLAGS.max_batch_size}",
          f"--batch_timeout_ms={FLAGS.batch_timeout_ms}",
-         f"--http_processes={FLAGS.http_processes}",
+         f"--http_processes={FLAGS.http_processes}", f"--workers={FLAGS.workers}",
          f"--max_lists_per_request={max(k, 64)}"]
   print(f"starting: {' '.join(cmd)}", file=sys.stderr, flush=True)
   server = subprocess.Popen(cmd, cwd=ROOT)

@@ -2,7 +2,8 @@ r"""Serve a trained reranker online: HTTP, one list per request (or several), dy
 batching.
 
   python -m experiments.serve --checkpoint=/tmp/dnr_lists_example/runs/prm/dnr_g/seed0 \
-      [--port=8000] [--host=127.0.0.1] [--max_batch_size=64] [--batch_timeout_ms=1]
+      [--port=8000] [--host=127.0.0.1] [--max_batch_size=64] [--batch_timeout_ms=1] \
+      [--http_processes=1] [--workers=1]
 
 ``--checkpoint`` is what ``experiments.rerank`` takes (a run directory of
 ``experiments.lists``, its bundle, or a one-run workdir). ``POST /rerank`` takes one
@@ -36,6 +37,9 @@ flags.DEFINE_float("drain_timeout_s", 30.0, "On SIGTERM, at most this long to an
                    "the requests in flight.")
 flags.DEFINE_integer("http_processes", 1, "HTTP server processes (more lift the request "
                      "rate where cores are free).")
+flags.DEFINE_integer("workers", 1, "Inference worker processes, each with the "
+                     "reranker on JAX's first device (more lift the scoring rate where "
+                     "cores are free).")
 flags.DEFINE_string("server_log_level", "warning", "The HTTP servers' log level.")
 flags.mark_flag_as_required("checkpoint")
 FLAGS = flags.FLAGS
@@ -57,7 +61,7 @@ def run(argv) -> None:
       max_lists_per_request=FLAGS.max_lists_per_request,
       request_timeout_s=FLAGS.request_timeout_s,
       drain_timeout_s=FLAGS.drain_timeout_s, http_processes=FLAGS.http_processes,
-      log_level=FLAGS.server_log_level))
+      workers=FLAGS.workers, log_level=FLAGS.server_log_level))
 
 
 if __name__ == "__main__":

@@ -170,8 +170,9 @@ def test_scores_equal_experiments_rerank(run, service, tmp_path):
   status, text = _call(service.url + "/metrics")
   assert status == 200
   count = float(_metric(text, "dnr_batch_size_count"))
-  scored = float(_metric(text, "dnr_lists_scored_total"))
-  assert scored >= len(bodies) and count < scored
+  scored = _scored_by_worker(text)
+  assert list(scored) == ["0"]                    # one worker (the default)
+  assert scored["0"] >= len(bodies) and count < scored["0"]
 
 
 def _metric(text, name, labels=""):
@@ -179,6 +180,38 @@ def _metric(text, name, labels=""):
     if line.startswith(name + labels + " "):
       return line.rsplit(" ", 1)[1]
   raise AssertionError(f"{name}{labels} not in /metrics:\n{text}")
+
+
+def _scored_by_worker(text):
+  """``{worker: lists scored}`` from /metrics."""
+  prefix = 'dnr_lists_scored_total{worker="'
+  return {line[len(prefix):].split('"', 1)[0]: float(line.rsplit(" ", 1)[1])
+          for line in text.splitlines() if line.startswith(prefix)}
+
+
+def test_two_workers_share_the_queue_and_drain(run, service, tmp_path):
+  s = Service(run.run_dir, tmp_path, "--workers=2", "--max_batch_size=4",
+              "--batch_timeout_ms=5", f"--max_candidates={MAX_CANDIDATES}")
+  try:
+    assert _call(s.url + "/info")[1]["server"]["workers_per_device"] == 2
+    bodies = _bodies(run)
+    want = {b["list_id"]: r for b, (_, r) in zip(
+        bodies, _concurrently(service.rerank, bodies))}
+    # More lists at once than one batch holds: while one worker scores a batch, the
+    # other gathers the next. (Rounds until both have scored, as a guard against a
+    # machine slow enough that one worker keeps up alone.)
+    for _ in range(5):
+      for body, (status, reply) in zip(bodies, _concurrently(s.rerank, bodies)):
+        assert status == 200, reply
+        expected = want[body["list_id"]]
+        assert reply["item_ids"] == expected["item_ids"]
+        np.testing.assert_allclose(reply["scores"], expected["scores"], atol=ATOL)
+      scored = _scored_by_worker(_call(s.url + "/metrics")[1])
+      if len(scored) == 2 and min(scored.values()) > 0:
+        break
+    assert sorted(scored) == ["0", "1"] and min(scored.values()) > 0, scored
+  finally:
+    assert s.stop() == 0
 
 
 BAD = [
@@ -440,6 +473,7 @@ def test_service_config_refuses_what_would_misbehave(monkeypatch):
                      ({"batch_timeout_ms": 30000}, "below request_timeout_s"),
                      ({"max_batch_size": 48}, "power of two"),
                      ({"port": 80}, "1024..65535"),
+                     ({"workers": 0}, "1..64"),
                      ({"host": "10.0.0.1"}, "LitServe listens")):
     with pytest.raises(errors.ConfigError, match=words):
       service.ServiceConfig(checkpoint="x", **bad).validate()
@@ -457,4 +491,4 @@ def test_a_worker_that_cannot_start_fails_in_one_line(run, tmp_path):
       timeout=180, env={**os.environ, "JAX_PLATFORMS": "tpu"})
   assert proc.returncode == 1
   last = proc.stderr.strip().splitlines()[-1]
-  assert last.startswith("DNRError: the inference worker failed while loading"), last
+  assert last.startswith("DNRError: an inference worker failed while loading"), last

@@ -30,6 +30,9 @@ from dnr_jax.serving.online import metrics as metrics_lib
 from dnr_jax.serving.online import requests as requests_lib
 
 PATH = requests_lib.PATH
+# JAX's settings of how much accelerator memory its client takes.
+_MEMORY_SETTINGS = ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE",
+                    "XLA_PYTHON_CLIENT_ALLOCATOR")
 
 
 def bucket_sizes(max_batch_size: int) -> tuple[int, ...]:
@@ -50,12 +53,13 @@ class RerankAPI(ls.LitAPI):
   """The reranker as LitServe's API: decode (already checked), batch, score, reply."""
 
   def __init__(self, bundle_dir: str, limits: requests_lib.RequestLimits, drained, *,
-               max_batch_size: int, batch_timeout_ms: float):
+               max_batch_size: int, batch_timeout_ms: float, workers: int = 1):
     super().__init__(max_batch_size=max_batch_size,
                      batch_timeout=batch_timeout_ms / 1000.0, api_path=PATH,
                      loop=batching.QueueDelayLoop())
     self.bundle_dir, self.limits, self.drained = bundle_dir, limits, drained
     self.buckets = bucket_sizes(max_batch_size)
+    self.workers = workers
 
   def setup(self, device):
     # The main process drains the HTTP side first; this worker must go on answering
@@ -63,6 +67,13 @@ class RerankAPI(ls.LitAPI):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, self._on_term)
     self.parent = os.getppid()
+    # LitServe numbers its workers 0, 1, ... in this variable (the metrics' label).
+    self.worker = os.environ.get("LITSERVE_WORKER_ID", "0")
+    if self.workers > 1 and not any(k in os.environ for k in _MEMORY_SETTINGS):
+      # On an accelerator, JAX's client takes 75% of its memory at start-up: the
+      # second worker would find none. Split that among the workers (read when JAX
+      # starts its backend, below; no effect on CPU).
+      os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.75 / self.workers:.4f}"
     import jax  # pylint: disable=g-import-not-at-top
     from dnr_jax.runtime import runner as runner_lib  # pylint: disable=g-import-not-at-top
     from dnr_jax.serving import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
@@ -123,7 +134,7 @@ class RerankAPI(ls.LitAPI):
     out, unknown = self._score(x)
     m = metrics_lib.get()
     m.batch_size.observe(len(x))
-    m.lists.inc(len(x))
+    m.lists.labels(worker=self.worker).inc(len(x))
     for column, counts in unknown.items():
       total = int(counts.sum())
       if total:

@@ -1,7 +1,7 @@
 """The service's Prometheus metrics, shared by its processes.
 
-The service runs in several processes (LitServe: an HTTP process and an inference
-worker per device), so the metrics use ``prometheus_client``'s multiprocess mode:
+The service runs in several processes (LitServe: HTTP processes and inference
+workers), so the metrics use ``prometheus_client``'s multiprocess mode:
 each process writes its own values under ``PROMETHEUS_MULTIPROC_DIR`` and ``/metrics``
 adds them up. The directory must be set before ``prometheus_client`` is imported in
 any of them (``use_directory``), and each process creates its metric objects after
@@ -45,7 +45,8 @@ class Metrics:
     self.batch_size = pc.Histogram("dnr_batch_size", "Lists per scoring batch (the "
                                    "dynamic batcher's batches).", buckets=BATCH_BUCKETS,
                                    **kw)
-    self.lists = pc.Counter("dnr_lists_scored", "Lists scored by the reranker.", **kw)
+    self.lists = pc.Counter("dnr_lists_scored", "Lists scored by the reranker, by "
+                            "inference worker (0, 1, ...).", ["worker"], **kw)
     self.unknown_ids = pc.Counter("dnr_unknown_ids", "Ids not in the run's vocabulary "
                                   "(mapped to 0), by column.", ["column"], **kw)
 

@@ -67,10 +67,13 @@ class PipeQueueServer(ls.LitServer):
     super()._register_middleware()
 
   def verify_worker_status(self):
-    # LitServe's waits for a READY or ERROR status; a worker that dies without one
-    # (killed for memory, a crash inside XLA) would leave it waiting forever, and its
-    # ERROR is a bare RuntimeError. Either is one line here, naming what to read.
-    while not any(v == WorkerSetupStatus.READY
+    # LitServe's waits for one READY worker: here the port opens once every worker
+    # is ready, so that a ready service serves at its full rate, and a worker that
+    # cannot start stops the start. LitServe's also waits for a READY or ERROR
+    # status only: a worker that dies without one (killed for memory, a crash inside
+    # XLA) would leave it waiting forever, and its ERROR is a bare RuntimeError.
+    # Either is one line here, naming what to read.
+    while not all(v == WorkerSetupStatus.READY
                   for v in self.workers_setup_status.values()):
       failed = any(v == WorkerSetupStatus.ERROR
                    for v in self.workers_setup_status.values())
@@ -79,7 +82,7 @@ class PipeQueueServer(ls.LitServer):
         how = (f"exited with status {dead[0].exitcode}" if dead and not failed
                else "failed")
         raise errors.DNRError(
-            f"the inference worker {how} while loading the reranker and compiling "
+            f"an inference worker {how} while loading the reranker and compiling "
             "its batch sizes (its error, if it printed one, is above); nothing was "
             "served")
       time.sleep(0.05)

@@ -11,8 +11,9 @@ Batches are padded to the next power of two (each size compiled once, at start-u
 so a batch never recompiles.
 
 Processes: LitServe runs the HTTP server (uvicorn) in a process of its own
-(``http_processes`` of them) and one inference worker on JAX's first local device,
-both started by this (the main) process.
+(``http_processes`` of them) and ``workers`` inference workers, each with the reranker
+on JAX's first local device, all started by this (the main) process. The workers
+take their batches from one queue: while one scores, the next gathers.
 
 * A request is checked in the HTTP process (``endpoint.RerankEndpoint``, with
   ``requests.check_request``): a bad one is answered 400 with ``{"error": "<field>:
@@ -84,7 +85,13 @@ class ServiceConfig:
     drain_timeout_s: at most this long to answer the requests in flight on SIGTERM.
     http_processes: HTTP server processes (LitServe's ``num_api_servers``): on a
       machine with cores to spare, more of them lift the request rate (the HTTP side,
-      not the model, limits it: ``docs/serving.md``).
+      not the model, limits it: ``docs/serving_tuning.md``).
+    workers: inference worker processes (LitServe's ``workers_per_device``), each
+      with its own copy of the reranker on JAX's first local device; on a machine
+      with cores to spare, for request rates past what one worker's batch loop
+      takes. On an accelerator they share its memory: each preallocates
+      ``0.75 / workers`` of it unless ``XLA_PYTHON_CLIENT_MEM_FRACTION`` or
+      ``XLA_PYTHON_CLIENT_PREALLOCATE`` is set.
     log_level: the servers' log level (uvicorn's names: ``warning``, ``info``, ...).
   """
   checkpoint: str
@@ -97,6 +104,7 @@ class ServiceConfig:
   request_timeout_s: float = 30.0
   drain_timeout_s: float = 30.0
   http_processes: int = 1
+  workers: int = 1
   log_level: str = "warning"
 
   def validate(self) -> None:
@@ -118,6 +126,8 @@ class ServiceConfig:
                                "0.0.0.0 or ::")
     if self.http_processes < 1:
       raise errors.ConfigError(f"http_processes={self.http_processes} must be >= 1")
+    if not 1 <= self.workers <= 64:
+      raise errors.ConfigError(f"workers={self.workers} must be in 1..64")
     if self.request_timeout_s <= 0 or self.drain_timeout_s <= 0:
       raise errors.ConfigError("request_timeout_s and drain_timeout_s must be > 0")
 
@@ -158,12 +168,15 @@ def build_server(config: ServiceConfig, log: Callable[[str], None] = logging.inf
   drained = multiprocessing.get_context("spawn").Event()
   api = api_lib.RerankAPI(bundle.directory, limits, drained,
                           max_batch_size=config.max_batch_size,
-                          batch_timeout_ms=config.batch_timeout_ms)
-  # One inference worker, on JAX's first local device (a GPU where there is one). JAX
-  # is not started here: LitServe forks its HTTP process from this one, and a fork
-  # of a process whose JAX runtime has threads can deadlock.
+                          batch_timeout_ms=config.batch_timeout_ms,
+                          workers=config.workers)
+  # The inference workers, each on JAX's first local device (a GPU where there is
+  # one): LitServe's "cpu" only names the device the worker is handed, which the
+  # worker reads as JAX's device 0. JAX is not started here: LitServe forks its HTTP
+  # process from this one, and a fork of a process whose JAX runtime has threads can
+  # deadlock.
   server = server_lib.PipeQueueServer(
-      api, accelerator="cpu", devices=1,
+      api, accelerator="cpu", devices=1, workers_per_device=config.workers,
       timeout=config.request_timeout_s, healthcheck_path=READY_PATH,
       model_metadata={"checkpoint": bundle.directory,
                       "backbone": bundle.config.model.backbone,
@@ -207,7 +220,8 @@ def build_server(config: ServiceConfig, log: Callable[[str], None] = logging.inf
   log(f"serving {bundle.directory} ({bundle.config.model.backbone}/"
       f"{bundle.config.method}, n={limits.list_size}, H={limits.history_size}) on "
       f"http://{config.host}:{config.port}{api_lib.PATH}; batches of up to "
-      f"{config.max_batch_size} lists, {config.batch_timeout_ms:g} ms batch timeout")
+      f"{config.max_batch_size} lists, {config.batch_timeout_ms:g} ms batch timeout, "
+      f"{config.workers} inference worker{'s' if config.workers > 1 else ''}")
   return server, drained
 
 
