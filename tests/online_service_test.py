@@ -415,7 +415,12 @@ def test_serving_benchmark_prints_a_line_per_level(run, lists_per_request, level
     assert l["errors"] == 0 and l["requests"] == 40 and l["lists_per_s"] > 0
     assert l["lists_per_request"] == lists_per_request
     assert 0 < l["p50_ms"] <= l["p95_ms"] <= l["p99_ms"] and l["mean_batch"] >= 1
-  assert lines[-1]["what"] == "in-process scorer" and lines[-1]["lists_per_s"] > 0
+  ceiling = lines[-2]
+  assert ceiling["what"] == "in-process scorer" and ceiling["lists_per_s"] > 0
+  assert lines[-1]["what"] == "of the in-process rate"
+  assert lines[-1]["by_clients"] == {
+      str(l["clients"]): round(l["lists_per_s"] / ceiling["lists_per_s"], 3)
+      for l in levels_run}
 
 
 def test_ab_benchmark_alternates_two_checkouts(run):
