@@ -189,7 +189,7 @@ def _scored_by_worker(text):
           for line in text.splitlines() if line.startswith(prefix)}
 
 
-def test_two_workers_share_the_queue_and_drain(run, service, tmp_path):
+def test_two_workers_share_the_queue_and_stop_cleanly(run, service, tmp_path):
   s = Service(run.run_dir, tmp_path, "--workers=2", "--max_batch_size=4",
               "--batch_timeout_ms=5", f"--max_candidates={MAX_CANDIDATES}")
   try:
@@ -462,8 +462,9 @@ def test_engine_benchmark_measures_an_engine(engine, load):
 def test_the_endpoint_answers_in_front_of_the_middleware_stack(run):
   from dnr_jax.serving.online import endpoint  # pylint: disable=g-import-not-at-top
   from dnr_jax.serving.online import service  # pylint: disable=g-import-not-at-top
-  server, _ = service.build_server(service.ServiceConfig(checkpoint=run.run_dir),
-                                   log=lambda line: None)
+  server, _ = service.build_server(
+      service.ServiceConfig(checkpoint=run.run_dir, port=_free_port()),
+      log=lambda line: None)
   stack = server.app.build_middleware_stack()
   assert isinstance(stack, endpoint.RerankEndpoint)
   # Everything else still goes through Starlette's stack (errors, LitServe's routes).

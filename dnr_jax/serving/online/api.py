@@ -30,9 +30,10 @@ from dnr_jax.serving.online import metrics as metrics_lib
 from dnr_jax.serving.online import requests as requests_lib
 
 PATH = requests_lib.PATH
-# JAX's settings of how much accelerator memory its client takes.
-_MEMORY_SETTINGS = ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE",
-                    "XLA_PYTHON_CLIENT_ALLOCATOR")
+# JAX's settings of how much accelerator memory its client takes (the first is the
+# second's newer name: jaxlib refuses both at once).
+MEMORY_SETTINGS = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION",
+                   "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_ALLOCATOR")
 
 
 def bucket_sizes(max_batch_size: int) -> tuple[int, ...]:
@@ -69,10 +70,11 @@ class RerankAPI(ls.LitAPI):
     self.parent = os.getppid()
     # LitServe numbers its workers 0, 1, ... in this variable (the metrics' label).
     self.worker = os.environ.get("LITSERVE_WORKER_ID", "0")
-    if self.workers > 1 and not any(k in os.environ for k in _MEMORY_SETTINGS):
+    if self.workers > 1 and not any(k in os.environ for k in MEMORY_SETTINGS):
       # On an accelerator, JAX's client takes 75% of its memory at start-up: the
       # second worker would find none. Split that among the workers (read when JAX
-      # starts its backend, below; no effect on CPU).
+      # starts its backend, below; no effect on CPU). The older name: every jaxlib
+      # this project supports reads it.
       os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.75 / self.workers:.4f}"
     import jax  # pylint: disable=g-import-not-at-top
     from dnr_jax.runtime import runner as runner_lib  # pylint: disable=g-import-not-at-top

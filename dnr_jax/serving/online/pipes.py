@@ -1,4 +1,4 @@
-"""The service's queues between its HTTP processes and the inference worker: pipes
+"""The service's queues between its HTTP processes and the inference workers: pipes
 written directly and read from the HTTP process's event loop.
 
 LitServe (0.2.x) moves each request and each reply through a ``multiprocessing``

@@ -28,8 +28,9 @@ class PipeQueueServer(ls.LitServer):
   ``multiprocessing.Manager`` queues: each ``put`` and ``get`` is a round trip to
   the manager's own process. Here the requests go through one ``pipes.RequestPipe``
   and the replies through ``pipes.ReplyTransport`` (created before the HTTP
-  processes are forked and the worker spawned, so all inherit them), written and read
-  without helper threads (why, and what it changed: ``docs/serving.md``). Its
+  processes are forked and the workers spawned, so all inherit them), written and read
+  without helper threads (why: ``docs/serving.md``, "Why LitServe"; what it changed:
+  ``docs/serving_tuning.md``, round 1). Its
   ``fast_queue=True`` (ZeroMQ replies) is no alternative here: in 0.2.19 the flag
   never reaches the transport (``TransportConfig`` gets an unknown keyword), and
   forced on, the replies never arrived. ``_init_manager``, ``_start_server``,

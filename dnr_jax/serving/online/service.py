@@ -19,16 +19,16 @@ take their batches from one queue: while one scores, the next gathers.
   ``requests.check_request``): a bad one is answered 400 with ``{"error": "<field>:
   <problem>"}`` there and never joins a batch, so it cannot fail the requests batched
   with it. Malformed JSON is a 400 too.
-* The port opens once the worker has loaded the reranker and compiled every batch
-  size (LitServe starts its HTTP server after the workers are ready): until then a
+* The port opens once every worker has loaded the reranker and compiled every batch
+  size (``server.PipeQueueServer`` starts the HTTP server then): until then a
   connection is refused, so give a Kubernetes-style startup probe room for the
   compile. Then ``GET /ready`` (readiness) and ``GET /healthz`` (liveness) answer 200;
-  ``/ready`` answers 503 if the worker is not ready. ``GET /metrics``: Prometheus
+  ``/ready`` answers 503 if a worker is not ready. ``GET /metrics``: Prometheus
   (``metrics``). ``GET /info``: the model.
 * SIGTERM or SIGINT to the main process drains: the listening socket is shut down
   (new connections are refused at once), the HTTP process answers the requests it holds
-  (uvicorn's graceful shutdown, at most ``drain_timeout_s``), then the worker is
-  stopped and the process exits with status 0. The worker ignores both signals until
+  (uvicorn's graceful shutdown, at most ``drain_timeout_s``), then the workers are
+  stopped and the process exits with status 0. The workers ignore both signals until
   the drain is done (or its parent is gone), so a signal sent to the whole process
   group (Ctrl-C in a terminal, a container runtime's stop) cannot drop the requests in
   flight.
@@ -90,8 +90,8 @@ class ServiceConfig:
       with its own copy of the reranker on JAX's first local device; on a machine
       with cores to spare, for request rates past what one worker's batch loop
       takes. On an accelerator they share its memory: each preallocates
-      ``0.75 / workers`` of it unless ``XLA_PYTHON_CLIENT_MEM_FRACTION`` or
-      ``XLA_PYTHON_CLIENT_PREALLOCATE`` is set.
+      ``0.75 / workers`` of it unless one of JAX's memory settings is set
+      (``api.MEMORY_SETTINGS``).
     log_level: the servers' log level (uvicorn's names: ``warning``, ``info``, ...).
   """
   checkpoint: str
@@ -138,14 +138,15 @@ def _check_port_free(host: str, port: int) -> None:
   # starts. (Bound as uvicorn binds it, with SO_REUSEADDR: a port in TIME_WAIT is
   # free to both.)
   family = socket.AF_INET6 if ":" in host else socket.AF_INET
-  with socket.socket(family, socket.SOCK_STREAM) as s:
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
+  where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+  try:
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+      s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
       s.bind((host, port))
-    except OSError as e:
-      raise errors.ConfigError(
-          f"port={port}: cannot listen on {host}:{port} ({e.strerror}); is another "
-          "server there? Pick another --port") from None
+  except OSError as e:
+    raise errors.ConfigError(
+        f"port={port}: cannot listen on {where} ({e.strerror}); is another server "
+        "there? Pick another --port (or another --host)") from None
 
 
 def build_server(config: ServiceConfig, log: Callable[[str], None] = logging.info):
@@ -268,7 +269,7 @@ def serve(config: ServiceConfig, log: Callable[[str], None] = logging.info) -> N
       for p in http:
         p.join(max(0.0, deadline - time.time()))
       drained.set()
-      log("drained; stopping the inference worker")
+      log("drained; stopping the inference workers")
       # LitServe's own shutdown path (its Ctrl-C handling) stops the worker and its
       # queues.
       raise KeyboardInterrupt
@@ -284,6 +285,11 @@ def serve(config: ServiceConfig, log: Callable[[str], None] = logging.info) -> N
       for s, handler in previous.items():
         signal.signal(s, handler)
       drained.set()
+      # After a drain the children are gone already. After a failed start (a worker
+      # that could not load) the healthy workers are not: once drained is set, a
+      # SIGTERM stops them at once, rather than each waiting out the join.
+      for p in multiprocessing.active_children():
+        p.terminate()
       for p in multiprocessing.active_children():
         p.join(5)
         if p.is_alive():
