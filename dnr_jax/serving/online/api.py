@@ -68,8 +68,10 @@ class RerankAPI(ls.LitAPI):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, self._on_term)
     self.parent = os.getppid()
-    # LitServe numbers its workers 0, 1, ... in this variable (the metrics' label).
-    self.worker = os.environ.get("LITSERVE_WORKER_ID", "0")
+    # This worker's count of lists scored, labelled once: LitServe numbers its
+    # workers 0, 1, ... in this variable.
+    self._scored = metrics_lib.get().lists.labels(
+        worker=os.environ.get("LITSERVE_WORKER_ID", "0"))
     if self.workers > 1 and not any(k in os.environ for k in MEMORY_SETTINGS):
       # On an accelerator, JAX's client takes 75% of its memory at start-up: the
       # second worker would find none. Split that among the workers (read when JAX
@@ -136,7 +138,7 @@ class RerankAPI(ls.LitAPI):
     out, unknown = self._score(x)
     m = metrics_lib.get()
     m.batch_size.observe(len(x))
-    m.lists.labels(worker=self.worker).inc(len(x))
+    self._scored.inc(len(x))
     for column, counts in unknown.items():
       total = int(counts.sum())
       if total:
