@@ -60,6 +60,11 @@ setuptools.setup(
         # benchmarks/torch_prm.py, the PyTorch eager reference of benchmarks/step.py
         # --compare_torch; never a dependency of the library.
         "bench": ["torch>=2.1"],
+        # benchmarks/serving_engines.py --engines=mosec (a Rust HTTP server and batcher
+        # in front of Python workers; no dependencies of its own). Ray Serve and
+        # BentoML pin too much to share the project's environment: their own
+        # virtualenvs (docs/serving.md).
+        "engines": ["mosec>=0.9.8"],
         # Preparing a split of more than 1 GB (millions of lists): TFDS's writer
         # spills it through TensorFlow's file API (dnr_jax/data/raw.py).
         "large": ["tensorflow-cpu>=2.16"],

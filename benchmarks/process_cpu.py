@@ -1,6 +1,8 @@
-"""CPU time of a process tree, from /proc: what a service's processes used."""
+"""A service's process tree, from /proc: its CPU time, pausing it, ending it."""
 
 import os
+import signal
+import subprocess
 
 
 def tree(pid: int) -> list[int]:
@@ -28,3 +30,28 @@ def cpu_seconds(pids) -> float:
     except OSError:
       pass
   return total
+
+
+def signal_all(pids, sig) -> None:
+  """``sig`` to each of ``pids`` (those gone skipped): SIGSTOP / SIGCONT a tree."""
+  for pid in pids:
+    try:
+      os.kill(pid, sig)
+    except ProcessLookupError:
+      pass
+
+
+def end_sessions(procs) -> None:
+  """Ends services started with ``start_new_session=True``: each tree resumed, its
+  session sent SIGTERM, then SIGKILL after 60 s."""
+  for proc in procs:
+    signal_all(tree(proc.pid), signal.SIGCONT)
+    try:
+      os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:   # it exited already (a service that did not start)
+      pass
+  for proc in procs:
+    try:
+      proc.wait(60)
+    except subprocess.TimeoutExpired:
+      os.killpg(proc.pid, signal.SIGKILL)

@@ -65,14 +65,6 @@ def _ready(port: int) -> bool:
     return False
 
 
-def _signal(pids, sig) -> None:
-  for pid in pids:
-    try:
-      os.kill(pid, sig)
-    except ProcessLookupError:
-      pass
-
-
 def main(argv):
   del argv
   from dnr_jax import serving  # pylint: disable=g-import-not-at-top
@@ -107,8 +99,8 @@ def main(argv):
     for r in range(FLAGS.rounds):
       for side in (SIDES if r % 2 == 0 else SIDES[::-1]):
         other = SIDES[1 - SIDES.index(side)]
-        _signal(trees[other], signal.SIGSTOP)
-        _signal(trees[side], signal.SIGCONT)
+        process_cpu.signal_all(trees[other], signal.SIGSTOP)
+        process_cpu.signal_all(trees[side], signal.SIGCONT)
         url = f"http://127.0.0.1:{ports[side]}{path}"
         http_load.measure(url, bodies, FLAGS.clients, 10**9, 1.0, FLAGS.load_generator)
         c0 = process_cpu.cpu_seconds(trees[side])
@@ -133,17 +125,7 @@ def main(argv):
     summary["after_ahead_in"] = f"{sum(x > 1 for x in ratios)} of {len(ratios)}"
     print(json.dumps(summary), flush=True)
   finally:
-    for proc in procs.values():
-      _signal(process_cpu.tree(proc.pid), signal.SIGCONT)
-      try:
-        os.killpg(proc.pid, signal.SIGTERM)
-      except ProcessLookupError:   # it exited already (a service that did not start)
-        pass
-    for proc in procs.values():
-      try:
-        proc.wait(60)
-      except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    process_cpu.end_sessions(procs.values())
 
 
 if __name__ == "__main__":

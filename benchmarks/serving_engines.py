@@ -1,8 +1,8 @@
-r"""Benchmark: LitServe, Ray Serve and BentoML under the same load, engine cost only.
+r"""Benchmark: LitServe, Ray Serve, BentoML, mosec under one load, engine cost only.
 
-  python -m benchmarks.serving_engines [--engines=litserve,ray,bentoml,uvicorn] \
+  python -m benchmarks.serving_engines [--engines=litserve,ray,bentoml,mosec,uvicorn] \
       [--python_ray=/path/to/venv/bin/python] [--python_bentoml=...] \
-      [--load_generator=aiohttp|wrk]
+      [--python_mosec=...] [--load_generator=aiohttp|wrk]
 
 How the service's engine was chosen (``docs/serving.md``). Each engine serves the
 same trivial batched endpoint: a request holds one list of 20 candidates with scores
@@ -41,11 +41,12 @@ from benchmarks import http_load
 from benchmarks import process_cpu
 
 flags.DEFINE_list("engines", ["litserve", "ray", "bentoml"], "Engines to measure "
-                  "(and uvicorn, granian_asgi, granian_rsgi: no engine, the same "
-                  "work inline on a bare app).")
+                  "(litserve, ray, bentoml, mosec; and uvicorn, granian_asgi, "
+                  "granian_rsgi: no engine, the same work inline on a bare app).")
 flags.DEFINE_string("python_litserve", sys.executable, "Python with litserve.")
 flags.DEFINE_string("python_ray", sys.executable, "Python with ray[serve].")
 flags.DEFINE_string("python_bentoml", sys.executable, "Python with bentoml.")
+flags.DEFINE_string("python_mosec", sys.executable, "Python with mosec.")
 flags.DEFINE_string("python_uvicorn", sys.executable, "Python with uvicorn.")
 flags.DEFINE_string("python_granian", sys.executable, "Python with granian (for "
                     "granian_asgi and granian_rsgi).")
@@ -169,6 +170,20 @@ if __name__ == "__main__":
   Granian("granian_rsgi_app:app", address="127.0.0.1", port=int(sys.argv[1]),
           interface="rsgi", workers=1, log_enabled=False).serve()
 ''',
+    # Rust HTTP server and batcher, the Python worker behind a Unix socket.
+    "mosec": _MODEL + '''
+from mosec import Server, Worker
+
+class Order(Worker):   # JSON in and out by the standard library, as the others
+  def forward(self, bodies):
+    return order(bodies)
+
+if __name__ == "__main__":
+  server = Server()
+  server.append_worker(Order, num=1, max_batch_size=64, max_wait_time=2,
+                       route="/rerank")
+  server.run()
+''',
     "bentoml": _MODEL + '''
 import bentoml
 
@@ -208,6 +223,9 @@ def measure(engine: str, python: str, workdir: str) -> dict:
   if engine == "bentoml":
     cmd = [python, "-m", "bentoml", "serve", f"{engine}_app:Order", "--port",
            str(port), "--host", "127.0.0.1"]
+  elif engine == "mosec":
+    cmd = [python, path, "--port", str(port), "--address", "127.0.0.1",
+           "--log-level", "warning"]
   else:
     cmd = [python, path, str(port)]
   url = f"http://127.0.0.1:{port}/rerank"

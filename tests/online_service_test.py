@@ -455,9 +455,12 @@ def test_ab_benchmark_alternates_two_checkouts(run):
   assert summary["what"] == "medians" and summary["after_over_before"] > 0
 
 
-@pytest.mark.parametrize("engine,load", [("litserve", "aiohttp"), ("uvicorn", "wrk")])
+@pytest.mark.parametrize("engine,load", [("litserve", "aiohttp"), ("uvicorn", "wrk"),
+                                         ("mosec", "aiohttp")])
 def test_engine_benchmark_measures_an_engine(engine, load):
   pytest.importorskip("aiohttp")
+  if engine == "mosec":
+    pytest.importorskip("mosec")   # the engines extra
   if load == "wrk" and shutil.which("wrk") is None:
     pytest.skip("wrk is not installed")
   proc = subprocess.run(
