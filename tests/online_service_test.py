@@ -476,6 +476,24 @@ def test_engine_benchmark_measures_an_engine(engine, load):
   assert line["requests"] == 40 if load == "aiohttp" else line["requests"] > 40
 
 
+def test_onnx_scoring_benchmark_compares_onnx_runtime_with_the_jax_scorer(run):
+  pytest.importorskip("jax2onnx")
+  pytest.importorskip("onnxruntime")
+  proc = subprocess.run(
+      [sys.executable, "-m", "benchmarks.onnx_scoring", f"--checkpoint={run.run_dir}",
+       "--lists=40", "--batch_sizes=1,16"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  head, *lines = _json_lines(proc.stdout)
+  assert head["what"] == "exported" and "items" in head["inputs"]
+  assert [l["batch_size"] for l in lines] == [1, 16]
+  # 40 lists: every one at batch 1, the two full batches of 16.
+  assert [l["lists"] for l in lines] == [40, 32]
+  for l in lines:
+    assert l["onnx_runtime_lists_per_s"] > 0 and l["jax_scorer_lists_per_s"] > 0
+    assert l["max_abs_diff"] < 1e-4, l
+
+
 def test_the_endpoint_answers_in_front_of_the_middleware_stack(run):
   from dnr_jax.serving.online import endpoint  # pylint: disable=g-import-not-at-top
   from dnr_jax.serving.online import service  # pylint: disable=g-import-not-at-top
