@@ -9,9 +9,11 @@ scorer that ``benchmarks.serving`` takes as its ceiling. Exports ``--checkpoint`
 reranker with ``serving.export_reranker(formats=("onnx",))`` into a temporary
 directory, then scores the run's own lists (``--lists`` of them, repeated as needed)
 in batches of each of ``--batch_sizes``: with ONNX Runtime's CPU provider (one
-``InferenceSession.run`` per batch, the inputs already as arrays) and with
-``serving.Scorer`` at the same batch size, one pass of each in turn for
-``--rounds`` rounds (the order swapped every round: the machine's speed drifts).
+``InferenceSession.run`` per batch, the batch's inputs sliced from the lists'
+arrays and cast inside the timing) and with ``serving.Scorer`` at the same batch
+size (its own batching and padding inside the timing too), one pass of each in
+turn for ``--rounds`` rounds (the order swapped every round: the machine's speed
+drifts).
 Printed per batch size, one JSON line: the median lists/s of each, the median of
 the rounds' ONNX Runtime / JAX ratios, and the largest absolute difference between
 their logits. Needs the serve extra.
@@ -34,6 +36,9 @@ flags.DEFINE_integer("rounds", 5, "Passes of each, alternated.")
 flags.DEFINE_integer("ort_threads", 0, "ONNX Runtime's intra-op threads (0: its "
                      "default, one per core).")
 flags.mark_flag_as_required("checkpoint")
+flags.register_validator("lists", lambda n: n >= 1, "--lists must be at least 1")
+flags.register_validator("batch_sizes", lambda bs: all(int(b) >= 1 for b in bs),
+                         "--batch_sizes must be positive integers")
 FLAGS = flags.FLAGS
 
 
@@ -57,15 +62,21 @@ def main(argv):
   print(json.dumps({"what": "exported", "inputs": [name for name, _ in inputs],
                     "lists": n, "ort": ort.__version__}), flush=True)
   for b in (int(x) for x in FLAGS.batch_sizes):
-    feeds = [{name: np.ascontiguousarray(big[name][s:s + b], dtype)
-              for name, dtype in inputs} for s in range(0, n - n % b or n, b)]
-    scored = len(feeds) * b if n >= b else n
-    session.run([output], feeds[0])
-    scorer = serving.Scorer(bundle, batch_size=b)
+    starts = range(0, n - n % b or n, b)
+    scored = len(starts) * b if n >= b else n
     part = {k: v[:scored] for k, v in big.items()}
+
+    def feeds(part=part, starts=starts, b=b):
+      # Slicing and casting the inputs counts, as the JAX scorer's batching does.
+      for s in starts:
+        yield {name: np.ascontiguousarray(part[name][s:s + b], dtype)
+               for name, dtype in inputs}
+
+    session.run([output], next(feeds()))
+    scorer = serving.Scorer(bundle, batch_size=b)
     scorer.score({k: v[:b] for k, v in part.items()})   # compile
     runs = {
-        "ort": lambda: np.concatenate([session.run([output], f)[0] for f in feeds]),
+        "ort": lambda: np.concatenate([session.run([output], f)[0] for f in feeds()]),
         "jax": lambda: scorer.score(part)[0]}
     rates, logits = {"ort": [], "jax": []}, {}
     for r in range(FLAGS.rounds):

@@ -44,6 +44,7 @@ def signal_all(pids, sig) -> None:
 def end_sessions(procs) -> None:
   """Ends services started with ``start_new_session=True``: each tree resumed, its
   session sent SIGTERM, then SIGKILL after 60 s."""
+  procs = list(procs)
   for proc in procs:
     signal_all(tree(proc.pid), signal.SIGCONT)
     try:

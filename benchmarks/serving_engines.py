@@ -27,7 +27,6 @@ RSGI interface.
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -252,11 +251,7 @@ def measure(engine: str, python: str, workdir: str) -> dict:
             "clients": FLAGS.clients, **result, "load": FLAGS.load_generator,
             "idle_cpu_cores": round(idle, 3), "processes": len(pids)}
   finally:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-      proc.wait(30)
-    except subprocess.TimeoutExpired:
-      os.killpg(proc.pid, signal.SIGKILL)
+    process_cpu.end_sessions([proc])
 
 
 def main(argv):
