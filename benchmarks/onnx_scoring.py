@@ -62,8 +62,9 @@ def main(argv):
   print(json.dumps({"what": "exported", "inputs": [name for name, _ in inputs],
                     "lists": n, "ort": ort.__version__}), flush=True)
   for b in (int(x) for x in FLAGS.batch_sizes):
-    starts = range(0, n - n % b or n, b)
-    scored = len(starts) * b if n >= b else n
+    # Whole batches of b; fewer than b lists make one short batch.
+    scored = n - n % b or n
+    starts = range(0, scored, b)
     part = {k: v[:scored] for k, v in big.items()}
 
     def feeds(part=part, starts=starts, b=b):
