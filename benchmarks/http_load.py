@@ -21,6 +21,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -34,7 +35,8 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-async def drive(url: str, bodies: list, concurrency: int, count: int, seconds: float):
+async def drive(url: str, bodies: list, concurrency: int, count: int, seconds: float,
+                headers: Optional[dict] = None):
   """``concurrency`` keep-alive aiohttp clients POST ``bodies`` (round robin) to
   ``url`` until ``count`` requests or ``seconds`` have gone by.
 
@@ -45,7 +47,7 @@ async def drive(url: str, bodies: list, concurrency: int, count: int, seconds: f
   latencies, errors = [], 0
   sent = 0
   deadline = time.perf_counter() + seconds
-  headers = {"Content-Type": "application/json"}
+  headers = headers or {"Content-Type": "application/json"}
   connector = aiohttp.TCPConnector(limit=concurrency)
   async with aiohttp.ClientSession(connector=connector) as session:
 
@@ -78,7 +80,7 @@ _WRK_SCRIPT = """
 local bodies = {}
 for line in io.lines([==[%(bodies)s]==]) do bodies[#bodies + 1] = line end
 local i = 0
-local headers = {["Content-Type"] = "application/json"}
+local headers = {%(headers)s}
 request = function()
   i = i %% #bodies + 1
   return wrk.format("POST", nil, headers, bodies[i])
@@ -95,7 +97,8 @@ end
 """
 
 
-def _wrk(url: str, bodies: list, concurrency: int, seconds: float) -> dict:
+def _wrk(url: str, bodies: list, concurrency: int, seconds: float,
+         headers: Optional[dict] = None) -> dict:
   wrk = shutil.which("wrk")
   if wrk is None:
     raise SystemExit("--load_generator=wrk: wrk is not installed (apt-get install wrk)")
@@ -107,7 +110,9 @@ def _wrk(url: str, bodies: list, concurrency: int, seconds: float) -> dict:
       f.write(b"\n".join(bodies) + b"\n")
     script = os.path.join(tmp, "post.lua")
     with open(script, "w") as f:
-      f.write(_WRK_SCRIPT % {"bodies": path})
+      f.write(_WRK_SCRIPT % {"bodies": path, "headers": ", ".join(
+          f"[{json.dumps(k)}] = {json.dumps(v)}" for k, v in
+          (headers or {"Content-Type": "application/json"}).items())})
     proc = subprocess.run(
         [wrk, "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s",
          "--timeout", "30s", "-s", script, url], capture_output=True, text=True)
@@ -126,9 +131,10 @@ def _wrk(url: str, bodies: list, concurrency: int, seconds: float) -> dict:
 
 
 def measure(url: str, bodies: list, concurrency: int, count: int, seconds: float,
-            generator: str = "aiohttp") -> dict:
+            generator: str = "aiohttp", headers: Optional[dict] = None) -> dict:
   """``concurrency`` clients POST ``bodies`` to ``url`` (round robin, keep-alive)
-  for at most ``count`` requests (aiohttp only) and ``seconds``.
+  for at most ``count`` requests (aiohttp only) and ``seconds``, with ``headers``
+  (default: the JSON content type) on every request.
 
   Returns:
     ``{"requests", "errors", "lists_per_s", "p50_ms", "p95_ms", "p99_ms"}``:
@@ -136,10 +142,11 @@ def measure(url: str, bodies: list, concurrency: int, count: int, seconds: float
     see them.
   """
   if generator == "wrk":
-    return _wrk(url, bodies, concurrency, seconds)
+    return _wrk(url, bodies, concurrency, seconds, headers)
   if generator != "aiohttp":
     raise ValueError(f"generator={generator!r}: one of {GENERATORS}")
-  lat, errors, wall = asyncio.run(drive(url, bodies, concurrency, count, seconds))
+  lat, errors, wall = asyncio.run(drive(url, bodies, concurrency, count, seconds,
+                                        headers))
   ms = lat * 1000
   return {"requests": len(lat), "errors": errors,
           "lists_per_s": round((len(lat) - errors) / wall, 1),

@@ -11,6 +11,12 @@ sockets. Configured from the environment (``run.py`` sets it):
   fails alone, as the service's contract requires.
 * ``DNR_STAGES=1``: one batched stage that checks and scores: cheaper, but a bad
   request fails every request batched with it (an upper bound, not a service).
+* ``DNR_STAGES=score_then_status``: the batched stage first, checking each body
+  and scoring the good ones; a bad one travels on as its error. A second,
+  unbatched stage gives each request its own status: 400 with the error, or the
+  reply as it is. A bad request fails alone, as in ``DNR_STAGES=2``, but the
+  per-request stage only passes bytes on (no JSON, no checks).
+* ``DNR_STATUS_WORKERS``: that second stage's processes.
 * ``DNR_SCORE_WORKERS``, ``DNR_MAX_BATCH``, ``DNR_WAIT_MS``: the batched stage's
   processes, largest batch, and batching window (mosec's ``max_wait_time``).
 
@@ -72,6 +78,13 @@ class Check(Worker):
     return pickle.dumps(data, protocol=5)
 
 
+class _Refused:
+  """A body that failed its checks, carried to the status stage."""
+
+  def __init__(self, message):
+    self.message = message
+
+
 class Score(Worker):
   """The batched stage: the service's worker's scoring (``api.RerankAPI._score``'s
   steps), each reply as JSON bytes."""
@@ -88,7 +101,9 @@ class Score(Worker):
     self.runner = runner_lib.Runner(bundle.config, (jax.local_devices()[0],))
     self.params = self.runner.put_state(jax.tree.map(np.asarray, bundle.params))
     self.buckets = api.bucket_sizes(int(os.environ.get("DNR_MAX_BATCH", "64")))
-    self.check = _Checks() if os.environ.get("DNR_STAGES") == "1" else None
+    stages = os.environ.get("DNR_STAGES")
+    self.check = _Checks() if stages in ("1", "score_then_status") else None
+    self.carry_errors = stages == "score_then_status"
     warm = requests_lib.CheckedRequest(user_id="", item_ids=["?"], scores=[0.5],
                                        history=[], user_features={}, item_features={})
     for b in self.buckets:
@@ -96,13 +111,25 @@ class Score(Worker):
     gc.collect()
     gc.freeze()
 
-  def deserialize(self, data):   # only with DNR_STAGES=1: this stage takes the body
-    return self.check(data)
+  def deserialize(self, data):   # when this stage takes the body
+    if not self.carry_errors:
+      return self.check(data)
+    try:
+      return self.check(data)
+    except ClientError as e:
+      return _Refused(str(e))
 
   def deserialize_ipc(self, data):
     return pickle.loads(data)
 
   def forward(self, data):
+    if self.carry_errors:
+      good = [d for d in data if not isinstance(d, _Refused)]
+      replies = iter(self._score(good) if good else ())
+      return [d if isinstance(d, _Refused) else next(replies) for d in data]
+    return self._score(data)
+
+  def _score(self, data):
     arrays, unknown = self.batches.encode(data, self.vocab, self.limits)
     size = next(b for b in self.buckets if b >= len(data))
     pad = size - len(data)
@@ -114,13 +141,38 @@ class Score(Worker):
   def serialize(self, data):
     return orjson.dumps(data)
 
+  def serialize_ipc(self, data):   # with DNR_STAGES=score_then_status
+    if isinstance(data, _Refused):
+      return b"\x01" + data.message.encode()
+    return b"\x00" + orjson.dumps(data)
+
+
+class Status(Worker):
+  """The last stage with DNR_STAGES=score_then_status: one request at a time, so
+  each gets its own status."""
+
+  def deserialize_ipc(self, data):
+    return data
+
+  def forward(self, data):
+    if data[0] == 1:
+      raise ClientError(bytes(data[1:]).decode())
+    return data[1:]
+
+  def serialize(self, data):
+    return bytes(data)
+
 
 if __name__ == "__main__":
   server = Server()
-  if os.environ.get("DNR_STAGES", "2") == "2":
+  stages = os.environ.get("DNR_STAGES", "2")
+  if stages == "2":
     server.append_worker(Check, num=1, max_batch_size=1)
   server.append_worker(Score, num=int(os.environ.get("DNR_SCORE_WORKERS", "1")),
                        max_batch_size=int(os.environ.get("DNR_MAX_BATCH", "64")),
                        max_wait_time=int(os.environ.get("DNR_WAIT_MS", "1")),
                        timeout=600)
+  if stages == "score_then_status":
+    server.append_worker(Status, num=int(os.environ.get("DNR_STATUS_WORKERS", "1")),
+                         max_batch_size=1)
   server.run()

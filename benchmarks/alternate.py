@@ -1,0 +1,108 @@
+"""Several HTTP services measured in turns under one load, with an in-process ceiling.
+
+The build machine's speed drifts by a factor of two within minutes, so services
+measured one after the other compare the machine as much as the services. Here all
+run at once; in each round each side in turn gets the load while the others are
+stopped (SIGSTOP on their process trees; a side may opt out), the order reversed every other round,
+and then, everything stopped, a ceiling (the in-process scorer) is timed. Ratios
+to the ceiling are taken round by round. Used by the serving prototypes' drivers
+under ``docs/results/``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import signal
+import statistics
+from typing import Callable, Optional
+
+from benchmarks import http_load
+from benchmarks import process_cpu
+
+
+@dataclasses.dataclass
+class Side:
+  """A running service: where to POST, its processes, what to send.
+
+  ``stop=False`` leaves it running when it is not measured: for a server that uses
+  no CPU when idle and does not survive being stopped (Triton's Python backend
+  declares a stopped stub unhealthy and restarts it)."""
+  url: str
+  pids: list
+  bodies: list
+  headers: Optional[dict] = None
+  stop: bool = True
+
+
+def turn(side: Side, clients: int, seconds: float, generator: str = "wrk") -> dict:
+  """One turn: 1 s of warm-up load, then ``seconds`` measured, with the side's CPU
+  time per list answered (its process tree's, from /proc)."""
+  http_load.measure(side.url, side.bodies, clients, 10**9, 1.0, generator, side.headers)
+  c0 = process_cpu.cpu_seconds(side.pids)
+  m = http_load.measure(side.url, side.bodies, clients, 10**9, seconds, generator,
+                        side.headers)
+  used = process_cpu.cpu_seconds(side.pids) - c0
+  return {"lists_per_s": m["lists_per_s"], "p50_ms": m["p50_ms"],
+          "p99_ms": m["p99_ms"], "errors": m["errors"],
+          "cpu_ms_per_list": round(1000 * used / max(m["requests"], 1), 4)}
+
+
+def alternate(sides: dict[str, Side], ceiling: Callable[[], float], *, rounds: int,
+              seconds: float, clients: int, generator: str = "wrk") -> dict:
+  """``rounds`` rounds of one turn per side, then ``ceiling()`` (lists/s) with every
+  side stopped. Prints one JSON line per turn; returns the lines per side, the
+  ceiling's under ``"in_process"``."""
+  results = {name: [] for name in [*sides, "in_process"]}
+  order = list(sides)
+  for r in range(rounds):
+    for name in (order if r % 2 == 0 else order[::-1]):
+      for other, side in sides.items():
+        if side.stop:
+          process_cpu.signal_all(side.pids,
+                                 signal.SIGCONT if other == name else signal.SIGSTOP)
+      line = {"round": r, "side": name, **turn(sides[name], clients, seconds, generator)}
+      results[name].append(line)
+      print(json.dumps(line), flush=True)
+    for side in sides.values():
+      if side.stop:
+        process_cpu.signal_all(side.pids, signal.SIGSTOP)
+    line = {"round": r, "side": "in_process", "lists_per_s": round(ceiling(), 1)}
+    results["in_process"].append(line)
+    print(json.dumps(line), flush=True)
+  for side in sides.values():
+    if side.stop:
+      process_cpu.signal_all(side.pids, signal.SIGCONT)
+  return results
+
+
+def medians(results: dict) -> list[dict]:
+  """Per side: the medians of its turns, and of its rate over the round's ceiling."""
+  out = []
+  for name, lines in results.items():
+    summary = {"what": "median", "side": name,
+               "lists_per_s": statistics.median(l["lists_per_s"] for l in lines)}
+    if name != "in_process":
+      summary.update(
+          p99_ms=statistics.median(l["p99_ms"] for l in lines),
+          cpu_ms_per_list=statistics.median(l["cpu_ms_per_list"] for l in lines),
+          of_in_process=round(statistics.median(
+              l["lists_per_s"] / i["lists_per_s"]
+              for l, i in zip(lines, results["in_process"])), 3))
+    out.append(summary)
+  return out
+
+
+def failed_beside_a_bad_one(post: Callable[[bytes], int], bodies: list, bad: bytes,
+                            tries: int = 20, good: int = 15) -> str:
+  """Of ``good`` good requests sent at once with one bad one (``tries`` times), how
+  many got anything but 200 from ``post`` (a body -> the HTTP status): on an engine
+  that gives a whole batch one status, those batched with the bad one."""
+  failed = 0
+  with concurrent.futures.ThreadPoolExecutor(good + 1) as pool:
+    for t in range(tries):
+      sent = [pool.submit(post, b) for b in bodies[t * good:(t + 1) * good]]
+      pool.submit(post, bad)
+      failed += sum(f.result() != 200 for f in sent)
+  return f"{failed} of {tries * good}"

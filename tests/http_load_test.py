@@ -1,0 +1,130 @@
+"""The serving benchmarks' load helpers: headers on every request, sides in turns.
+
+A tiny standard-library server on a free localhost port stands in for a service: it
+answers 200 only when the request carries the header it expects, so a load whose
+headers were dropped shows up as errors. These pin what is sent and in what order,
+not how fast anything is.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from benchmarks import alternate
+from benchmarks import http_load
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SERVER = r"""
+import http.server, sys
+class Handler(http.server.BaseHTTPRequestHandler):
+  protocol_version = "HTTP/1.1"
+  def do_POST(self):
+    self.rfile.read(int(self.headers.get("Content-Length", 0)))
+    ok = self.headers.get("X-Side") == sys.argv[2]
+    body = b"ok" if ok else b"no header"
+    self.send_response(200 if ok else 400)
+    self.send_header("Content-Length", str(len(body)))
+    self.end_headers()
+    self.wfile.write(body)
+  def log_message(self, *args):
+    pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+@pytest.fixture
+def servers():
+  """Two header-checking servers: ``{name: (url, process)}``."""
+  procs = {}
+  try:
+    for name in ("a", "b"):
+      port = http_load.free_port()
+      procs[name] = (f"http://127.0.0.1:{port}/",
+                     subprocess.Popen([sys.executable, "-c", SERVER, str(port), name],
+                                      start_new_session=True))
+    for url, proc in procs.values():
+      deadline = time.time() + 30
+      while True:
+        try:
+          urllib.request.urlopen(urllib.request.Request(
+              url, data=b"{}", headers={"X-Side": "?"}), timeout=1)
+        except urllib.error.HTTPError:
+          break   # answering (400: the wrong side)
+        except OSError:
+          assert proc.poll() is None and time.time() < deadline
+          time.sleep(0.1)
+    yield procs
+  finally:
+    for _, proc in procs.values():
+      proc.kill()
+      proc.wait()
+
+
+def _state(pid, want=None):
+  """The process's state letter (``T``: stopped); waits up to 2 s for ``want``, as a
+  signal is delivered to every thread asynchronously."""
+  deadline = time.time() + 2
+  while True:
+    with open(f"/proc/{pid}/stat") as f:
+      state = f.read().rsplit(")", 1)[1].split()[0]
+    if want is None or state == want or time.time() > deadline:
+      return state
+    time.sleep(0.01)
+
+
+@pytest.mark.parametrize("generator", ["aiohttp", "wrk"])
+def test_measure_sends_the_given_headers_on_every_request(servers, generator):
+  if generator == "aiohttp":
+    pytest.importorskip("aiohttp")
+  elif shutil.which("wrk") is None:
+    pytest.skip("wrk is not installed")
+  url = servers["a"][0]
+  good = http_load.measure(url, [b"{}", b"[]"], 2, 20, 1.0, generator,
+                           {"X-Side": "a", "Content-Type": "application/json"})
+  assert good["errors"] == 0 and good["lists_per_s"] > 0, good
+  # Without them (the default: only the JSON content type), every request is refused.
+  bad = http_load.measure(url, [b"{}"], 2, 20, 1.0, generator)
+  assert bad["errors"] == bad["requests"] > 0 and bad["lists_per_s"] == 0, bad
+
+
+def test_alternate_measures_each_side_in_turn_with_a_ceiling_per_round(servers):
+  pytest.importorskip("aiohttp")
+  (url_a, proc_a), (url_b, proc_b) = servers["a"], servers["b"]
+  sides = {"a": alternate.Side(url_a, [proc_a.pid], [b"{}"], {"X-Side": "a"}),
+           "b": alternate.Side(url_b, [proc_b.pid], [b"{}"], {"X-Side": "b"},
+                               stop=False)}
+  seen = []
+
+  def ceiling():
+    # Every side that may be stopped is stopped while the ceiling is timed.
+    seen.append((_state(proc_a.pid, "T"), _state(proc_b.pid) != "T"))
+    return 1000.0
+
+  results = alternate.alternate(sides, ceiling, rounds=2, seconds=1.0, clients=2,
+                                generator="aiohttp")
+  assert seen == [("T", True), ("T", True)]
+  assert _state(proc_a.pid) != "T"   # running again at the end
+  assert [l["round"] for l in results["a"]] == [0, 1]
+  for name in ("a", "b"):
+    for line in results[name]:
+      assert line["side"] == name and line["errors"] == 0 and line["lists_per_s"] > 0
+      assert line["cpu_ms_per_list"] >= 0
+  summary = {s["side"]: s for s in alternate.medians(results)}
+  assert summary["in_process"]["lists_per_s"] == 1000.0
+  rates = sorted(l["lists_per_s"] for l in results["a"])
+  assert summary["a"]["of_in_process"] == round(sum(rates) / 2 / 1000.0, 3)
+
+
+def test_failed_beside_a_bad_one_counts_only_the_good_requests_that_failed():
+  bodies = [b"good%d" % i for i in range(300)]
+  assert alternate.failed_beside_a_bad_one(
+      lambda b: 400 if b == b"bad" else 200, bodies, b"bad") == "0 of 300"
+  # An engine that fails the whole batch: every good request fails with the bad one.
+  assert alternate.failed_beside_a_bad_one(
+      lambda b: 400, bodies, b"bad", tries=2, good=5) == "10 of 10"
