@@ -27,8 +27,8 @@ class Side:
   """A running service: where to POST, its processes, what to send.
 
   ``stop=False`` leaves it running when it is not measured: for a server that uses
-  no CPU when idle and does not survive being stopped (Triton's Python backend
-  declares a stopped stub unhealthy and restarts it)."""
+  no CPU when idle and does not survive being stopped (``tritonserver`` with the
+  Python backend died with SIGSEGV after SIGSTOP and SIGCONT)."""
   url: str
   pids: list
   bodies: list

@@ -15,7 +15,7 @@ Python backend copied beside it with the 3.11 stub, ``model.py`` and its
 that each side answers the service's replies for 64 lists and refuses a bad request
 alone, then alternates the load (``benchmarks.alternate``) with wrk clients. The
 Triton servers are not stopped between their turns: idle they use no CPU (measured:
-0.0 s per s), and a stopped Python-backend stub is declared unhealthy and restarted.
+0.0 s per s), and ``tritonserver`` died with SIGSEGV after being stopped and resumed.
 Requests to Triton carry the service's body as a UINT8 tensor in Triton's binary
 tensor extension, behind a JSON header padded to a fixed length (so one
 ``Inference-Header-Content-Length`` serves every body).
