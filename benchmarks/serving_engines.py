@@ -1,8 +1,10 @@
-r"""Benchmark: LitServe, Ray Serve, BentoML, mosec under one load, engine cost only.
+r"""Benchmark: LitServe, Ray Serve, BentoML, mosec, Triton under one load, engine cost
+only.
 
-  python -m benchmarks.serving_engines [--engines=litserve,ray,bentoml,mosec,uvicorn] \
+  python -m benchmarks.serving_engines \
+      [--engines=litserve,ray,bentoml,mosec,triton,uvicorn] \
       [--python_ray=/path/to/venv/bin/python] [--python_bentoml=...] \
-      [--python_mosec=...] [--load_generator=aiohttp|wrk]
+      [--python_mosec=...] [--pytriton_dir=DIR] [--load_generator=aiohttp|wrk]
 
 How the service's engine was chosen (``docs/serving.md``). Each engine serves the
 same trivial batched endpoint: a request holds one list of 20 candidates with scores
@@ -15,6 +17,12 @@ per engine, one JSON line: cold start (launch to the first answered request),
 lists/s and p50 / p95 / p99 latency from ``--clients`` concurrent clients (aiohttp,
 or wrk with ``--load_generator=wrk``; ``--requests`` requests or ``--seconds``),
 and the CPU the idle service burns (its process tree, over 5 s). Localhost only.
+
+``triton`` is Triton Inference Server 2.51 with the model in its Python backend,
+taken from the nvidia-pytriton 0.6.0 wheel (``benchmarks.triton_server``; fetched
+into ``--pytriton_dir`` if missing, and run with this Python): a request carries the
+same JSON body as a UINT8 tensor in Triton's binary extension, and the model reads
+and writes it with the standard library, as the other engines' apps do.
 
 ``--engines=uvicorn`` adds the floor under them all: the same work per request done
 inline by a bare ASGI app on uvicorn (LitServe's HTTP server), one process, no
@@ -38,14 +46,17 @@ import numpy as np
 
 from benchmarks import http_load
 from benchmarks import process_cpu
+from benchmarks import triton_server
 
 flags.DEFINE_list("engines", ["litserve", "ray", "bentoml"], "Engines to measure "
-                  "(litserve, ray, bentoml, mosec; and uvicorn, granian_asgi, "
+                  "(litserve, ray, bentoml, mosec, triton; and uvicorn, granian_asgi, "
                   "granian_rsgi: no engine, the same work inline on a bare app).")
 flags.DEFINE_string("python_litserve", sys.executable, "Python with litserve.")
 flags.DEFINE_string("python_ray", sys.executable, "Python with ray[serve].")
 flags.DEFINE_string("python_bentoml", sys.executable, "Python with bentoml.")
 flags.DEFINE_string("python_mosec", sys.executable, "Python with mosec.")
+flags.DEFINE_string("pytriton_dir", triton_server.DEFAULT_DIR, "For triton: the "
+                    "unpacked nvidia-pytriton 0.6.0 wheel (downloaded if missing).")
 flags.DEFINE_string("python_uvicorn", sys.executable, "Python with uvicorn.")
 flags.DEFINE_string("python_granian", sys.executable, "Python with granian (for "
                     "granian_asgi and granian_rsgi).")
@@ -183,6 +194,24 @@ if __name__ == "__main__":
                        route="/rerank")
   server.run()
 ''',
+    # C++ HTTP server and batcher, the model in the Python backend's stub process;
+    # tensors by DLPack (benchmarks/triton_tensors.py, copied beside it).
+    "triton": _MODEL + '''
+import json
+import triton_python_backend_utils as pb_utils
+import triton_tensors
+
+class TritonPythonModel:   # JSON in and out by the standard library, as the others
+  def initialize(self, args):
+    triton_tensors.install()
+
+  def execute(self, requests):
+    bodies = [json.loads(triton_tensors.array(
+        pb_utils.get_input_tensor_by_name(r, "request")).tobytes()) for r in requests]
+    return [pb_utils.InferenceResponse(output_tensors=[triton_tensors.tensor(
+        pb_utils, "reply", np.frombuffer(json.dumps(o).encode(), np.uint8)[None])])
+            for o in order(bodies)]
+''',
     "bentoml": _MODEL + '''
 import bentoml
 
@@ -203,9 +232,20 @@ def _body(rng, engine: str) -> bytes:
   return json.dumps({"bodies": [body]} if engine == "bentoml" else body).encode()
 
 
-def _post(url: str, body: bytes, timeout: float = 2.0) -> int:
-  req = urllib.request.Request(url, data=body,
-                               headers={"Content-Type": "application/json"})
+# Triton's model: batches of at most 64, a 2 ms wait, one instance, as the others.
+_TRITON_CONFIG = """name: "order"
+backend: "python"
+max_batch_size: 64
+input [ { name: "request" data_type: TYPE_UINT8 dims: [ -1 ] allow_ragged_batch: true } ]
+output [ { name: "reply" data_type: TYPE_UINT8 dims: [ -1 ] } ]
+dynamic_batching { max_queue_delay_microseconds: 2000 }
+instance_group [ { count: 1 kind: KIND_CPU } ]
+"""
+_JSON = {"Content-Type": "application/json"}
+
+
+def _post(url: str, body: bytes, timeout: float = 2.0, headers=None) -> int:
+  req = urllib.request.Request(url, data=body, headers=headers or _JSON)
   try:
     with urllib.request.urlopen(req, timeout=timeout) as r:
       r.read()
@@ -219,7 +259,17 @@ def measure(engine: str, python: str, workdir: str) -> dict:
   with open(path, "w") as f:
     f.write(APPS[engine])
   port = http_load.free_port()
-  if engine == "bentoml":
+  url, headers = f"http://127.0.0.1:{port}/rerank", _JSON
+  rng = np.random.default_rng(0)
+  bodies = [_body(rng, engine) for _ in range(512)]
+  if engine == "triton":
+    work = os.path.join(tempfile.mkdtemp(dir=workdir), "triton")
+    triton_server.layout(work, triton_server.unpacked_wheel(FLAGS.pytriton_dir),
+                         "order", _TRITON_CONFIG, {"model.py": path})
+    url, headers = f"http://127.0.0.1:{port}/v2/models/order/infer", triton_server.HEADERS
+    bodies = [triton_server.request_body(b) for b in bodies]
+    cmd = None
+  elif engine == "bentoml":
     cmd = [python, "-m", "bentoml", "serve", f"{engine}_app:Order", "--port",
            str(port), "--host", "127.0.0.1"]
   elif engine == "mosec":
@@ -227,26 +277,27 @@ def measure(engine: str, python: str, workdir: str) -> dict:
            "--log-level", "warning"]
   else:
     cmd = [python, path, str(port)]
-  url = f"http://127.0.0.1:{port}/rerank"
-  rng = np.random.default_rng(0)
-  bodies = [_body(rng, engine) for _ in range(512)]
   t0 = time.time()
-  proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL, start_new_session=True)
+  if cmd is None:
+    proc = triton_server.start(work, FLAGS.pytriton_dir, port, workdir)
+  else:
+    proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
   try:
-    while _post(url, bodies[0]) != 200:
+    while _post(url, bodies[0], headers=headers) != 200:
       if proc.poll() is not None or time.time() - t0 > 180:
         return {"engine": engine, "error": f"not serving (exit {proc.poll()})"}
       time.sleep(0.2)
     cold = time.time() - t0
-    asyncio.run(http_load.drive(url, bodies, FLAGS.clients, 200, 30))   # warm-up
+    asyncio.run(http_load.drive(url, bodies, FLAGS.clients, 200, 30,
+                                headers))   # warm-up
     time.sleep(1)
     pids = process_cpu.tree(proc.pid)
     c0 = process_cpu.cpu_seconds(pids)
     time.sleep(5)
     idle = (process_cpu.cpu_seconds(pids) - c0) / 5
     result = http_load.measure(url, bodies, FLAGS.clients, FLAGS.requests,
-                               FLAGS.seconds, FLAGS.load_generator)
+                               FLAGS.seconds, FLAGS.load_generator, headers)
     return {"engine": engine, "cold_start_s": round(cold, 1),
             "clients": FLAGS.clients, **result, "load": FLAGS.load_generator,
             "idle_cpu_cores": round(idle, 3), "processes": len(pids)}
@@ -258,7 +309,9 @@ def main(argv):
   del argv
   with tempfile.TemporaryDirectory() as workdir:
     for engine in FLAGS.engines:
-      python = getattr(FLAGS, f"python_{engine.split('_')[0]}")
+      # Triton's stub embeds this interpreter's libpython.
+      python = (sys.executable if engine == "triton"
+                else getattr(FLAGS, f"python_{engine.split('_')[0]}"))
       print(json.dumps(measure(engine, python, workdir)), flush=True)
 
 

@@ -456,11 +456,17 @@ def test_ab_benchmark_alternates_two_checkouts(run):
 
 
 @pytest.mark.parametrize("engine,load", [("litserve", "aiohttp"), ("uvicorn", "wrk"),
-                                         ("mosec", "aiohttp")])
+                                         ("mosec", "aiohttp"), ("triton", "aiohttp")])
 def test_engine_benchmark_measures_an_engine(engine, load):
   pytest.importorskip("aiohttp")
   if engine == "mosec":
     pytest.importorskip("mosec")   # the engines extra
+  if engine == "triton":
+    from benchmarks import triton_server  # pylint: disable=g-import-not-at-top
+    try:   # the server's binaries come in a wheel that pip downloads
+      triton_server.unpacked_wheel(triton_server.DEFAULT_DIR)
+    except RuntimeError as e:
+      pytest.skip(str(e))
   if load == "wrk" and shutil.which("wrk") is None:
     pytest.skip("wrk is not installed")
   proc = subprocess.run(

@@ -8,9 +8,9 @@ reply's ``reply`` output is the service's JSON reply. A bad request gets its own
 error response (``TritonError.INVALID_ARG``: HTTP 400) and the others in its batch
 are answered as usual, as the service's contract requires.
 
-Tensors cross by DLPack, not ``Tensor.as_numpy``: the stub that nvidia-pytriton
-0.6.0 carries builds numpy arrays with the NumPy 1 ABI, and under NumPy 2 (which
-JAX needs) they come out with a stride of 0.
+Tensors cross by DLPack (``triton_tensors``), not ``Tensor.as_numpy``: the stub
+that nvidia-pytriton 0.6.0 carries builds numpy arrays with the NumPy 1 ABI, and
+under NumPy 2 (which JAX needs) they come out with a stride of 0.
 
 Configured by the model's ``parameters`` (``run.py`` writes them): ``checkpoint``
 (the run served) and ``max_batch`` (the largest batch, as in ``config.pbtxt``).
@@ -18,41 +18,17 @@ Configured by the model's ``parameters`` (``run.py`` writes them): ``checkpoint`
 
 import gc
 import json
-import sys
 
 import numpy as np
 import orjson
 import triton_python_backend_utils as pb_utils
-
-
-class _DLPack:
-  """A Triton tensor as a DLPack producer for ``np.from_dlpack``."""
-
-  def __init__(self, tensor):
-    self.tensor = tensor
-
-  def __dlpack__(self, stream=None, **kwargs):
-    del stream, kwargs
-    return self.tensor.to_dlpack()
-
-  def __dlpack_device__(self):
-    return (1, 0)   # kDLCPU
-
-
-def _quiet_capsules(unraisable):
-  """Drops the error that NumPy's DLPack capsule raises on being freed after the stub
-  consumed it (the stub names a used capsule in a way NumPy 2 does not expect);
-  anything else goes to Python's default hook. Without this, every reply prints a
-  traceback."""
-  if not (isinstance(unraisable.exc_value, ValueError)
-          and "PyCapsule_GetPointer" in str(unraisable.exc_value)):
-    sys.__unraisablehook__(unraisable)
+import triton_tensors   # benchmarks/triton_tensors.py, copied beside this file
 
 
 class TritonPythonModel:
 
   def initialize(self, args):
-    sys.unraisablehook = _quiet_capsules
+    triton_tensors.install()
     import jax
     from dnr_jax.runtime import runner as runner_lib
     from dnr_jax.serving import bundle as bundle_lib
@@ -94,9 +70,8 @@ class TritonPythonModel:
     return self.batches.replies(checked, logits, arrays["mask"], unknown)
 
   def execute(self, requests):
-    checked = [self._check(np.from_dlpack(_DLPack(
-        pb_utils.get_input_tensor_by_name(r, "request"))).tobytes())
-               for r in requests]
+    checked = [self._check(triton_tensors.array(
+        pb_utils.get_input_tensor_by_name(r, "request")).tobytes()) for r in requests]
     good = [c for c in checked if not isinstance(c, pb_utils.TritonError)]
     replies = iter(self._score(good) if good else ())
     out = []
@@ -104,7 +79,7 @@ class TritonPythonModel:
       if isinstance(c, pb_utils.TritonError):
         out.append(pb_utils.InferenceResponse(error=c))
       else:
-        reply = np.frombuffer(orjson.dumps(next(replies)), np.uint8)[None].copy()
+        reply = np.frombuffer(orjson.dumps(next(replies)), np.uint8)[None]
         out.append(pb_utils.InferenceResponse(
-            output_tensors=[pb_utils.Tensor.from_dlpack("reply", reply.__dlpack__())]))
+            output_tensors=[triton_tensors.tensor(pb_utils, "reply", reply)]))
     return out

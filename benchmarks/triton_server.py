@@ -1,0 +1,130 @@
+"""Triton Inference Server for the serving benchmarks: the server, a model
+repository with a Python-backend model, and requests in its binary extension.
+
+Triton is not on the registry as a server, but the nvidia-pytriton 0.6.0 wheel
+carries its ``tritonserver`` binary (2.51), the Python backend, and a backend stub
+for each Python version, 3.11 among them (0.7.0 has none for 3.11). Only those
+binaries are used: PyTriton's Python package requires NumPy < 2, which JAX rules
+out. ``unpacked_wheel`` downloads the wheel (``pip download --no-deps``) and unpacks
+it once; ``layout`` copies the backend with this Python's stub and writes a model;
+``start`` runs the server on localhost.
+
+A request carries one body (the service's JSON) as a UINT8 tensor named ``request``
+in Triton's binary tensor extension, behind a JSON header padded to
+``HEADER_BYTES`` (so one ``Inference-Header-Content-Length`` serves every body);
+the reply's ``reply`` tensor comes back the same way.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+
+WHEEL = "nvidia-pytriton==0.6.0"
+DEFAULT_DIR = os.path.join(os.path.expanduser("~"), ".cache", "dnr_jax",
+                           "nvidia-pytriton-0.6.0")
+HEADER_BYTES = 256
+HEADERS = {"Inference-Header-Content-Length": str(HEADER_BYTES),
+           "Content-Type": "application/octet-stream"}
+_SERVER = ("pytriton", "tritonserver")
+_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def unpacked_wheel(directory: str) -> str:
+  """``directory`` holding the unpacked wheel; downloaded and unpacked if missing.
+
+  Raises:
+    RuntimeError: the wheel could not be downloaded, or has no stub for this Python.
+  """
+  server = os.path.join(directory, *_SERVER)
+  if not os.path.exists(os.path.join(server, "bin", "tritonserver")):
+    with tempfile.TemporaryDirectory() as tmp:
+      got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
+                            "-q", WHEEL, "-d", tmp], capture_output=True, text=True)
+      wheels = glob.glob(os.path.join(tmp, "*.whl"))
+      if got.returncode or not wheels:
+        raise RuntimeError(f"pip download {WHEEL} failed: "
+                           f"{(got.stderr or got.stdout).strip()[-500:]}")
+      with zipfile.ZipFile(wheels[0]) as z:
+        z.extractall(directory)
+  stub = os.path.join(server, "python_backend_stubs", _PYTHON,
+                      "triton_python_backend_stub")
+  if not os.path.exists(stub):
+    raise RuntimeError(f"{WHEEL} has no Python-backend stub for Python {_PYTHON}")
+  for path in (os.path.join(server, "bin", "tritonserver"), stub):
+    os.chmod(path, 0o755)   # zip files keep no modes
+  return directory
+
+
+def layout(work: str, wheel: str, model: str, config: str,
+           files: dict[str, str]) -> None:
+  """Under ``work``: ``backends/python`` (the wheel's Python backend with this
+  Python's stub) and ``repo/<model>`` (``config.pbtxt`` = ``config``, and version
+  ``1`` holding ``files``: name -> source path; ``model.py`` among them).
+  ``benchmarks/triton_tensors.py`` is copied beside them."""
+  server = os.path.join(wheel, *_SERVER)
+  backend = os.path.join(work, "backends", "python")
+  shutil.copytree(os.path.join(server, "backends", "python"), backend)
+  shutil.copy2(os.path.join(server, "python_backend_stubs", _PYTHON,
+                            "triton_python_backend_stub"), backend)
+  version = os.path.join(work, "repo", model, "1")
+  os.makedirs(version)
+  here = os.path.dirname(os.path.abspath(__file__))
+  for name, source in {**files,
+                       "triton_tensors.py": os.path.join(here, "triton_tensors.py")
+                       }.items():
+    shutil.copy2(source, os.path.join(version, name))
+  with open(os.path.join(work, "repo", model, "config.pbtxt"), "w") as f:
+    f.write(config)
+
+
+def start(work: str, wheel: str, port: int, cwd: str) -> subprocess.Popen:
+  """``tritonserver`` on ``port`` (HTTP only) for ``layout``'s ``work``, in a
+  session of its own; its log in ``work/log``."""
+  env = dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join(
+      [sysconfig.get_config_var("LIBDIR"), os.path.join(wheel, "nvidia_pytriton.libs"),
+       os.environ.get("LD_LIBRARY_PATH", "")]))
+  with open(os.path.join(work, "log"), "wb") as log:
+    return subprocess.Popen(
+        [os.path.join(wheel, *_SERVER, "bin", "tritonserver"),
+         f"--model-repository={work}/repo", f"--backend-directory={work}/backends",
+         f"--http-port={port}", "--http-address=127.0.0.1", "--allow-grpc=false",
+         "--allow-metrics=false", "--exit-timeout-secs=5", "--log-info=false",
+         "--log-warning=false"],
+        cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=log,
+        start_new_session=True)
+
+
+def request_body(body: bytes) -> bytes:
+  """``body`` as the ``request`` tensor of a binary-extension request."""
+  header = json.dumps({
+      "inputs": [{"name": "request", "shape": [1, len(body)], "datatype": "UINT8",
+                  "parameters": {"binary_data_size": len(body)}}],
+      "outputs": [{"name": "reply", "parameters": {"binary_data": True}}]}).encode()
+  if len(header) > HEADER_BYTES:
+    raise ValueError(f"a request's header of {len(header)} bytes")
+  return header.ljust(HEADER_BYTES) + body
+
+
+def post(url: str, body: bytes, timeout: float = 10.0) -> tuple[int, bytes]:
+  """POSTs ``request_body(body)``: the status, and the reply tensor's bytes (the
+  error's JSON for a status other than 200; 0 and nothing if the server is not
+  answering)."""
+  req = urllib.request.Request(url, data=request_body(body), headers=HEADERS)
+  try:
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+      data, n = r.read(), r.headers.get("Inference-Header-Content-Length")
+      return r.status, data[int(n):] if n else data
+  except urllib.error.HTTPError as e:
+    return e.code, e.read()
+  except OSError:
+    return 0, b""
