@@ -265,7 +265,7 @@ def measure(engine: str, python: str, workdir: str) -> dict:
   if engine == "triton":
     work = os.path.join(tempfile.mkdtemp(dir=workdir), "triton")
     triton_server.layout(work, triton_server.unpacked_wheel(FLAGS.pytriton_dir),
-                         "order", _TRITON_CONFIG, {"model.py": path})
+                         {"order": (_TRITON_CONFIG, {"model.py": path})})
     url, headers = f"http://127.0.0.1:{port}/v2/models/order/infer", triton_server.HEADERS
     bodies = [triton_server.request_body(b) for b in bodies]
     cmd = None

@@ -65,26 +65,26 @@ def unpacked_wheel(directory: str) -> str:
   return directory
 
 
-def layout(work: str, wheel: str, model: str, config: str,
-           files: dict[str, str]) -> None:
+def layout(work: str, wheel: str, models: dict[str, tuple[str, dict[str, str]]]
+           ) -> None:
   """Under ``work``: ``backends/python`` (the wheel's Python backend with this
-  Python's stub) and ``repo/<model>`` (``config.pbtxt`` = ``config``, and version
-  ``1`` holding ``files``: name -> source path; ``model.py`` among them).
-  ``benchmarks/triton_tensors.py`` is copied beside them."""
+  Python's stub) and ``repo/``, with ``repo/<name>`` for each of ``models``, name ->
+  ``(config, files)``: ``config.pbtxt`` = ``config``, and version ``1`` holding
+  ``files`` (name in the folder -> source path; ``model.py`` among them) and
+  ``benchmarks/triton_tensors.py``."""
   server = os.path.join(wheel, *_SERVER)
   backend = os.path.join(work, "backends", "python")
   shutil.copytree(os.path.join(server, "backends", "python"), backend)
   shutil.copy2(os.path.join(server, "python_backend_stubs", _PYTHON,
                             "triton_python_backend_stub"), backend)
-  version = os.path.join(work, "repo", model, "1")
-  os.makedirs(version)
-  here = os.path.dirname(os.path.abspath(__file__))
-  for name, source in {**files,
-                       "triton_tensors.py": os.path.join(here, "triton_tensors.py")
-                       }.items():
-    shutil.copy2(source, os.path.join(version, name))
-  with open(os.path.join(work, "repo", model, "config.pbtxt"), "w") as f:
-    f.write(config)
+  tensors = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_tensors.py")
+  for model, (config, files) in models.items():
+    version = os.path.join(work, "repo", model, "1")
+    os.makedirs(version)
+    for name, source in {**files, "triton_tensors.py": tensors}.items():
+      shutil.copy2(source, os.path.join(version, name))
+    with open(os.path.join(work, "repo", model, "config.pbtxt"), "w") as f:
+      f.write(config)
 
 
 def start(work: str, wheel: str, port: int, cwd: str) -> subprocess.Popen:

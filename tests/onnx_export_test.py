@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -245,6 +246,82 @@ def test_triton_config_follows_the_model_configuration_schema(exports):
     arrays = e["lists"][7]
     got = session.run(["logits"], {i.name: arrays[i.name] for i in config.input})[0]
     assert np.abs(got - e["scores"][7]).max() <= ATOL, backbone
+
+
+_TRITON_TYPES = {"int32": "INT32", "bool": "BOOL", "float32": "FP32"}
+
+
+def _triton_infer(url, arrays, names):
+  """Triton's HTTP inference protocol (KServe v2, JSON): ``arrays`` as the inputs
+  ``names``, a ``[b]`` input sent as ``[b, 1]`` (its declared dims); the output."""
+  import urllib.request  # pylint: disable=g-import-not-at-top
+  b = len(arrays[names[0]])
+  inputs = [{"name": n, "datatype": _TRITON_TYPES[str(arrays[n].dtype)],
+             "shape": list(arrays[n].shape) if arrays[n].ndim > 1 else [b, 1],
+             "data": arrays[n].reshape(-1).tolist()} for n in names]
+  req = urllib.request.Request(url, data=json.dumps({"inputs": inputs}).encode(),
+                               headers={"Content-Type": "application/json"})
+  with urllib.request.urlopen(req, timeout=30) as r:
+    (out,) = json.loads(r.read())["outputs"]
+  return np.asarray(out["data"], np.float32).reshape(out["shape"])
+
+
+def test_triton_serves_the_repository_as_declared(exports, tmp_path):
+  """The repositories of every backbone, in a real Triton server (2.51), give the
+  in-process scores at batch sizes 1, 7 and 64, and 64 single lists sent at once
+  (batched by Triton's dynamic batcher) give the same. Triton checks each request
+  against the config's inputs (types, dims, the ``user`` reshape) and applies them;
+  the graph runs in ONNX Runtime through ``tests/triton_onnx_model.py``, as the
+  wheel has no ONNX Runtime backend."""
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  import urllib.request  # pylint: disable=g-import-not-at-top
+  from benchmarks import http_load  # pylint: disable=g-import-not-at-top
+  from benchmarks import process_cpu  # pylint: disable=g-import-not-at-top
+  from benchmarks import triton_server  # pylint: disable=g-import-not-at-top
+  try:   # the server's binaries come in a wheel that pip downloads
+    wheel = triton_server.unpacked_wheel(triton_server.DEFAULT_DIR)
+  except RuntimeError as e:
+    pytest.skip(str(e))
+  here = os.path.dirname(os.path.abspath(__file__))
+  models = {}
+  for backbone, e in exports.items():
+    model_dir = os.path.join(e["directory"], "triton", "dnr_reranker")
+    with open(os.path.join(model_dir, "config.pbtxt")) as f:
+      config = f.read()
+    # Only the backend differs, and the name (one repository for every backbone).
+    assert 'platform: "onnxruntime_onnx"' in config
+    config = config.replace('platform: "onnxruntime_onnx"', 'backend: "python"'
+                            ).replace('name: "dnr_reranker"', f'name: "{backbone}"')
+    models[backbone] = (config, {
+        "model.py": os.path.join(here, "triton_onnx_model.py"),
+        "model.onnx": os.path.join(model_dir, "1", "model.onnx")})
+  triton_server.layout(str(tmp_path), wheel, models)
+  port = http_load.free_port()
+  proc = triton_server.start(str(tmp_path), wheel, port, here)
+  try:
+    deadline = time.time() + 120
+    while True:
+      try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2)
+        break
+      except OSError:
+        assert proc.poll() is None and time.time() < deadline, (
+            (tmp_path / "log").read_text(errors="replace")[-3000:])
+        time.sleep(0.5)
+    for backbone, e in exports.items():
+      url = f"http://127.0.0.1:{port}/v2/models/{backbone}/infer"
+      names = e["signature"]["triton"]["inputs"]
+      for b in BATCHES:
+        got = _triton_infer(url, e["lists"][b], names)
+        assert got.shape == (b, N)
+        assert np.abs(got - e["scores"][b]).max() <= ATOL, (backbone, b)
+      lists = e["lists"][64]
+      with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(lambda i, lists=lists, url=url, names=names: _triton_infer(
+            url, {k: v[i:i + 1] for k, v in lists.items()}, names), range(64)))
+      assert np.abs(np.concatenate(got) - e["scores"][64]).max() <= ATOL, backbone
+  finally:
+    process_cpu.end_sessions([proc])
 
 
 def test_triton_repository_of_a_model_without_features(tmp_path):

@@ -99,10 +99,10 @@ def main(argv):
       for v in FLAGS.variants:
         name, instances, max_batch, delay_us = v.split(":")
         work = os.path.join(tmp, name)
-        triton_server.layout(work, wheel, MODEL, CONFIG.format(
+        triton_server.layout(work, wheel, {MODEL: (CONFIG.format(
             model=MODEL, max_batch=max_batch, delay_us=delay_us, instances=instances,
             checkpoint=os.path.abspath(FLAGS.checkpoint)),
-            {"model.py": os.path.join(HERE, "model.py")})
+            {"model.py": os.path.join(HERE, "model.py")})})
         port = http_load.free_port()
         procs[name] = triton_server.start(work, wheel, port, ROOT)
         url = f"http://127.0.0.1:{port}/v2/models/{MODEL}/infer"
