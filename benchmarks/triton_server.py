@@ -17,6 +17,7 @@ the reply's ``reply`` tensor comes back the same way.
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import json
 import os
@@ -42,26 +43,38 @@ _PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 def unpacked_wheel(directory: str) -> str:
   """``directory`` holding the unpacked wheel; downloaded and unpacked if missing.
 
+  Several processes may ask at once (test workers): one downloads under a lock, and
+  the wheel is unpacked beside ``directory`` and renamed into place, so no process
+  sees half of it.
+
   Raises:
     RuntimeError: the wheel could not be downloaded, or has no stub for this Python.
   """
   server = os.path.join(directory, *_SERVER)
-  if not os.path.exists(os.path.join(server, "bin", "tritonserver")):
-    with tempfile.TemporaryDirectory() as tmp:
-      got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
-                            "-q", WHEEL, "-d", tmp], capture_output=True, text=True)
-      wheels = glob.glob(os.path.join(tmp, "*.whl"))
-      if got.returncode or not wheels:
-        raise RuntimeError(f"pip download {WHEEL} failed: "
-                           f"{(got.stderr or got.stdout).strip()[-500:]}")
-      with zipfile.ZipFile(wheels[0]) as z:
-        z.extractall(directory)
-  stub = os.path.join(server, "python_backend_stubs", _PYTHON,
-                      "triton_python_backend_stub")
-  if not os.path.exists(stub):
+  parent = os.path.dirname(os.path.abspath(directory)) or "."
+  os.makedirs(parent, exist_ok=True)
+  with open(os.path.abspath(directory) + ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not os.path.exists(os.path.join(server, "bin", "tritonserver")):
+      with tempfile.TemporaryDirectory(dir=parent) as tmp:
+        got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
+                              "-q", WHEEL, "-d", tmp], capture_output=True, text=True)
+        wheels = glob.glob(os.path.join(tmp, "*.whl"))
+        if got.returncode or not wheels:
+          raise RuntimeError(f"pip download {WHEEL} failed: "
+                             f"{(got.stderr or got.stdout).strip()[-500:]}")
+        unpacked = os.path.join(tmp, "unpacked")
+        with zipfile.ZipFile(wheels[0]) as z:
+          z.extractall(unpacked)
+        for path in (os.path.join(unpacked, *_SERVER, "bin", "tritonserver"),
+                     *glob.glob(os.path.join(unpacked, *_SERVER, "python_backend_stubs",
+                                             "*", "triton_python_backend_stub"))):
+          os.chmod(path, 0o755)   # zip files keep no modes
+        shutil.rmtree(directory, ignore_errors=True)
+        os.rename(unpacked, directory)
+  if not os.path.exists(os.path.join(server, "python_backend_stubs", _PYTHON,
+                                     "triton_python_backend_stub")):
     raise RuntimeError(f"{WHEEL} has no Python-backend stub for Python {_PYTHON}")
-  for path in (os.path.join(server, "bin", "tritonserver"), stub):
-    os.chmod(path, 0o755)   # zip files keep no modes
   return directory
 
 
