@@ -16,7 +16,10 @@ import dataclasses
 import json
 import signal
 import statistics
+import time
 from typing import Callable, Optional
+
+import numpy as np
 
 from benchmarks import http_load
 from benchmarks import process_cpu
@@ -106,3 +109,33 @@ def failed_beside_a_bad_one(post: Callable[[bytes], int], bodies: list, bad: byt
       pool.submit(post, bad)
       failed += sum(f.result() != 200 for f in sent)
   return f"{failed} of {tries * good}"
+
+
+def in_process_ceiling(scorer, arrays: dict, lists: int = 8192) -> Callable[[], float]:
+  """The ceiling for ``alternate``: ``scorer`` (a ``serving.Scorer``) over ``arrays``
+  tiled to ``lists`` lists, compiled here; each call times one pass (lists/s)."""
+  reps = -(-lists // len(arrays["items"]))
+  big = {k: np.concatenate([v] * reps)[:lists] for k, v in arrays.items()}
+  scorer.score({k: v[:scorer.batch_size] for k, v in big.items()})
+
+  def ceiling():
+    t0 = time.perf_counter()
+    scorer.score(big)
+    return lists / (time.perf_counter() - t0)
+
+  return ceiling
+
+
+def contract(post: Callable[[bytes], tuple], bodies: list, want: list,
+             bad: bytes) -> dict:
+  """What a side answers, against the service's replies ``want`` to ``bodies[:64]``:
+  the same item order and scores, a lone ``bad`` body's status and reply, and
+  ``failed_beside_a_bad_one``. ``post``: a body -> ``(status, reply bytes)``."""
+  got = [json.loads(post(b)[1]) for b in bodies[:len(want)]]
+  status, reply = post(bad)
+  return {"same_replies_as_service": all(
+              g["item_ids"] == w["item_ids"] and g["scores"] == w["scores"]
+              for g, w in zip(got, want)),
+          "bad_request": [status, reply.decode()[:120]],
+          "good_failed_beside_a_bad_one": failed_beside_a_bad_one(
+              lambda b: post(b)[0], bodies, bad)}

@@ -233,14 +233,8 @@ def _body(rng, engine: str) -> bytes:
 
 
 # Triton's model: batches of at most 64, a 2 ms wait, one instance, as the others.
-_TRITON_CONFIG = """name: "order"
-backend: "python"
-max_batch_size: 64
-input [ { name: "request" data_type: TYPE_UINT8 dims: [ -1 ] allow_ragged_batch: true } ]
-output [ { name: "reply" data_type: TYPE_UINT8 dims: [ -1 ] } ]
-dynamic_batching { max_queue_delay_microseconds: 2000 }
-instance_group [ { count: 1 kind: KIND_CPU } ]
-"""
+_TRITON_CONFIG = triton_server.bytes_model_config("order", max_batch_size=64,
+                                                  queue_delay_us=2000)
 _JSON = {"Content-Type": "application/json"}
 
 

@@ -29,6 +29,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+from typing import Optional
 
 WHEEL = "nvidia-pytriton==0.6.0"
 DEFAULT_DIR = os.path.join(os.path.expanduser("~"), ".cache", "dnr_jax",
@@ -115,6 +116,23 @@ def start(work: str, wheel: str, port: int, cwd: str) -> subprocess.Popen:
          "--log-warning=false"],
         cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=log,
         start_new_session=True)
+
+
+def bytes_model_config(name: str, *, max_batch_size: int, queue_delay_us: int,
+                       instances: int = 1, parameters: Optional[dict] = None) -> str:
+  """``config.pbtxt`` of a Python-backend model that takes one body per request
+  (``request``, UINT8, ragged) and answers one (``reply``), with dynamic batching;
+  ``parameters`` (name -> string) reach the model's ``initialize``."""
+  lines = [
+      f'name: "{name}"', 'backend: "python"', f"max_batch_size: {max_batch_size}",
+      'input [ { name: "request" data_type: TYPE_UINT8 dims: [ -1 ] '
+      'allow_ragged_batch: true } ]',
+      'output [ { name: "reply" data_type: TYPE_UINT8 dims: [ -1 ] } ]',
+      f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}",
+      f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]"]
+  lines += [f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}'
+            for k, v in (parameters or {}).items()]
+  return "\n".join(lines) + "\n"
 
 
 def request_body(body: bytes) -> bytes:

@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 
 from benchmarks import alternate
@@ -128,3 +129,36 @@ def test_failed_beside_a_bad_one_counts_only_the_good_requests_that_failed():
   # An engine that fails the whole batch: every good request fails with the bad one.
   assert alternate.failed_beside_a_bad_one(
       lambda b: 400, bodies, b"bad", tries=2, good=5) == "10 of 10"
+
+
+def test_contract_compares_replies_and_the_bad_requests_answer():
+  want = [{"item_ids": ["b", "a"], "scores": [0.5, 0.1]}]
+  replies = {b"good": b'{"item_ids": ["b", "a"], "scores": [0.5, 0.1], "x": 1}',
+             b"bad": b'{"error": "scores[0]: non-finite score nan"}'}
+
+  def post(body):
+    return (400 if body == b"bad" else 200), replies[body]
+
+  got = alternate.contract(post, [b"good"] * 300, want, b"bad")
+  assert got == {"same_replies_as_service": True,
+                 "bad_request": [400, replies[b"bad"].decode()],
+                 "good_failed_beside_a_bad_one": "0 of 300"}
+  swapped = {b"good": b'{"item_ids": ["a", "b"], "scores": [0.1, 0.5]}',
+             b"bad": replies[b"bad"]}
+  got = alternate.contract(lambda b: (400 if b == b"bad" else 200, swapped[b]),
+                           [b"good"] * 300, want, b"bad")
+  assert got["same_replies_as_service"] is False
+
+
+def test_in_process_ceiling_times_the_tiled_lists():
+  class Scorer:
+    batch_size = 4
+    seen = []
+
+    def score(self, arrays):
+      self.seen.append(len(arrays["items"]))
+
+  scorer = Scorer()
+  ceiling = alternate.in_process_ceiling(scorer, {"items": np.zeros((3, 2))}, lists=10)
+  assert scorer.seen == [4]          # compiled on one batch first
+  assert ceiling() > 0 and scorer.seen == [4, 10]   # each call: all 10 lists

@@ -22,7 +22,6 @@ import urllib.error
 import urllib.request
 
 from absl import app, flags
-import numpy as np
 
 # The repository root, for ``benchmarks`` and ``dnr_jax`` (run as a script).
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -94,28 +93,11 @@ def main(argv):
         time.sleep(0.5)
     want = [json.loads(_post(sides["service"], b)[1]) for b in bodies[:64]]
     for name, url in sides.items():
-      got = [json.loads(_post(url, b)[1]) for b in bodies[:64]]
-      same = all(g["item_ids"] == w["item_ids"] and g["scores"] == w["scores"]
-                 for g, w in zip(got, want))
-      bad = _post(url, BAD)
-      print(json.dumps({"side": name, "same_replies_as_service": same,
-                        "bad_request": [bad[0], bad[1].decode()[:120]],
-                        "good_failed_beside_a_bad_one": alternate.failed_beside_a_bad_one(
-                            lambda b, u=url: _post(u, b)[0], bodies, BAD)}),
-            flush=True)
+      print(json.dumps({"side": name, **alternate.contract(
+          lambda b, u=url: _post(u, b), bodies, want, BAD)}), flush=True)
     sides = {name: alternate.Side(url, process_cpu.tree(procs[name].pid), bodies)
              for name, url in sides.items()}
-    scorer = serving.Scorer(bundle)
-    n = 8192
-    reps = -(-n // len(arrays["items"]))
-    big = {k: np.concatenate([v] * reps)[:n] for k, v in arrays.items()}
-    scorer.score({k: v[:scorer.batch_size] for k, v in big.items()})
-
-    def ceiling():
-      t0 = time.perf_counter()
-      scorer.score(big)
-      return n / (time.perf_counter() - t0)
-
+    ceiling = alternate.in_process_ceiling(serving.Scorer(bundle), arrays)
     results = alternate.alternate(sides, ceiling, rounds=FLAGS.rounds,
                                   seconds=FLAGS.seconds, clients=FLAGS.clients)
     for line in alternate.medians(results):

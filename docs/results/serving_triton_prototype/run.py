@@ -29,7 +29,6 @@ import urllib.error
 import urllib.request
 
 from absl import app, flags
-import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))))
@@ -53,18 +52,6 @@ FLAGS = flags.FLAGS
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODEL = "dnr_rerank"
 BAD = b'{"user_id": "u", "item_ids": ["a"], "scores": [NaN]}'
-
-CONFIG = """name: "{model}"
-backend: "python"
-max_batch_size: {max_batch}
-input [ {{ name: "request" data_type: TYPE_UINT8 dims: [ -1 ] allow_ragged_batch: true }} ]
-output [ {{ name: "reply" data_type: TYPE_UINT8 dims: [ -1 ] }} ]
-dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}
-instance_group [ {{ count: {instances} kind: KIND_CPU }} ]
-parameters {{ key: "checkpoint" value: {{ string_value: "{checkpoint}" }} }}
-parameters {{ key: "max_batch" value: {{ string_value: "{max_batch}" }} }}
-"""
-
 
 def _post_json(url: str, body: bytes) -> tuple[int, bytes]:
   req = urllib.request.Request(url, data=body,
@@ -99,10 +86,13 @@ def main(argv):
       for v in FLAGS.variants:
         name, instances, max_batch, delay_us = v.split(":")
         work = os.path.join(tmp, name)
-        triton_server.layout(work, wheel, {MODEL: (CONFIG.format(
-            model=MODEL, max_batch=max_batch, delay_us=delay_us, instances=instances,
-            checkpoint=os.path.abspath(FLAGS.checkpoint)),
-            {"model.py": os.path.join(HERE, "model.py")})})
+        config = triton_server.bytes_model_config(
+            MODEL, max_batch_size=int(max_batch), queue_delay_us=int(delay_us),
+            instances=int(instances), parameters={
+                "checkpoint": os.path.abspath(FLAGS.checkpoint),
+                "max_batch": max_batch})
+        triton_server.layout(work, wheel, {MODEL: (
+            config, {"model.py": os.path.join(HERE, "model.py")})})
         port = http_load.free_port()
         procs[name] = triton_server.start(work, wheel, port, ROOT)
         url = f"http://127.0.0.1:{port}/v2/models/{MODEL}/infer"
@@ -118,28 +108,11 @@ def main(argv):
           time.sleep(0.5)
       want = [json.loads(posts["service"](b)[1]) for b in bodies[:64]]
       for name in sides:
-        got = [json.loads(posts[name](b)[1]) for b in bodies[:64]]
-        same = all(g["item_ids"] == w["item_ids"] and g["scores"] == w["scores"]
-                   for g, w in zip(got, want))
-        bad = posts[name](BAD)
-        print(json.dumps({
-            "side": name, "same_replies_as_service": same,
-            "bad_request": [bad[0], bad[1].decode()[:120]],
-            "good_failed_beside_a_bad_one": alternate.failed_beside_a_bad_one(
-                lambda b, p=posts[name]: p(b)[0], bodies, BAD)}), flush=True)
+        print(json.dumps({"side": name, **alternate.contract(
+            posts[name], bodies, want, BAD)}), flush=True)
       for name, side in sides.items():
         side.pids = process_cpu.tree(procs[name].pid)
-      scorer = serving.Scorer(bundle)
-      n = 8192
-      reps = -(-n // len(arrays["items"]))
-      big = {k: np.concatenate([v] * reps)[:n] for k, v in arrays.items()}
-      scorer.score({k: v[:scorer.batch_size] for k, v in big.items()})
-
-      def ceiling():
-        t0 = time.perf_counter()
-        scorer.score(big)
-        return n / (time.perf_counter() - t0)
-
+      ceiling = alternate.in_process_ceiling(serving.Scorer(bundle), arrays)
       results = alternate.alternate(sides, ceiling, rounds=FLAGS.rounds,
                                     seconds=FLAGS.seconds, clients=FLAGS.clients)
       for line in alternate.medians(results):
