@@ -72,13 +72,16 @@ async def drive(url: str, bodies: list, concurrency: int, count: int, seconds: f
   return np.asarray(latencies), errors, wall
 
 
-# wrk's script: the bodies round robin (one JSON per line), and at the end one JSON
+# wrk's script: the bodies round robin (each behind a line with its length in bytes,
+# so a body may hold any bytes: binary tensors too), and at the end one JSON
 # line of what is measured. Every error counts: connect, read, write, timeout and
 # any status but 2xx/3xx (``requests`` holds the replies, those with a bad status
 # among them).
 _WRK_SCRIPT = """
 local bodies = {}
-for line in io.lines([==[%(bodies)s]==]) do bodies[#bodies + 1] = line end
+local file = assert(io.open([==[%(bodies)s]==], "rb"))
+for size in file:lines() do bodies[#bodies + 1] = file:read(tonumber(size)) end
+file:close()
 local i = 0
 local headers = {%(headers)s}
 request = function()
@@ -102,12 +105,11 @@ def _wrk(url: str, bodies: list, concurrency: int, seconds: float,
   wrk = shutil.which("wrk")
   if wrk is None:
     raise SystemExit("--load_generator=wrk: wrk is not installed (apt-get install wrk)")
-  if any(b"\n" in b for b in bodies):
-    raise ValueError("wrk's bodies are read one per line: a body holds a newline")
   with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, "bodies.jsonl")
+    path = os.path.join(tmp, "bodies")
     with open(path, "wb") as f:
-      f.write(b"\n".join(bodies) + b"\n")
+      for body in bodies:
+        f.write(b"%d\n%s" % (len(body), body))
     script = os.path.join(tmp, "post.lua")
     with open(script, "w") as f:
       f.write(_WRK_SCRIPT % {"bodies": path, "headers": ", ".join(

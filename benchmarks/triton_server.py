@@ -9,10 +9,11 @@ out. ``unpacked_wheel`` downloads the wheel (``pip download --no-deps``) and unp
 it once; ``layout`` copies the backend with this Python's stub and writes a model;
 ``start`` runs the server on localhost.
 
-A request carries one body (the service's JSON) as a UINT8 tensor named ``request``
-in Triton's binary tensor extension, behind a JSON header padded to
-``HEADER_BYTES`` (so one ``Inference-Header-Content-Length`` serves every body);
-the reply's ``reply`` tensor comes back the same way.
+A request to a Python-backend model carries one body (the service's JSON) as a
+UINT8 tensor named ``request`` in Triton's binary tensor extension, behind a JSON
+header padded to ``HEADER_BYTES`` (so one ``Inference-Header-Content-Length`` serves
+every body); the reply's ``reply`` tensor comes back the same way. A request to
+an exported model (``tensor_bodies``) carries one list's arrays as its inputs.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import urllib.error
 import urllib.request
 import zipfile
 from typing import Optional
+
+import numpy as np
 
 WHEEL = "nvidia-pytriton==0.6.0"
 DEFAULT_DIR = os.path.join(os.path.expanduser("~"), ".cache", "dnr_jax",
@@ -79,23 +82,27 @@ def unpacked_wheel(directory: str) -> str:
   return directory
 
 
-def layout(work: str, wheel: str, models: dict[str, tuple[str, dict[str, str]]]
-           ) -> None:
-  """Under ``work``: ``backends/python`` (the wheel's Python backend with this
-  Python's stub) and ``repo/``, with ``repo/<name>`` for each of ``models``, name ->
+def layout(work: str, wheel: str, models: dict[str, tuple[str, dict[str, str]]], *,
+           python_backend: bool = True) -> None:
+  """Under ``work``: ``repo/``, with ``repo/<name>`` for each of ``models``, name ->
   ``(config, files)``: ``config.pbtxt`` = ``config``, and version ``1`` holding
-  ``files`` (name in the folder -> source path; ``model.py`` among them) and
-  ``benchmarks/triton_tensors.py``."""
-  server = os.path.join(wheel, *_SERVER)
-  backend = os.path.join(work, "backends", "python")
-  shutil.copytree(os.path.join(server, "backends", "python"), backend)
-  shutil.copy2(os.path.join(server, "python_backend_stubs", _PYTHON,
-                            "triton_python_backend_stub"), backend)
-  tensors = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_tensors.py")
+  ``files`` (name in the folder -> source path). With ``python_backend``, also
+  ``backends/python`` (the wheel's Python backend with this Python's stub), and
+  ``benchmarks/triton_tensors.py`` beside each model's files (its ``model.py``)."""
+  os.makedirs(os.path.join(work, "backends"), exist_ok=True)
+  extra = {}
+  if python_backend:
+    server = os.path.join(wheel, *_SERVER)
+    backend = os.path.join(work, "backends", "python")
+    shutil.copytree(os.path.join(server, "backends", "python"), backend)
+    shutil.copy2(os.path.join(server, "python_backend_stubs", _PYTHON,
+                              "triton_python_backend_stub"), backend)
+    extra["triton_tensors.py"] = os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "triton_tensors.py")
   for model, (config, files) in models.items():
     version = os.path.join(work, "repo", model, "1")
     os.makedirs(version)
-    for name, source in {**files, "triton_tensors.py": tensors}.items():
+    for name, source in {**files, **extra}.items():
       shutil.copy2(source, os.path.join(version, name))
     with open(os.path.join(work, "repo", model, "config.pbtxt"), "w") as f:
       f.write(config)
@@ -146,11 +153,48 @@ def request_body(body: bytes) -> bytes:
   return header.ljust(HEADER_BYTES) + body
 
 
+_DATATYPES = {"int32": "INT32", "int64": "INT64", "float32": "FP32", "bool": "BOOL"}
+
+
+def tensor_bodies(arrays: dict, names: list[str], output: str
+                  ) -> tuple[list[bytes], dict[str, str]]:
+  """One binary-extension request per list of ``arrays`` (``[N, ...]`` each): the
+  inputs ``names`` in that order (a ``[N]`` array as ``[1, 1]``, booleans as one
+  byte each), asking for ``output`` in binary. Every header is padded to the
+  longest, so one set of request headers (returned) serves every body."""
+  parts = []
+  for i in range(len(arrays[names[0]])):
+    inputs, data = [], []
+    for name in names:
+      a = np.ascontiguousarray(arrays[name][i:i + 1])
+      a = a.reshape(1, 1) if a.ndim == 1 else a
+      raw = a.astype(np.uint8).tobytes() if a.dtype == bool else a.tobytes()
+      inputs.append({"name": name, "shape": list(a.shape),
+                     "datatype": _DATATYPES[str(a.dtype)],
+                     "parameters": {"binary_data_size": len(raw)}})
+      data.append(raw)
+    parts.append((json.dumps({"inputs": inputs, "outputs": [
+        {"name": output, "parameters": {"binary_data": True}}]}).encode(),
+                  b"".join(data)))
+  width = max(len(h) for h, _ in parts)
+  return ([h.ljust(width) + d for h, d in parts],
+          {"Inference-Header-Content-Length": str(width),
+           "Content-Type": "application/octet-stream"})
+
+
 def post(url: str, body: bytes, timeout: float = 10.0) -> tuple[int, bytes]:
   """POSTs ``request_body(body)``: the status, and the reply tensor's bytes (the
   error's JSON for a status other than 200; 0 and nothing if the server is not
   answering)."""
-  req = urllib.request.Request(url, data=request_body(body), headers=HEADERS)
+  return post_request(url, request_body(body), HEADERS, timeout)
+
+
+def post_request(url: str, data: bytes, headers: dict, timeout: float = 10.0
+                 ) -> tuple[int, bytes]:
+  """POSTs a whole binary-extension request (``data`` and its ``headers``, as
+  ``tensor_bodies`` gives them): the status, and the bytes after the reply's
+  header (one binary output: its tensor), as ``post``."""
+  req = urllib.request.Request(url, data=data, headers=headers)
   try:
     with urllib.request.urlopen(req, timeout=timeout) as r:
       data, n = r.read(), r.headers.get("Inference-Header-Content-Length")

@@ -1,8 +1,9 @@
 """The serving benchmarks' load helpers: headers on every request, sides in turns.
 
 A tiny standard-library server on a free localhost port stands in for a service: it
-answers 200 only when the request carries the header it expects, so a load whose
-headers were dropped shows up as errors. These pin what is sent and in what order,
+answers 200 only when the request carries the header it expects (and, when asked,
+only when the body arrived intact), so a load whose headers were dropped or whose
+bodies were cut shows up as errors. These pin what is sent and in what order,
 not how fast anything is.
 """
 
@@ -22,12 +23,14 @@ from benchmarks import http_load
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SERVER = r"""
-import http.server, sys
+import hashlib, http.server, sys
 class Handler(http.server.BaseHTTPRequestHandler):
   protocol_version = "HTTP/1.1"
   def do_POST(self):
-    self.rfile.read(int(self.headers.get("Content-Length", 0)))
+    data = self.rfile.read(int(self.headers.get("Content-Length", 0)))
     ok = self.headers.get("X-Side") == sys.argv[2]
+    if self.headers.get("X-Check") == "sha256":   # the body ends in its payload's hash
+      ok = ok and hashlib.sha256(data[:-32]).digest() == data[-32:]
     body = b"ok" if ok else b"no header"
     self.send_response(200 if ok else 400)
     self.send_header("Content-Length", str(len(body)))
@@ -92,6 +95,27 @@ def test_measure_sends_the_given_headers_on_every_request(servers, generator):
   # Without them (the default: only the JSON content type), every request is refused.
   bad = http_load.measure(url, [b"{}"], 2, 20, 1.0, generator)
   assert bad["errors"] == bad["requests"] > 0 and bad["lists_per_s"] == 0, bad
+
+
+@pytest.mark.parametrize("generator", ["aiohttp", "wrk"])
+def test_measure_sends_binary_bodies_intact(servers, generator):
+  """Bodies of any bytes (Triton's binary tensors): newlines, NULs, lengths that
+  differ, arrive whole."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  if generator == "aiohttp":
+    pytest.importorskip("aiohttp")
+  elif shutil.which("wrk") is None:
+    pytest.skip("wrk is not installed")
+  rng = np.random.default_rng(0)
+  payloads = [b"\n", b"a\r\n\n\x00b\n", bytes(range(256)) * 3,
+              rng.integers(0, 256, 1000, dtype=np.uint8).tobytes()]
+  bodies = [p + hashlib.sha256(p).digest() for p in payloads]
+  url, headers = servers["a"][0], {"X-Side": "a", "X-Check": "sha256"}
+  good = http_load.measure(url, bodies, 2, 40, 1.0, generator, headers)
+  assert good["errors"] == 0 and good["requests"] >= len(bodies), good
+  # A body cut short fails the check: the server does look at the bytes.
+  bad = http_load.measure(url, [bodies[2][1:]], 2, 20, 1.0, generator, headers)
+  assert bad["errors"] == bad["requests"] > 0, bad
 
 
 def test_alternate_measures_each_side_in_turn_with_a_ceiling_per_round(servers):

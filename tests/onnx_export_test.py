@@ -266,38 +266,42 @@ def _triton_infer(url, arrays, names):
   return np.asarray(out["data"], np.float32).reshape(out["shape"])
 
 
-def test_triton_serves_the_repository_as_declared(exports, tmp_path):
-  """The repositories of every backbone, in a real Triton server (2.51), give the
-  in-process scores at batch sizes 1, 7 and 64, and 64 single lists sent at once
-  (batched by Triton's dynamic batcher) give the same. Triton checks each request
-  against the config's inputs (types, dims, the ``user`` reshape) and applies them;
-  the graph runs in ONNX Runtime through ``tests/triton_onnx_model.py``, as the
-  wheel has no ONNX Runtime backend."""
-  import concurrent.futures  # pylint: disable=g-import-not-at-top
-  import urllib.request  # pylint: disable=g-import-not-at-top
-  from benchmarks import http_load  # pylint: disable=g-import-not-at-top
-  from benchmarks import process_cpu  # pylint: disable=g-import-not-at-top
+def _triton_wheel():
+  """The unpacked nvidia-pytriton wheel that brings Triton here (pip downloads it)."""
   from benchmarks import triton_server  # pylint: disable=g-import-not-at-top
-  try:   # the server's binaries come in a wheel that pip downloads
-    wheel = triton_server.unpacked_wheel(triton_server.DEFAULT_DIR)
+  try:
+    return triton_server.unpacked_wheel(triton_server.DEFAULT_DIR)
   except RuntimeError as e:
     pytest.skip(str(e))
-  here = os.path.dirname(os.path.abspath(__file__))
+
+
+def _repository_models(exports, edit=lambda config: config, files=None):
+  """Each backbone's exported model for one Triton repository: its ``config.pbtxt``
+  named after the backbone (one repository serves them all), then ``edit``ed; its
+  ``model.onnx`` and ``files``."""
   models = {}
   for backbone, e in exports.items():
     model_dir = os.path.join(e["directory"], "triton", "dnr_reranker")
     with open(os.path.join(model_dir, "config.pbtxt")) as f:
       config = f.read()
-    # Only the backend differs, and the name (one repository for every backbone).
-    assert 'platform: "onnxruntime_onnx"' in config
-    config = config.replace('platform: "onnxruntime_onnx"', 'backend: "python"'
-                            ).replace('name: "dnr_reranker"', f'name: "{backbone}"')
-    models[backbone] = (config, {
-        "model.py": os.path.join(here, "triton_onnx_model.py"),
-        "model.onnx": os.path.join(model_dir, "1", "model.onnx")})
-  triton_server.layout(str(tmp_path), wheel, models)
+    assert 'name: "dnr_reranker"' in config
+    models[backbone] = (
+        edit(config.replace('name: "dnr_reranker"', f'name: "{backbone}"')),
+        {"model.onnx": os.path.join(model_dir, "1", "model.onnx"), **(files or {})})
+  return models
+
+
+def _serve_and_check(exports, work, wheel, cwd):
+  """Starts Triton on the repository under ``work`` and checks every backbone: the
+  in-process scores at batch sizes 1, 7 and 64, and the same from 64 single lists
+  sent at once (batched by Triton's dynamic batcher)."""
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  import urllib.request  # pylint: disable=g-import-not-at-top
+  from benchmarks import http_load  # pylint: disable=g-import-not-at-top
+  from benchmarks import process_cpu  # pylint: disable=g-import-not-at-top
+  from benchmarks import triton_server  # pylint: disable=g-import-not-at-top
   port = http_load.free_port()
-  proc = triton_server.start(str(tmp_path), wheel, port, here)
+  proc = triton_server.start(str(work), wheel, port, cwd)
   try:
     deadline = time.time() + 120
     while True:
@@ -306,7 +310,7 @@ def test_triton_serves_the_repository_as_declared(exports, tmp_path):
         break
       except OSError:
         assert proc.poll() is None and time.time() < deadline, (
-            (tmp_path / "log").read_text(errors="replace")[-3000:])
+            (work / "log").read_text(errors="replace")[-3000:])
         time.sleep(0.5)
     for backbone, e in exports.items():
       url = f"http://127.0.0.1:{port}/v2/models/{backbone}/infer"
@@ -322,6 +326,46 @@ def test_triton_serves_the_repository_as_declared(exports, tmp_path):
       assert np.abs(np.concatenate(got) - e["scores"][64]).max() <= ATOL, backbone
   finally:
     process_cpu.end_sessions([proc])
+
+
+def test_triton_onnxruntime_backend_serves_the_repository_as_exported(exports,
+                                                                     tmp_path):
+  """The repositories of every backbone, as exported (``platform:
+  "onnxruntime_onnx"``), in a real Triton server (2.51) with its ONNX Runtime
+  backend, give the in-process scores. Triton checks each request against the
+  config's inputs (types, dims, the ``user`` reshape) and applies them. The backend
+  is built from source (``benchmarks.triton_onnxruntime_backend``; skipped where
+  its sources, tools or build cannot be had)."""
+  from benchmarks import triton_onnxruntime_backend  # pylint: disable=g-import-not-at-top
+  from benchmarks import triton_server  # pylint: disable=g-import-not-at-top
+  wheel = _triton_wheel()
+  try:
+    backend = triton_onnxruntime_backend.built()
+  except RuntimeError as e:
+    pytest.skip(f"Triton's ONNX Runtime backend: {e}")
+  models = _repository_models(exports)
+  for config, _ in models.values():
+    assert 'platform: "onnxruntime_onnx"' in config
+  triton_server.layout(str(tmp_path), wheel, models, python_backend=False)
+  triton_onnxruntime_backend.install(str(tmp_path), wheel, backend)
+  _serve_and_check(exports, tmp_path, wheel, str(tmp_path))
+
+
+def test_triton_serves_the_repository_in_the_python_backend(exports, tmp_path):
+  """The same, with the graph run in ONNX Runtime by a Python-backend model,
+  ``tests/triton_onnx_model.py`` (where the ONNX Runtime backend cannot be built,
+  this still checks the config against a real Triton): only the config's platform
+  line is changed."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  wheel = _triton_wheel()
+  from benchmarks import triton_server  # pylint: disable=g-import-not-at-top
+  models = _repository_models(
+      exports, lambda c: c.replace('platform: "onnxruntime_onnx"', 'backend: "python"'),
+      {"model.py": os.path.join(here, "triton_onnx_model.py")})
+  for config, _ in models.values():
+    assert 'backend: "python"' in config and "onnxruntime_onnx" not in config
+  triton_server.layout(str(tmp_path), wheel, models)
+  _serve_and_check(exports, tmp_path, wheel, here)
 
 
 def test_triton_repository_of_a_model_without_features(tmp_path):

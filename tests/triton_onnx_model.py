@@ -1,10 +1,11 @@
 """A Triton Python-backend model that runs the repository's ``model.onnx`` in ONNX
 Runtime (not a test file: ``onnx_export_test`` serves it from a real Triton server).
 
-The nvidia-pytriton wheel that brings Triton here has no ONNX Runtime backend, so
+The nvidia-pytriton wheel that brings Triton here has no ONNX Runtime backend; where
+that backend cannot be built from source (``benchmarks.triton_onnxruntime_backend``),
 this model stands in for it: the config's inputs and output, dims, reshape and
-dynamic batching are Triton's to check and apply, as they would be for that
-backend; only the graph runs in Python. A batch of requests is scored in one
+dynamic batching are still Triton's to check and apply; only the graph runs in
+Python. A batch of requests is scored in one
 ``run`` and split back per request.
 """
 

@@ -1,0 +1,187 @@
+"""Triton's ONNX Runtime backend, built from source for ``triton_server``'s Triton.
+
+The nvidia-pytriton 0.6.0 wheel that brings Triton 2.51 here (``triton_server``)
+carries only the Python backend. The ONNX Runtime backend of the same release
+(branch ``r24.10``) builds on this machine in under a minute, CPU only, from:
+
+* four triton-inference-server repositories at ``r24.10``: ``onnxruntime_backend``,
+  ``backend``, ``core`` and ``common`` (``SOURCES/<name>``);
+* ONNX Runtime's C API header (``SOURCES/onnxruntime/include/onnxruntime_c_api.h``;
+  the backend includes nothing else of ONNX Runtime). The backend asks the library
+  for the header's API version, so any header from ONNX Runtime 1.19 (the one
+  ``r24.10`` was released with) up to the installed library's version serves;
+* the ONNX Runtime library that the ``onnxruntime`` wheel ships
+  (``onnxruntime/capi/libonnxruntime.so.1.*``), which serves every older API version;
+* cmake, a C++17 compiler and RapidJSON's headers (Debian: ``cmake g++
+  rapidjson-dev``).
+
+``sources`` clones what is missing from GitHub (git, network); where there is no
+network, fill ``SOURCES`` by hand. ``built`` builds once into a cache folder, under
+a lock; ``install`` puts the backend beside a server's ``backends/python``.
+
+The wheel renames ``libtritonserver.so`` (``libtritonserver-<hash>.so``); the
+backend asks for the plain name, so ``install`` links that name to the wheel's file
+in the backend's folder (the backend finds it through its ``$ORIGIN`` run path, and
+the loader sees the file the server already loaded, so it is not loaded twice).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import glob
+import os
+import shutil
+import subprocess
+import tempfile
+import urllib.request
+
+BRANCH = "r24.10"
+REPOSITORIES = ("onnxruntime_backend", "backend", "core", "common")
+ORT_TAG = "v1.19.2"
+HEADER = os.path.join("onnxruntime", "include", "onnxruntime_c_api.h")
+DEFAULT_DIR = os.path.join(os.path.expanduser("~"), ".cache", "dnr_jax",
+                           f"triton-onnxruntime-backend-{BRANCH}")
+_GITHUB = "https://github.com/triton-inference-server"
+_HEADER_URL = ("https://raw.githubusercontent.com/microsoft/onnxruntime/"
+               f"{ORT_TAG}/include/onnxruntime/core/session/onnxruntime_c_api.h")
+_LIBRARY = "libtriton_onnxruntime.so"
+
+
+def missing(directory: str) -> list[str]:
+  """What ``directory`` lacks of the sources (paths under it)."""
+  need = [*REPOSITORIES, HEADER]
+  return [p for p in need if not os.path.exists(os.path.join(directory, p))]
+
+
+def sources(directory: str) -> str:
+  """``directory`` with every source in place; what is missing is cloned (git,
+  branch ``r24.10``) or downloaded (the header, ONNX Runtime ``v1.19.2``).
+
+  Raises:
+    RuntimeError: something could not be fetched; the message names it, and the
+      folder to fill by hand.
+  """
+  os.makedirs(directory, exist_ok=True)
+  for name in missing(directory):
+    target = os.path.join(directory, name)
+    if name == HEADER:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      try:
+        with urllib.request.urlopen(_HEADER_URL, timeout=60) as r, \
+            open(target + ".part", "wb") as f:
+          shutil.copyfileobj(r, f)
+      except OSError as e:
+        raise RuntimeError(f"could not download {_HEADER_URL} ({e}); put "
+                           f"onnxruntime_c_api.h at {target}") from e
+      os.replace(target + ".part", target)
+      continue
+    if shutil.which("git") is None:
+      raise RuntimeError(f"git is not installed; put {_GITHUB}/{name} "
+                         f"(branch {BRANCH}) at {target}")
+    got = subprocess.run(["git", "clone", "-q", "--depth", "1", "--branch", BRANCH,
+                          f"{_GITHUB}/{name}.git", target + ".part"],
+                         capture_output=True, text=True)
+    if got.returncode:
+      shutil.rmtree(target + ".part", ignore_errors=True)
+      raise RuntimeError(f"git clone {_GITHUB}/{name} failed: "
+                         f"{got.stderr.strip()[-300:]}; put it (branch {BRANCH}) "
+                         f"at {target}")
+    os.replace(target + ".part", target)
+  return directory
+
+
+def onnxruntime_library() -> str:
+  """The ONNX Runtime library of the installed ``onnxruntime`` wheel."""
+  import onnxruntime  # pylint: disable=g-import-not-at-top
+  found = sorted(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), "capi",
+                                        "libonnxruntime.so.1*")))
+  if not found:
+    raise RuntimeError("the onnxruntime wheel has no libonnxruntime.so.1.* "
+                       f"({onnxruntime.__file__})")
+  return found[-1]
+
+
+def _tools() -> None:
+  lacking = [t for t in ("cmake", "make", "c++") if shutil.which(t) is None]
+  if not os.path.exists("/usr/include/rapidjson/document.h"):
+    lacking.append("RapidJSON's headers")
+  if lacking:
+    raise RuntimeError(f"building the ONNX Runtime backend needs {', '.join(lacking)} "
+                       "(Debian: apt-get install cmake g++ rapidjson-dev)")
+
+
+def _build(source_dir: str, out: str, log) -> None:
+  """Configures, builds and installs the backend from ``source_dir``'s sources into
+  ``out`` (the backend library and a copy of ONNX Runtime's)."""
+  with tempfile.TemporaryDirectory() as tmp:
+    src = os.path.join(tmp, "src")
+    for name in REPOSITORIES:
+      shutil.copytree(os.path.join(source_dir, name), os.path.join(src, name),
+                      ignore=shutil.ignore_patterns(".git"))
+    # common's unit tests fetch googletest from the network while configuring; the
+    # backend needs none of them.
+    tests = os.path.join(src, "common", "src", "CMakeLists.txt")
+    with open(tests) as f:
+      text = f.read()
+    with open(tests, "w") as f:
+      f.write(text.replace("add_subdirectory(test)", ""))
+    ort = os.path.join(tmp, "ort")
+    os.makedirs(os.path.join(ort, "lib"))
+    shutil.copy2(os.path.join(source_dir, HEADER), os.path.join(tmp, "ort"))
+    library = onnxruntime_library()
+    os.symlink(library, os.path.join(ort, "lib", "libonnxruntime.so"))
+    os.symlink(library, os.path.join(ort, "lib", "libonnxruntime.so.1"))
+    build = os.path.join(tmp, "build")
+    os.makedirs(build)
+    steps = [
+        ["cmake", os.path.join(src, "onnxruntime_backend"), "-Wno-dev",
+         "-DCMAKE_BUILD_TYPE=Release", f"-DCMAKE_INSTALL_PREFIX={tmp}/install",
+         "-DTRITON_ENABLE_GPU=OFF", "-DTRITON_ENABLE_ONNXRUNTIME_TENSORRT=OFF",
+         "-DTRITON_ENABLE_ONNXRUNTIME_OPENVINO=OFF",
+         f"-DTRITON_ONNXRUNTIME_INCLUDE_PATHS={ort}",
+         f"-DTRITON_ONNXRUNTIME_LIB_PATHS={ort}/lib",
+         "-DFETCHCONTENT_FULLY_DISCONNECTED=ON",
+         *(f"-DFETCHCONTENT_SOURCE_DIR_REPO-{name.upper()}={src}/{name}"
+           for name in ("common", "core", "backend"))],
+        ["make", f"-j{os.cpu_count() or 1}", "install"]]
+    for step in steps:
+      log.write(f"$ {' '.join(step)}\n".encode())
+      log.flush()
+      if subprocess.run(step, cwd=build, stdout=log, stderr=log).returncode:
+        raise RuntimeError(f"{step[0]} failed; its output is in {log.name}")
+    os.makedirs(out)
+    shutil.copy2(os.path.join(tmp, "install", "backends", "onnxruntime", _LIBRARY), out)
+    shutil.copy2(library, os.path.join(out, "libonnxruntime.so.1"))
+
+
+def built(directory: str = DEFAULT_DIR, source_dir: str | None = None) -> str:
+  """The folder of the built backend (``directory/onnxruntime``), built first if it
+  is missing, from ``source_dir`` (default ``directory/sources``, filled by
+  ``sources``). Several processes may ask at once: one builds, under a lock.
+
+  Raises:
+    RuntimeError: a source could not be had, a tool is missing, or the build failed.
+  """
+  out = os.path.join(directory, "onnxruntime")
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, "lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not os.path.exists(os.path.join(out, _LIBRARY)):
+      _tools()
+      source_dir = sources(source_dir or os.path.join(directory, "sources"))
+      for stale in (out, out + ".part"):
+        shutil.rmtree(stale, ignore_errors=True)
+      with open(os.path.join(directory, "build.log"), "wb") as log:
+        _build(source_dir, out + ".part", log)
+      os.replace(out + ".part", out)
+  return out
+
+
+def install(work: str, wheel: str, backend: str) -> None:
+  """``backend`` (``built``'s folder) as ``work/backends/onnxruntime``, for the
+  server of the unpacked ``wheel`` (``triton_server.start(work, wheel, ...)``)."""
+  target = os.path.join(work, "backends", "onnxruntime")
+  shutil.copytree(backend, target)
+  (server,) = glob.glob(os.path.join(wheel, "nvidia_pytriton.libs",
+                                     "libtritonserver-*.so"))
+  os.symlink(server, os.path.join(target, "libtritonserver.so"))
