@@ -78,9 +78,13 @@ def sources(directory: str) -> str:
     if shutil.which("git") is None:
       raise RuntimeError(f"git is not installed; put {_GITHUB}/{name} "
                          f"(branch {BRANCH}) at {target}")
-    got = subprocess.run(["git", "clone", "-q", "--depth", "1", "--branch", BRANCH,
-                          f"{_GITHUB}/{name}.git", target + ".part"],
-                         capture_output=True, text=True)
+    try:   # never a prompt for credentials; never a hang on a filtered network
+      got = subprocess.run(["git", "clone", "-q", "--depth", "1", "--branch", BRANCH,
+                            f"{_GITHUB}/{name}.git", target + ".part"],
+                           capture_output=True, text=True, timeout=600,
+                           env=dict(os.environ, GIT_TERMINAL_PROMPT="0"))
+    except subprocess.TimeoutExpired:
+      got = subprocess.CompletedProcess([], 1, "", "no answer in 600 s")
     if got.returncode:
       shutil.rmtree(target + ".part", ignore_errors=True)
       raise RuntimeError(f"git clone {_GITHUB}/{name} failed: "
