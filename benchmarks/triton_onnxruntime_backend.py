@@ -2,14 +2,14 @@
 
 The nvidia-pytriton 0.6.0 wheel that brings Triton 2.51 here (``triton_server``)
 carries only the Python backend. The ONNX Runtime backend of the same release
-(branch ``r24.10``) builds on this machine in under a minute, CPU only, from:
+(branch ``r24.10``) builds from source, CPU only, from:
 
 * four triton-inference-server repositories at ``r24.10``: ``onnxruntime_backend``,
   ``backend``, ``core`` and ``common`` (``SOURCES/<name>``);
 * ONNX Runtime's C API header (``SOURCES/onnxruntime/include/onnxruntime_c_api.h``;
-  the backend includes nothing else of ONNX Runtime). The backend asks the library
-  for the header's API version, so any header from ONNX Runtime 1.19 (the one
-  ``r24.10`` was released with) up to the installed library's version serves;
+  the backend includes nothing else of ONNX Runtime), ONNX Runtime 1.19's (API
+  version 19; built and tested with it). The backend asks the library for the
+  header's API version, so the library must be that version or newer;
 * the ONNX Runtime library that the ``onnxruntime`` wheel ships
   (``onnxruntime/capi/libonnxruntime.so.1.*``), which serves every older API version;
 * cmake, a C++17 compiler and RapidJSON's headers (Debian: ``cmake g++
@@ -17,7 +17,8 @@ carries only the Python backend. The ONNX Runtime backend of the same release
 
 ``sources`` clones what is missing from GitHub (git, network); where there is no
 network, fill ``SOURCES`` by hand. ``built`` builds once into a cache folder, under
-a lock; ``install`` puts the backend beside a server's ``backends/python``.
+a lock; ``install`` puts the backend in a server's ``backends/``. What cannot be had
+here (a source, a tool) raises ``Unavailable``; a build that fails, ``BuildError``.
 
 The wheel renames ``libtritonserver.so`` (``libtritonserver-<hash>.so``); the
 backend asks for the plain name, so ``install`` links that name to the wheel's file
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import fcntl
 import glob
+import http.client
 import os
 import shutil
 import subprocess
@@ -45,6 +47,18 @@ _GITHUB = "https://github.com/triton-inference-server"
 _HEADER_URL = ("https://raw.githubusercontent.com/microsoft/onnxruntime/"
                f"{ORT_TAG}/include/onnxruntime/core/session/onnxruntime_c_api.h")
 _LIBRARY = "libtriton_onnxruntime.so"
+# A clone that has not finished by then is taken as no network (a filtered one can
+# leave a connection waiting far longer).
+CLONE_TIMEOUT_S = 120
+
+
+class Unavailable(RuntimeError):
+  """A source or a tool the build needs cannot be had here; the message says which,
+  and where to put it by hand."""
+
+
+class BuildError(RuntimeError):
+  """cmake or make failed on sources and tools that were all there."""
 
 
 def missing(directory: str) -> list[str]:
@@ -58,7 +72,7 @@ def sources(directory: str) -> str:
   branch ``r24.10``) or downloaded (the header, ONNX Runtime ``v1.19.2``).
 
   Raises:
-    RuntimeError: something could not be fetched; the message names it, and the
+    Unavailable: something could not be fetched; the message names it, and the
       folder to fill by hand.
   """
   os.makedirs(directory, exist_ok=True)
@@ -70,26 +84,30 @@ def sources(directory: str) -> str:
         with urllib.request.urlopen(_HEADER_URL, timeout=60) as r, \
             open(target + ".part", "wb") as f:
           shutil.copyfileobj(r, f)
-      except OSError as e:
-        raise RuntimeError(f"could not download {_HEADER_URL} ({e}); put "
-                           f"onnxruntime_c_api.h at {target}") from e
+      except (OSError, http.client.HTTPException) as e:
+        if os.path.exists(target + ".part"):
+          os.remove(target + ".part")
+        raise Unavailable(f"could not download {_HEADER_URL} ({e!r}); put "
+                          f"onnxruntime_c_api.h at {target}") from e
       os.replace(target + ".part", target)
       continue
     if shutil.which("git") is None:
-      raise RuntimeError(f"git is not installed; put {_GITHUB}/{name} "
-                         f"(branch {BRANCH}) at {target}")
-    try:   # never a prompt for credentials; never a hang on a filtered network
+      raise Unavailable(f"git is not installed; put {_GITHUB}/{name} "
+                        f"(branch {BRANCH}) at {target}")
+    shutil.rmtree(target + ".part", ignore_errors=True)   # an interrupted clone's
+    try:   # never a prompt for credentials
       got = subprocess.run(["git", "clone", "-q", "--depth", "1", "--branch", BRANCH,
                             f"{_GITHUB}/{name}.git", target + ".part"],
-                           capture_output=True, text=True, timeout=600,
+                           capture_output=True, text=True, timeout=CLONE_TIMEOUT_S,
                            env=dict(os.environ, GIT_TERMINAL_PROMPT="0"))
     except subprocess.TimeoutExpired:
-      got = subprocess.CompletedProcess([], 1, "", "no answer in 600 s")
+      got = subprocess.CompletedProcess([], 1, "",
+                                        f"no answer in {CLONE_TIMEOUT_S} s")
     if got.returncode:
       shutil.rmtree(target + ".part", ignore_errors=True)
-      raise RuntimeError(f"git clone {_GITHUB}/{name} failed: "
-                         f"{got.stderr.strip()[-300:]}; put it (branch {BRANCH}) "
-                         f"at {target}")
+      raise Unavailable(f"git clone {_GITHUB}/{name} failed: "
+                        f"{got.stderr.strip()[-300:]}; put it (branch {BRANCH}) "
+                        f"at {target}")
     os.replace(target + ".part", target)
   return directory
 
@@ -100,8 +118,8 @@ def onnxruntime_library() -> str:
   found = sorted(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), "capi",
                                         "libonnxruntime.so.1*")))
   if not found:
-    raise RuntimeError("the onnxruntime wheel has no libonnxruntime.so.1.* "
-                       f"({onnxruntime.__file__})")
+    raise Unavailable("the onnxruntime wheel has no libonnxruntime.so.1.* "
+                      f"({onnxruntime.__file__})")
   return found[-1]
 
 
@@ -110,8 +128,8 @@ def _tools() -> None:
   if not os.path.exists("/usr/include/rapidjson/document.h"):
     lacking.append("RapidJSON's headers")
   if lacking:
-    raise RuntimeError(f"building the ONNX Runtime backend needs {', '.join(lacking)} "
-                       "(Debian: apt-get install cmake g++ rapidjson-dev)")
+    raise Unavailable(f"building the ONNX Runtime backend needs {', '.join(lacking)} "
+                      "(Debian: apt-get install cmake g++ rapidjson-dev)")
 
 
 def _build(source_dir: str, out: str, log) -> None:
@@ -127,6 +145,9 @@ def _build(source_dir: str, out: str, log) -> None:
     tests = os.path.join(src, "common", "src", "CMakeLists.txt")
     with open(tests) as f:
       text = f.read()
+    if "add_subdirectory(test)" not in text:
+      raise BuildError(f"{tests} no longer adds its tests as this build expects "
+                       f"(branch {BRANCH} moved?)")
     with open(tests, "w") as f:
       f.write(text.replace("add_subdirectory(test)", ""))
     ort = os.path.join(tmp, "ort")
@@ -152,7 +173,7 @@ def _build(source_dir: str, out: str, log) -> None:
       log.write(f"$ {' '.join(step)}\n".encode())
       log.flush()
       if subprocess.run(step, cwd=build, stdout=log, stderr=log).returncode:
-        raise RuntimeError(f"{step[0]} failed; its output is in {log.name}")
+        raise BuildError(f"{step[0]} failed; its output is in {log.name}")
     os.makedirs(out)
     shutil.copy2(os.path.join(tmp, "install", "backends", "onnxruntime", _LIBRARY), out)
     shutil.copy2(library, os.path.join(out, "libonnxruntime.so.1"))
@@ -164,7 +185,8 @@ def built(directory: str = DEFAULT_DIR, source_dir: str | None = None) -> str:
   ``sources``). Several processes may ask at once: one builds, under a lock.
 
   Raises:
-    RuntimeError: a source could not be had, a tool is missing, or the build failed.
+    Unavailable: a source could not be had, or a tool is missing.
+    BuildError: the build failed (its log: ``directory/build.log``).
   """
   out = os.path.join(directory, "onnxruntime")
   os.makedirs(directory, exist_ok=True)
@@ -184,8 +206,11 @@ def built(directory: str = DEFAULT_DIR, source_dir: str | None = None) -> str:
 def install(work: str, wheel: str, backend: str) -> None:
   """``backend`` (``built``'s folder) as ``work/backends/onnxruntime``, for the
   server of the unpacked ``wheel`` (``triton_server.start(work, wheel, ...)``)."""
+  found = glob.glob(os.path.join(os.path.abspath(wheel), "nvidia_pytriton.libs",
+                                 "libtritonserver-*.so"))
+  if len(found) != 1:
+    raise RuntimeError(f"expected one libtritonserver-*.so in {wheel}/"
+                       f"nvidia_pytriton.libs, found {len(found)}")
   target = os.path.join(work, "backends", "onnxruntime")
   shutil.copytree(backend, target)
-  (server,) = glob.glob(os.path.join(wheel, "nvidia_pytriton.libs",
-                                     "libtritonserver-*.so"))
-  os.symlink(server, os.path.join(target, "libtritonserver.so"))
+  os.symlink(found[0], os.path.join(target, "libtritonserver.so"))

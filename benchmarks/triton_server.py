@@ -160,26 +160,25 @@ def tensor_bodies(arrays: dict, names: list[str], output: str
                   ) -> tuple[list[bytes], dict[str, str]]:
   """One binary-extension request per list of ``arrays`` (``[N, ...]`` each): the
   inputs ``names`` in that order (a ``[N]`` array as ``[1, 1]``, booleans as one
-  byte each), asking for ``output`` in binary. Every header is padded to the
-  longest, so one set of request headers (returned) serves every body."""
-  parts = []
-  for i in range(len(arrays[names[0]])):
-    inputs, data = [], []
-    for name in names:
-      a = np.ascontiguousarray(arrays[name][i:i + 1])
-      a = a.reshape(1, 1) if a.ndim == 1 else a
-      raw = a.astype(np.uint8).tobytes() if a.dtype == bool else a.tobytes()
-      inputs.append({"name": name, "shape": list(a.shape),
-                     "datatype": _DATATYPES[str(a.dtype)],
-                     "parameters": {"binary_data_size": len(raw)}})
-      data.append(raw)
-    parts.append((json.dumps({"inputs": inputs, "outputs": [
-        {"name": output, "parameters": {"binary_data": True}}]}).encode(),
-                  b"".join(data)))
-  width = max(len(h) for h, _ in parts)
-  return ([h.ljust(width) + d for h, d in parts],
-          {"Inference-Header-Content-Length": str(width),
-           "Content-Type": "application/octet-stream"})
+  byte each), asking for ``output`` in binary. Every list has the same shapes, so
+  one header (and one set of request headers, returned) serves every body."""
+  one = {}
+  for name in names:
+    a = np.asarray(arrays[name])
+    one[name] = (a.reshape(-1, 1) if a.ndim == 1 else a,
+                 np.uint8 if a.dtype == bool else a.dtype)
+  header = json.dumps({"inputs": [
+      {"name": name, "shape": [1, *a.shape[1:]],
+       "datatype": _DATATYPES[str(a.dtype)],
+       "parameters": {"binary_data_size": int(np.prod(a.shape[1:])) *
+                                          np.dtype(wire).itemsize}}
+      for name, (a, wire) in one.items()],
+      "outputs": [{"name": output, "parameters": {"binary_data": True}}]}).encode()
+  bodies = [header + b"".join(np.ascontiguousarray(a[i], wire).tobytes()
+                              for a, wire in one.values())
+            for i in range(len(arrays[names[0]]))]
+  return bodies, {"Inference-Header-Content-Length": str(len(header)),
+                  "Content-Type": "application/octet-stream"}
 
 
 def post(url: str, body: bytes, timeout: float = 10.0) -> tuple[int, bytes]:

@@ -44,6 +44,10 @@ flags.DEFINE_list("export_format", ["jax"], "With --export: any of jax (reranker
                   "repository in DIR/triton/; implies onnx).")
 flags.DEFINE_string("triton_model_name", "dnr_reranker", "With triton: the model name.")
 flags.DEFINE_integer("triton_max_batch_size", 128, "With triton: Triton's max_batch_size.")
+flags.DEFINE_integer("triton_cpu_instances", 0, "With triton: model instances on CPU "
+                     "(an instance_group of KIND_CPU; 0: Triton's default).", lower_bound=0)
+flags.DEFINE_integer("triton_intra_op_threads", 0, "With triton: ONNX Runtime's intra-op "
+                     "threads per instance (0: its default, one per core).", lower_bound=0)
 flags.mark_flag_as_required("checkpoint")
 FLAGS = flags.FLAGS
 
@@ -75,7 +79,9 @@ def run(argv) -> None:
       stage += f" (the export to {FLAGS.export} may be incomplete)"
       sig = serving.export_reranker(bundle, FLAGS.export, formats=formats,
                                     triton_model_name=FLAGS.triton_model_name,
-                                    triton_max_batch_size=FLAGS.triton_max_batch_size)
+                                    triton_max_batch_size=FLAGS.triton_max_batch_size,
+                                    triton_cpu_instances=FLAGS.triton_cpu_instances,
+                                    triton_intra_op_threads=FLAGS.triton_intra_op_threads)
       what = [f"jax for {', '.join(sig['platforms'])}" if sig["file"] else "",
               "onnx" if "onnx" in sig else "",
               f"triton {sig['triton']['repository']}/{sig['triton']['model']}"

@@ -31,13 +31,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
     ok = self.headers.get("X-Side") == sys.argv[2]
     if self.headers.get("X-Check") == "sha256":   # the body ends in its payload's hash
       ok = ok and hashlib.sha256(data[:-32]).digest() == data[-32:]
+      if ok:
+        SEEN.add(data[-32:])
     body = b"ok" if ok else b"no header"
     self.send_response(200 if ok else 400)
     self.send_header("Content-Length", str(len(body)))
     self.end_headers()
     self.wfile.write(body)
+  def do_GET(self):   # how many distinct intact bodies arrived
+    body = str(len(SEEN)).encode()
+    self.send_response(200)
+    self.send_header("Content-Length", str(len(body)))
+    self.end_headers()
+    self.wfile.write(body)
   def log_message(self, *args):
     pass
+SEEN = set()
 http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
 """
 
@@ -113,6 +122,8 @@ def test_measure_sends_binary_bodies_intact(servers, generator):
   url, headers = servers["a"][0], {"X-Side": "a", "X-Check": "sha256"}
   good = http_load.measure(url, bodies, 2, 40, 1.0, generator, headers)
   assert good["errors"] == 0 and good["requests"] >= len(bodies), good
+  with urllib.request.urlopen(url, timeout=5) as r:
+    assert int(r.read()) == len(bodies)        # every body, not one of them again
   # A body cut short fails the check: the server does look at the bytes.
   bad = http_load.measure(url, [bodies[2][1:]], 2, 20, 1.0, generator, headers)
   assert bad["errors"] == bad["requests"] > 0, bad

@@ -226,6 +226,9 @@ def test_triton_config_follows_the_model_configuration_schema(exports):
     assert config.name == "dnr_reranker" and config.platform == "onnxruntime_onnx"
     assert config.max_batch_size == triton_repository.DEFAULT_MAX_BATCH_SIZE > 0
     assert config.HasField("dynamic_batching")
+    # By default Triton and ONNX Runtime choose the instances and threads.
+    assert not config.instance_group and not config.parameters
+    assert sig["triton"]["cpu_instances"] == sig["triton"]["intra_op_threads"] == 0
     types = {"int32": pb2.TYPE_INT32, "bool": pb2.TYPE_BOOL, "float32": pb2.TYPE_FP32}
     assert [i.name for i in config.input] == [i["name"] for i in sig["inputs"]]
     for declared, spec in zip(config.input, sig["inputs"]):
@@ -335,17 +338,24 @@ def test_triton_onnxruntime_backend_serves_the_repository_as_exported(exports,
   backend, give the in-process scores. Triton checks each request against the
   config's inputs (types, dims, the ``user`` reshape) and applies them. The backend
   is built from source (``benchmarks.triton_onnxruntime_backend``; skipped where
-  its sources, tools or build cannot be had)."""
+  its sources or tools cannot be had)."""
   from benchmarks import triton_onnxruntime_backend  # pylint: disable=g-import-not-at-top
   from benchmarks import triton_server  # pylint: disable=g-import-not-at-top
   wheel = _triton_wheel()
-  try:
+  try:   # a build that fails (BuildError) fails the test
     backend = triton_onnxruntime_backend.built()
-  except RuntimeError as e:
+  except triton_onnxruntime_backend.Unavailable as e:
     pytest.skip(f"Triton's ONNX Runtime backend: {e}")
   models = _repository_models(exports)
   for config, _ in models.values():
     assert 'platform: "onnxruntime_onnx"' in config
+  # One backbone as exported with pinned CPU instances and threads: Triton takes
+  # those lines too (two instances, one ONNX Runtime thread each).
+  e = exports["prm"]
+  pinned, _ = triton_repository.config_text(
+      e["signature"], model_name="prm", max_batch_size=64, cpu_instances=2,
+      intra_op_threads=1)
+  models["prm"] = (pinned, models["prm"][1])
   triton_server.layout(str(tmp_path), wheel, models, python_backend=False)
   triton_onnxruntime_backend.install(str(tmp_path), wheel, backend)
   _serve_and_check(exports, tmp_path, wheel, str(tmp_path))
@@ -372,12 +382,17 @@ def test_triton_repository_of_a_model_without_features(tmp_path):
   bundle = _bundle("prm", features=False)
   sig = serving.export_reranker(bundle, str(tmp_path), formats="triton",
                                 triton_model_name="prm_plain",
-                                triton_max_batch_size=16)
+                                triton_max_batch_size=16, triton_cpu_instances=2,
+                                triton_intra_op_threads=1)
   assert sig["formats"] == ["triton"] and sig["file"] is None
+  assert sig["triton"]["cpu_instances"] == 2 and sig["triton"]["intra_op_threads"] == 1
   assert (tmp_path / onnx_export.ONNX_FILE).exists()       # triton implies onnx
   model_dir = tmp_path / "triton" / "prm_plain"
-  config, _ = _parse_config(str(model_dir / "config.pbtxt"))
+  config, pb2 = _parse_config(str(model_dir / "config.pbtxt"))
   assert config.max_batch_size == 16
+  (group,) = config.instance_group
+  assert group.count == 2 and group.kind == pb2.ModelInstanceGroup.KIND_CPU
+  assert config.parameters["intra_op_thread_count"].string_value == "1"
   # [b, 0] feature inputs cannot be declared to Triton (dims >= 1): left out of the
   # config and of the repository's graph, which never reads them.
   names = [i.name for i in config.input]
@@ -396,6 +411,9 @@ def test_triton_repository_of_a_model_without_features(tmp_path):
   with pytest.raises(errors.ConfigError, match="Triton model name"):
     serving.export_reranker(bundle, str(tmp_path / "bad"), formats="triton",
                             triton_model_name="../escape")
+  with pytest.raises(errors.ConfigError, match="intra_op_threads=-1: must be >= 0"):
+    serving.export_reranker(bundle, str(tmp_path / "bad"), formats="triton",
+                            triton_intra_op_threads=-1)
 
 
 def _doc_example():

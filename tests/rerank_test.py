@@ -166,7 +166,7 @@ def test_rerank_binary_end_to_end(run, tmp_path):
   assert (tmp_path / "exported" / "vocabulary" / "vocab.json").exists()
 
 
-@pytest.mark.parametrize("what", ["checkpoint", "columns", "output"])
+@pytest.mark.parametrize("what", ["checkpoint", "columns", "output", "triton"])
 def test_rerank_binary_bad_inputs_are_one_line(run, tmp_path, what):
   bad_lists = tmp_path / "bad.csv"
   bad_lists.write_text("list_id,item\n1,2\n")
@@ -175,10 +175,14 @@ def test_rerank_binary_bad_inputs_are_one_line(run, tmp_path, what):
            "columns": [f"--checkpoint={run.workdir}", f"--lists={bad_lists}",
                        f"--output={tmp_path / 'o.parquet'}"],
            "output": [f"--checkpoint={run.workdir}", f"--lists={run.lists}",
-                      f"--output={tmp_path / 'no' / 'o.parquet'}"]}[what]
+                      f"--output={tmp_path / 'no' / 'o.parquet'}"],
+           "triton": [f"--checkpoint={run.workdir}", f"--export={tmp_path / 'e'}",
+                      "--export_format=triton", "--triton_intra_op_threads=-1"]}[what]
   message, code = {"checkpoint": ("CheckpointError: --checkpoint=", 4),
                    "columns": ("missing column(s) ['user_id', 'item_id', 'score']", 3),
-                   "output": ("does not exist", 2)}[what]
+                   "output": ("does not exist", 2),
+                   "triton": ("flag --triton_intra_op_threads=-1: -1 is not a "
+                              "non-negative integer", 2)}[what]
   proc = _binary(*flags, timeout=300)
   assert proc.returncode == code, proc.stderr[-2000:]
   last = proc.stderr.strip().splitlines()[-1]

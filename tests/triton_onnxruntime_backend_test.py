@@ -24,12 +24,17 @@ def _fill(directory, skip=()):
 
 
 def _fake_git(tmp_path, monkeypatch, exit_code):
-  """``git`` on the PATH as a script that logs its arguments and exits."""
+  """``git`` on the PATH as a script that logs its arguments and exits; exiting 0,
+  it makes the folder a clone would (its last argument), and fails as git does
+  if that folder is already there."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   git = bin_dir / "git"
-  git.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/git.log\n'
-                 f'echo "fatal: unable to access" >&2\nexit {exit_code}\n')
+  clone = ('for a; do dest=$a; done\n'
+           '[ -e "$dest" ] && { echo "fatal: destination path exists" >&2; exit 128; }\n'
+           'mkdir -p "$dest"\n' if exit_code == 0 else
+           'echo "fatal: unable to access" >&2\n')
+  git.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/git.log\n{clone}exit {exit_code}\n')
   git.chmod(git.stat().st_mode | stat.S_IEXEC)
   monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
   return tmp_path / "git.log"
@@ -53,12 +58,45 @@ def test_a_failed_clone_names_the_repository_and_the_folder_to_fill(tmp_path,
   log = _fake_git(tmp_path, monkeypatch, 128)
   src = tmp_path / "src"
   _fill(str(src), skip=("backend",))
-  with pytest.raises(RuntimeError, match=r"git clone .*/backend failed: fatal: "
+  with pytest.raises(backend.Unavailable, match=r"git clone .*/backend failed: fatal: "
                      r"unable to access; put it \(branch r24\.10\) at .*src/backend"):
     backend.sources(str(src))
   (args,) = log.read_text().splitlines()
   assert "--branch r24.10" in args and args.endswith(f"backend.git {src}/backend.part")
   assert not (src / "backend.part").exists() and not (src / "backend").exists()
+
+
+def test_a_clone_left_half_done_is_cloned_again(tmp_path, monkeypatch):
+  log = _fake_git(tmp_path, monkeypatch, 0)
+  src = tmp_path / "src"
+  _fill(str(src), skip=("core",))
+  (src / "core.part").mkdir()                  # an earlier clone, interrupted
+  (src / "core.part" / "half").write_text("")
+  backend.sources(str(src))
+  assert (src / "core").is_dir() and not (src / "core" / "half").exists()
+  assert not (src / "core.part").exists()
+  assert len(log.read_text().splitlines()) == 1
+
+
+def test_a_failed_header_download_leaves_nothing_behind(tmp_path, monkeypatch):
+  import http.client  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+
+  class CutShort(io.BytesIO):
+    def read(self, *args):
+      raise http.client.IncompleteRead(b"#define", 100)
+
+    def __exit__(self, *args):
+      return False
+
+  monkeypatch.setattr(backend.urllib.request, "urlopen",
+                      lambda *args, **kwargs: CutShort())
+  src = tmp_path / "src"
+  _fill(str(src), skip=(backend.HEADER,))
+  with pytest.raises(backend.Unavailable, match="IncompleteRead.*put "
+                     "onnxruntime_c_api.h at .*src/onnxruntime/include"):
+    backend.sources(str(src))
+  assert os.listdir(src / "onnxruntime" / "include") == []
 
 
 def test_built_reuses_the_cache_without_sources(tmp_path, monkeypatch):
@@ -86,3 +124,12 @@ def test_install_links_the_wheels_server_library(tmp_path):
                                         "libtritonserver.so"]
   assert os.readlink(target / "libtritonserver.so") == str(server)
   assert (target / "libtriton_onnxruntime.so").read_bytes() == b"libtriton_onnxruntime.so"
+
+
+def test_install_refuses_a_wheel_without_the_server_library(tmp_path):
+  (tmp_path / "built").mkdir()
+  (tmp_path / "wheel").mkdir()
+  with pytest.raises(RuntimeError, match="expected one libtritonserver-.*found 0"):
+    backend.install(str(tmp_path / "work"), str(tmp_path / "wheel"),
+                    str(tmp_path / "built"))
+  assert not (tmp_path / "work").exists()

@@ -41,8 +41,10 @@ def test_tensor_bodies_carry_each_list_in_the_declared_order_and_layout():
     assert got["mask"].shape == (1, 5)
     for name in names[1:]:
       np.testing.assert_array_equal(got[name][0], arrays[name][i])
-  # The ids' digits make the headers differ in length: one padded width serves both.
-  assert len(set(len(b) for b in bodies)) == 1
+  # One header for every list: each body is that header, then the list's bytes.
+  width = int(headers["Inference-Header-Content-Length"])
+  assert bodies[0][:width] == bodies[1][:width]
+  assert len(bodies[0]) == width + 4 + 5 * 4 + 5 + 5 * 4 + 5 * 2 * 4
 
 
 def test_layout_without_the_python_backend_writes_only_the_repository(tmp_path):

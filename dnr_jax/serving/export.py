@@ -83,7 +83,8 @@ def export_reranker(
     list_size: Optional[int] = None, history_size: Optional[int] = None,
     platforms=("cpu", "cuda"),
     triton_model_name: str = triton_repository.DEFAULT_MODEL_NAME,
-    triton_max_batch_size: int = triton_repository.DEFAULT_MAX_BATCH_SIZE) -> dict:
+    triton_max_batch_size: int = triton_repository.DEFAULT_MAX_BATCH_SIZE,
+    triton_cpu_instances: int = 0, triton_intra_op_threads: int = 0) -> dict:
   """Writes the reranker into ``directory`` in each of ``formats``.
 
   The parameters are baked into every artifact as constants; the batch dimension is
@@ -94,7 +95,10 @@ def export_reranker(
   ``reranker.onnx`` (``"onnx"``: checked against JAX with ONNX Runtime on a few
   random lists before it is written), ``triton/<triton_model_name>/`` (``"triton"``,
   implies ``"onnx"``: ``config.pbtxt`` and ``1/model.onnx``, dynamic batching up to
-  ``triton_max_batch_size`` lists), ``signature.json`` (inputs in call order with
+  ``triton_max_batch_size`` lists; ``triton_cpu_instances`` and
+  ``triton_intra_op_threads``, when > 0, pin the model's CPU instances and ONNX
+  Runtime's threads per instance, as ``triton_repository.write_repository`` says),
+  ``signature.json``  (inputs in call order with
   names, dtypes, shapes and meaning; the output; what each format wrote) and
   ``vocabulary/`` when the bundle has one. ``"onnx"`` and ``"triton"`` need the
   ``serve`` extra.
@@ -164,7 +168,8 @@ def export_reranker(
     if "triton" in formats:
       signature["triton"] = triton_repository.write_repository(
           directory, onnx_path, signature, model_name=triton_model_name,
-          max_batch_size=triton_max_batch_size)
+          max_batch_size=triton_max_batch_size, cpu_instances=triton_cpu_instances,
+          intra_op_threads=triton_intra_op_threads)
   with open(os.path.join(directory, SIGNATURE_FILE), "w") as f:
     json.dump(signature, f, indent=2, default=str)
   return signature

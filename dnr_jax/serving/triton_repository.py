@@ -55,8 +55,12 @@ def _io_block(name: str, dtype: str, dims: list[int]) -> str:
 
 
 def config_text(signature: Mapping, *, model_name: str, max_batch_size: int,
-                queue_delay_us: int = DEFAULT_QUEUE_DELAY_US) -> tuple[str, list[str]]:
-  """``config.pbtxt`` for the signature's inputs and output.
+                queue_delay_us: int = DEFAULT_QUEUE_DELAY_US, cpu_instances: int = 0,
+                intra_op_threads: int = 0) -> tuple[str, list[str]]:
+  """``config.pbtxt`` for the signature's inputs and output; with ``cpu_instances``
+  > 0 an ``instance_group`` of that many CPU instances, with ``intra_op_threads`` >
+  0 ONNX Runtime's intra-op threads per instance (0: Triton's and ONNX Runtime's
+  defaults).
 
   Returns:
     ``(text, names of the inputs declared)``; inputs with a zero-size dim are left
@@ -80,14 +84,19 @@ def config_text(signature: Mapping, *, model_name: str, max_batch_size: int,
       "dynamic_batching {",
       f"  max_queue_delay_microseconds: {int(queue_delay_us)}",
       "}",
-      "",
   ])
-  return text, declared
+  if cpu_instances:
+    text += f"\ninstance_group [ {{ count: {int(cpu_instances)} kind: KIND_CPU }} ]"
+  if intra_op_threads:
+    text += ('\nparameters { key: "intra_op_thread_count" value: { string_value: '
+             f'"{int(intra_op_threads)}" }} }}')
+  return text + "\n", declared
 
 
 def write_repository(directory: str, onnx_path: str, signature: Mapping, *,
                      model_name: str = DEFAULT_MODEL_NAME,
-                     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> dict:
+                     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+                     cpu_instances: int = 0, intra_op_threads: int = 0) -> dict:
   """Writes ``<directory>/triton/<model_name>/{config.pbtxt, 1/model.onnx}``.
 
   Args:
@@ -97,6 +106,11 @@ def write_repository(directory: str, onnx_path: str, signature: Mapping, *,
     model_name: the Triton model name (letters, digits, ``_ . -``).
     max_batch_size: the largest batch Triton forms (> 0: the batch dimension is
       Triton's); the graph takes any.
+    cpu_instances: model instances on CPU (0: Triton's default instance group).
+    intra_op_threads: ONNX Runtime's intra-op threads per instance (0: its default,
+      one per core, whose threads spin while they wait: on a small CPU machine
+      shared with other work, 1 with one or two instances served the most
+      (docs/serving_tuning.md, "Triton's ONNX Runtime backend")).
 
   Returns:
     What ``signature.json`` records under ``"triton"``.
@@ -108,8 +122,14 @@ def write_repository(directory: str, onnx_path: str, signature: Mapping, *,
   if int(max_batch_size) < 1:
     raise errors.ConfigError(f"Triton max_batch_size={max_batch_size}: must be >= 1 "
                              "(the batch dimension is dynamic)")
+  for name, value in (("cpu_instances", cpu_instances),
+                      ("intra_op_threads", intra_op_threads)):
+    if int(value) < 0:
+      raise errors.ConfigError(f"Triton {name}={value}: must be >= 0 (0: the default)")
   text, declared = config_text(signature, model_name=model_name,
-                               max_batch_size=max_batch_size)
+                               max_batch_size=max_batch_size,
+                               cpu_instances=cpu_instances,
+                               intra_op_threads=intra_op_threads)
   model = onnx.load(onnx_path)
   used = {name for node in model.graph.node for name in node.input}
   for value in list(model.graph.input):
@@ -131,4 +151,6 @@ def write_repository(directory: str, onnx_path: str, signature: Mapping, *,
           "config": os.path.join(REPOSITORY_DIR, model_name, CONFIG_FILE),
           "model_file": os.path.join(REPOSITORY_DIR, model_name, "1", MODEL_FILE),
           "max_batch_size": int(max_batch_size), "inputs": declared,
-          "dynamic_batching": {"max_queue_delay_microseconds": DEFAULT_QUEUE_DELAY_US}}
+          "dynamic_batching": {"max_queue_delay_microseconds": DEFAULT_QUEUE_DELAY_US},
+          "cpu_instances": int(cpu_instances),
+          "intra_op_threads": int(intra_op_threads)}

@@ -11,9 +11,10 @@ Run from the repository root. Triton 2.51 comes from the nvidia-pytriton 0.6.0
 wheel (``benchmarks.triton_server``), its ONNX Runtime backend built from source
 (``benchmarks.triton_onnxruntime_backend``). Each variant
 ``NAME:INSTANCES:MAX_BATCH:QUEUE_DELAY_US:THREADS`` serves the exported repository
-with its ``config.pbtxt`` changed only in ``max_batch_size``, the queue delay, and
-an ``instance_group`` of INSTANCES CPU instances whose ONNX Runtime sessions run
-on THREADS intra-op threads (``0``: ONNX Runtime's default, one per core).
+with its ``config.pbtxt`` changed in ``max_batch_size`` and the queue delay, and
+given an ``instance_group`` of INSTANCES CPU instances whose ONNX Runtime sessions
+run on THREADS intra-op threads each (``0``: ONNX Runtime's default, one per core);
+``NAME:exported`` serves the ``config.pbtxt`` as exported.
 
 This is not the request the service takes: a Triton request holds one list's
 arrays, its ids already mapped through the vocabulary and padded as
@@ -66,8 +67,8 @@ MODEL = "dnr_reranker"
 
 def _config(text: str, instances: int, max_batch: int, delay_us: int,
             threads: int) -> str:
-  for old, new in ((r"max_batch_size: ", f"max_batch_size: {max_batch}\n"),
-                   (r"max_queue_delay_microseconds: ",
+  for old, new in (("max_batch_size: ", f"max_batch_size: {max_batch}\n"),
+                   ("max_queue_delay_microseconds: ",
                     f"max_queue_delay_microseconds: {delay_us}\n")):
     start = text.index(old)
     text = text[:start] + new + text[text.index("\n", start) + 1:]
@@ -106,28 +107,34 @@ def main(argv):
             start_new_session=True)
         sides["service"] = alternate.Side(f"http://127.0.0.1:{port}/rerank", [], bodies,
                                           {"Content-Type": "application/json"})
+      ready = {}
+      if FLAGS.service:
+        ready["service"] = sides["service"].url.replace("/rerank", "/ready")
       for v in FLAGS.variants:
-        name, instances, max_batch, delay_us, threads = v.split(":")
+        name, *arrangement = v.split(":")
+        config = (exported_config if arrangement == ["exported"] else
+                  _config(exported_config, *map(int, arrangement)))
         work = os.path.join(tmp, name)
         triton_server.layout(work, wheel, {MODEL: (
-            _config(exported_config, int(instances), int(max_batch), int(delay_us),
-                    int(threads)), {"model.onnx": model_file})}, python_backend=False)
+            config, {"model.onnx": model_file})}, python_backend=False)
         triton_onnxruntime_backend.install(work, wheel, backend)
         port = http_load.free_port()
         procs[name] = triton_server.start(work, wheel, port, tmp)
         sides[name] = alternate.Side(
             f"http://127.0.0.1:{port}/v2/models/{MODEL}/infer", [], tensors, headers,
             stop=False)
-      for name, side in sides.items():
+        ready[name] = f"http://127.0.0.1:{port}/v2/models/{MODEL}/ready"
+      for name, url in ready.items():
         t0 = time.time()
         while True:
           try:
-            urllib.request.urlopen(urllib.request.Request(
-                side.url, data=side.bodies[0], headers=side.headers), timeout=5)
+            urllib.request.urlopen(url, timeout=5)
             break
           except OSError:
             if procs[name].poll() is not None or time.time() - t0 > 300:
-              raise SystemExit(f"{name} did not start (exit {procs[name].poll()})")
+              log = os.path.join(tmp, name, "log")
+              tail = open(log).read()[-2000:] if os.path.exists(log) else ""
+              raise SystemExit(f"{name} is not ready (exit {procs[name].poll()})\n{tail}")
             time.sleep(0.5)
       service = [json.loads(urllib.request.urlopen(urllib.request.Request(
           sides["service"].url, data=b, headers=sides["service"].headers),
@@ -135,8 +142,14 @@ def main(argv):
       for name, side in sides.items():
         if name == "service":
           continue
-        got = np.stack([np.frombuffer(triton_server.post_request(
-            side.url, side.bodies[i], side.headers)[1], np.float32) for i in range(64)])
+        got = []
+        for i in range(64):
+          status, reply = triton_server.post_request(side.url, side.bodies[i],
+                                                     side.headers)
+          if status != 200:
+            raise SystemExit(f"{name}: list {i} got {status}: {reply[:500]!r}")
+          got.append(np.frombuffer(reply, np.float32))
+        got = np.stack(got)
         mask = arrays["mask"][:64]
         line = {"side": name, "max_abs_diff_vs_in_process": float(
             np.abs(np.where(mask, got - want, 0)).max())}
