@@ -14,8 +14,11 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
+import os
 import signal
 import statistics
+import subprocess
+import sys
 import time
 from typing import Callable, Optional
 
@@ -139,3 +142,50 @@ def contract(post: Callable[[bytes], tuple], bodies: list, want: list,
           "bad_request": [status, reply.decode()[:120]],
           "good_failed_beside_a_bad_one": failed_beside_a_bad_one(
               lambda b: post(b)[0], bodies, bad)}
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def start_service(checkpoint: str) -> tuple[subprocess.Popen, str]:
+  """``experiments.serve`` of ``checkpoint`` on a free localhost port, in a session
+  of its own (``process_cpu.end_sessions`` ends it): its process and its
+  ``/rerank`` URL."""
+  port = http_load.free_port()
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "experiments.serve", f"--checkpoint={checkpoint}",
+       f"--port={port}"], cwd=ROOT, stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL, start_new_session=True)
+  return proc, f"http://127.0.0.1:{port}/rerank"
+
+
+def wait_for_200(post: Callable[[bytes], tuple], body: bytes, proc, name: str,
+                 timeout_s: float = 300.0, poll_s: float = 0.5) -> None:
+  """Posts ``body`` (``post``: a body -> ``(status, reply)``) until it gets 200.
+
+  Raises:
+    SystemExit: naming ``name``, if ``proc`` (a ``Popen``) exits first or none came
+      within ``timeout_s``.
+  """
+  t0 = time.time()
+  while post(body)[0] != 200:
+    if proc.poll() is not None or time.time() - t0 > timeout_s:
+      raise SystemExit(f"{name} did not start (exit {proc.poll()})")
+    time.sleep(poll_s)
+
+
+def against_service(urls: dict, pids: dict, post: Callable[[str, bytes], tuple],
+                    bodies: list, bad: bytes, scorer, arrays: dict, *, rounds: int,
+                    seconds: float, clients: int) -> None:
+  """Prints each side's ``contract`` against the side ``"service"``'s replies, then
+  alternates the load between the sides (``urls`` and their process trees
+  ``pids``, by name) and prints the medians, with ``scorer``'s ceiling."""
+  want = [json.loads(post(urls["service"], b)[1]) for b in bodies[:64]]
+  for name, url in urls.items():
+    print(json.dumps({"side": name, **contract(
+        lambda b, u=url: post(u, b), bodies, want, bad)}), flush=True)
+  sides = {name: Side(url, pids[name], bodies) for name, url in urls.items()}
+  results = alternate(sides, in_process_ceiling(scorer, arrays), rounds=rounds,
+                      seconds=seconds, clients=clients)
+  for line in medians(results):
+    print(json.dumps(line), flush=True)

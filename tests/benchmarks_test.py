@@ -37,11 +37,12 @@ def _records(text):
 
 
 def test_step_benchmark_prints_one_json_line_per_step_and_device_count():
-  proc = _run("benchmarks.step", *TINY, "--devices=1,2")
+  # Two of the four steps (the GPU check's test below runs all four).
+  proc = _run("benchmarks.step", *TINY, "--devices=1,2", "--steps=direct,model")
   assert proc.returncode == 0, proc.stderr[-3000:]
   recs = _records(proc.stdout)
   assert [(r["devices"], r["step"]) for r in recs] == [
-      (k, s) for k in (1, 2) for s in ("direct", "heuristic", "model", "eval")]
+      (k, s) for k in (1, 2) for s in ("direct", "model")]
   for r in recs:
     assert r["bench"] == "step"
     for field in STEP_FIELDS:

@@ -19,8 +19,10 @@ import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position
 jax.config.update("jax_disable_most_optimizations", True)
 # Many tests compile the same programs (same tiny configs); a persistent cache shared
 # by the pytest-xdist workers of one run compiles each once.
-_cache = os.environ.setdefault("DNR_TEST_COMPILE_CACHE",
-                               tempfile.mkdtemp(prefix="dnr-jax-xla-cache-"))
+if "DNR_TEST_COMPILE_CACHE" not in os.environ:   # set once, before the workers start
+  os.environ["DNR_TEST_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="dnr-jax-xla-cache-")
+_cache = os.environ["DNR_TEST_COMPILE_CACHE"]
 jax.config.update("jax_compilation_cache_dir", _cache)
 # Every program: at the suite's compile times most take under a second.
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+

@@ -1,6 +1,7 @@
 """Tests of the dual-tower retriever: it learns, builds lists, and is cached apart."""
 
 import dataclasses
+import functools
 
 import chex
 import numpy as np
@@ -49,16 +50,27 @@ def _train(log, config=CFG):
       item_feature_vocab=log.item_feature_vocab, config=config)
 
 
-TOWER, REPORT = _train(LOG)
+@functools.lru_cache(maxsize=None)
+def _trained():
+  """Trained on first use, not while pytest collects (in every worker)."""
+  return _train(LOG)
+
+
+def _tower():
+  return _trained()[0]
+
+
+def _report():
+  return _trained()[1]
 
 
 def test_learns_planted_preferences_from_histories_and_features():
   # The towers never see a user id: the taste comes from the history and features.
-  assert REPORT["heldout_auc"] > 0.75, REPORT   # at most ~0.84 on this log
-  assert REPORT["kind"] == "dual_tower"
-  chex.assert_shape(TOWER.item_vectors, (I, CFG.dim))
+  assert _report()["heldout_auc"] > 0.75, _report()   # at most ~0.84 on this log
+  assert _report()["kind"] == "dual_tower"
+  chex.assert_shape(_tower().item_vectors, (I, CFG.dim))
   hist = np.array([[3, 5, 0], [0, 0, 0]], np.int32)
-  mf = TOWER.as_mf(hist, hist > 0, np.array([1, 2]))
+  mf = _tower().as_mf(hist, hist > 0, np.array([1, 2]))
   s = np.asarray(retriever.score(mf, np.array([0, 1]), np.array([4, 4])))
   assert np.all((s > 0) & (s < 1))
 
@@ -76,7 +88,7 @@ def test_a_history_is_the_earlier_positives_of_the_same_user_only():
 @pytest.mark.parametrize("protocol", ("exposure", "retrieval"))
 def test_lists_built_with_it_are_informative(protocol):
   cfg = dataclasses.replace(LIST_CFG, protocol=protocol)
-  data = lists.build_lists(LOG, TOWER, cfg)
+  data = lists.build_lists(LOG, _tower(), cfg)
   for name, split in data.splits.items():
     s, mask = split["scores"], split["mask"]
     assert np.all((s[mask] > 0) & (s[mask] < 1)), name

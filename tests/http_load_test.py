@@ -197,3 +197,27 @@ def test_in_process_ceiling_times_the_tiled_lists():
   ceiling = alternate.in_process_ceiling(scorer, {"items": np.zeros((3, 2))}, lists=10)
   assert scorer.seen == [4]          # compiled on one batch first
   assert ceiling() > 0 and scorer.seen == [4, 10]   # each call: all 10 lists
+
+
+def test_wait_for_200_polls_until_ready_and_names_a_side_that_died():
+  class Proc:
+    def __init__(self, code):
+      self.code = code
+
+    def poll(self):
+      return self.code
+
+  statuses = iter([0, 503, 200])
+  posted = []
+
+  def post(body):
+    posted.append(body)
+    return next(statuses), b""
+
+  alternate.wait_for_200(post, b"x", Proc(None), "a", poll_s=0)
+  assert posted == [b"x"] * 3
+  with pytest.raises(SystemExit, match=r"b did not start \(exit 1\)"):
+    alternate.wait_for_200(lambda b: (0, b""), b"x", Proc(1), "b", poll_s=0)
+  with pytest.raises(SystemExit, match=r"c did not start \(exit None\)"):
+    alternate.wait_for_200(lambda b: (0, b""), b"x", Proc(None), "c", timeout_s=0,
+                           poll_s=0)

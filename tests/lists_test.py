@@ -1,6 +1,7 @@
 """Tests of list construction on a planted log: protocols, leakage, splits, report."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -59,13 +60,24 @@ def _retriever(log, config):
   return params, report
 
 
-PARAMS, REPORT = _retriever(LOG, CFG)
+@functools.lru_cache(maxsize=None)
+def _trained():
+  """Trained on first use, not while pytest collects (in every worker)."""
+  return _retriever(LOG, CFG)
+
+
+def _params():
+  return _trained()[0]
+
+
+def _report():
+  return _trained()[1]
 
 
 @pytest.mark.parametrize("protocol", ("exposure", "retrieval"))
 def test_lists_layout_leakage_and_informative_scores(protocol):
   cfg = dataclasses.replace(CFG, protocol=protocol)
-  data = lists.build_lists(LOG, PARAMS, cfg)
+  data = lists.build_lists(LOG, _params(), cfg)
   cut = _cut(LOG, cfg)
   for name, split in data.splits.items():
     arrays = pipeline.complete(split)
@@ -86,7 +98,7 @@ def test_lists_layout_leakage_and_informative_scores(protocol):
 
 
 def test_exposure_lists_are_real_impressions_after_the_cutoff():
-  data = lists.build_lists(LOG, PARAMS, CFG)
+  data = lists.build_lists(LOG, _params(), CFG)
   cut = _cut(LOG, CFG)
   later = {(u, i, l) for u, i, l in zip(LOG.user[cut:], LOG.item[cut:], LOG.label[cut:])}
   earlier_only = {(u, i) for u, i in zip(LOG.user[:cut], LOG.item[:cut])} - {
@@ -101,14 +113,14 @@ def test_exposure_lists_are_real_impressions_after_the_cutoff():
 
 def test_retrieval_lists_exclude_history():
   cfg = dataclasses.replace(CFG, protocol="retrieval")
-  data = lists.build_lists(LOG, PARAMS, cfg)
+  data = lists.build_lists(LOG, _params(), cfg)
   for split in data.splits.values():
     for hist, hm, its in zip(split["history"], split["history_mask"], split["items"]):
       assert not set(hist[hm]) & set(its)
 
 
 def test_splits_are_ordered_by_time():
-  data = lists.build_lists(LOG, PARAMS, CFG)
+  data = lists.build_lists(LOG, _params(), CFG)
   # Users' histories grow over time: the mean history length is non-decreasing.
   lengths = [data.splits[n]["history_mask"].sum(1).mean() for n in ("train", "test")]
   assert lengths[0] <= lengths[1]
@@ -116,14 +128,14 @@ def test_splits_are_ordered_by_time():
 
 def test_bad_list_config():
   with pytest.raises(ValueError, match="lists.protocol='cascade'"):
-    lists.build_lists(LOG, PARAMS, dataclasses.replace(CFG, protocol="cascade"))
+    lists.build_lists(LOG, _params(), dataclasses.replace(CFG, protocol="cascade"))
   with pytest.raises(ValueError, match="lists.window=10 must be < lists.list_size"):
-    lists.build_lists(LOG, PARAMS, dataclasses.replace(CFG, protocol="paper", window=10))
+    lists.build_lists(LOG, _params(), dataclasses.replace(CFG, protocol="paper", window=10))
 
 
 def test_paper_protocol_forces_the_next_interactions_in():
   cfg = dataclasses.replace(CFG, protocol="paper")
-  data = lists.build_lists(LOG, PARAMS, cfg)
+  data = lists.build_lists(LOG, _params(), cfg)
   train = data.splits["train"]
   # Only the forced items can be positive; every list holds the top n - W picks.
   assert train["mask"].sum(1).min() >= cfg.list_size - cfg.window
@@ -132,7 +144,7 @@ def test_paper_protocol_forces_the_next_interactions_in():
 
 @pytest.mark.slow
 def test_dnr_trains_on_built_lists():
-  data = lists.build_lists(LOG, PARAMS, CFG)
+  data = lists.build_lists(LOG, _params(), CFG)
   cfg = config_lib.apply_method(config_lib.TrainConfig(
       model=config_lib.ModelConfig(hidden=16, num_heads=2),
       noise=config_lib.NoiseConfig(generator_hidden=8), num_epochs=2, warmup_epochs=1,
@@ -145,7 +157,7 @@ def test_dnr_trains_on_built_lists():
 def test_time_splits_cut_at_the_configured_shares():
   end = lists.retriever_end_of(LOG.time, CFG)
   assert abs((LOG.time < end).mean() - CFG.retriever_fraction) < 0.01
-  data = lists.build_lists(LOG, PARAMS, CFG)
+  data = lists.build_lists(LOG, _params(), CFG)
   n = {name: data.report[name]["lists"] for name in lists.SPLITS}
   total = sum(n.values())
   assert abs(n["test"] / total - CFG.test_fraction) < 0.01

@@ -29,7 +29,6 @@ import pytest
 from dnr_jax.data import own_lists
 from dnr_jax.serving import rerank_files
 from dnr_jax.serving.online import replay
-from dnr_jax.serving.online import requests
 
 import tiny_runs  # pylint: disable=g-bad-import-order  (tests/tiny_runs.py)
 

@@ -13,11 +13,9 @@ JSON line per turn, then the medians per side, each also as a fraction of the
 in-process rate.
 """
 
-import json
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -65,14 +63,9 @@ def main(argv):
   from dnr_jax import serving
   bundle = serving.load_bundle(FLAGS.checkpoint)
   bodies, arrays = run_requests.request_bodies(bundle, 1)
-  sides, procs = {}, {}
+  urls, procs = {}, {}
   try:
-    port = http_load.free_port()
-    procs["service"] = subprocess.Popen(
-        [sys.executable, "-m", "experiments.serve", f"--checkpoint={FLAGS.checkpoint}",
-         f"--port={port}"], cwd=ROOT, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, start_new_session=True)
-    sides["service"] = f"http://127.0.0.1:{port}/rerank"
+    procs["service"], urls["service"] = alternate.start_service(FLAGS.checkpoint)
     for v in FLAGS.variants:
       name, stages, workers, max_batch, *status_workers = v.split(":")
       port = http_load.free_port()
@@ -84,24 +77,13 @@ def main(argv):
           [sys.executable, os.path.join(HERE, "mosec_app.py"), "--port", str(port),
            "--address", "127.0.0.1", "--log-level", "error"], env=env,
           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-      sides[name] = f"http://127.0.0.1:{port}/inference"
-    for name, url in sides.items():
-      t0 = time.time()
-      while _post(url, bodies[0])[0] != 200:
-        if procs[name].poll() is not None or time.time() - t0 > 300:
-          raise SystemExit(f"{name} did not start (exit {procs[name].poll()})")
-        time.sleep(0.5)
-    want = [json.loads(_post(sides["service"], b)[1]) for b in bodies[:64]]
-    for name, url in sides.items():
-      print(json.dumps({"side": name, **alternate.contract(
-          lambda b, u=url: _post(u, b), bodies, want, BAD)}), flush=True)
-    sides = {name: alternate.Side(url, process_cpu.tree(procs[name].pid), bodies)
-             for name, url in sides.items()}
-    ceiling = alternate.in_process_ceiling(serving.Scorer(bundle), arrays)
-    results = alternate.alternate(sides, ceiling, rounds=FLAGS.rounds,
-                                  seconds=FLAGS.seconds, clients=FLAGS.clients)
-    for line in alternate.medians(results):
-      print(json.dumps(line), flush=True)
+      urls[name] = f"http://127.0.0.1:{port}/inference"
+    for name, url in urls.items():
+      alternate.wait_for_200(lambda b, u=url: _post(u, b), bodies[0], procs[name], name)
+    alternate.against_service(
+        urls, {n: process_cpu.tree(p.pid) for n, p in procs.items()}, _post, bodies,
+        BAD, serving.Scorer(bundle), arrays, rounds=FLAGS.rounds,
+        seconds=FLAGS.seconds, clients=FLAGS.clients)
   finally:
     process_cpu.end_sessions(procs.values())
 
