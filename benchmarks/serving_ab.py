@@ -2,7 +2,7 @@ r"""Benchmark: two checkouts' services, alternated under the same load (A/B).
 
   python -m benchmarks.serving_ab --before=/path/to/old/checkout \
       [--after=.] [--checkpoint=RUN] [--lists_per_request=1] [--rounds=6] \
-      [--seconds=6] [--clients=32] [--load_generator=wrk]
+      [--seconds=6] [--clients=32] [--load_generator=wrk] [--after_flags=...]
 
 How each round of the service's tuning was measured (``docs/serving_tuning.md``). The
 build machine's speed drifts by a factor of two within minutes, so two services
@@ -16,7 +16,9 @@ from /proc, divided by the lists answered); then the medians of each side, and
 of the after/before ratio over the rounds.
 
 ``--before`` and ``--after`` are checkout directories (``git worktree add DIR
-COMMIT``): each service runs with its checkout first on ``PYTHONPATH``. Both serve
+COMMIT``): each service runs with its checkout first on ``PYTHONPATH``. With
+``--before=. --after_flags=...`` the two are one checkout, with and without a
+setting. Both serve
 ``--checkpoint`` (default: the ``lists_example`` run that ``benchmarks.serving``
 trains). Localhost only; the clients share the machine's cores.
 """
@@ -49,6 +51,9 @@ flags.DEFINE_integer("clients", 32, "Concurrent clients.")
 flags.DEFINE_enum("load_generator", "wrk", http_load.GENERATORS, "The clients.")
 flags.DEFINE_list("serve_flags", [], "More flags for both services, e.g. "
                   "--serve_flags=--max_batch_size=32.")
+flags.DEFINE_list("after_flags", [], "More flags for the candidate only: a setting "
+                  "against the same code without it (--before=. "
+                  "--after_flags=--worker_cores=1).")
 flags.mark_flag_as_required("before")
 flags.register_validator("lists_per_request", lambda k: 1 <= k <= 1024,
                          "--lists_per_request must be in 1..1024")
@@ -82,7 +87,8 @@ def main(argv):
       logs[side] = tempfile.TemporaryFile()
       procs[side] = subprocess.Popen(
           [sys.executable, "-m", "experiments.serve", f"--checkpoint={FLAGS.checkpoint}",
-           f"--port={ports[side]}", *lists_flag, *FLAGS.serve_flags],
+           f"--port={ports[side]}", *lists_flag, *FLAGS.serve_flags,
+           *(FLAGS.after_flags if side == "after" else [])],
           cwd=dirs[side], env=dict(os.environ, PYTHONPATH=dirs[side]),
           stdout=subprocess.DEVNULL, stderr=logs[side], start_new_session=True)
     for side in SIDES:

@@ -188,11 +188,30 @@ def _scored_by_worker(text):
           for line in text.splitlines() if line.startswith(prefix)}
 
 
+def _cores_of(pid):
+  with open(f"/proc/{pid}/status") as f:
+    for line in f:
+      if line.startswith("Cpus_allowed_list:"):
+        return line.split(":", 1)[1].strip()
+  raise AssertionError(f"no Cpus_allowed_list for {pid}")
+
+
 def test_two_workers_share_the_queue_and_stop_cleanly(run, service, tmp_path):
+  # With a core of its own for each where the machine has two.
+  pinned = len(os.sched_getaffinity(0)) >= 2
   s = Service(run.run_dir, tmp_path, "--workers=2", "--max_batch_size=4",
-              "--batch_timeout_ms=5", f"--max_candidates={MAX_CANDIDATES}")
+              "--batch_timeout_ms=5", f"--max_candidates={MAX_CANDIDATES}",
+              *(["--worker_cores=1"] if pinned else []))
   try:
     assert _call(s.url + "/info")[1]["server"]["workers_per_device"] == 2
+    if pinned:
+      everyone = _cores_of(s.proc.pid)
+      children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(s.proc.pid)],
+                                capture_output=True, text=True).stdout.split()
+      own = sorted(c for c in map(_cores_of, children) if c != everyone)
+      # The two workers, on the two highest cores; the HTTP process on every core.
+      top = sorted(os.sched_getaffinity(0))[-2:]
+      assert own == [str(c) for c in top], (own, everyone)
     bodies = _bodies(run)
     want = {b["list_id"]: r for b, (_, r) in zip(
         bodies, _concurrently(service.rerank, bodies))}
@@ -407,6 +426,18 @@ def test_a_port_in_use_fails_in_one_line_before_any_process_starts(run):
   assert "inference worker" not in proc.stderr
 
 
+def test_more_worker_cores_than_the_machine_fails_in_one_line(run):
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.serve", f"--checkpoint={run.run_dir}",
+       f"--port={_free_port()}", "--worker_cores=4096"], cwd=ROOT,
+      capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("ConfigError: worker_cores=4096 with workers=1: needs 4096 "
+                         "cores of their own"), last
+  assert "inference worker" not in proc.stderr
+
+
 def _json_lines(text):
   return [json.loads(l) for l in text.splitlines() if l.startswith("{")]
 
@@ -442,7 +473,7 @@ def test_ab_benchmark_alternates_two_checkouts(run):
       [sys.executable, "-m", "benchmarks.serving_ab", f"--before={ROOT}",
        f"--after={ROOT}", f"--checkpoint={run.run_dir}", "--rounds=2",
        "--seconds=1", "--clients=2", "--load_generator=aiohttp",
-       "--serve_flags=--max_batch_size=4"],
+       "--serve_flags=--max_batch_size=4", "--after_flags=--worker_cores=1"],
       cwd=ROOT, capture_output=True, text=True, timeout=400)
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = _json_lines(proc.stdout)
@@ -511,6 +542,16 @@ def test_the_endpoint_answers_in_front_of_the_middleware_stack(run):
   assert type(stack.app).__name__ == "ServerErrorMiddleware"
 
 
+def test_worker_cores_are_the_highest_and_distinct():
+  from dnr_jax.serving.online import api  # pylint: disable=g-import-not-at-top
+  assert api.worker_cores({0, 1, 2, 3}, 0, 1) == [3]
+  assert api.worker_cores({0, 1, 2, 3}, 1, 1) == [2]
+  assert api.worker_cores([5, 2, 7, 3], 0, 2) == [5, 7]
+  assert api.worker_cores([5, 2, 7, 3], 1, 2) == [2, 3]
+  with pytest.raises(ValueError, match="only 4 core"):
+    api.worker_cores(range(4), 2, 2)
+
+
 def test_service_config_refuses_what_would_misbehave(monkeypatch):
   from dnr_jax import errors  # pylint: disable=g-import-not-at-top
   from dnr_jax.serving.online import service  # pylint: disable=g-import-not-at-top
@@ -520,6 +561,8 @@ def test_service_config_refuses_what_would_misbehave(monkeypatch):
                      ({"max_batch_size": 48}, "power of two"),
                      ({"port": 80}, "1024..65535"),
                      ({"workers": 0}, "1..64"),
+                     ({"worker_cores": -1}, "must be >= 0"),
+                     ({"worker_cores": 4096}, "needs 4096 cores of their own"),
                      ({"host": "10.0.0.1"}, "LitServe listens")):
     with pytest.raises(errors.ConfigError, match=words):
       service.ServiceConfig(checkpoint="x", **bad).validate()

@@ -41,6 +41,18 @@ def bucket_sizes(max_batch_size: int) -> tuple[int, ...]:
   return tuple(1 << i for i in range(max_batch_size.bit_length()))
 
 
+def worker_cores(available, worker: int, per_worker: int) -> list[int]:
+  """The cores of inference worker ``worker`` (0, 1, ...) when each has
+  ``per_worker`` of its own: taken from the end of ``available`` (the lowest cores,
+  where the HTTP processes and the system tend to run, go last)."""
+  cores = sorted(available)
+  end = len(cores) - worker * per_worker
+  if per_worker < 1 or end - per_worker < 0:
+    raise ValueError(f"worker {worker} with {per_worker} core(s) each: only "
+                     f"{len(cores)} core(s) available")
+  return cores[end - per_worker:end]
+
+
 def _bucket(size: int, buckets: tuple[int, ...]) -> int:
   return next(b for b in buckets if b >= size)
 
@@ -54,13 +66,15 @@ class RerankAPI(ls.LitAPI):
   """The reranker as LitServe's API: decode (already checked), batch, score, reply."""
 
   def __init__(self, bundle_dir: str, limits: requests_lib.RequestLimits, drained, *,
-               max_batch_size: int, batch_timeout_ms: float, workers: int = 1):
+               max_batch_size: int, batch_timeout_ms: float, workers: int = 1,
+               cores_per_worker: int = 0):
     super().__init__(max_batch_size=max_batch_size,
                      batch_timeout=batch_timeout_ms / 1000.0, api_path=PATH,
                      loop=batching.QueueDelayLoop())
     self.bundle_dir, self.limits, self.drained = bundle_dir, limits, drained
     self.buckets = bucket_sizes(max_batch_size)
     self.workers = workers
+    self.cores_per_worker = cores_per_worker
 
   def setup(self, device):
     # The main process drains the HTTP side first; this worker must go on answering
@@ -68,16 +82,22 @@ class RerankAPI(ls.LitAPI):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, self._on_term)
     self.parent = os.getppid()
-    # This worker's count of lists scored, labelled once: LitServe numbers its
-    # workers 0, 1, ... in this variable.
-    self._scored = metrics_lib.get().lists.labels(
-        worker=os.environ.get("LITSERVE_WORKER_ID", "0"))
+    # LitServe numbers its workers 0, 1, ... in this variable.
+    worker = os.environ.get("LITSERVE_WORKER_ID", "0")
+    # This worker's count of lists scored, labelled once.
+    self._scored = metrics_lib.get().lists.labels(worker=worker)
     if self.workers > 1 and not any(k in os.environ for k in MEMORY_SETTINGS):
       # On an accelerator, JAX's client takes 75% of its memory at start-up: the
       # second worker would find none. Split that among the workers (read when JAX
       # starts its backend, below; no effect on CPU). The older name: every jaxlib
       # this project supports reads it.
       os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.75 / self.workers:.4f}"
+    if self.cores_per_worker:
+      # Before JAX starts its CPU client, which sizes its thread pool to the cores
+      # this process may run on: on a few cores shared with the HTTP side, the
+      # model's threads then wait less on each other (docs/serving_tuning.md).
+      os.sched_setaffinity(0, worker_cores(os.sched_getaffinity(0), int(worker),
+                                           self.cores_per_worker))
     import jax  # pylint: disable=g-import-not-at-top
     from dnr_jax.runtime import runner as runner_lib  # pylint: disable=g-import-not-at-top
     from dnr_jax.serving import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
@@ -97,9 +117,12 @@ class RerankAPI(ls.LitAPI):
     # under load from walking them.
     gc.collect()
     gc.freeze()
-    logging.info("reranker %s (%s/%s) ready on %s: batch sizes %s compiled in %.1fs",
-                 self.bundle_dir, bundle.config.model.backbone, bundle.config.method,
-                 jax_device, list(self.buckets), time.time() - t0)
+    logging.info("reranker %s (%s/%s) ready on %s%s: batch sizes %s compiled in "
+                 "%.1fs", self.bundle_dir, bundle.config.model.backbone,
+                 bundle.config.method, jax_device,
+                 f" (cores {sorted(os.sched_getaffinity(0))})"
+                 if self.cores_per_worker else "", list(self.buckets),
+                 time.time() - t0)
 
   def _on_term(self, signum, frame):
     del signum, frame
