@@ -95,9 +95,8 @@ class ServiceConfig:
     worker_cores: 0, or the cores each inference worker binds itself to, cores of
       its own (from the highest down), before JAX starts: JAX's CPU client then
       runs the model on that many threads. On a CPU machine with few cores, shared
-      with the HTTP processes, 1 served 13-16% more lists/s with one worker on 2
-      cores (``docs/serving_tuning.md``). Linux only; at most the cores this process
-      may use, over ``workers``.
+      with the HTTP processes, 1 serves more lists/s (``docs/serving_tuning.md``).
+      Linux only; at most the cores this process may use, over ``workers``.
     log_level: the servers' log level (uvicorn's names: ``warning``, ``info``, ...).
   """
   checkpoint: str
