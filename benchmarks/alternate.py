@@ -27,6 +27,8 @@ import numpy as np
 from benchmarks import http_load
 from benchmarks import process_cpu
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 @dataclasses.dataclass
 class Side:
@@ -144,8 +146,6 @@ def contract(post: Callable[[bytes], tuple], bodies: list, want: list,
               lambda b: post(b)[0], bodies, bad)}
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def start_service(checkpoint: str) -> tuple[subprocess.Popen, str]:
   """``experiments.serve`` of ``checkpoint`` on a free localhost port, in a session
@@ -184,7 +184,15 @@ def against_service(urls: dict, pids: dict, post: Callable[[str, bytes], tuple],
   for name, url in urls.items():
     print(json.dumps({"side": name, **contract(
         lambda b, u=url: post(u, b), bodies, want, bad)}), flush=True)
-  sides = {name: Side(url, pids[name], bodies) for name, url in urls.items()}
+  alternate_and_print({name: Side(url, pids[name], bodies) for name, url in
+                       urls.items()}, scorer, arrays, rounds=rounds, seconds=seconds,
+                      clients=clients)
+
+
+def alternate_and_print(sides: dict[str, Side], scorer, arrays: dict, *, rounds: int,
+                        seconds: float, clients: int) -> None:
+  """``alternate`` with ``scorer``'s ``in_process_ceiling`` over ``arrays``, then
+  ``medians``, each line printed as JSON."""
   results = alternate(sides, in_process_ceiling(scorer, arrays), rounds=rounds,
                       seconds=seconds, clients=clients)
   for line in medians(results):

@@ -152,7 +152,7 @@ def _build(source_dir: str, out: str, log) -> None:
       f.write(text.replace("add_subdirectory(test)", ""))
     ort = os.path.join(tmp, "ort")
     os.makedirs(os.path.join(ort, "lib"))
-    shutil.copy2(os.path.join(source_dir, HEADER), os.path.join(tmp, "ort"))
+    shutil.copy2(os.path.join(source_dir, HEADER), ort)
     library = onnxruntime_library()
     os.symlink(library, os.path.join(ort, "lib", "libonnxruntime.so"))
     os.symlink(library, os.path.join(ort, "lib", "libonnxruntime.so.1"))

@@ -98,7 +98,7 @@ def export_reranker(
   ``triton_max_batch_size`` lists; ``triton_cpu_instances`` and
   ``triton_intra_op_threads``, when > 0, pin the model's CPU instances and ONNX
   Runtime's threads per instance, as ``triton_repository.write_repository`` says),
-  ``signature.json``  (inputs in call order with
+  ``signature.json`` (inputs in call order with
   names, dtypes, shapes and meaning; the output; what each format wrote) and
   ``vocabulary/`` when the bundle has one. ``"onnx"`` and ``"triton"`` need the
   ``serve`` extra.

@@ -183,11 +183,8 @@ def main(argv):
       print(json.dumps({"idle_cpu_s_per_s": {
           n: round((process_cpu.cpu_seconds(s.pids) - before[n]) / 5.0, 3)
           for n, s in sides.items()}}), flush=True)
-      ceiling = alternate.in_process_ceiling(scorer, arrays)
-      results = alternate.alternate(sides, ceiling, rounds=FLAGS.rounds,
+      alternate.alternate_and_print(sides, scorer, arrays, rounds=FLAGS.rounds,
                                     seconds=FLAGS.seconds, clients=FLAGS.clients)
-      for line in alternate.medians(results):
-        print(json.dumps(line), flush=True)
     finally:
       process_cpu.end_sessions(procs.values())
 

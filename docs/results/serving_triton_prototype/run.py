@@ -112,11 +112,8 @@ def main(argv):
             posts[name], bodies, want, BAD)}), flush=True)
       for name, side in sides.items():
         side.pids = process_cpu.tree(procs[name].pid)
-      ceiling = alternate.in_process_ceiling(serving.Scorer(bundle), arrays)
-      results = alternate.alternate(sides, ceiling, rounds=FLAGS.rounds,
+      alternate.alternate_and_print(sides, serving.Scorer(bundle), arrays, rounds=FLAGS.rounds,
                                     seconds=FLAGS.seconds, clients=FLAGS.clients)
-      for line in alternate.medians(results):
-        print(json.dumps(line), flush=True)
     finally:
       process_cpu.end_sessions(procs.values())
 
