@@ -29,7 +29,9 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["dnr_jax", "dnr_jax.*", "experiments",
                                                "experiments.*"]),
-    package_data={"experiments": ["configs/*.flags"]},
+    package_data={"experiments": ["configs/*.flags"],
+                  # The raw-ids Triton backend, compiled on first use.
+                  "dnr_jax.serving.triton": ["backend.cc"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7",

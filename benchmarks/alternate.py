@@ -20,7 +20,9 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Optional
+import urllib.error
+import urllib.request
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -147,16 +149,31 @@ def contract(post: Callable[[bytes], tuple], bodies: list, want: list,
 
 
 
-def start_service(checkpoint: str) -> tuple[subprocess.Popen, str]:
-  """``experiments.serve`` of ``checkpoint`` on a free localhost port, in a session
-  of its own (``process_cpu.end_sessions`` ends it): its process and its
-  ``/rerank`` URL."""
+def start_service(checkpoint: str, flags: Sequence[str] = ()
+                  ) -> tuple[subprocess.Popen, str]:
+  """``experiments.serve`` of ``checkpoint`` on a free localhost port, with
+  ``flags``, in a session of its own (``process_cpu.end_sessions`` ends it): its
+  process and its ``/rerank`` URL."""
   port = http_load.free_port()
   proc = subprocess.Popen(
       [sys.executable, "-m", "experiments.serve", f"--checkpoint={checkpoint}",
-       f"--port={port}"], cwd=ROOT, stdout=subprocess.DEVNULL,
+       f"--port={port}", *flags], cwd=ROOT, stdout=subprocess.DEVNULL,
       stderr=subprocess.DEVNULL, start_new_session=True)
   return proc, f"http://127.0.0.1:{port}/rerank"
+
+
+def post_json(url: str, body: bytes, timeout: float = 10.0) -> tuple[int, bytes]:
+  """POSTs a JSON ``body``: the status and the reply's bytes (0 and nothing if the
+  server is not answering)."""
+  req = urllib.request.Request(url, data=body,
+                               headers={"Content-Type": "application/json"})
+  try:
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+      return r.status, r.read()
+  except urllib.error.HTTPError as e:
+    return e.code, e.read()
+  except OSError:
+    return 0, b""
 
 
 def wait_for_200(post: Callable[[bytes], tuple], body: bytes, proc, name: str,

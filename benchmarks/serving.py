@@ -17,6 +17,12 @@ the same lists and model: its lists/s, the ceiling the service is compared with;
 last, each level's lists/s as a fraction of that ceiling (the issue's target: at
 least half, at 32 clients and one list per request).
 
+With ``--engine=triton`` the service is ``experiments.serve_triton`` instead: the
+same request and reply on Triton Inference Server, through the ``dnr`` backend (C++,
+no Python per request), each body sent as Triton's ``request`` tensor
+(``dnr_jax.serving.triton.client``); the mean batch size is then Triton's
+(inferences over executions, from its metrics). One list per request only.
+
 Without ``--checkpoint`` it first trains the reranker of
 ``experiments/configs/lists_example.flags`` (DNR-G, n = 20; about a minute on 2 CPU
 cores) into ``--workdir``. The clients and the service share the machine's cores,
@@ -50,10 +56,16 @@ flags.DEFINE_enum("load_generator", "aiohttp", http_load.GENERATORS, "The client
                   "apart), whose clients take about a tenth of the CPU.")
 flags.DEFINE_integer("warmup", 200, "Requests sent (at the level's concurrency) before "
                      "the measurement.")
+flags.DEFINE_enum("engine", "litserve", ["litserve", "triton"], "The service: "
+                  "experiments.serve (LitServe) or experiments.serve_triton (Triton, "
+                  "the dnr backend).")
 flags.DEFINE_integer("max_batch_size", 64, "The service's --max_batch_size.")
 flags.DEFINE_float("batch_timeout_ms", 1.0, "The service's --batch_timeout_ms.")
 flags.DEFINE_integer("http_processes", 1, "The service's --http_processes.")
 flags.DEFINE_integer("workers", 1, "The service's --workers.")
+flags.DEFINE_integer("instances", 1, "Triton: serve_triton's --instances.")
+flags.DEFINE_integer("intra_op_threads", 1, "Triton: serve_triton's "
+                     "--intra_op_threads.")
 flags.DEFINE_integer("lists_per_request", 1, "Lists per request: 1 posts each to "
                      "/rerank; more post them in groups to /rerank_lists (lists/s "
                      "then counts every list of a request answered with 200).")
@@ -91,12 +103,40 @@ def _get(url: str, timeout: float = 2.0) -> tuple[int, str]:
     return 0, ""
 
 
-def _batch_stats(base: str) -> tuple[float, float]:
-  _, text = _get(base + "/metrics")
+def _batch_stats(metrics_url: str) -> tuple[float, float]:
+  """(lists, batches) scored so far, from the service's metrics."""
+  _, text = _get(metrics_url)
   def value(name):
-    m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
+    m = re.search(rf"^{name}(\{{[^}}]*\}})? ([0-9.e+-]+)$", text, re.M)
+    return float(m.group(2)) if m else 0.0
+  if FLAGS.engine == "triton":
+    return value("nv_inference_count"), value("nv_inference_exec_count")
   return value("dnr_batch_size_sum"), value("dnr_batch_size_count")
+
+
+def _service(checkpoint: str, port: int, k: int) -> tuple[list, str, str, str, dict]:
+  """The service's command, its POST URL, readiness URL, metrics URL, and the
+  headers of every request."""
+  base = f"http://127.0.0.1:{port}"
+  if FLAGS.engine == "triton":
+    metrics_port = http_load.free_port()
+    from dnr_jax.serving.triton import client  # pylint: disable=g-import-not-at-top
+    return ([sys.executable, "-m", "experiments.serve_triton",
+             f"--checkpoint={checkpoint}", f"--port={port}",
+             f"--metrics_port={metrics_port}",
+             f"--max_batch_size={FLAGS.max_batch_size}",
+             f"--queue_delay_us={round(FLAGS.batch_timeout_ms * 1000)}",
+             f"--instances={FLAGS.instances}",
+             f"--intra_op_threads={FLAGS.intra_op_threads}"],
+            base + "/v2/models/dnr_rerank/infer", base + "/v2/health/ready",
+            f"http://127.0.0.1:{metrics_port}/metrics", dict(client.HEADERS))
+  return ([sys.executable, "-m", "experiments.serve", f"--checkpoint={checkpoint}",
+           f"--port={port}", f"--max_batch_size={FLAGS.max_batch_size}",
+           f"--batch_timeout_ms={FLAGS.batch_timeout_ms}",
+           f"--http_processes={FLAGS.http_processes}", f"--workers={FLAGS.workers}",
+           f"--max_lists_per_request={max(k, 64)}"],
+          base + run_requests.post_path(k), base + "/ready", base + "/metrics",
+          {"Content-Type": "application/json"})
 
 
 def _scorer_lists_per_s(bundle, arrays) -> dict:
@@ -121,39 +161,39 @@ def main(argv):
   from dnr_jax import serving  # pylint: disable=g-import-not-at-top
   checkpoint = _checkpoint()
   bundle = serving.load_bundle(checkpoint)
-  bodies, arrays = run_requests.request_bodies(bundle, FLAGS.lists_per_request)
   k = FLAGS.lists_per_request
-  path = run_requests.post_path(k)
-  port = http_load.free_port()
-  base = f"http://127.0.0.1:{port}"
-  cmd = [sys.executable, "-m", "experiments.serve", f"--checkpoint={checkpoint}",
-         f"--port={port}", f"--max_batch_size={FLAGS.max_batch_size}",
-         f"--batch_timeout_ms={FLAGS.batch_timeout_ms}",
-         f"--http_processes={FLAGS.http_processes}", f"--workers={FLAGS.workers}",
-         f"--max_lists_per_request={max(k, 64)}"]
+  if FLAGS.engine == "triton" and k != 1:
+    raise app.UsageError("--engine=triton takes one list per request "
+                         "(--lists_per_request=1)")
+  bodies, arrays = run_requests.request_bodies(bundle, k)
+  cmd, url, ready, metrics, headers = _service(checkpoint, http_load.free_port(), k)
+  if FLAGS.engine == "triton":
+    from dnr_jax.serving.triton import client  # pylint: disable=g-import-not-at-top
+    bodies = [client.request_body(b) for b in bodies]
   print(f"starting: {' '.join(cmd)}", file=sys.stderr, flush=True)
   server = subprocess.Popen(cmd, cwd=ROOT)
   try:
     t0 = time.time()
-    while _get(base + "/ready")[0] != 200:
+    while _get(ready)[0] != 200:
       if server.poll() is not None:
         raise SystemExit(f"the service exited with status {server.returncode}")
       if time.time() - t0 > 300:
         raise SystemExit("the service was not ready after 300 s")
       time.sleep(0.5)
-    print(json.dumps({"what": "service ready", "seconds": round(time.time() - t0, 1),
+    print(json.dumps({"what": "service ready", "engine": FLAGS.engine,
+                      "seconds": round(time.time() - t0, 1),
                       "requests": len(bodies), "lists_per_request": k}), flush=True)
     served = {}
     for level in [int(x) for x in FLAGS.levels]:
-      asyncio.run(http_load.drive(base + path, bodies, level, FLAGS.warmup, 60))
-      s0, c0 = _batch_stats(base)
-      result = http_load.measure(base + path, bodies, level,
-                                 FLAGS.requests_per_level, FLAGS.seconds_per_level,
-                                 FLAGS.load_generator)
-      s1, c1 = _batch_stats(base)
+      asyncio.run(http_load.drive(url, bodies, level, FLAGS.warmup, 60, headers))
+      s0, c0 = _batch_stats(metrics)
+      result = http_load.measure(url, bodies, level, FLAGS.requests_per_level,
+                                 FLAGS.seconds_per_level, FLAGS.load_generator, headers)
+      s1, c1 = _batch_stats(metrics)
       result["lists_per_s"] = round(result["lists_per_s"] * k, 1)
       served[level] = result["lists_per_s"]
-      print(json.dumps({"clients": level, "lists_per_request": k, **result,
+      print(json.dumps({"engine": FLAGS.engine, "clients": level,
+                        "lists_per_request": k, **result,
                         "mean_batch": round((s1 - s0) / max(c1 - c0, 1), 2),
                         "load": FLAGS.load_generator}), flush=True)
   finally:

@@ -15,8 +15,9 @@ carries only the Python backend. The ONNX Runtime backend of the same release
 * cmake, a C++17 compiler and RapidJSON's headers (Debian: ``cmake g++
   rapidjson-dev``).
 
-``sources`` clones what is missing from GitHub (git, network); where there is no
-network, fill ``SOURCES`` by hand. ``built`` builds once into a cache folder, under
+``dnr_jax.serving.triton.sources`` clones what is missing from GitHub (git,
+network) into ``SOURCES`` (its ``DEFAULT_DIR``); where there is no network, fill
+``SOURCES`` by hand. ``built`` builds once into a cache folder, under
 a lock; ``install`` puts the backend in a server's ``backends/``. What cannot be had
 here (a source, a tool) raises ``Unavailable``; a build that fails, ``BuildError``.
 
@@ -30,97 +31,20 @@ from __future__ import annotations
 
 import fcntl
 import glob
-import http.client
 import os
 import shutil
 import subprocess
 import tempfile
-import urllib.request
 
-BRANCH = "r24.10"
+from dnr_jax.serving.triton import sources as sources_lib
+
 REPOSITORIES = ("onnxruntime_backend", "backend", "core", "common")
-ORT_TAG = "v1.19.2"
-HEADER = os.path.join("onnxruntime", "include", "onnxruntime_c_api.h")
+HEADER = sources_lib.HEADER
 DEFAULT_DIR = os.path.join(os.path.expanduser("~"), ".cache", "dnr_jax",
-                           f"triton-onnxruntime-backend-{BRANCH}")
-_GITHUB = "https://github.com/triton-inference-server"
-_HEADER_URL = ("https://raw.githubusercontent.com/microsoft/onnxruntime/"
-               f"{ORT_TAG}/include/onnxruntime/core/session/onnxruntime_c_api.h")
+                           f"triton-onnxruntime-backend-{sources_lib.BRANCH}")
 _LIBRARY = "libtriton_onnxruntime.so"
-# A clone that has not finished by then is taken as no network (a filtered one can
-# leave a connection waiting far longer).
-CLONE_TIMEOUT_S = 120
-
-
-class Unavailable(RuntimeError):
-  """A source or a tool the build needs cannot be had here; the message says which,
-  and where to put it by hand."""
-
-
-class BuildError(RuntimeError):
-  """cmake or make failed on sources and tools that were all there."""
-
-
-def missing(directory: str) -> list[str]:
-  """What ``directory`` lacks of the sources (paths under it)."""
-  need = [*REPOSITORIES, HEADER]
-  return [p for p in need if not os.path.exists(os.path.join(directory, p))]
-
-
-def sources(directory: str) -> str:
-  """``directory`` with every source in place; what is missing is cloned (git,
-  branch ``r24.10``) or downloaded (the header, ONNX Runtime ``v1.19.2``).
-
-  Raises:
-    Unavailable: something could not be fetched; the message names it, and the
-      folder to fill by hand.
-  """
-  os.makedirs(directory, exist_ok=True)
-  for name in missing(directory):
-    target = os.path.join(directory, name)
-    if name == HEADER:
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      try:
-        with urllib.request.urlopen(_HEADER_URL, timeout=60) as r, \
-            open(target + ".part", "wb") as f:
-          shutil.copyfileobj(r, f)
-      except (OSError, http.client.HTTPException) as e:
-        if os.path.exists(target + ".part"):
-          os.remove(target + ".part")
-        raise Unavailable(f"could not download {_HEADER_URL} ({e!r}); put "
-                          f"onnxruntime_c_api.h at {target}") from e
-      os.replace(target + ".part", target)
-      continue
-    if shutil.which("git") is None:
-      raise Unavailable(f"git is not installed; put {_GITHUB}/{name} "
-                        f"(branch {BRANCH}) at {target}")
-    shutil.rmtree(target + ".part", ignore_errors=True)   # an interrupted clone's
-    try:   # never a prompt for credentials
-      got = subprocess.run(["git", "clone", "-q", "--depth", "1", "--branch", BRANCH,
-                            f"{_GITHUB}/{name}.git", target + ".part"],
-                           capture_output=True, text=True, timeout=CLONE_TIMEOUT_S,
-                           env=dict(os.environ, GIT_TERMINAL_PROMPT="0"))
-    except subprocess.TimeoutExpired:
-      got = subprocess.CompletedProcess([], 1, "",
-                                        f"no answer in {CLONE_TIMEOUT_S} s")
-    if got.returncode:
-      shutil.rmtree(target + ".part", ignore_errors=True)
-      raise Unavailable(f"git clone {_GITHUB}/{name} failed: "
-                        f"{got.stderr.strip()[-300:]}; put it (branch {BRANCH}) "
-                        f"at {target}")
-    os.replace(target + ".part", target)
-  return directory
-
-
-def onnxruntime_library() -> str:
-  """The ONNX Runtime library of the installed ``onnxruntime`` wheel."""
-  import onnxruntime  # pylint: disable=g-import-not-at-top
-  found = sorted(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), "capi",
-                                        "libonnxruntime.so.1*")))
-  if not found:
-    raise Unavailable("the onnxruntime wheel has no libonnxruntime.so.1.* "
-                      f"({onnxruntime.__file__})")
-  return found[-1]
+Unavailable, BuildError = sources_lib.Unavailable, sources_lib.BuildError
+onnxruntime_library = sources_lib.onnxruntime_library
 
 
 def _tools() -> None:
@@ -147,7 +71,7 @@ def _build(source_dir: str, out: str, log) -> None:
       text = f.read()
     if "add_subdirectory(test)" not in text:
       raise BuildError(f"{tests} no longer adds its tests as this build expects "
-                       f"(branch {BRANCH} moved?)")
+                       f"(branch {sources_lib.BRANCH} moved?)")
     with open(tests, "w") as f:
       f.write(text.replace("add_subdirectory(test)", ""))
     ort = os.path.join(tmp, "ort")
@@ -181,8 +105,8 @@ def _build(source_dir: str, out: str, log) -> None:
 
 def built(directory: str = DEFAULT_DIR, source_dir: str | None = None) -> str:
   """The folder of the built backend (``directory/onnxruntime``), built first if it
-  is missing, from ``source_dir`` (default ``directory/sources``, filled by
-  ``sources``). Several processes may ask at once: one builds, under a lock.
+  is missing, from ``source_dir`` (default ``sources.DEFAULT_DIR``, filled by
+  ``sources.sources``). Several processes may ask at once: one builds, under a lock.
 
   Raises:
     Unavailable: a source could not be had, or a tool is missing.
@@ -194,7 +118,8 @@ def built(directory: str = DEFAULT_DIR, source_dir: str | None = None) -> str:
     fcntl.flock(lock, fcntl.LOCK_EX)
     if not os.path.exists(os.path.join(out, _LIBRARY)):
       _tools()
-      source_dir = sources(source_dir or os.path.join(directory, "sources"))
+      source_dir = sources_lib.sources(source_dir or sources_lib.DEFAULT_DIR,
+                                       REPOSITORIES)
       for stale in (out, out + ".part"):
         shutil.rmtree(stale, ignore_errors=True)
       with open(os.path.join(directory, "build.log"), "wb") as log:

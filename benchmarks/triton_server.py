@@ -1,84 +1,55 @@
 """Triton Inference Server for the serving benchmarks: the server, a model
 repository with a Python-backend model, and requests in its binary extension.
 
-Triton is not on the registry as a server, but the nvidia-pytriton 0.6.0 wheel
-carries its ``tritonserver`` binary (2.51), the Python backend, and a backend stub
-for each Python version, 3.11 among them (0.7.0 has none for 3.11). Only those
-binaries are used: PyTriton's Python package requires NumPy < 2, which JAX rules
-out. ``unpacked_wheel`` downloads the wheel (``pip download --no-deps``) and unpacks
-it once; ``layout`` copies the backend with this Python's stub and writes a model;
-``start`` runs the server on localhost.
+The server comes from the nvidia-pytriton 0.6.0 wheel
+(``dnr_jax.serving.triton.server``), which also carries the Python backend and a
+backend stub for each Python version, 3.11 among them (0.7.0 has none for 3.11).
+``unpacked_wheel`` checks for this Python's stub; ``layout`` copies the backend with
+it and writes a model; ``start`` runs the server on localhost.
 
-A request to a Python-backend model carries one body (the service's JSON) as a
-UINT8 tensor named ``request`` in Triton's binary tensor extension, behind a JSON
-header padded to ``HEADER_BYTES`` (so one ``Inference-Header-Content-Length`` serves
-every body); the reply's ``reply`` tensor comes back the same way. A request to
+A request to a Python-backend model carries one body (the service's JSON) as
+``dnr_jax.serving.triton.client`` sends it to the raw-ids model: the UINT8 tensor
+``request`` in Triton's binary tensor extension; the reply's ``reply`` tensor comes
+back the same way. A request to
 an exported model (``tensor_bodies``) carries one list's arrays as its inputs.
 """
 
 from __future__ import annotations
 
-import fcntl
-import glob
 import json
 import os
 import shutil
 import subprocess
 import sys
-import sysconfig
-import tempfile
 import urllib.error
 import urllib.request
-import zipfile
 from typing import Optional
 
 import numpy as np
 
-WHEEL = "nvidia-pytriton==0.6.0"
-DEFAULT_DIR = os.path.join(os.path.expanduser("~"), ".cache", "dnr_jax",
-                           "nvidia-pytriton-0.6.0")
-HEADER_BYTES = 256
-HEADERS = {"Inference-Header-Content-Length": str(HEADER_BYTES),
-           "Content-Type": "application/octet-stream"}
-_SERVER = ("pytriton", "tritonserver")
+from dnr_jax.serving.triton import client
+from dnr_jax.serving.triton import server as server_lib
+
+HEADER_BYTES = client.HEADER_BYTES
+HEADERS = client.HEADERS
+DEFAULT_DIR = server_lib.DEFAULT_DIR
+request_body = client.request_body
+_SERVER = server_lib.SERVER
 _PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
 def unpacked_wheel(directory: str) -> str:
-  """``directory`` holding the unpacked wheel; downloaded and unpacked if missing.
-
-  Several processes may ask at once (test workers): one downloads under a lock, and
-  the wheel is unpacked beside ``directory`` and renamed into place, so no process
-  sees half of it.
+  """``server_lib.unpacked_wheel``, checked for a Python-backend stub for this
+  Python.
 
   Raises:
     RuntimeError: the wheel could not be downloaded, or has no stub for this Python.
   """
-  server = os.path.join(directory, *_SERVER)
-  parent = os.path.dirname(os.path.abspath(directory)) or "."
-  os.makedirs(parent, exist_ok=True)
-  with open(os.path.abspath(directory) + ".lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    if not os.path.exists(os.path.join(server, "bin", "tritonserver")):
-      with tempfile.TemporaryDirectory(dir=parent) as tmp:
-        got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
-                              "-q", WHEEL, "-d", tmp], capture_output=True, text=True)
-        wheels = glob.glob(os.path.join(tmp, "*.whl"))
-        if got.returncode or not wheels:
-          raise RuntimeError(f"pip download {WHEEL} failed: "
-                             f"{(got.stderr or got.stdout).strip()[-500:]}")
-        unpacked = os.path.join(tmp, "unpacked")
-        with zipfile.ZipFile(wheels[0]) as z:
-          z.extractall(unpacked)
-        for path in (os.path.join(unpacked, *_SERVER, "bin", "tritonserver"),
-                     *glob.glob(os.path.join(unpacked, *_SERVER, "python_backend_stubs",
-                                             "*", "triton_python_backend_stub"))):
-          os.chmod(path, 0o755)   # zip files keep no modes
-        shutil.rmtree(directory, ignore_errors=True)
-        os.rename(unpacked, directory)
-  if not os.path.exists(os.path.join(server, "python_backend_stubs", _PYTHON,
-                                     "triton_python_backend_stub")):
-    raise RuntimeError(f"{WHEEL} has no Python-backend stub for Python {_PYTHON}")
+  server_lib.unpacked_wheel(directory)
+  if not os.path.exists(os.path.join(directory, *_SERVER, "python_backend_stubs",
+                                     _PYTHON, "triton_python_backend_stub")):
+    raise RuntimeError(f"{server_lib.WHEEL} has no Python-backend stub for Python "
+                       f"{_PYTHON}")
   return directory
 
 
@@ -111,18 +82,11 @@ def layout(work: str, wheel: str, models: dict[str, tuple[str, dict[str, str]]],
 def start(work: str, wheel: str, port: int, cwd: str) -> subprocess.Popen:
   """``tritonserver`` on ``port`` (HTTP only) for ``layout``'s ``work``, in a
   session of its own; its log in ``work/log``."""
-  env = dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join(
-      [sysconfig.get_config_var("LIBDIR"), os.path.join(wheel, "nvidia_pytriton.libs"),
-       os.environ.get("LD_LIBRARY_PATH", "")]))
   with open(os.path.join(work, "log"), "wb") as log:
-    return subprocess.Popen(
-        [os.path.join(wheel, *_SERVER, "bin", "tritonserver"),
-         f"--model-repository={work}/repo", f"--backend-directory={work}/backends",
-         f"--http-port={port}", "--http-address=127.0.0.1", "--allow-grpc=false",
-         "--allow-metrics=false", "--exit-timeout-secs=5", "--log-info=false",
-         "--log-warning=false"],
-        cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=log,
-        start_new_session=True)
+    return subprocess.Popen(server_lib.command(work, wheel, port=port), cwd=cwd,
+                            env=server_lib.environment(wheel),
+                            stdout=subprocess.DEVNULL, stderr=log,
+                            start_new_session=True)
 
 
 def bytes_model_config(name: str, *, max_batch_size: int, queue_delay_us: int,
@@ -140,17 +104,6 @@ def bytes_model_config(name: str, *, max_batch_size: int, queue_delay_us: int,
   lines += [f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}'
             for k, v in (parameters or {}).items()]
   return "\n".join(lines) + "\n"
-
-
-def request_body(body: bytes) -> bytes:
-  """``body`` as the ``request`` tensor of a binary-extension request."""
-  header = json.dumps({
-      "inputs": [{"name": "request", "shape": [1, len(body)], "datatype": "UINT8",
-                  "parameters": {"binary_data_size": len(body)}}],
-      "outputs": [{"name": "reply", "parameters": {"binary_data": True}}]}).encode()
-  if len(header) > HEADER_BYTES:
-    raise ValueError(f"a request's header of {len(header)} bytes")
-  return header.ljust(HEADER_BYTES) + body
 
 
 _DATATYPES = {"int32": "INT32", "int64": "INT64", "float32": "FP32", "bool": "BOOL"}

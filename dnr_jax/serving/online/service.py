@@ -50,6 +50,7 @@ from typing import Callable
 from absl import logging
 
 from dnr_jax import errors
+from dnr_jax.serving import ports
 from dnr_jax.serving.online import api as api_lib
 from dnr_jax.serving.online import endpoint as endpoint_lib
 from dnr_jax.serving.online import metrics as metrics_lib
@@ -151,23 +152,6 @@ class ServiceConfig:
       raise errors.ConfigError("request_timeout_s and drain_timeout_s must be > 0")
 
 
-def _check_port_free(host: str, port: int) -> None:
-  # uvicorn, which binds the port inside LitServe's run, logs a taken port and exits
-  # with status 3; checked here, it is one line naming the flag, before any process
-  # starts. (Bound as uvicorn binds it, with SO_REUSEADDR: a port in TIME_WAIT is
-  # free to both.)
-  family = socket.AF_INET6 if ":" in host else socket.AF_INET
-  where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-  try:
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-      s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-      s.bind((host, port))
-  except OSError as e:
-    raise errors.ConfigError(
-        f"port={port}: cannot listen on {where} ({e.strerror}); is another server "
-        "there? Pick another --port (or another --host)") from None
-
-
 def build_server(config: ServiceConfig, log: Callable[[str], None] = logging.info):
   """The ``litserve.LitServer`` of ``config`` (not started), and its drain event.
 
@@ -182,7 +166,7 @@ def build_server(config: ServiceConfig, log: Callable[[str], None] = logging.inf
         "LIT_SERVER_API_KEY is set, but this service has no authentication (its "
         "requests would not be checked against it): unset it and put the service "
         "behind your gateway's authentication")
-  _check_port_free(config.host, config.port)
+  ports.check_port_free(config.host, config.port)
   bundle = bundle_lib.load_bundle(config.checkpoint)
   limits = requests_lib.RequestLimits.from_bundle(bundle, config.max_candidates or None)
   drained = multiprocessing.get_context("spawn").Event()

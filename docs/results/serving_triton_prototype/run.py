@@ -25,8 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 
 from absl import app, flags
 
@@ -53,18 +51,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MODEL = "dnr_rerank"
 BAD = b'{"user_id": "u", "item_ids": ["a"], "scores": [NaN]}'
 
-def _post_json(url: str, body: bytes) -> tuple[int, bytes]:
-  req = urllib.request.Request(url, data=body,
-                               headers={"Content-Type": "application/json"})
-  try:
-    with urllib.request.urlopen(req, timeout=10) as r:
-      return r.status, r.read()
-  except urllib.error.HTTPError as e:
-    return e.code, e.read()
-  except OSError:
-    return 0, b""
-
-
 def main(argv):
   del argv
   from dnr_jax import serving
@@ -82,7 +68,7 @@ def main(argv):
       url = f"http://127.0.0.1:{port}/rerank"
       sides["service"] = alternate.Side(url, [], bodies,
                                         {"Content-Type": "application/json"})
-      posts["service"] = lambda b, u=url: _post_json(u, b)
+      posts["service"] = lambda b, u=url: alternate.post_json(u, b)
       for v in FLAGS.variants:
         name, instances, max_batch, delay_us = v.split(":")
         work = os.path.join(tmp, name)

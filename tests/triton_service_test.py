@@ -1,0 +1,352 @@
+"""The online service's request on Triton (experiments.serve_triton, the dnr backend).
+
+Starts the binary on a tiny trained own-lists run and talks to it over real HTTP
+from several threads at once (so requests share batches): its scores equal
+experiments.rerank's for the same lists; every bad request the Python service
+refuses gets the same 400 and line, alone in its batch; metrics count requests,
+batches and unknown ids; SIGTERM answers the requests in flight, then exits 0.
+Skipped without the serve extra, or where the backend cannot be built here (no
+compiler, RapidJSON or Triton's headers); a build that fails fails.
+"""
+
+import concurrent.futures
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import jax
+import pyarrow.parquet as pq
+import pytest
+
+from dnr_jax.data import own_lists
+from dnr_jax.serving import rerank_files
+from dnr_jax.serving.online import replay
+
+import tiny_runs  # pylint: disable=g-bad-import-order  (tests/tiny_runs.py)
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("jax2onnx")
+pytest.importorskip("orjson")
+
+from dnr_jax.serving.online import endpoint  # pylint: disable=g-import-not-at-top
+from dnr_jax.serving.online import requests  # pylint: disable=g-import-not-at-top
+from dnr_jax.serving.triton import build  # pylint: disable=g-import-not-at-top
+from dnr_jax.serving.triton import client  # pylint: disable=g-import-not-at-top
+from dnr_jax.serving.triton import server as server_lib  # pylint: disable=g-import-not-at-top
+from dnr_jax.serving.triton import sources  # pylint: disable=g-import-not-at-top
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICES = tuple(jax.devices()[:2])
+N, H = 10, 5
+MAX_CANDIDATES = 20
+# ONNX Runtime against XLA, float32.
+ATOL = 1e-5
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+class Triton:
+  """``experiments.serve_triton`` in a process of its own; stopped with SIGTERM."""
+
+  def __init__(self, checkpoint, tmp_path, *flags):
+    self.port, self.metrics_port = _free_port(), _free_port()
+    self.url = f"http://127.0.0.1:{self.port}/v2/models/dnr_rerank/infer"
+    self.log = open(tmp_path / f"serve_triton-{self.port}.log", "w")
+    self.proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.serve_triton", f"--checkpoint={checkpoint}",
+         f"--port={self.port}", f"--metrics_port={self.metrics_port}", *flags],
+        cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while True:
+      if self.proc.poll() is not None:
+        raise AssertionError(f"serve_triton exited ({self.proc.returncode}): "
+                             f"{open(self.log.name).read()[-3000:]}")
+      try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v2/health/ready",
+                                    timeout=2) as r:
+          if r.status == 200:
+            return
+      except OSError:
+        pass
+      if time.time() > deadline:
+        self.stop()
+        raise AssertionError("serve_triton was not ready after 300 s")
+      time.sleep(0.3)
+
+  def rerank(self, body):
+    """``(status, parsed reply or the error's line)``."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(self.url, data=client.request_body(data),
+                                 headers=client.HEADERS)
+    try:
+      with urllib.request.urlopen(req, timeout=60) as r:
+        return r.status, json.loads(client.reply_bytes(r.read(), r.headers))
+    except urllib.error.HTTPError as e:
+      return e.code, json.loads(e.read())["error"]
+
+  def metrics(self):
+    with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
+                                timeout=10) as r:
+      return r.read().decode()
+
+  def stop(self, timeout=90):
+    if self.proc.poll() is None:
+      self.proc.send_signal(signal.SIGTERM)
+      try:
+        self.proc.wait(timeout)
+      except subprocess.TimeoutExpired:
+        self.proc.kill()
+        self.proc.wait()
+    self.log.close()
+    return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  try:
+    build.built()
+    server_lib.unpacked_wheel()
+  except sources.Unavailable as e:
+    pytest.skip(f"the dnr backend cannot be built here: {e}")
+  except RuntimeError as e:   # the wheel could not be fetched
+    pytest.skip(str(e))
+  return tiny_runs.own_lists_run(tmp_path_factory.mktemp("triton"), N, H, DEVICES)
+
+
+@pytest.fixture(scope="module")
+def triton(run, tmp_path_factory):
+  t = Triton(run.run_dir, tmp_path_factory.mktemp("triton_logs"),
+             "--max_batch_size=8", "--queue_delay_us=20000",
+             f"--max_candidates={MAX_CANDIDATES}")
+  yield t
+  assert t.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def limits(run):
+  from dnr_jax import serving  # pylint: disable=g-import-not-at-top
+  return requests.RequestLimits.from_bundle(serving.load_bundle(run.run_dir),
+                                            MAX_CANDIDATES)
+
+
+def _bodies(run):
+  history = own_lists.InteractionHistory.load(run.inter, run.vocab, run.config)
+  bodies = []
+  for chunk in own_lists.read_lists(run.lists, vocab=run.vocab, config=run.config,
+                                    history=history):
+    bodies += replay.request_bodies(chunk, run.vocab)
+  return bodies
+
+
+def _concurrently(fn, items, workers=16):
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    return list(pool.map(fn, items))
+
+
+def _metric(text, name):
+  for line in text.splitlines():
+    if line.startswith(name + "{"):
+      return float(line.rsplit(" ", 1)[1])
+  raise AssertionError(f"{name} not in the metrics:\n{text}")
+
+
+def test_scores_equal_experiments_rerank(run, triton, tmp_path):
+  out = tmp_path / "reranked.parquet"
+  rerank_files.rerank_file(run.bundle, run.lists, str(out), interactions=run.inter,
+                           devices=DEVICES)
+  table = pq.read_table(out).filter(pq.read_table(out)["reranked"]).to_pydict()
+  want = {}
+  for lid, item, score in zip(table["list_id"], table["item_id"],
+                              table["reranker_score"]):
+    want.setdefault(lid, []).append((item, score))
+  bodies = _bodies(run)
+  before = triton.metrics()
+  replies = _concurrently(triton.rerank, bodies)
+  worst = 0.0
+  for body, (status, reply) in zip(bodies, replies):
+    assert status == 200, reply
+    expected = want[body["list_id"]]
+    assert reply["list_id"] == body["list_id"]
+    assert reply["reranked"] == len(expected) == len(body["item_ids"])
+    assert reply["unknown_ids"] == 0
+    got_score = dict(zip(reply["item_ids"], reply["scores"]))
+    diff = max(abs(got_score[i] - s) for i, s in expected)
+    worst = max(worst, diff)
+    assert diff <= ATOL, (body["list_id"], diff)
+    got = reply["item_ids"]
+    for k, (item, _) in enumerate(expected):
+      if got[k] != item:   # the same order, but where two logits tie
+        assert abs(got_score[got[k]] - got_score[item]) <= 2 * ATOL
+  print(f"max |triton - rerank| logit difference over {len(bodies)} lists: {worst:.2e}")
+  after = triton.metrics()
+  answered = (_metric(after, "nv_inference_request_success")
+              - _metric(before, "nv_inference_request_success"))
+  executions = (_metric(after, "nv_inference_exec_count")
+                - _metric(before, "nv_inference_exec_count"))
+  assert answered == len(bodies) and executions < answered   # batched
+
+
+def test_candidates_past_n_and_unknown_and_integer_ids(run, triton):
+  body = _bodies(run)[0]
+  items = body["item_ids"] + [f"new{i}" for i in range(N + 3 - len(body["item_ids"]))]
+  items[1] = 12345   # an integer id, unknown to the vocabulary: back as sent
+  status, reply = triton.rerank({**body, "item_ids": items,
+                                 "scores": [0.5] * len(items), "features": {},
+                                 "history": ["nope"]})
+  assert status == 200, reply
+  assert reply["reranked"] == N
+  assert sorted(map(str, reply["item_ids"][:N])) == sorted(map(str, items[:N]))
+  assert 12345 in reply["item_ids"]
+  assert reply["item_ids"][N:] == items[N:] and reply["scores"][N:] == [None] * 3
+  unknown = sum(1 for i in items[:N] if isinstance(i, int) or str(i).startswith("new"))
+  assert reply["unknown_ids"] == unknown + 1   # and the history's one
+  assert _metric(triton.metrics(), "dnr_unknown_ids_total") >= unknown + 1
+
+
+def _bad_bodies(run):
+  good = _bodies(run)[0]
+  u, i = run.vocab.user_features[0], run.vocab.item_features[0]
+  k = len(good["item_ids"])
+  bad = [
+      {**good, "user_id": None}, {k2: v for k2, v in good.items() if k2 != "user_id"},
+      {**good, "item_ids": None}, {**good, "scores": good["scores"][:-1]},
+      {**good, "item_ids": [], "scores": []},
+      {**good, "item_ids": [f"x{j}" for j in range(MAX_CANDIDATES + 1)],
+       "scores": [0.5] * (MAX_CANDIDATES + 1), "features": {}},
+      {**good, "item_ids": ["a", 3.7] + good["item_ids"][2:]},
+      {**good, "item_ids": ["a", True] + good["item_ids"][2:]},
+      {**good, "item_ids": ["a", ""] + good["item_ids"][2:]},
+      {**good, "item_ids": ["a", "a"] + good["item_ids"][2:]},
+      {**good, "item_ids": "abc"},
+      {**good, "scores": [0.5, float("nan")] + good["scores"][2:]},
+      {**good, "scores": [0.5, float("-inf")] + good["scores"][2:]},
+      {**good, "scores": [0.5, 1.5] + good["scores"][2:]},
+      {**good, "scores": [0.5, -1e-300] + good["scores"][2:]},
+      {**good, "scores": [0.5, 1e20] + good["scores"][2:]},
+      {**good, "scores": [0.5, "high"] + good["scores"][2:]},
+      {**good, "scores": [0.5, True] + good["scores"][2:]},
+      {**good, "scores": [0.5, None] + good["scores"][2:]},
+      {**good, "scores": {"a": 1}},
+      {"lists": [good]}, {**good, "color": "red"}, {**good, "Lists": 1},
+      {**good, "history": ["a", None]}, {**good, "history": "a"},
+      {**good, "history": ["h"] * (requests.MAX_HISTORY + 1)},
+      {**good, "features": {u: ["1", "2"]}}, {**good, "features": {u: 1.5}},
+      {**good, "features": {i: ["x"] * (k + 1)}},
+      {**good, "features": {"zip": "1"}}, {**good, "features": []},
+      {**good, "features": {i: [None] * k}},
+      {**good, "user_id": {"nested": [1, "two", 3.0, None, False]}},
+      {**good, "item_ids": ["it's \"q\"\n\t\x01\x85 é"] * 2 + good["item_ids"][2:]},
+      {**good, "item_ids": ["it's"] * 2 + good["item_ids"][2:]},
+      {**good, "item_ids": ["\\"] * 2 + good["item_ids"][2:]},
+      {**good, "item_ids": ["a", "a'b", "a'b"] + good["item_ids"][3:]},
+      {**good, "user_id": 1e-7}, {**good, "user_id": 1e22}, {**good, "user_id": -0.0},
+      {**good, "user_id": 123456789.125}, {**good, "user_id": ["x" * 60]},
+      [1, 2], "text", None, 7,
+  ]
+  raw = [b'{"user_id": "u", "item_ids": ["a"], "scores": [0.5]',
+         b"not json at all", b"", b'{"user_id": "u", "item_ids": ["a"], "scores": [0.5]} x',
+         b'\xff\xfe{"user_id": 1}', b'{"user_id": "u", "item_ids": ["a"], "scores": [NaN]}',
+         b'{"user_id": "u", "item_ids": ["a"], "scores": [Infinity]}',
+         b'{"user_id": "u", "user_id": null, "item_ids": ["a"], "scores": [0.5]}',
+         b"[" * 100000]
+  return [json.dumps(b).encode() for b in bad] + raw
+
+
+def _python_line(body, limits):
+  """The service's line for ``body`` (``read_body`` and ``check_request``)."""
+  try:
+    endpoint.read_body(body, lambda d: [requests.check_request(d, limits)])
+  except requests.RequestError as e:
+    return str(e)
+  except (ValueError, RecursionError):
+    return "body: malformed JSON"
+  raise AssertionError(f"the service takes {body[:200]!r}")
+
+
+def test_every_bad_request_gets_the_services_line(run, triton, limits):
+  bodies = _bad_bodies(run)
+  got = _concurrently(triton.rerank, bodies)
+  for body, (status, line) in zip(bodies, got):
+    want = _python_line(body, limits)
+    assert status == 400, (body[:200], line)
+    assert "\n" not in line
+    if want == "body: malformed JSON":
+      assert line.startswith("body: malformed JSON ("), (body[:200], line)
+    else:
+      assert line == want, (body[:200], line, want)
+
+
+def test_what_rapidjson_reads_otherwise_still_gets_a_400(triton):
+  good = '"user_id": "u", "item_ids": ["a"]'
+  for body in (b'{' + good.encode() + b', "scores": [1e400]}',
+               b'{"user_id": "\\ud800", "item_ids": ["a"], "scores": [0.5]}',
+               b'{"user_id": 123456789012345678901234567890, "item_ids": ["a"], '
+               b'"scores": [0.5]}'):
+    status, line = triton.rerank(body)
+    assert status == 400 and "\n" not in line, (body, line)
+
+
+def test_a_bad_request_never_fails_the_others_in_its_batch(run, triton):
+  bodies = _bodies(run)[:48]
+  bad = json.dumps({**bodies[0], "scores": [math.inf] * len(bodies[0]["scores"])},
+                   allow_nan=True).encode()
+  mixed = [b if j % 4 else bad for j, b in enumerate(bodies)]
+  got = _concurrently(triton.rerank, mixed, workers=24)
+  for body, (status, reply) in zip(mixed, got):
+    if body is bad:
+      assert (status, reply) == (400, "scores[0]: non-finite score inf")
+    else:
+      assert status == 200 and reply["list_id"] == body["list_id"], reply
+
+
+def test_sigterm_answers_the_requests_in_flight(run, tmp_path):
+  t = Triton(run.run_dir, tmp_path, "--max_batch_size=4", "--queue_delay_us=200000",
+             f"--max_candidates={MAX_CANDIDATES}")
+  bodies = _bodies(run)[:12]
+  with concurrent.futures.ThreadPoolExecutor(12) as pool:
+    sent = [pool.submit(t.rerank, b) for b in bodies]
+    time.sleep(0.1)   # in Triton's queue: each batch waits up to 200 ms
+    assert t.stop() == 0
+    assert [f.result()[0] for f in sent] == [200] * len(bodies)
+
+
+@pytest.mark.parametrize("flag, words", [
+    ("--port=80", "ConfigError: port=80 must be in 1024..65535"),
+    ("--intra_op_threads=-1", "ConfigError: intra_op_threads=-1 must be >= 0"),
+    ("--instances=0", "ConfigError: instances=0 must be in 1..64"),
+])
+def test_a_bad_flag_is_one_line_before_anything_starts(run, flag, words):
+  got = subprocess.run([sys.executable, "-m", "experiments.serve_triton",
+                        f"--checkpoint={run.run_dir}", flag], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+  assert got.returncode == 2 and got.stderr.strip().splitlines()[-1].startswith(words), (
+      got.stderr[-2000:])
+
+
+def test_serving_benchmark_measures_the_triton_engine(run):
+  pytest.importorskip("aiohttp")
+  proc = subprocess.run(
+      [sys.executable, "-m", "benchmarks.serving", f"--checkpoint={run.run_dir}",
+       "--engine=triton", "--levels=1,4", "--requests_per_level=40",
+       "--seconds_per_level=10", "--warmup=4", "--max_batch_size=8",
+       "--scorer_lists=64"], cwd=ROOT, capture_output=True, text=True, timeout=400)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
+  levels = [l for l in lines if "clients" in l]
+  assert [l["clients"] for l in levels] == [1, 4]
+  for l in levels:
+    assert l["engine"] == "triton" and l["errors"] == 0 and l["requests"] == 40
+    assert l["lists_per_s"] > 0 and l["mean_batch"] >= 1
+  assert lines[-2]["what"] == "in-process scorer"
+  assert lines[-1]["what"] == "of the in-process rate"
