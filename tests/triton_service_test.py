@@ -350,3 +350,31 @@ def test_serving_benchmark_measures_the_triton_engine(run):
     assert l["lists_per_s"] > 0 and l["mean_batch"] >= 1
   assert lines[-2]["what"] == "in-process scorer"
   assert lines[-1]["what"] == "of the in-process rate"
+
+
+def test_a_run_on_logits_is_served_with_the_sigmoid_transform(tmp_path_factory, run):
+  del run   # skips with it where the backend cannot be built
+  root = tmp_path_factory.mktemp("triton_sigmoid")
+  logits_run = tiny_runs.own_lists_run(root, N, H, DEVICES, score_transform="sigmoid")
+  out = root / "reranked.parquet"
+  rerank_files.rerank_file(logits_run.bundle, logits_run.lists, str(out),
+                           interactions=logits_run.inter, devices=DEVICES)
+  table = pq.read_table(out).filter(pq.read_table(out)["reranked"]).to_pydict()
+  want = {(l, i): s for l, i, s in zip(table["list_id"], table["item_id"],
+                                       table["reranker_score"])}
+  history = own_lists.InteractionHistory.load(logits_run.inter, logits_run.vocab,
+                                              logits_run.config)
+  chunk = next(iter(own_lists.read_lists(logits_run.lists, vocab=logits_run.vocab,
+                                         config=logits_run.config, history=history)))
+  bodies = replay.request_bodies(chunk, logits_run.vocab, "sigmoid")[:24]
+  t = Triton(logits_run.run_dir, root)
+  try:
+    for body, (status, reply) in zip(bodies, _concurrently(t.rerank, bodies)):
+      assert status == 200, reply
+      for item, score in zip(reply["item_ids"], reply["scores"]):
+        assert abs(score - want[(body["list_id"], item)]) <= ATOL
+    # Logits outside [0, 1] are scores here, not an error.
+    status, reply = t.rerank({**bodies[0], "scores": [3.5] * len(bodies[0]["scores"])})
+    assert status == 200, reply
+  finally:
+    assert t.stop() == 0

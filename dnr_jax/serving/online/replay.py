@@ -24,7 +24,9 @@ def request_bodies(chunk, vocab, score_transform: str = "none") -> list[dict]:
   item_text = None if vocab.buckets else vocab.columns["item"]
   scores = a["scores"].astype(np.float64)
   if score_transform == "sigmoid":
-    scores = np.log(scores) - np.log1p(-scores)
+    # Padding's 0 becomes -inf; only each list's first k scores are sent.
+    with np.errstate(divide="ignore"):
+      scores = np.log(scores) - np.log1p(-scores)
 
   def raw(column, ids):
     values = vocab.columns[column]
