@@ -254,23 +254,42 @@ def _bad_bodies(run):
       {**good, "user_id": 123456789.125}, {**good, "user_id": ["x" * 60]},
       [1, 2], "text", None, 7,
   ]
+  # Characters Python's repr escapes: non-printable (U+00A0, U+2028, U+E0001),
+  # lone surrogates; an emoji it does not.
+  for text in ("a\u00a0", "\u2028\u00ad", "\U0001f600\U000e0001", "x" * 50 + "\u00a0"):
+    bad.append({**good, "item_ids": [text, text] + good["item_ids"][2:]})
   raw = [b'{"user_id": "u", "item_ids": ["a"], "scores": [0.5]',
-         b"not json at all", b"", b'{"user_id": "u", "item_ids": ["a"], "scores": [0.5]} x',
+         b"not json at all", b"", b"  \n\t ", b'{"user_id": "u", "item_ids": ["a"], "scores": [0.5]} x',
          b'\xff\xfe{"user_id": 1}', b'{"user_id": "u", "item_ids": ["a"], "scores": [NaN]}',
          b'{"user_id": "u", "item_ids": ["a"], "scores": [Infinity]}',
          b'{"user_id": "u", "user_id": null, "item_ids": ["a"], "scores": [0.5]}',
-         b"[" * 100000]
+         b'{"user_id": {"a": 1, "b": 2, "a": 3}, "item_ids": ["a"], "scores": [0.5]}',
+         b'{"user_id": "\\udc00", "item_ids": ["a"], "scores": [0.5]}',
+         b'{"user_id": "u", "item_ids": ["a", "\\udfff"], "scores": [0.5, 0.5]}',
+         # Nested past Python's limit, and within it (then named by the check).
+         b'{"user_id": ' + b"[" * 2000 + b"]" * 2000 + b', "item_ids": ["a"], "scores": [0.5]}',
+         b'{"list_id": ' + b"{\"a\": " * 3000 + b"1" + b"}" * 3000 + b', "user_id": "u"}',
+         b'{"user_id": ' + b"[" * 500 + b"]" * 500 + b', "item_ids": ["a"], "scores": [0.5]}',
+         b"[" * 100000,
+         # Many keys: the first unknown one is named (read in one pass).
+         json.dumps({f"k{j}": j for j in range(200_000)}).encode(),
+         json.dumps({**good, "features": {f"f{j}": "x" for j in range(100_000)}}).encode()]
   return [json.dumps(b).encode() for b in bad] + raw
 
 
 def _python_line(body, limits):
-  """The service's line for ``body`` (``read_body`` and ``check_request``)."""
+  """The service's line for ``body``, as its endpoint answers it (a blank body,
+  ``read_body`` and ``check_request``); malformed JSON without its detail."""
+  if not body.strip():
+    return "body: missing (send one list as a JSON object)"
   try:
     endpoint.read_body(body, lambda d: [requests.check_request(d, limits)])
   except requests.RequestError as e:
     return str(e)
-  except (ValueError, RecursionError):
+  except ValueError:
     return "body: malformed JSON"
+  except RecursionError:
+    return "body: malformed JSON (nested too deeply)"
   raise AssertionError(f"the service takes {body[:200]!r}")
 
 
@@ -285,6 +304,19 @@ def test_every_bad_request_gets_the_services_line(run, triton, limits):
       assert line.startswith("body: malformed JSON ("), (body[:200], line)
     else:
       assert line == want, (body[:200], line, want)
+
+
+def test_a_list_id_comes_back_as_the_service_sends_it(run, triton):
+  body = json.dumps(_bodies(run)[0])[1:]   # without its opening brace
+  for list_id, want in ((b"NaN", None), (b"-Infinity", None), (b"1.0", 1.0),
+                        (b"3", 3), (b'{"a": 1, "a": [2, NaN]}', {"a": [2, None]}),
+                        (b'"\\udc00"', "\udc00")):
+    sent = b'{"list_id": ' + list_id + b", " + body.encode().replace(
+        b'"list_id": "req-000000", ', b"")
+    status, reply = triton.rerank(sent)
+    assert status == 200, (list_id, reply)
+    assert reply["list_id"] == want and type(reply["list_id"]) is type(want), (
+        list_id, reply["list_id"])
 
 
 def test_what_rapidjson_reads_otherwise_still_gets_a_400(triton):
@@ -378,3 +410,24 @@ def test_a_run_on_logits_is_served_with_the_sigmoid_transform(tmp_path_factory, 
     assert status == 200, reply
   finally:
     assert t.stop() == 0
+
+
+def test_sigterm_before_triton_starts_is_one_line_and_leaves_nothing(run, tmp_path):
+  scratch = tmp_path / "scratch"
+  scratch.mkdir()
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "experiments.serve_triton", f"--checkpoint={run.run_dir}",
+       f"--port={_free_port()}", "--metrics_port=0"], cwd=ROOT,
+      env=dict(os.environ, TMPDIR=str(scratch)), stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True)
+  lines = []
+  for line in proc.stdout:   # until the export starts (it takes seconds)
+    lines.append(line)
+    if "exporting the reranker" in line:
+      break
+  proc.send_signal(signal.SIGTERM)
+  rest, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 75, "".join(lines) + rest
+  assert rest.strip().splitlines()[-1].startswith(
+      "Interrupted: SIGTERM before Triton started"), rest[-2000:]
+  assert not [p for p in scratch.iterdir() if p.name.startswith("dnr_triton_")]

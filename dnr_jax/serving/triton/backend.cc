@@ -45,6 +45,9 @@ namespace {
 
 using rapidjson::Value;
 
+// kNonPrintable: the code point ranges where Python's str.isprintable() is False.
+#include "dnr_printable.inc"
+
 constexpr int kMaxHistory = 10000;  // requests.MAX_HISTORY
 const char* const kFields[] = {"list_id", "user_id", "item_ids",
                                "scores",  "history", "features"};
@@ -89,40 +92,75 @@ std::string PyFloat(double d) {
   return negative ? "-" + out : out;
 }
 
+// Whether Python's str.isprintable() holds for a code point: the ranges that it
+// does not hold for come from the Python that built this backend (build.py writes
+// dnr_printable.inc), so the two agree on every Unicode version.
+bool Printable(uint32_t cp) {
+  size_t lo = 0, hi = sizeof(kNonPrintable) / sizeof(kNonPrintable[0]);
+  while (lo < hi) {
+    size_t mid = (lo + hi) / 2;
+    if (cp < kNonPrintable[mid][0]) hi = mid;
+    else if (cp > kNonPrintable[mid][1]) lo = mid + 1;
+    else return false;
+  }
+  return true;
+}
+
+// The code point at s[i] (valid UTF-8, or a surrogate encoded as UTF-8), and its
+// length in bytes.
+uint32_t Decode(const std::string& s, size_t i, size_t* len) {
+  unsigned char c = s[i];
+  int n = c < 0x80 ? 1 : c < 0xe0 ? 2 : c < 0xf0 ? 3 : 4;
+  n = std::min<int>(n, s.size() - i);
+  uint32_t cp = n == 1 ? c : c & (0xff >> (n + 1));
+  for (int k = 1; k < n; ++k) cp = (cp << 6) | (static_cast<unsigned char>(s[i + k]) & 0x3f);
+  *len = n;
+  return cp;
+}
+
+// Python's repr of a str.
 std::string PyStr(const std::string& s) {
   bool single = s.find('\'') != std::string::npos;
   bool dbl = s.find('"') != std::string::npos;
   char quote = (single && !dbl) ? '"' : '\'';
   std::string out(1, quote);
-  for (size_t i = 0; i < s.size(); ++i) {
-    unsigned char c = s[i];
-    if (c == '\\') {
+  char b[16];
+  for (size_t i = 0, len = 1; i < s.size(); i += len) {
+    uint32_t cp = Decode(s, i, &len);
+    if (cp == '\\') {
       out += "\\\\";
-    } else if (c == static_cast<unsigned char>(quote)) {
+    } else if (cp == static_cast<uint32_t>(quote)) {
       out += '\\';
       out += quote;
-    } else if (c == '\n') {
+    } else if (cp == '\n') {
       out += "\\n";
-    } else if (c == '\r') {
+    } else if (cp == '\r') {
       out += "\\r";
-    } else if (c == '\t') {
+    } else if (cp == '\t') {
       out += "\\t";
-    } else if (c < 0x20 || c == 0x7f) {
-      char b[8];
-      snprintf(b, sizeof b, "\\x%02x", c);
+    } else if (cp < 0x20 || cp == 0x7f) {
+      snprintf(b, sizeof b, "\\x%02x", cp);
       out += b;
-    } else if (c == 0xc2 && i + 1 < s.size() &&
-               static_cast<unsigned char>(s[i + 1]) < 0xa0) {
-      // U+0080..U+009F (C1 controls) are not printable: Python writes \x80.
-      char b[8];
-      snprintf(b, sizeof b, "\\x%02x", static_cast<unsigned char>(s[i + 1]));
-      out += b;
-      ++i;
+    } else if (cp < 0x7f || Printable(cp)) {
+      out.append(s, i, len);
     } else {
-      out += static_cast<char>(c);
+      snprintf(b, sizeof b, cp <= 0xff ? "\\x%02x" : cp <= 0xffff ? "\\u%04x" : "\\U%08x",
+               cp);
+      out += b;
     }
   }
   return out + quote;
+}
+
+// Whether text holds a surrogate (U+D800..U+DFFF) encoded as UTF-8: RapidJSON
+// reads a lone low-surrogate escape ("\udc00") that way, and Python's text may
+// hold one, but no id or reply can.
+bool HasSurrogate(const char* text, size_t size) {
+  for (size_t i = 0; i + 1 < size; ++i)
+    if (static_cast<unsigned char>(text[i]) == 0xed &&
+        (static_cast<unsigned char>(text[i + 1]) & 0xe0) == 0xa0)
+      return true;
+  return false;
 }
 
 std::string Str(const Value& v) { return std::string(v.GetString(), v.GetStringLength()); }
@@ -149,14 +187,21 @@ void Repr(const Value& v, std::string* out) {
     }
     *out += "]";
   } else {
-    *out += "{";
-    bool first = true;
+    // As Python's dict: each key once, at its first place, with its last value.
+    std::vector<std::pair<std::string_view, const Value*>> members;
+    std::unordered_map<std::string_view, size_t> at;
     for (auto m = v.MemberBegin(); m != v.MemberEnd(); ++m) {
-      if (!first) *out += ", ";
-      first = false;
-      *out += PyStr(Str(m->name)) + ": ";
-      Repr(m->value, out);
-      if (out->size() > 4096) break;
+      std::string_view key(m->name.GetString(), m->name.GetStringLength());
+      auto [it, fresh] = at.emplace(key, members.size());
+      if (fresh) members.emplace_back(key, &m->value);
+      else members[it->second].second = &m->value;
+    }
+    *out += "{";
+    for (size_t i = 0; i < members.size(); ++i) {
+      if (i) *out += ", ";
+      *out += PyStr(std::string(members[i].first)) + ": ";
+      Repr(*members[i].second, out);
+      if (out->size() > 4096) break;  // cut to 40 characters anyway
     }
     *out += "}";
   }
@@ -199,6 +244,7 @@ struct Limits {
   int list_size = 0, history_size = 0, max_candidates = 0;
   bool sigmoid = false;
   std::vector<std::string> user_features, item_features;
+  std::vector<std::string_view> feature_names;   // user's, then item's: views of the two
 };
 
 using Index = std::unordered_map<std::string, int32_t>;
@@ -244,6 +290,9 @@ std::string Id(const Value& v, const std::string& base, long index = -1) {
                      Show(v)};
   }
   if (text.empty()) throw BadRequest{Where(base, index) + ": empty id"};
+  if (HasSurrogate(text.data(), text.size()))
+    throw BadRequest{Where(base, index) + ": not valid Unicode text (surrogates not "
+                     "allowed)"};
   return text;
 }
 
@@ -272,55 +321,58 @@ double Score(const Value& s, size_t i, bool sigmoid) {
   return d;
 }
 
-// An object's members by name, each at its last occurrence (Python's dict keeps
-// the last value of a repeated key), in first-occurrence order. A request has a
-// handful: a list searched in place beats a map built per request.
+// The members of an object that `names` lists, each with its last value (Python's
+// dict keeps the last value of a repeated key), and the first member whose name
+// is not listed. Linear in the members: a request cannot make it quadratic.
 struct Fields {
-  std::vector<std::pair<std::string_view, const Value*>> members;
-  const Value** Find(std::string_view name) {
-    for (auto& [key, value] : members)
-      if (key == name) return &value;
-    return nullptr;
+  std::vector<const Value*> value;   // per name; nullptr where absent
+  const Value* first_unknown = nullptr;
+  bool one_unknown_name = true;      // every unlisted member has the first's name
+
+  Fields(const Value& object, const std::vector<std::string_view>& names)
+      : value(names.size(), nullptr) {
+    for (auto m = object.MemberBegin(); m != object.MemberEnd(); ++m) {
+      std::string_view key(m->name.GetString(), m->name.GetStringLength());
+      auto it = std::find(names.begin(), names.end(), key);
+      if (it != names.end()) {
+        value[it - names.begin()] = &m->value;
+      } else if (first_unknown == nullptr) {
+        first_unknown = &m->name;
+      } else if (key != std::string_view(first_unknown->GetString(),
+                                         first_unknown->GetStringLength())) {
+        one_unknown_name = false;
+      }
+    }
+  }
+
+  // The value of names[i], or nullptr where it is absent or null.
+  const Value* Get(size_t i) const {
+    return value[i] == nullptr || value[i]->IsNull() ? nullptr : value[i];
   }
 };
 
-Fields ReadFields(const Value& object) {
-  Fields f;
-  f.members.reserve(object.MemberCount());
-  for (auto m = object.MemberBegin(); m != object.MemberEnd(); ++m) {
-    std::string_view name(m->name.GetString(), m->name.GetStringLength());
-    if (const Value** seen = f.Find(name)) *seen = &m->value;
-    else f.members.emplace_back(name, &m->value);
-  }
-  return f;
-}
-
-const Value* Get(Fields& f, const char* name) {
-  const Value** v = f.Find(name);
-  return v == nullptr || (*v)->IsNull() ? nullptr : *v;
-}
+const std::vector<std::string_view> kFieldNames(std::begin(kFields), std::end(kFields));
+enum Field { kListId, kUserId, kItemIds, kScores, kHistory, kFeatures };
 
 Checked Check(const Value& body, const Limits& limits) {
   if (!body.IsObject())
     throw BadRequest{"body: expected a JSON object, got " + Show(body)};
-  Fields f = ReadFields(body);
-  std::vector<std::string> unknown;
-  for (const auto& [k, v] : f.members)
-    if (std::find(std::begin(kFields), std::end(kFields), k) == std::end(kFields))
-      unknown.emplace_back(k);
-  if (unknown.size() == 1 && unknown[0] == "lists")
-    throw BadRequest{"lists: unknown field (one list per request here; post "
-                     "several to /rerank_lists)"};
-  if (!unknown.empty())
-    throw BadRequest{unknown[0] + ": unknown field (a request has " +
+  Fields f(body, kFieldNames);
+  if (f.first_unknown != nullptr) {
+    std::string name = Str(*f.first_unknown);
+    if (name == "lists" && f.one_unknown_name)
+      throw BadRequest{"lists: unknown field (one list per request here; post "
+                       "several to /rerank_lists)"};
+    throw BadRequest{name + ": unknown field (a request has " +
                      PyList(std::vector<std::string>(std::begin(kFields),
                                                      std::end(kFields))) + ")"};
-  for (const char* field : {"user_id", "item_ids", "scores"})
-    if (!Get(f, field)) throw BadRequest{std::string(field) + ": missing (required)"};
+  }
+  for (Field field : {kUserId, kItemIds, kScores})
+    if (!f.Get(field)) throw BadRequest{std::string(kFields[field]) + ": missing (required)"};
   Checked c;
-  c.user = Id(*Get(f, "user_id"), "user_id");
-  c.items = Ids(*Get(f, "item_ids"), "item_ids");
-  c.raw_items = Get(f, "item_ids");
+  c.user = Id(*f.Get(kUserId), "user_id");
+  c.items = Ids(*f.Get(kItemIds), "item_ids");
+  c.raw_items = f.Get(kItemIds);
   if (c.items.empty())
     throw BadRequest{"item_ids: empty (a list needs at least one candidate)"};
   if (static_cast<int>(c.items.size()) > limits.max_candidates)
@@ -336,7 +388,7 @@ Checked Check(const Value& body, const Limits& limits) {
         throw BadRequest{"item_ids[" + std::to_string(i) + "]: " + PyStr(c.items[i]) +
                          " appears twice in the list"};
   }
-  const Value& raw_scores = *Get(f, "scores");
+  const Value& raw_scores = *f.Get(kScores);
   if (!raw_scores.IsArray())
     throw BadRequest{"scores: expected a list of numbers, got " + Show(raw_scores)};
   if (raw_scores.Size() != c.items.size())
@@ -346,45 +398,50 @@ Checked Check(const Value& body, const Limits& limits) {
   c.scores.reserve(raw_scores.Size());
   for (rapidjson::SizeType i = 0; i < raw_scores.Size(); ++i)
     c.scores.push_back(Score(raw_scores[i], i, limits.sigmoid));
-  if (const Value* h = Get(f, "history")) c.history = Ids(*h, "history");
+  if (const Value* h = f.Get(kHistory)) c.history = Ids(*h, "history");
   if (static_cast<int>(c.history.size()) > kMaxHistory)
     throw BadRequest{"history: " + std::to_string(c.history.size()) +
                      " items, more than " + std::to_string(kMaxHistory) +
                      " (the reranker reads the last " +
                      std::to_string(limits.history_size) + ")"};
-  if (const Value* features = Get(f, "features")) {
+  if (const Value* features = f.Get(kFeatures)) {
     if (!features->IsObject())
       throw BadRequest{"features: expected an object of feature values, got " +
                        Show(*features)};
-    Fields ff = ReadFields(*features);
-    for (const auto& [key, member] : ff.members) {
-      std::string name(key);
-      const Value& value = *member;
-      auto u = std::find(limits.user_features.begin(), limits.user_features.end(),
-                         name);
-      auto it = std::find(limits.item_features.begin(), limits.item_features.end(),
-                          name);
-      if (u != limits.user_features.end()) {
-        c.user_features.emplace_back(u - limits.user_features.begin(),
-                                     Id(value, "features." + name));
-      } else if (it != limits.item_features.end()) {
+    // In the order of first appearance, as Python's dict iterates; each feature
+    // with its last value; the first name the reranker lacks is refused there.
+    Fields ff(*features, limits.feature_names);
+    std::vector<bool> done(limits.feature_names.size(), false);
+    const size_t users = limits.user_features.size();
+    for (auto m = features->MemberBegin(); m != features->MemberEnd(); ++m) {
+      std::string name = Str(m->name);
+      auto at = std::find(limits.feature_names.begin(), limits.feature_names.end(),
+                          std::string_view(name));
+      if (at == limits.feature_names.end()) {
+        throw BadRequest{"features." + name + ": not a feature of this reranker (it has " +
+                         (limits.feature_names.empty()
+                              ? std::string("none")
+                              : PyList(std::vector<std::string>(
+                                    limits.feature_names.begin(),
+                                    limits.feature_names.end()))) + ")"};
+      }
+      size_t j = at - limits.feature_names.begin();
+      if (done[j]) continue;
+      done[j] = true;
+      const Value& value = *ff.value[j];
+      if (j < users) {
+        c.user_features.emplace_back(j, Id(value, "features." + name));
+      } else {
         auto values = Ids(value, "features." + name);
         if (values.size() != c.items.size())
           throw BadRequest{"features." + name + ": " + std::to_string(values.size()) +
                            " values for " + std::to_string(c.items.size()) +
                            " item_ids (one per candidate)"};
-        c.item_features.emplace_back(it - limits.item_features.begin(),
-                                     std::move(values));
-      } else {
-        std::vector<std::string> known = limits.user_features;
-        known.insert(known.end(), limits.item_features.begin(),
-                     limits.item_features.end());
-        throw BadRequest{"features." + name + ": not a feature of this reranker (it has " +
-                         (known.empty() ? std::string("none") : PyList(known)) + ")"};
+        c.item_features.emplace_back(j - users, std::move(values));
       }
     }
   }
-  c.list_id = Get(f, "list_id");
+  c.list_id = f.Get(kListId);
   return c;
 }
 
@@ -442,6 +499,13 @@ struct ModelState {
   // Triton's metrics are off).
   TRITONSERVER_MetricFamily* unknown_family = nullptr;
   TRITONSERVER_Metric* unknown_ids = nullptr;
+
+  ~ModelState() {
+    if (env) ort->ReleaseEnv(env);
+    if (unknown_ids) TRITONSERVER_ErrorDelete(TRITONSERVER_MetricDelete(unknown_ids));
+    if (unknown_family)
+      TRITONSERVER_ErrorDelete(TRITONSERVER_MetricFamilyDelete(unknown_family));
+  }
 };
 
 void CountUnknownIds(ModelState* state, const char* model_name) {
@@ -474,6 +538,20 @@ std::vector<std::string> StringList(const Value& v) {
   return out;
 }
 
+// What a file the repository holds must have: refused at load, naming the file.
+TRITONSERVER_Error* Need(bool ok, const std::string& file, const char* what) {
+  return ok ? nullptr
+            : Error(file + ": " + what + " (write the repository with "
+                    "dnr_jax.serving.triton.repository)");
+}
+
+bool IsStringList(const Value& v) {
+  if (!v.IsArray()) return false;
+  for (const auto& x : v.GetArray())
+    if (!x.IsString()) return false;
+  return true;
+}
+
 TRITONSERVER_Error* LoadModel(TRITONBACKEND_Model* model, ModelState* state) {
   const char* location;
   TRITONBACKEND_ArtifactType type;
@@ -486,30 +564,61 @@ TRITONSERVER_Error* LoadModel(TRITONBACKEND_Model* model, ModelState* state) {
   RETURN_IF_ERROR(TRITONBACKEND_ModelConfig(model, 1, &message));
   const char* base;
   size_t size;
-  RETURN_IF_ERROR(TRITONSERVER_MessageSerializeToJson(message, &base, &size));
+  TRITONSERVER_Error* serialized = TRITONSERVER_MessageSerializeToJson(message, &base,
+                                                                        &size);
   rapidjson::Document config;
-  config.Parse(base, size);
-  TRITONSERVER_MessageDelete(message);
-  if (config.HasMember("parameters") && config["parameters"].HasMember("intra_op_threads"))
-    state->intra_op_threads =
-        atoi(config["parameters"]["intra_op_threads"]["string_value"].GetString());
+  if (serialized == nullptr) config.Parse(base, size);
+  TRITONSERVER_ErrorDelete(TRITONSERVER_MessageDelete(message));
+  RETURN_IF_ERROR(serialized);
+  if (config.IsObject() && config.HasMember("parameters") &&
+      config["parameters"].IsObject() &&
+      config["parameters"].HasMember("intra_op_threads")) {
+    const Value& p = config["parameters"]["intra_op_threads"];
+    RETURN_IF_ERROR(Need(p.IsObject() && p.HasMember("string_value") &&
+                         p["string_value"].IsString(), "config.pbtxt",
+                         "parameter intra_op_threads needs a string_value"));
+    state->intra_op_threads = atoi(p["string_value"].GetString());
+  }
 
+  const std::string lfile = state->folder + "/limits.json";
   rapidjson::Document limits;
-  RETURN_IF_ERROR(ReadJson(state->folder + "/limits.json", &limits));
+  RETURN_IF_ERROR(ReadJson(lfile, &limits));
+  RETURN_IF_ERROR(Need(limits.IsObject(), lfile, "not a JSON object"));
+  for (const char* key : {"list_size", "history_size", "max_candidates"})
+    RETURN_IF_ERROR(Need(limits.HasMember(key) && limits[key].IsInt() &&
+                         limits[key].GetInt() >= 1, lfile,
+                         "list_size, history_size and max_candidates must be "
+                         "integers >= 1"));
+  RETURN_IF_ERROR(Need(limits.HasMember("score_transform") &&
+                       limits["score_transform"].IsString(), lfile,
+                       "score_transform must be a string"));
+  for (const char* key : {"user_features", "item_features"})
+    RETURN_IF_ERROR(Need(limits.HasMember(key) && IsStringList(limits[key]), lfile,
+                         "user_features and item_features must be lists of names"));
   Limits& l = state->limits;
   l.list_size = limits["list_size"].GetInt();
   l.history_size = limits["history_size"].GetInt();
   l.max_candidates = limits["max_candidates"].GetInt();
+  RETURN_IF_ERROR(Need(l.max_candidates >= l.list_size, lfile,
+                       "max_candidates must be >= list_size"));
   l.sigmoid = std::string(limits["score_transform"].GetString()) == "sigmoid";
   l.user_features = StringList(limits["user_features"]);
   l.item_features = StringList(limits["item_features"]);
+  for (const auto* names : {&l.user_features, &l.item_features})
+    for (const auto& name : *names) l.feature_names.emplace_back(name);
 
+  const std::string vfile = state->folder + "/vocab.json";
   rapidjson::Document vocab;
-  RETURN_IF_ERROR(ReadJson(state->folder + "/vocab.json", &vocab));
+  RETURN_IF_ERROR(ReadJson(vfile, &vocab));
+  RETURN_IF_ERROR(Need(vocab.IsObject(), vfile, "not a JSON object"));
   if (vocab.HasMember("buckets") && vocab["buckets"].IsInt() && vocab["buckets"].GetInt())
     return Error("vocab.json: hashed ids (buckets > 0) are not served by this backend",
                  TRITONSERVER_ERROR_UNSUPPORTED);
+  RETURN_IF_ERROR(Need(vocab.HasMember("columns") && vocab["columns"].IsObject(), vfile,
+                       "columns must be an object of id lists"));
   for (auto m = vocab["columns"].MemberBegin(); m != vocab["columns"].MemberEnd(); ++m) {
+    RETURN_IF_ERROR(Need(IsStringList(m->value), vfile,
+                         "each column must be a list of ids (text)"));
     Index& index = state->vocab.columns[Str(m->name)];
     int32_t id = 1;
     for (auto& text : m->value.GetArray()) index.emplace(Str(text), id++);
@@ -532,10 +641,6 @@ TRITONSERVER_Error* LoadModel(TRITONBACKEND_Model* model, ModelState* state) {
       out.push_back(index);
     }
   }
-  ort = OrtGetApiBase()->GetApi(ORT_API_VERSION);
-  if (ort == nullptr)
-    return Error("the ONNX Runtime library is older than this backend's API version",
-                 TRITONSERVER_ERROR_UNSUPPORTED);
   RETURN_IF_ERROR(OrtError(ort->CreateEnv(ORT_LOGGING_LEVEL_WARNING, "dnr", &state->env)));
   const char* name;
   RETURN_IF_ERROR(TRITONBACKEND_ModelName(model, &name));
@@ -550,6 +655,11 @@ struct InstanceState {
   std::vector<char> parse_buffer = std::vector<char>(1 << 20);
   OrtSession* session = nullptr;
   OrtMemoryInfo* memory = nullptr;
+
+  ~InstanceState() {
+    if (session) ort->ReleaseSession(session);
+    if (memory) ort->ReleaseMemoryInfo(memory);
+  }
 };
 
 // ---------------------------------------------------------------------------
@@ -626,7 +736,8 @@ void Encode(const ModelState& m, const std::vector<const Checked*>& requests, Ba
   }
 }
 
-TRITONSERVER_Error* Score(const InstanceState& st, Batch* x, std::vector<float>* logits) {
+TRITONSERVER_Error* Score(OrtSession* session, const OrtMemoryInfo* memory, Batch* x,
+                          std::vector<float>* logits) {
   int64_t b = x->b, n = x->n, h = x->h, nu = x->nu, ni = x->ni;
   struct In {
     const char* name;
@@ -655,13 +766,27 @@ TRITONSERVER_Error* Score(const InstanceState& st, Batch* x, std::vector<float>*
   for (size_t i = 0; i < ins.size() && err == nullptr; ++i) {
     names.push_back(ins[i].name);
     err = OrtError(ort->CreateTensorWithDataAsOrtValue(
-        st.memory, ins[i].data, ins[i].bytes, ins[i].shape.data(), ins[i].shape.size(),
+        memory, ins[i].data, ins[i].bytes, ins[i].shape.data(), ins[i].shape.size(),
         ins[i].type, &values[i]));
   }
   const char* out_name = "logits";
   if (err == nullptr)
-    err = OrtError(ort->Run(st.session, nullptr, names.data(), values.data(),
+    err = OrtError(ort->Run(session, nullptr, names.data(), values.data(),
                             values.size(), &out_name, 1, &output));
+  size_t count = 0;
+  if (err == nullptr) {
+    OrtTensorTypeAndShapeInfo* info = nullptr;
+    err = OrtError(ort->GetTensorTypeAndShape(output, &info));
+    ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+    if (err == nullptr) err = OrtError(ort->GetTensorElementType(info, &type));
+    if (err == nullptr) err = OrtError(ort->GetTensorShapeElementCount(info, &count));
+    if (info) ort->ReleaseTensorTypeAndShapeInfo(info);
+    if (err == nullptr && (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ||
+                           count != static_cast<size_t>(b * n)))
+      err = Error("the model's logits are not float32 [b, n] (" + std::to_string(count) +
+                  " values for " + std::to_string(b * n) + ")",
+                  TRITONSERVER_ERROR_INTERNAL);
+  }
   if (err == nullptr) {
     float* data;
     err = OrtError(ort->GetTensorMutableData(output, reinterpret_cast<void**>(&data)));
@@ -675,38 +800,115 @@ TRITONSERVER_Error* Score(const InstanceState& st, Batch* x, std::vector<float>*
 
 // The service's reply (`batches.replies`): the reranked candidates by logit
 // (ties by upstream position), then those past n in upstream order with null.
+using JsonWriter = rapidjson::Writer<rapidjson::StringBuffer>;
+
+// A double as orjson writes a Python float: the shortest digits that read back as
+// it, an integral one with ".0" (a float stays a float); null where not finite.
+void WriteDouble(JsonWriter& w, double d) {
+  if (!std::isfinite(d)) {
+    w.Null();
+    return;
+  }
+  char number[64];
+  char* end = std::to_chars(number, number + sizeof number - 2, d).ptr;
+  if (std::string_view(number, end - number).find_first_of(".e") ==
+      std::string_view::npos) {
+    *end++ = '.';
+    *end++ = '0';
+  }
+  w.RawValue(number, end - number, rapidjson::kNumberType);
+}
+
+// Text with a surrogate in it, as Python's json module writes it ("\udc00").
+void WriteSurrogateText(JsonWriter& w, const char* text, size_t size,
+                        rapidjson::Type type) {
+  std::string s(text, size), out = "\"";
+  char b[16];
+  for (size_t i = 0, len = 1; i < s.size(); i += len) {
+    uint32_t cp = Decode(s, i, &len);
+    if (cp == '"' || cp == '\\') {
+      out += '\\';
+      out += static_cast<char>(cp);
+    } else if (cp < 0x20 || (cp >= 0xd800 && cp <= 0xdfff)) {
+      snprintf(b, sizeof b, "\\u%04x", cp);
+      out += b;
+    } else {
+      out.append(s, i, len);
+    }
+  }
+  out += '"';
+  w.RawValue(out.data(), out.size(), type);
+}
+
+// A value sent back as the service sends it: as Python reads the body (each key of
+// an object once, with its last value) and orjson writes the reply (a non-finite
+// number as null).
+void WriteEcho(JsonWriter& w, const Value& v) {
+  if (v.IsNull()) {
+    w.Null();
+  } else if (v.IsBool()) {
+    w.Bool(v.GetBool());
+  } else if (v.IsInt64()) {
+    w.Int64(v.GetInt64());
+  } else if (v.IsUint64()) {
+    w.Uint64(v.GetUint64());
+  } else if (v.IsNumber()) {
+    WriteDouble(w, v.GetDouble());
+  } else if (v.IsString()) {
+    if (HasSurrogate(v.GetString(), v.GetStringLength()))
+      WriteSurrogateText(w, v.GetString(), v.GetStringLength(), rapidjson::kStringType);
+    else
+      w.String(v.GetString(), v.GetStringLength());
+  } else if (v.IsArray()) {
+    w.StartArray();
+    for (const auto& x : v.GetArray()) WriteEcho(w, x);
+    w.EndArray();
+  } else {
+    std::vector<std::pair<const Value*, const Value*>> members;   // (key, last value)
+    std::unordered_map<std::string_view, size_t> at;
+    for (auto m = v.MemberBegin(); m != v.MemberEnd(); ++m) {
+      std::string_view key(m->name.GetString(), m->name.GetStringLength());
+      auto [it, fresh] = at.emplace(key, members.size());
+      if (fresh) members.emplace_back(&m->name, &m->value);
+      else members[it->second].second = &m->value;
+    }
+    w.StartObject();
+    for (const auto& [key, value] : members) {
+      if (HasSurrogate(key->GetString(), key->GetStringLength()))
+        WriteSurrogateText(w, key->GetString(), key->GetStringLength(),
+                           rapidjson::kStringType);
+      else
+        w.Key(key->GetString(), key->GetStringLength());
+      WriteEcho(w, *value);
+    }
+    w.EndObject();
+  }
+}
+
+// The service's reply (`batches.replies`): the reranked candidates by logit
+// (ties by upstream position, a NaN logit last: `scorer.rerank_order`), then those
+// past n in upstream order with null.
 std::string Reply(const Checked& r, const float* logits, int kept, int unknown) {
   std::vector<int> order(kept);
   for (int s = 0; s < kept; ++s) order[s] = s;
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int a, int b) { return logits[a] > logits[b]; });
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
+    return (!std::isnan(logits[a]) && std::isnan(logits[b])) || logits[a] > logits[b];
+  });
   rapidjson::StringBuffer buffer;
-  rapidjson::Writer<rapidjson::StringBuffer, rapidjson::UTF8<>, rapidjson::UTF8<>,
-                    rapidjson::CrtAllocator, rapidjson::kWriteNanAndInfFlag>
-      w(buffer);
+  JsonWriter w(buffer);
   w.StartObject();
   w.Key("list_id");
-  if (r.list_id) r.list_id->Accept(w); else w.Null();
+  if (r.list_id) WriteEcho(w, *r.list_id); else w.Null();
   w.Key("item_ids");
   w.StartArray();
-  const Value& raw = *r.raw_items;
-  for (int s : order) raw[s].Accept(w);
-  for (rapidjson::SizeType s = kept; s < raw.Size(); ++s) raw[s].Accept(w);
+  const Value& raw = *r.raw_items;   // ids as sent: checked, so strings or integers
+  for (int s : order) WriteEcho(w, raw[s]);
+  for (rapidjson::SizeType s = kept; s < raw.Size(); ++s) WriteEcho(w, raw[s]);
   w.EndArray();
   w.Key("scores");
   w.StartArray();
-  char number[64];
-  for (int s : order) {
-    if (!std::isfinite(logits[s])) {  // orjson writes null for them too
-      w.Null();
-      continue;
-    }
-    // Python's repr of the float32 logit as a double (what the service writes):
-    // the shortest digits that read back as it.
-    auto end = std::to_chars(number, number + sizeof number,
-                             static_cast<double>(logits[s])).ptr;
-    w.RawValue(number, end - number, rapidjson::kNumberType);
-  }
+  // The float32 logit as a double, as the service writes it.
+  for (int s : order) WriteDouble(w, static_cast<double>(logits[s]));
   for (size_t s = kept; s < r.items.size(); ++s) w.Null();
   w.EndArray();
   w.Key("reranked");
@@ -786,25 +988,88 @@ void Send(TRITONBACKEND_ModelInstance* instance, const Times& times,
   if (released) TRITONSERVER_ErrorDelete(released);
 }
 
+
+// Bodies nested deeper than this are refused as Python's json module refuses them
+// (RecursionError; the service's "nested too deeply"). RapidJSON's iterative parser
+// reads any depth, but the checks' recursive steps would then run out of stack.
+constexpr int kMaxDepth = 1000;
+
+bool TooDeep(const std::string& body) {
+  int depth = 0;
+  bool in_string = false;
+  for (size_t i = 0; i < body.size(); ++i) {
+    char c = body[i];
+    if (in_string) {
+      if (c == '\\') ++i;
+      else if (c == '"') in_string = false;
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      if (++depth > kMaxDepth) return true;
+    } else if (c == ']' || c == '}') {
+      --depth;
+    }
+  }
+  return false;
+}
+
+// Python's bytes.strip() whitespace: a body of nothing else is "missing".
+bool Blank(const std::string& body) {
+  return body.find_first_not_of(" \t\n\r\x0b\x0c") == std::string::npos;
+}
+
+// One body's check: nullptr and `checked` filled, or the error to answer with.
+TRITONSERVER_Error* ReadAndCheck(const std::string& body, const Limits& limits,
+                                 rapidjson::Document* doc, Checked* checked) {
+  if (Blank(body)) return Error("body: missing (send one list as a JSON object)");
+  if (TooDeep(body)) return Error("body: malformed JSON (nested too deeply)");
+  constexpr unsigned kFlags = rapidjson::kParseNanAndInfFlag |
+                              rapidjson::kParseValidateEncodingFlag |
+                              rapidjson::kParseIterativeFlag |
+                              rapidjson::kParseFullPrecisionFlag;
+  doc->Parse<kFlags>(body.c_str(), body.size());
+  if (doc->HasParseError())
+    return Error(std::string("body: malformed JSON (") +
+                 rapidjson::GetParseError_En(doc->GetParseError()) + " at byte " +
+                 std::to_string(doc->GetErrorOffset()) + ")");
+  try {
+    *checked = Check(*doc, limits);
+  } catch (const BadRequest& bad) {
+    return Error(bad.line);
+  }
+  return nullptr;
+}
+
 }  // namespace
 
 extern "C" {
 
-TRITONSERVER_Error* TRITONBACKEND_ModelInitialize(TRITONBACKEND_Model* model) {
-  auto state = std::make_unique<ModelState>();
-  RETURN_IF_ERROR(LoadModel(model, state.get()));
-  RETURN_IF_ERROR(TRITONBACKEND_ModelSetState(model, state.release()));
+TRITONSERVER_Error* TRITONBACKEND_Initialize(TRITONBACKEND_Backend* backend) {
+  ort = OrtGetApiBase()->GetApi(ORT_API_VERSION);
+  if (ort == nullptr)
+    return Error("the ONNX Runtime library is older than the API version this backend "
+                 "was built for (" + std::to_string(ORT_API_VERSION) + ")",
+                 TRITONSERVER_ERROR_UNSUPPORTED);
   return nullptr;
+}
+
+TRITONSERVER_Error* TRITONBACKEND_ModelInitialize(TRITONBACKEND_Model* model) {
+  try {
+    auto state = std::make_unique<ModelState>();
+    RETURN_IF_ERROR(LoadModel(model, state.get()));
+    RETURN_IF_ERROR(TRITONBACKEND_ModelSetState(model, state.get()));
+    state.release();
+    return nullptr;
+  } catch (const std::exception& e) {
+    return Error(std::string("loading the model: ") + e.what(),
+                 TRITONSERVER_ERROR_INTERNAL);
+  }
 }
 
 TRITONSERVER_Error* TRITONBACKEND_ModelFinalize(TRITONBACKEND_Model* model) {
   void* vstate;
   RETURN_IF_ERROR(TRITONBACKEND_ModelState(model, &vstate));
-  auto* state = static_cast<ModelState*>(vstate);
-  if (state->env) ort->ReleaseEnv(state->env);
-  if (state->unknown_ids) TRITONSERVER_MetricDelete(state->unknown_ids);
-  if (state->unknown_family) TRITONSERVER_MetricFamilyDelete(state->unknown_family);
-  delete state;
+  delete static_cast<ModelState*>(vstate);
   return nullptr;
 }
 
@@ -829,10 +1094,11 @@ TRITONSERVER_Error* TRITONBACKEND_ModelInstanceInitialize(
   if (err == nullptr)
     err = OrtError(ort->CreateSession(st->model->env, path.c_str(), options, &st->session));
   ort->ReleaseSessionOptions(options);
-  RETURN_IF_ERROR(err);
+  RETURN_IF_ERROR(err);   // st's destructor releases what was made
   RETURN_IF_ERROR(OrtError(ort->CreateCpuMemoryInfo(OrtArenaAllocator, OrtMemTypeDefault,
                                                     &st->memory)));
-  RETURN_IF_ERROR(TRITONBACKEND_ModelInstanceSetState(instance, st.release()));
+  RETURN_IF_ERROR(TRITONBACKEND_ModelInstanceSetState(instance, st.get()));
+  st.release();
   return nullptr;
 }
 
@@ -840,10 +1106,7 @@ TRITONSERVER_Error* TRITONBACKEND_ModelInstanceFinalize(
     TRITONBACKEND_ModelInstance* instance) {
   void* vstate;
   RETURN_IF_ERROR(TRITONBACKEND_ModelInstanceState(instance, &vstate));
-  auto* st = static_cast<InstanceState*>(vstate);
-  if (st->session) ort->ReleaseSession(st->session);
-  if (st->memory) ort->ReleaseMemoryInfo(st->memory);
-  delete st;
+  delete static_cast<InstanceState*>(vstate);
   return nullptr;
 }
 
@@ -856,73 +1119,68 @@ TRITONSERVER_Error* TRITONBACKEND_ModelInstanceExecute(
   const ModelState& m = *st->model;
   Times times;
   times.exec_start = Now();
-  // Each request's parsed body must outlive its Checked (which points into it).
-  rapidjson::MemoryPoolAllocator<> pool(st->parse_buffer.data(),
-                                       st->parse_buffer.size());
-  std::vector<rapidjson::Document> docs;
-  docs.reserve(request_count);
-  for (uint32_t r = 0; r < request_count; ++r) docs.emplace_back(&pool);
-  std::vector<Checked> checked(request_count);
-  std::vector<TRITONSERVER_Error*> errors(request_count, nullptr);
-  std::vector<const Checked*> good;
-  std::vector<uint32_t> good_index;
-  std::string body;
-  constexpr unsigned kFlags = rapidjson::kParseNanAndInfFlag |
-                              rapidjson::kParseValidateEncodingFlag |
-                              rapidjson::kParseIterativeFlag |
-                              rapidjson::kParseFullPrecisionFlag;
-  for (uint32_t r = 0; r < request_count; ++r) {
-    errors[r] = RequestBody(requests[r], &body);
-    if (errors[r]) continue;
-    docs[r].Parse<kFlags>(body.c_str(), body.size());
-    if (docs[r].HasParseError()) {
-      errors[r] = Error(std::string("body: malformed JSON (") +
-                        rapidjson::GetParseError_En(docs[r].GetParseError()) +
-                        " at byte " + std::to_string(docs[r].GetErrorOffset()) + ")");
-      continue;
+  // The requests not yet answered (and released): an exception answers them all.
+  std::vector<TRITONBACKEND_Request*> held(requests, requests + request_count);
+  try {
+    // Each request's parsed body must outlive its Checked (which points into it).
+    rapidjson::MemoryPoolAllocator<> pool(st->parse_buffer.data(),
+                                         st->parse_buffer.size());
+    std::vector<rapidjson::Document> docs;
+    docs.reserve(request_count);
+    for (uint32_t r = 0; r < request_count; ++r) docs.emplace_back(&pool);
+    std::vector<Checked> checked(request_count);
+    std::vector<const Checked*> good;
+    std::vector<uint32_t> good_index;
+    std::string body;
+    for (uint32_t r = 0; r < request_count; ++r) {
+      TRITONSERVER_Error* error = RequestBody(held[r], &body);
+      if (error == nullptr) error = ReadAndCheck(body, m.limits, &docs[r], &checked[r]);
+      if (error == nullptr) {
+        good.push_back(&checked[r]);
+        good_index.push_back(r);
+      } else {
+        Send(instance, times, held[r], error, nullptr);   // refused alone
+        held[r] = nullptr;
+      }
     }
-    try {
-      checked[r] = Check(docs[r], m.limits);
-      good.push_back(&checked[r]);
-      good_index.push_back(r);
-    } catch (const BadRequest& bad) {
-      errors[r] = Error(bad.line);
-    }
-  }
-  std::vector<float> logits;
-  Batch batch;
-  TRITONSERVER_Error* scored = nullptr;
-  if (!good.empty()) {
+    if (good.empty()) return nullptr;
+    std::vector<float> logits;
+    Batch batch;
     times.compute_start = Now();
     Encode(m, good, &batch);
-    scored = Score(*st, &batch, &logits);
+    TRITONSERVER_Error* scored = Score(st->session, st->memory, &batch, &logits);
     times.compute_end = Now();
-  }
-  for (size_t g = 0; g < good.size(); ++g) {
-    uint32_t r = good_index[g];
-    if (scored) {
-      errors[r] = TRITONSERVER_ErrorNew(TRITONSERVER_ErrorCode(scored),
-                                        TRITONSERVER_ErrorMessage(scored));
-      continue;
+    for (size_t g = 0; g < good.size(); ++g) {
+      uint32_t r = good_index[g];
+      if (scored) {
+        Send(instance, times, held[r],
+             TRITONSERVER_ErrorNew(TRITONSERVER_ErrorCode(scored),
+                                   TRITONSERVER_ErrorMessage(scored)),
+             nullptr);
+      } else {
+        std::string reply = Reply(*good[g], logits.data() + g * batch.n, batch.kept[g],
+                                  batch.unknown[g]);
+        if (m.unknown_ids && batch.unknown[g]) {
+          TRITONSERVER_Error* counted =
+              TRITONSERVER_MetricIncrement(m.unknown_ids, batch.unknown[g]);
+          if (counted) TRITONSERVER_ErrorDelete(counted);
+        }
+        Send(instance, times, held[r], nullptr, &reply);
+      }
+      held[r] = nullptr;
     }
-    std::string reply = Reply(*good[g], logits.data() + g * batch.n, batch.kept[g],
-                              batch.unknown[g]);
-    if (m.unknown_ids && batch.unknown[g]) {
-      TRITONSERVER_Error* counted =
-          TRITONSERVER_MetricIncrement(m.unknown_ids, batch.unknown[g]);
-      if (counted) TRITONSERVER_ErrorDelete(counted);
-    }
-    Send(instance, times, requests[r], nullptr, &reply);
-    requests[r] = nullptr;
-  }
-  if (scored) TRITONSERVER_ErrorDelete(scored);
-  for (uint32_t r = 0; r < request_count; ++r)
-    if (requests[r]) Send(instance, times, requests[r], errors[r], nullptr);
-  if (!good.empty()) {
+    if (scored) TRITONSERVER_ErrorDelete(scored);
     TRITONSERVER_Error* reported = TRITONBACKEND_ModelInstanceReportBatchStatistics(
         instance, good.size(), times.exec_start, times.compute_start,
         times.compute_end, Now());
     if (reported) TRITONSERVER_ErrorDelete(reported);
+  } catch (const std::exception& e) {
+    for (auto* request : held)
+      if (request)
+        Send(instance, times, request,
+             Error(std::string("internal error: ") + e.what(),
+                   TRITONSERVER_ERROR_INTERNAL),
+             nullptr);
   }
   return nullptr;
 }

@@ -14,7 +14,9 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
+import unicodedata
 
 from dnr_jax.serving.triton import sources as sources_lib
 
@@ -23,13 +25,39 @@ DEFAULT_DIR = os.path.join(os.path.expanduser("~"), ".cache", "dnr_jax",
                            "triton-dnr-backend")
 LIBRARY = "libtriton_dnr.so"
 RAPIDJSON = "/usr/include/rapidjson/document.h"
+_TRITON_HEADER = ("core", "include", "triton", "core", "tritonbackend.h")
 
 
-def _key(library: str) -> str:
+# Without -DNDEBUG RapidJSON's asserts stay on: the backend checks each value's type
+# before it reads it, so an assert that fires is a bug to see, not a request's doing.
+FLAGS = ("-std=c++17", "-O2", "-shared", "-fPIC", "-Wall", "-Wno-sign-compare")
+
+
+def non_printable_ranges() -> list[tuple[int, int]]:
+  """The code point ranges where this Python's ``str.isprintable()`` is False: the
+  characters ``repr`` escapes, which the backend's error lines escape alike."""
+  ranges, start = [], None
+  for cp in range(sys.maxunicode + 1):
+    if not chr(cp).isprintable():
+      if start is None:
+        start = cp
+    elif start is not None:
+      ranges.append((start, cp - 1))
+      start = None
+  if start is not None:
+    ranges.append((start, sys.maxunicode))
+  return ranges
+
+
+def _key(library: str, headers: str) -> str:
   digest = hashlib.sha256()
-  with open(SOURCE, "rb") as f:
-    digest.update(f.read())
+  for path in (SOURCE, RAPIDJSON, os.path.join(headers, *_TRITON_HEADER),
+               os.path.join(headers, sources_lib.HEADER)):
+    with open(path, "rb") as f:
+      digest.update(f.read())
   digest.update(os.path.realpath(library).encode())
+  digest.update(" ".join(FLAGS).encode())
+  digest.update(unicodedata.unidata_version.encode())
   return digest.hexdigest()[:16]
 
 
@@ -48,23 +76,32 @@ def built(directory: str = DEFAULT_DIR, source_dir: str | None = None) -> str:
     sources.BuildError: the compiler failed (its output in the message).
   """
   library = sources_lib.onnxruntime_library()
-  out = os.path.join(directory, _key(library))
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, "lock"), "w") as lock:
+  if shutil.which("c++") is None:
+    raise sources_lib.Unavailable("building the dnr backend needs a C++17 compiler "
+                                  "(Debian: apt-get install g++)")
+  if not os.path.exists(RAPIDJSON):
+    raise sources_lib.Unavailable("building the dnr backend needs RapidJSON's headers "
+                                  "(Debian: apt-get install rapidjson-dev)")
+  headers = sources_lib.sources(source_dir or sources_lib.DEFAULT_DIR)
+  out = os.path.join(directory, _key(library, headers))
+  try:
+    os.makedirs(directory, exist_ok=True)
+    lock = open(os.path.join(directory, "lock"), "w")
+  except OSError as e:
+    raise sources_lib.Unavailable(f"cannot write the backend's cache {directory}: "
+                                  f"{e.strerror}") from e
+  with lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     if os.path.exists(os.path.join(out, LIBRARY)):
       return out
-    if shutil.which("c++") is None:
-      raise sources_lib.Unavailable("building the dnr backend needs a C++17 compiler "
-                                    "(Debian: apt-get install g++)")
-    if not os.path.exists(RAPIDJSON):
-      raise sources_lib.Unavailable("building the dnr backend needs RapidJSON's "
-                                    "headers (Debian: apt-get install rapidjson-dev)")
-    headers = sources_lib.sources(source_dir or sources_lib.DEFAULT_DIR)
+    shutil.rmtree(out, ignore_errors=True)   # a build interrupted before its rename
     tmp = tempfile.mkdtemp(dir=directory)
     try:
-      cmd = ["c++", "-std=c++17", "-O2", "-shared", "-fPIC", "-Wall",
-             "-Wno-sign-compare",
+      with open(os.path.join(tmp, "dnr_printable.inc"), "w") as f:
+        f.write("const uint32_t kNonPrintable[][2] = {\n")
+        f.writelines(f"    {{{a}, {b}}},\n" for a, b in non_printable_ranges())
+        f.write("};\n")
+      cmd = ["c++", *FLAGS, "-I" + tmp,
              "-I" + os.path.join(headers, "core", "include"),
              "-I" + os.path.dirname(os.path.join(headers, sources_lib.HEADER)),
              SOURCE, "-o", os.path.join(tmp, LIBRARY), library, "-Wl,-rpath,$ORIGIN"]
@@ -72,6 +109,7 @@ def built(directory: str = DEFAULT_DIR, source_dir: str | None = None) -> str:
       if got.returncode:
         raise sources_lib.BuildError(f"{' '.join(cmd)} failed:\n{got.stderr[-3000:]}")
       shutil.copy2(library, os.path.join(tmp, "libonnxruntime.so.1"))
+      os.remove(os.path.join(tmp, "dnr_printable.inc"))
       os.replace(tmp, out)
     except BaseException:
       shutil.rmtree(tmp, ignore_errors=True)

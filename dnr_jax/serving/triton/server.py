@@ -42,7 +42,7 @@ def unpacked_wheel(directory: str = DEFAULT_DIR) -> str:
   sees half of it.
 
   Raises:
-    RuntimeError: the wheel could not be downloaded.
+    RuntimeError: the wheel could not be downloaded or unpacked.
   """
   parent = os.path.dirname(os.path.abspath(directory)) or "."
   os.makedirs(parent, exist_ok=True)
@@ -57,8 +57,11 @@ def unpacked_wheel(directory: str = DEFAULT_DIR) -> str:
           raise RuntimeError(f"pip download {WHEEL} failed: "
                              f"{(got.stderr or got.stdout).strip()[-500:]}")
         unpacked = os.path.join(tmp, "unpacked")
-        with zipfile.ZipFile(wheels[0]) as z:
-          z.extractall(unpacked)
+        try:
+          with zipfile.ZipFile(wheels[0]) as z:
+            z.extractall(unpacked)
+        except (zipfile.BadZipFile, OSError) as e:
+          raise RuntimeError(f"unpacking {wheels[0]} failed: {e}") from e
         for path in (binary(unpacked),
                      *glob.glob(os.path.join(unpacked, *SERVER, "python_backend_stubs",
                                              "*", "triton_python_backend_stub"))):
@@ -71,9 +74,10 @@ def unpacked_wheel(directory: str = DEFAULT_DIR) -> str:
 def environment(wheel: str) -> dict:
   """The environment ``tritonserver`` runs in: the wheel's libraries (and this
   Python's, for the Python backend) on the loader's path."""
-  return dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join(
-      [sysconfig.get_config_var("LIBDIR"), os.path.join(wheel, "nvidia_pytriton.libs"),
-       os.environ.get("LD_LIBRARY_PATH", "")]))
+  # An empty entry would make the loader search the working directory.
+  paths = [sysconfig.get_config_var("LIBDIR"), os.path.join(wheel, "nvidia_pytriton.libs"),
+           *os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep)]
+  return dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join(p for p in paths if p))
 
 
 def command(work: str, wheel: str, *, port: int, host: str = "127.0.0.1",

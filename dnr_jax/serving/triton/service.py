@@ -144,7 +144,7 @@ def prepare(config: TritonServiceConfig, folder: str,
       f"{config.triton_dir} where missing ...")
   try:
     wheel = server_lib.unpacked_wheel(config.triton_dir)
-  except RuntimeError as e:
+  except (RuntimeError, OSError) as e:
     raise sources.Unavailable(f"{e}; or unpack the wheel into {config.triton_dir} "
                               "by hand") from e
   return server_lib.command(folder, wheel, port=config.port, host=config.host,
@@ -163,53 +163,73 @@ def _ready(host: str, port: int) -> bool:
     return False
 
 
-def _die_with_parent() -> None:
-  # A server left behind by a killed parent would hold the port; PR_SET_PDEATHSIG
-  # (Linux) sends it SIGTERM when this process dies.
+def _die_with_parent() -> Callable[[], None]:
+  """A ``preexec_fn`` that has the child sent SIGTERM when this process dies (Linux's
+  PR_SET_PDEATHSIG): a server left behind by a killed parent would hold the port.
+  libc is loaded here, before the fork: a child of a process with threads (JAX's)
+  should only make plain system calls."""
   try:
     import ctypes  # pylint: disable=g-import-not-at-top
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-  except OSError:
-    pass
+    prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+  except (OSError, AttributeError):
+    return lambda: None
+  return lambda: prctl(1, signal.SIGTERM)
 
 
 def serve(config: TritonServiceConfig,
           log: Callable[[str], None] = logging.info) -> int:
-  """Prepares and runs ``tritonserver`` until it exits; returns its exit status
-  (0 after a drain on SIGTERM or SIGINT, which are passed on to it)."""
-  with tempfile.TemporaryDirectory(prefix="dnr_triton_") as tmp:
-    folder = config.workdir or tmp
-    if config.workdir and os.path.exists(os.path.join(folder, "repo")):
-      raise errors.ConfigError(f"workdir={folder} already holds a repository (repo/); "
-                               "give an empty or new folder")
-    os.makedirs(folder, exist_ok=True)
-    argv, env = prepare(config, folder, log)
-    proc = subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent)
-    stopping = []
+  """Prepares and runs ``tritonserver`` until it exits; returns its exit status: 0
+  after a drain on SIGTERM or SIGINT, which are passed on to it.
 
-    def stop(signum, frame):
-      del frame
-      stopping.append(signum)
-      log(f"{signal.Signals(signum).name}: draining (at most {config.drain_timeout_s} "
-          "s) ...")
-      proc.send_signal(signal.SIGTERM)
+  Raises:
+    DNRError: what ``prepare`` raises; ``errors.Interrupted`` for a signal before
+      the server started (the temporary folder is removed); the server failing to
+      start, or killed by a signal.
+  """
+  proc = None
+  stopping = []
 
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-      t0 = time.time()
-      while proc.poll() is None and not stopping:
-        if _ready(config.host, config.port):
-          log(f"ready in {time.time() - t0:.1f} s: POST http://{config.host}:"
-              f"{config.port}/v2/models/{repository.MODEL}/infer"
-              + (f"; metrics on :{config.metrics_port}/metrics"
-                 if config.metrics_port else ""))
-          break
-        time.sleep(0.2)
-      code = proc.wait()
-    finally:
-      for s, handler in previous.items():
-        signal.signal(s, handler)
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-    return code
+  def stop(signum, frame):
+    del frame
+    stopping.append(signum)
+    if proc is None:
+      raise errors.Interrupted(f"{signal.Signals(signum).name} before Triton started")
+    log(f"{signal.Signals(signum).name}: draining (at most {config.drain_timeout_s} "
+        "s) ...")
+    proc.send_signal(signal.SIGTERM)
+
+  previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    with tempfile.TemporaryDirectory(prefix="dnr_triton_") as tmp:
+      folder = config.workdir or tmp
+      if config.workdir and os.path.exists(os.path.join(folder, "repo")):
+        raise errors.ConfigError(f"workdir={folder} already holds a repository (repo/); "
+                                 "give an empty or new folder")
+      os.makedirs(folder, exist_ok=True)
+      argv, env = prepare(config, folder, log)
+      try:
+        proc = subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent())
+      except OSError as e:
+        raise errors.DNRError(f"cannot start {argv[0]}: {e.strerror}") from e
+      try:
+        t0 = time.time()
+        while proc.poll() is None and not stopping:
+          if _ready(config.host, config.port):
+            log(f"ready in {time.time() - t0:.1f} s: POST http://{config.host}:"
+                f"{config.port}/v2/models/{repository.MODEL}/infer"
+                + (f"; metrics on :{config.metrics_port}/metrics"
+                   if config.metrics_port else ""))
+            break
+          time.sleep(0.2)
+        code = proc.wait()
+      finally:
+        if proc.poll() is None:
+          proc.kill()
+          proc.wait()
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+  if code < 0:
+    raise errors.DNRError(f"tritonserver was killed by "
+                          f"{signal.Signals(-code).name}; its log is above")
+  return code
