@@ -282,6 +282,10 @@ def _python_line(body, limits):
   ``read_body`` and ``check_request``); malformed JSON without its detail."""
   if not body.strip():
     return "body: missing (send one list as a JSON object)"
+  # How deep Python's json reads depends on the recursion limit: the service's is
+  # Python's default, which a library loaded in this test process may have raised.
+  limit = sys.getrecursionlimit()
+  sys.setrecursionlimit(1000)
   try:
     endpoint.read_body(body, lambda d: [requests.check_request(d, limits)])
   except requests.RequestError as e:
@@ -290,6 +294,8 @@ def _python_line(body, limits):
     return "body: malformed JSON"
   except RecursionError:
     return "body: malformed JSON (nested too deeply)"
+  finally:
+    sys.setrecursionlimit(limit)
   raise AssertionError(f"the service takes {body[:200]!r}")
 
 
