@@ -163,6 +163,12 @@ def _ready(host: str, port: int) -> bool:
     return False
 
 
+class _Stopped(BaseException):
+  """A signal before Triton started, raised from the signal handler. Not an
+  ``Exception``, so no ``except Exception`` on the way (logging's, around a log
+  line being written) takes it; ``serve`` turns it into ``errors.Interrupted``."""
+
+
 def _die_with_parent() -> Callable[[], None]:
   """A ``preexec_fn`` that has the child sent SIGTERM when this process dies (Linux's
   PR_SET_PDEATHSIG): a server left behind by a killed parent would hold the port.
@@ -193,7 +199,7 @@ def serve(config: TritonServiceConfig,
     del frame
     stopping.append(signum)
     if proc is None:
-      raise errors.Interrupted(f"{signal.Signals(signum).name} before Triton started")
+      raise _Stopped(signum)
     log(f"{signal.Signals(signum).name}: draining (at most {config.drain_timeout_s} "
         "s) ...")
     proc.send_signal(signal.SIGTERM)
@@ -226,6 +232,9 @@ def serve(config: TritonServiceConfig,
         if proc.poll() is None:
           proc.kill()
           proc.wait()
+  except _Stopped as stopped:   # the temporary folder is gone by now
+    raise errors.Interrupted(f"{signal.Signals(stopped.args[0]).name} before Triton "
+                             "started") from None
   finally:
     for s, handler in previous.items():
       signal.signal(s, handler)
