@@ -23,13 +23,10 @@ import urllib.request
 
 import jax
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
-from dnr_jax.data import own_lists
-from dnr_jax.serving import rerank_files
-from dnr_jax.serving.online import replay
 
+import served_lists  # pylint: disable=g-bad-import-order  (tests/served_lists.py)
 import tiny_runs  # pylint: disable=g-bad-import-order  (tests/tiny_runs.py)
 
 pytest.importorskip("litserve")
@@ -42,12 +39,6 @@ MAX_CANDIDATES = 20
 # The service scores with batch shapes of its own (powers of two on one device),
 # rerank with the run's evaluation batch on DEVICES: float32 rounding may differ.
 ATOL = 1e-5
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _call(url, body=None, timeout=60):
@@ -72,7 +63,7 @@ class Service:
   """``experiments.serve`` in a process of its own; stopped with SIGTERM."""
 
   def __init__(self, checkpoint, tmp_path, *flags):
-    self.port = _free_port()
+    self.port = served_lists.free_port()
     self.url = f"http://127.0.0.1:{self.port}"
     self.log = open(tmp_path / f"serve-{self.port}.log", "w")
     self.proc = subprocess.Popen(
@@ -123,47 +114,11 @@ def service(run, tmp_path_factory):
   assert s.stop() == 0
 
 
-def _bodies(run):
-  """Every list of the run's file as a request (first n candidates, read's history)."""
-  history = own_lists.InteractionHistory.load(run.inter, run.vocab, run.config)
-  bodies = []
-  for chunk in own_lists.read_lists(run.lists, vocab=run.vocab, config=run.config,
-                                    history=history):
-    bodies += replay.request_bodies(chunk, run.vocab)
-  return bodies
-
-
-def _concurrently(fn, items, workers=16):
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    return list(pool.map(fn, items))
-
-
 def test_scores_equal_experiments_rerank(run, service, tmp_path):
-  out = tmp_path / "reranked.parquet"
-  rerank_files.rerank_file(run.bundle, run.lists, str(out), interactions=run.inter,
-                           devices=DEVICES)
-  table = pq.read_table(out).filter(pq.read_table(out)["reranked"]).to_pydict()
-  want = {}
-  for lid, item, score in zip(table["list_id"], table["item_id"],
-                              table["reranker_score"]):
-    want.setdefault(lid, []).append((item, score))
-  bodies = _bodies(run)
-  replies = _concurrently(service.rerank, bodies)
-  worst = 0.0
-  for body, (status, reply) in zip(bodies, replies):
-    assert status == 200, reply
-    expected = want[body["list_id"]]
-    assert reply["list_id"] == body["list_id"]
-    assert reply["reranked"] == len(expected) == len(body["item_ids"])
-    got_score = dict(zip(reply["item_ids"], reply["scores"]))
-    diff = max(abs(got_score[i] - s) for i, s in expected)
-    worst = max(worst, diff)
-    assert diff <= ATOL, (body["list_id"], diff)
-    # The same order, but where two logits tie within the tolerance.
-    got = reply["item_ids"]
-    for k, (item, _) in enumerate(expected):
-      if got[k] != item:
-        assert abs(got_score[got[k]] - got_score[item]) <= 2 * ATOL
+  want = served_lists.rerank_scores(run, tmp_path / "reranked.parquet", DEVICES)
+  bodies = served_lists.request_bodies(run)
+  replies = served_lists.concurrently(service.rerank, bodies)
+  worst = served_lists.assert_replies_match(bodies, replies, want, ATOL)
   print(f"max |service - rerank| logit difference over {len(bodies)} lists: {worst:.2e}")
   # The requests were batched (the dynamic batcher put several into one batch).
   status, text = _call(service.url + "/metrics")
@@ -212,14 +167,14 @@ def test_two_workers_share_the_queue_and_stop_cleanly(run, service, tmp_path):
       # The two workers, on the two highest cores; the HTTP process on every core.
       top = sorted(os.sched_getaffinity(0))[-2:]
       assert own == [str(c) for c in top], (own, everyone)
-    bodies = _bodies(run)
+    bodies = served_lists.request_bodies(run)
     want = {b["list_id"]: r for b, (_, r) in zip(
-        bodies, _concurrently(service.rerank, bodies))}
+        bodies, served_lists.concurrently(service.rerank, bodies))}
     # More lists at once than one batch holds: while one worker scores a batch, the
     # other gathers the next. (Rounds until both have scored, as a guard against a
     # machine slow enough that one worker keeps up alone.)
     for _ in range(5):
-      for body, (status, reply) in zip(bodies, _concurrently(s.rerank, bodies)):
+      for body, (status, reply) in zip(bodies, served_lists.concurrently(s.rerank, bodies)):
         assert status == 200, reply
         expected = want[body["list_id"]]
         assert reply["item_ids"] == expected["item_ids"]
@@ -262,7 +217,7 @@ def _post_too_large(url, tries=5):
 
 
 def test_bad_requests_get_400_and_never_fail_their_batch(run, service):
-  good = _bodies(run)[:24]
+  good = served_lists.request_bodies(run)[:24]
   alone = [service.rerank(b) for b in good[:4]]
   mixed = good[:12] + [b for b, _ in BAD] + good[12:]
   # A barrier so that good and bad requests reach the batcher together.
@@ -272,7 +227,7 @@ def test_bad_requests_get_400_and_never_fail_their_batch(run, service):
     barrier.wait()
     return service.rerank(body)
 
-  answers = _concurrently(send, mixed, workers=len(mixed))
+  answers = served_lists.concurrently(send, mixed, workers=len(mixed))
   bad_answers = answers[12:12 + len(BAD)]
   good_answers = answers[:12] + answers[12 + len(BAD):]
   for (status, reply), (_, words) in zip(bad_answers, BAD):
@@ -324,7 +279,7 @@ def test_unknown_ids_and_candidates_past_n(run, service):
 def test_several_lists_in_one_request_get_what_each_gets_alone(run, service):
   # 12 lists, more than a batch (8) holds: the worker scores them in two batches or
   # more, with whatever else is queued.
-  bodies = _bodies(run)[30:42]
+  bodies = served_lists.request_bodies(run)[30:42]
   alone = [service.rerank(b) for b in bodies]
   status, reply = _call(service.url + "/rerank_lists", {"lists": bodies})
   assert status == 200, reply
@@ -360,7 +315,7 @@ def test_a_long_reply_is_not_compressed(run, service):
 def test_sigterm_answers_the_requests_in_flight_then_exits_0(run, tmp_path):
   # A long batch timeout keeps the requests waiting in the batcher when SIGTERM comes.
   s = Service(run.run_dir, tmp_path, "--max_batch_size=32", "--batch_timeout_ms=1500")
-  bodies = _bodies(run)[:12]
+  bodies = served_lists.request_bodies(run)[:12]
   with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
     futures = [pool.submit(s.rerank, b) for b in bodies]
     time.sleep(0.5)
@@ -406,7 +361,7 @@ def test_only_the_main_thread_can_take_the_drain_signal(service):
 def test_a_bad_checkpoint_fails_in_one_line_before_any_process_starts(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.serve", f"--checkpoint={tmp_path}/none",
-       f"--port={_free_port()}"], cwd=ROOT, capture_output=True, text=True,
+       f"--port={served_lists.free_port()}"], cwd=ROOT, capture_output=True, text=True,
       timeout=120)
   assert proc.returncode == 4
   assert proc.stderr.strip().splitlines()[-1].startswith("CheckpointError: --checkpoint=")
@@ -429,7 +384,7 @@ def test_a_port_in_use_fails_in_one_line_before_any_process_starts(run):
 def test_more_worker_cores_than_the_machine_fails_in_one_line(run):
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.serve", f"--checkpoint={run.run_dir}",
-       f"--port={_free_port()}", "--worker_cores=4096"], cwd=ROOT,
+       f"--port={served_lists.free_port()}", "--worker_cores=4096"], cwd=ROOT,
       capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2
   last = proc.stderr.strip().splitlines()[-1]
@@ -534,7 +489,7 @@ def test_the_endpoint_answers_in_front_of_the_middleware_stack(run):
   from dnr_jax.serving.online import endpoint  # pylint: disable=g-import-not-at-top
   from dnr_jax.serving.online import service  # pylint: disable=g-import-not-at-top
   server, _ = service.build_server(
-      service.ServiceConfig(checkpoint=run.run_dir, port=_free_port()),
+      service.ServiceConfig(checkpoint=run.run_dir, port=served_lists.free_port()),
       log=lambda line: None)
   stack = server.app.build_middleware_stack()
   assert isinstance(stack, endpoint.RerankEndpoint)
@@ -576,7 +531,7 @@ def test_a_worker_that_cannot_start_fails_in_one_line(run, tmp_path):
   # does, and fails while setting up.
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.serve", f"--checkpoint={run.run_dir}",
-       f"--port={_free_port()}"], cwd=ROOT, capture_output=True, text=True,
+       f"--port={served_lists.free_port()}"], cwd=ROOT, capture_output=True, text=True,
       timeout=180, env={**os.environ, "JAX_PLATFORMS": "tpu"})
   assert proc.returncode == 1
   last = proc.stderr.strip().splitlines()[-1]

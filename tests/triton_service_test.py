@@ -14,7 +14,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from dnr_jax.data import own_lists
 from dnr_jax.serving import rerank_files
 from dnr_jax.serving.online import replay
 
+import served_lists  # pylint: disable=g-bad-import-order  (tests/served_lists.py)
 import tiny_runs  # pylint: disable=g-bad-import-order  (tests/tiny_runs.py)
 
 pytest.importorskip("onnxruntime")
@@ -50,17 +50,11 @@ MAX_CANDIDATES = 20
 ATOL = 1e-5
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 class Triton:
   """``experiments.serve_triton`` in a process of its own; stopped with SIGTERM."""
 
   def __init__(self, checkpoint, tmp_path, *flags):
-    self.port, self.metrics_port = _free_port(), _free_port()
+    self.port, self.metrics_port = served_lists.free_port(), served_lists.free_port()
     self.url = f"http://127.0.0.1:{self.port}/v2/models/dnr_rerank/infer"
     self.log = open(tmp_path / f"serve_triton-{self.port}.log", "w")
     self.proc = subprocess.Popen(
@@ -140,20 +134,6 @@ def limits(run):
                                             MAX_CANDIDATES)
 
 
-def _bodies(run):
-  history = own_lists.InteractionHistory.load(run.inter, run.vocab, run.config)
-  bodies = []
-  for chunk in own_lists.read_lists(run.lists, vocab=run.vocab, config=run.config,
-                                    history=history):
-    bodies += replay.request_bodies(chunk, run.vocab)
-  return bodies
-
-
-def _concurrently(fn, items, workers=16):
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    return list(pool.map(fn, items))
-
-
 def _metric(text, name):
   for line in text.splitlines():
     if line.startswith(name + "{"):
@@ -162,32 +142,12 @@ def _metric(text, name):
 
 
 def test_scores_equal_experiments_rerank(run, triton, tmp_path):
-  out = tmp_path / "reranked.parquet"
-  rerank_files.rerank_file(run.bundle, run.lists, str(out), interactions=run.inter,
-                           devices=DEVICES)
-  table = pq.read_table(out).filter(pq.read_table(out)["reranked"]).to_pydict()
-  want = {}
-  for lid, item, score in zip(table["list_id"], table["item_id"],
-                              table["reranker_score"]):
-    want.setdefault(lid, []).append((item, score))
-  bodies = _bodies(run)
+  want = served_lists.rerank_scores(run, tmp_path / "reranked.parquet", DEVICES)
+  bodies = served_lists.request_bodies(run)
   before = triton.metrics()
-  replies = _concurrently(triton.rerank, bodies)
-  worst = 0.0
-  for body, (status, reply) in zip(bodies, replies):
-    assert status == 200, reply
-    expected = want[body["list_id"]]
-    assert reply["list_id"] == body["list_id"]
-    assert reply["reranked"] == len(expected) == len(body["item_ids"])
-    assert reply["unknown_ids"] == 0
-    got_score = dict(zip(reply["item_ids"], reply["scores"]))
-    diff = max(abs(got_score[i] - s) for i, s in expected)
-    worst = max(worst, diff)
-    assert diff <= ATOL, (body["list_id"], diff)
-    got = reply["item_ids"]
-    for k, (item, _) in enumerate(expected):
-      if got[k] != item:   # the same order, but where two logits tie
-        assert abs(got_score[got[k]] - got_score[item]) <= 2 * ATOL
+  replies = served_lists.concurrently(triton.rerank, bodies)
+  worst = served_lists.assert_replies_match(bodies, replies, want, ATOL)
+  assert all(reply["unknown_ids"] == 0 for _, reply in replies)
   print(f"max |triton - rerank| logit difference over {len(bodies)} lists: {worst:.2e}")
   after = triton.metrics()
   answered = (_metric(after, "nv_inference_request_success")
@@ -198,7 +158,7 @@ def test_scores_equal_experiments_rerank(run, triton, tmp_path):
 
 
 def test_candidates_past_n_and_unknown_and_integer_ids(run, triton):
-  body = _bodies(run)[0]
+  body = served_lists.request_bodies(run)[0]
   items = body["item_ids"] + [f"new{i}" for i in range(N + 3 - len(body["item_ids"]))]
   items[1] = 12345   # an integer id, unknown to the vocabulary: back as sent
   status, reply = triton.rerank({**body, "item_ids": items,
@@ -215,7 +175,7 @@ def test_candidates_past_n_and_unknown_and_integer_ids(run, triton):
 
 
 def _bad_bodies(run):
-  good = _bodies(run)[0]
+  good = served_lists.request_bodies(run)[0]
   u, i = run.vocab.user_features[0], run.vocab.item_features[0]
   k = len(good["item_ids"])
   bad = [
@@ -301,7 +261,7 @@ def _python_line(body, limits):
 
 def test_every_bad_request_gets_the_services_line(run, triton, limits):
   bodies = _bad_bodies(run)
-  got = _concurrently(triton.rerank, bodies)
+  got = served_lists.concurrently(triton.rerank, bodies)
   for body, (status, line) in zip(bodies, got):
     want = _python_line(body, limits)
     assert status == 400, (body[:200], line)
@@ -313,7 +273,7 @@ def test_every_bad_request_gets_the_services_line(run, triton, limits):
 
 
 def test_a_list_id_comes_back_as_the_service_sends_it(run, triton):
-  body = json.dumps(_bodies(run)[0])[1:]   # without its opening brace
+  body = json.dumps(served_lists.request_bodies(run)[0])[1:]   # without its opening brace
   for list_id, want in ((b"NaN", None), (b"-Infinity", None), (b"1.0", 1.0),
                         (b"3", 3), (b'{"a": 1, "a": [2, NaN]}', {"a": [2, None]}),
                         (b'"\\udc00"', "\udc00")):
@@ -336,11 +296,11 @@ def test_what_rapidjson_reads_otherwise_still_gets_a_400(triton):
 
 
 def test_a_bad_request_never_fails_the_others_in_its_batch(run, triton):
-  bodies = _bodies(run)[:48]
+  bodies = served_lists.request_bodies(run)[:48]
   bad = json.dumps({**bodies[0], "scores": [math.inf] * len(bodies[0]["scores"])},
                    allow_nan=True).encode()
   mixed = [b if j % 4 else bad for j, b in enumerate(bodies)]
-  got = _concurrently(triton.rerank, mixed, workers=24)
+  got = served_lists.concurrently(triton.rerank, mixed, workers=24)
   for body, (status, reply) in zip(mixed, got):
     if body is bad:
       assert (status, reply) == (400, "scores[0]: non-finite score inf")
@@ -351,7 +311,7 @@ def test_a_bad_request_never_fails_the_others_in_its_batch(run, triton):
 def test_sigterm_answers_the_requests_in_flight(run, tmp_path):
   t = Triton(run.run_dir, tmp_path, "--max_batch_size=4", "--queue_delay_us=200000",
              f"--max_candidates={MAX_CANDIDATES}")
-  bodies = _bodies(run)[:12]
+  bodies = served_lists.request_bodies(run)[:12]
   with concurrent.futures.ThreadPoolExecutor(12) as pool:
     sent = [pool.submit(t.rerank, b) for b in bodies]
     time.sleep(0.1)   # in Triton's queue: each batch waits up to 200 ms
@@ -407,7 +367,7 @@ def test_a_run_on_logits_is_served_with_the_sigmoid_transform(tmp_path_factory, 
   bodies = replay.request_bodies(chunk, logits_run.vocab, "sigmoid")[:24]
   t = Triton(logits_run.run_dir, root)
   try:
-    for body, (status, reply) in zip(bodies, _concurrently(t.rerank, bodies)):
+    for body, (status, reply) in zip(bodies, served_lists.concurrently(t.rerank, bodies)):
       assert status == 200, reply
       for item, score in zip(reply["item_ids"], reply["scores"]):
         assert abs(score - want[(body["list_id"], item)]) <= ATOL
@@ -423,7 +383,7 @@ def test_sigterm_before_triton_starts_is_one_line_and_leaves_nothing(run, tmp_pa
   scratch.mkdir()
   proc = subprocess.Popen(
       [sys.executable, "-m", "experiments.serve_triton", f"--checkpoint={run.run_dir}",
-       f"--port={_free_port()}", "--metrics_port=0"], cwd=ROOT,
+       f"--port={served_lists.free_port()}", "--metrics_port=0"], cwd=ROOT,
       env=dict(os.environ, TMPDIR=str(scratch)), stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True)
   lines = []
