@@ -3,7 +3,8 @@
 import setuptools
 
 # The reranker outside JAX (dnr_jax/serving/onnx_export.py, triton_repository.py):
-# the ONNX export (jax2onnx, onnx), ONNX Runtime (the reference it is checked
+# the ONNX export (jax2onnx, onnx; onnxscript's optimizer simplifies the traced
+# graph, serving/onnx_graph.py), ONNX Runtime (the reference it is checked
 # against) and Triton's model-configuration schema (tritonclient[grpc] ships it).
 # Never a dependency of the library itself. Lower bounds: the versions tested. Their
 # own pins move three shared packages down (0.17.1: orbax-checkpoint < 0.11.37;
@@ -17,7 +18,7 @@ import setuptools
 # prometheus-client for /metrics, httptools (uvicorn's C HTTP parser; without it
 # uvicorn falls back to pure-Python h11) and orjson (the replies' JSON) for the
 # request rate docs/serving.md measures, and aiohttp for benchmarks.serving's clients.
-SERVE = ["jax2onnx>=0.17.1", "onnx>=1.23", "onnxruntime>=1.32",
+SERVE = ["jax2onnx>=0.17.1", "onnx>=1.23", "onnxscript>=0.7.2", "onnxruntime>=1.32",
          "tritonclient[grpc]>=2.73", "litserve==0.2.19",
          "prometheus-client>=0.20", "httptools>=0.6", "orjson>=3.10", "aiohttp>=3.9"]
 

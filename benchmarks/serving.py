@@ -60,7 +60,8 @@ flags.DEFINE_enum("engine", "litserve", ["litserve", "triton"], "The service: "
                   "experiments.serve (LitServe) or experiments.serve_triton (Triton, "
                   "the dnr backend).")
 flags.DEFINE_integer("max_batch_size", 64, "The service's --max_batch_size.")
-flags.DEFINE_float("batch_timeout_ms", 1.0, "The service's --batch_timeout_ms.")
+flags.DEFINE_float("batch_timeout_ms", None, "The service's --batch_timeout_ms "
+                   "(Triton: its --queue_delay_us); default: the engine's own.")
 flags.DEFINE_integer("http_processes", 1, "The service's --http_processes.")
 flags.DEFINE_integer("workers", 1, "The service's --workers.")
 flags.DEFINE_integer("instances", 1, "Triton: serve_triton's --instances.")
@@ -125,16 +126,18 @@ def _service(checkpoint: str, port: int, k: int) -> tuple[list, str, str, str, d
              f"--checkpoint={checkpoint}", f"--port={port}",
              f"--metrics_port={metrics_port}",
              f"--max_batch_size={FLAGS.max_batch_size}",
-             f"--queue_delay_us={round(FLAGS.batch_timeout_ms * 1000)}",
              f"--instances={FLAGS.instances}",
-             f"--intra_op_threads={FLAGS.intra_op_threads}"],
+             f"--intra_op_threads={FLAGS.intra_op_threads}"] + (
+                 [] if FLAGS.batch_timeout_ms is None else
+                 [f"--queue_delay_us={round(FLAGS.batch_timeout_ms * 1000)}"]),
             base + "/v2/models/dnr_rerank/infer", base + "/v2/health/ready",
             f"http://127.0.0.1:{metrics_port}/metrics", dict(client.HEADERS))
   return ([sys.executable, "-m", "experiments.serve", f"--checkpoint={checkpoint}",
            f"--port={port}", f"--max_batch_size={FLAGS.max_batch_size}",
-           f"--batch_timeout_ms={FLAGS.batch_timeout_ms}",
            f"--http_processes={FLAGS.http_processes}", f"--workers={FLAGS.workers}",
-           f"--max_lists_per_request={max(k, 64)}"],
+           f"--max_lists_per_request={max(k, 64)}"] + (
+               [] if FLAGS.batch_timeout_ms is None else
+               [f"--batch_timeout_ms={FLAGS.batch_timeout_ms}"]),
           base + run_requests.post_path(k), base + "/ready", base + "/metrics",
           {"Content-Type": "application/json"})
 

@@ -3,7 +3,7 @@ and reply, with no Python on a request's path.
 
   python -m experiments.serve_triton --checkpoint=/tmp/dnr_lists_example/runs/prm/dnr_g/seed0 \
       [--port=8000] [--metrics_port=8002] [--host=127.0.0.1] [--max_batch_size=64] \
-      [--queue_delay_us=1000] [--instances=1] [--intra_op_threads=1]
+      [--queue_delay_us=400] [--instances=1] [--intra_op_threads=1]
 
 ``--checkpoint`` is what ``experiments.serve`` takes. The run's reranker is exported
 to ONNX, the ``dnr`` backend (C++: the service's JSON, checks, vocabulary and
@@ -21,6 +21,7 @@ import sys
 from absl import flags
 
 from dnr_jax import errors
+from dnr_jax.serving.triton import repository
 from experiments import cli
 
 flags.DEFINE_string("checkpoint", None, "A run directory, bundle or one-run workdir.")
@@ -29,7 +30,7 @@ flags.DEFINE_string("host", "127.0.0.1", "Where to listen: 127.0.0.1 (this machi
 flags.DEFINE_integer("port", 8000, "The HTTP port.")
 flags.DEFINE_integer("metrics_port", 8002, "The Prometheus metrics port (0: none).")
 flags.DEFINE_integer("max_batch_size", 64, "The most lists per batch.")
-flags.DEFINE_integer("queue_delay_us", 1000, "How long a request may wait in Triton's "
+flags.DEFINE_integer("queue_delay_us", repository.DEFAULT_QUEUE_DELAY_US, "How long a request may wait in Triton's "
                      "queue for others to batch with.")
 flags.DEFINE_integer("max_candidates", 0, "The most candidates per request (0: the "
                      "reranker's n; those past n come back after the reranked ones).")

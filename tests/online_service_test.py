@@ -472,17 +472,21 @@ def test_onnx_scoring_benchmark_compares_onnx_runtime_with_the_jax_scorer(run):
   pytest.importorskip("onnxruntime")
   proc = subprocess.run(
       [sys.executable, "-m", "benchmarks.onnx_scoring", f"--checkpoint={run.run_dir}",
-       "--lists=40", "--batch_sizes=1,16,64", "--rounds=2"],
+       "--lists=40", "--batch_sizes=1,16,64", "--rounds=2", "--traced"],
       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   head, *lines = _json_lines(proc.stdout)
   assert head["what"] == "exported" and "items" in head["inputs"]
+  # The simplified graph's nodes, as traced (with the one-node layer norm), and the
+  # --traced side's graph (flax's layer-norm formula).
+  assert head["graph"]["nodes"] < head["graph"]["traced_nodes"] < head["traced_nodes"]
   assert [l["batch_size"] for l in lines] == [1, 16, 64]
   # 40 lists: every one at batch 1, the two full batches of 16, one short batch of 64.
   assert [l["lists"] for l in lines] == [40, 32, 40]
   for l in lines:
     assert l["onnx_runtime_lists_per_s"] > 0 and l["jax_scorer_lists_per_s"] > 0
-    assert l["max_abs_diff"] < 1e-4, l
+    assert l["traced_lists_per_s"] > 0 and l["simplified_over_traced"] > 0
+    assert l["max_abs_diff"] < 1e-4 and l["traced_max_abs_diff"] < 1e-4, l
 
 
 def test_the_endpoint_answers_in_front_of_the_middleware_stack(run):

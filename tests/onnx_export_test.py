@@ -160,6 +160,28 @@ def test_every_score_usage_exports_and_matches(backbone, tmp_path):
     _assert_same_order(want, got, arrays["mask"], f"{backbone}/{usage}")
 
 
+def test_the_traced_graph_on_request_scores_as_the_simplified_one(exports, tmp_path):
+  """``simplify=False`` keeps jax2onnx's graph (the baseline the simplification is
+  timed against): Einsums and shape arithmetic, and the same logits."""
+  import onnx  # pylint: disable=g-import-not-at-top
+  e = exports["setrank"]
+  path = str(tmp_path / "traced.onnx")
+  info = onnx_export.export_onnx(e["bundle"], path, inputs=export_lib.EXPORT_INPUTS,
+                                 list_size=N, history_size=H, simplify=False)
+  ops = [n.op_type for n in onnx.load(path).graph.node]
+  assert info["graph"]["nodes"] == info["graph"]["traced_nodes"] == len(ops)
+  assert len(ops) > e["signature"]["onnx"]["graph"]["nodes"]
+  assert "Einsum" in ops and "Shape" in ops and "LayerNormalization" not in ops
+  arrays = e["lists"][7]
+  feed = {k: arrays[k] for k in info["inputs"]}
+  traced = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+  simplified = ort.InferenceSession(
+      os.path.join(e["directory"], onnx_export.ONNX_FILE),
+      providers=["CPUExecutionProvider"])
+  got, want = (s.run(["logits"], feed)[0] for s in (traced, simplified))
+  assert np.abs(got - want).max() <= ATOL
+
+
 def test_signature_and_vocabulary_are_the_jax_artifacts(exports, tmp_path):
   e = exports["prm"]
   sig = e["signature"]
@@ -176,6 +198,15 @@ def test_signature_and_vocabulary_are_the_jax_artifacts(exports, tmp_path):
     assert dims == spec["shape"], (value.name, dims)
   assert [d.dim_param or d.dim_value for d in
           model.graph.output[0].type.tensor_type.shape.dim] == ["b", N]
+  # Every backbone's graph simplified (serving/onnx_graph.py): layer norms as one
+  # operator, attention's Einsums as MatMuls, about half the traced nodes left.
+  for backbone, other in exports.items():
+    graph = other["signature"]["onnx"]["graph"]
+    ops = [n.op_type for n in onnx.load(os.path.join(
+        other["directory"], onnx_export.ONNX_FILE)).graph.node]
+    assert graph["nodes"] == len(ops) < 0.75 * graph["traced_nodes"], backbone
+    assert "LayerNormalization" in ops and "Einsum" not in ops, backbone
+    assert graph["einsums_rewritten"] >= 2 and ops.count("Shape") <= 2, backbone
   # An ONNX-only export of a bundle with a vocabulary: the same signature inputs,
   # the vocabulary copied, no jax artifact.
   vocab = tmp_path / "vocab"

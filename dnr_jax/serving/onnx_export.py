@@ -4,8 +4,10 @@ A ``jax.export`` artifact needs JAX to run; the places a reranker is served from
 (ONNX Runtime in C++, Java or Python, Triton's ONNX Runtime backend) take ONNX.
 jax2onnx traces the scoring function that ``serving/export.py`` exports (the
 parameters baked in as initializers, the batch dimension symbolic, ``b``) into a
-graph of standard ONNX operators at opset ``OPSET``; ONNX Runtime is the reference
-the graph is checked against, at export time (``check_arrays``) and in
+graph of standard ONNX operators at opset ``OPSET``, with LayerNorm as ONNX's
+``LayerNormalization``; ``onnx_graph.simplify`` then folds the traced shape
+arithmetic and turns attention's ``Einsum`` into ``MatMul``. ONNX Runtime is the
+reference the graph is checked against, at export time (``check_arrays``) and in
 ``tests/onnx_export_test.py``.
 
 What the backbones needed (jax2onnx 0.17): nothing for PRM, SetRank and PIER
@@ -45,6 +47,7 @@ import numpy as np
 from dnr_jax import batch as batch_lib
 from dnr_jax import errors
 from dnr_jax import models
+from dnr_jax.serving import onnx_graph
 from dnr_jax.serving.bundle import Bundle
 
 ONNX_FILE = "reranker.onnx"
@@ -160,7 +163,8 @@ def max_abs_difference(model_bytes: bytes, reference, arrays: Mapping[str, np.nd
 
 def export_onnx(bundle: Bundle, path: str, *, inputs: Sequence[str], list_size: int,
                 history_size: int, opset: int = OPSET,
-                check_arrays: Optional[Mapping[str, np.ndarray]] = None) -> dict:
+                check_arrays: Optional[Mapping[str, np.ndarray]] = None,
+                simplify: bool = True) -> dict:
   """Writes the reranker as an ONNX model to ``path``.
 
   Args:
@@ -171,12 +175,16 @@ def export_onnx(bundle: Bundle, path: str, *, inputs: Sequence[str], list_size: 
     list_size: ``n``.
     history_size: ``H``.
     opset: the ONNX opset.
+    simplify: False writes the graph as jax2onnx traces it by default (flax's
+      layer-norm formula, the shape arithmetic, ``Einsum``): a baseline for timing
+      the simplified one, or for telling a conversion bug from a simplifier's.
     check_arrays: lists (``batch.FIELDS``) ONNX Runtime scores right after the
       export, against JAX on the same graph's function; None skips the check.
 
   Returns:
     What ``signature.json`` records under ``"onnx"``: the file, opset, IR
-    version, input and output names, the converter's version and the check.
+    version, input and output names, the converters' versions, the graph's node
+    counts (``onnx_graph.simplify``) and the check.
   """
   jax2onnx, onnx = require_serve_extra()
   fn = _scoring_function(bundle, inputs)
@@ -193,12 +201,20 @@ def export_onnx(bundle: Bundle, path: str, *, inputs: Sequence[str], list_size: 
   serde_log.setLevel(logging.ERROR)
   try:
     with _restored_namespaces():
+      # LayerNorm as ONNX's LayerNormalization (one kernel) rather than the eight
+      # nodes of flax's formula, which ONNX Runtime does not fuse.
       model = jax2onnx.to_onnx(
           lambda *arrays: fn(*[arrays[order.index(k)] for k in inputs]),
           inputs=[specs[k] for k in order], model_name="dnr_reranker", opset=opset,
-          input_names=order, output_names=[OUTPUT])
+          input_names=order, output_names=[OUTPUT],
+          normalization_mode="prefer_native" if simplify else "auto")
   finally:
     serde_log.setLevel(level)
+  if simplify:
+    model, graph_stats = onnx_graph.simplify(model)
+  else:
+    graph_stats = {"traced_nodes": len(model.graph.node),
+                   "nodes": len(model.graph.node), "einsums_rewritten": 0}
   by_name = {}
   for value in model.graph.input:
     by_name[value.name] = onnx.ValueInfoProto()
@@ -236,5 +252,6 @@ def export_onnx(bundle: Bundle, path: str, *, inputs: Sequence[str], list_size: 
   return {"file": os.path.basename(path), "opset": int(opset),
           "ir_version": int(model.ir_version), "inputs": names, "output": OUTPUT,
           "batch_dim": "b", "compute_dtype": "float32",
-          "converter": f"jax2onnx {importlib.metadata.version('jax2onnx')}",
-          "check": checked}
+          "converter": f"jax2onnx {importlib.metadata.version('jax2onnx')}, "
+                       f"onnxscript {importlib.metadata.version('onnxscript')}",
+          "graph": graph_stats, "check": checked}

@@ -16,9 +16,15 @@ import os
 import shutil
 
 MODEL = "dnr_rerank"
+# How long Triton's dynamic batcher holds a request for others. With 32 clients a
+# batch never fills, so every batch waits out the whole delay; a delay of about half
+# a batch's scoring time keeps the instance busy without leaving it idle. Measured
+# in docs/serving_triton.md ("The queue delay"): 0.4 ms served 19% more than 1 ms.
+DEFAULT_QUEUE_DELAY_US = 400
 
 
-def config(name: str = MODEL, *, max_batch_size: int = 64, queue_delay_us: int = 1000,
+def config(name: str = MODEL, *, max_batch_size: int = 64,
+           queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
            instances: int = 1, intra_op_threads: int = 1) -> str:
   """``config.pbtxt``: the service's body in (UINT8, one ragged row per request),
   its reply out, Triton's dynamic batcher (a batch waits at most

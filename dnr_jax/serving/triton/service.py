@@ -71,7 +71,7 @@ class TritonServiceConfig:
   port: int = 8000
   metrics_port: int = 8002
   max_batch_size: int = 64
-  queue_delay_us: int = 1000
+  queue_delay_us: int = repository.DEFAULT_QUEUE_DELAY_US
   max_candidates: int = 0
   instances: int = 1
   intra_op_threads: int = 1

@@ -11,10 +11,12 @@ Run from the repository root. This is ``experiments.serve_triton``'s arrangement
 (``dnr_jax/serving/triton/``): Triton 2.51 from the nvidia-pytriton 0.6.0 wheel,
 the ``dnr`` backend (``backend.cc``: the service's JSON, checks, vocabulary and
 reply in C++, the model by ONNX Runtime) compiled by ``build``. Each variant
-``NAME:INSTANCES:MAX_BATCH:QUEUE_DELAY_US:THREADS[:BACKEND]`` serves the export
-with INSTANCES CPU instances, each with an ONNX Runtime session of THREADS intra-op
-threads; BACKEND, a folder that ``build.built`` wrote (another version of the
-backend), in place of this checkout's. A request is the service's ``/rerank`` body, in Triton's binary tensor
+``NAME:INSTANCES:MAX_BATCH:QUEUE_DELAY_US:THREADS[:BACKEND[:EXPORT]]`` serves the
+export with INSTANCES CPU instances, each with an ONNX Runtime session of THREADS
+intra-op threads; BACKEND, a folder that ``build.built`` wrote (another version of
+the backend), in place of this checkout's (empty: this checkout's); EXPORT, another
+export's folder (its ``reranker.onnx``, e.g. one written by an earlier version of
+the exporter), in place of ``--export``. A request is the service's ``/rerank`` body, in Triton's binary tensor
 extension (``triton_server.request_body``); the reply is the service's JSON reply.
 
 Before the load the driver checks each side against the service: the same item
@@ -49,7 +51,7 @@ flags.DEFINE_float("seconds", 5.0, "Seconds per turn (after 1 s of warm-up).")
 flags.DEFINE_integer("clients", 32, "Concurrent wrk clients.")
 flags.DEFINE_list("variants", ["d1_b64:1:64:1000:1"],
                   "Triton arrangements, "
-                  "NAME:INSTANCES:MAX_BATCH:QUEUE_DELAY_US:THREADS[:BACKEND].")
+                  "NAME:INSTANCES:MAX_BATCH:QUEUE_DELAY_US:THREADS[:BACKEND[:EXPORT]].")
 flags.DEFINE_list("service_flags", [],
                   "Flags for the service (experiments.serve), e.g. --worker_cores=1.")
 flags.DEFINE_string("pytriton_dir", triton_server.DEFAULT_DIR,
@@ -84,9 +86,11 @@ def main(argv):
       posts["service"] = lambda b, u=url: alternate.post_json(u, b)
       for v in FLAGS.variants:
         name, instances, max_batch, delay_us, threads, *other = v.split(":")
+        other += ["", ""]
         work = os.path.join(tmp, name)
         repository.write(
-            work, other[0] if other else backend, onnx_file=os.path.join(FLAGS.export, "reranker.onnx"),
+            work, other[0] or backend,
+            onnx_file=os.path.join(other[1] or FLAGS.export, "reranker.onnx"),
             vocab_file=os.path.join(FLAGS.export, "vocabulary", "vocab.json"),
             limits=limits, max_batch_size=int(max_batch), queue_delay_us=int(delay_us),
             instances=int(instances), intra_op_threads=int(threads))
