@@ -5,7 +5,7 @@ the service, with the in-process ceiling.
       --export=/tmp/lex_export --export_format=onnx
   python docs/results/serving_triton_dnr_backend/run.py \
       --checkpoint=/tmp/lex/runs/prm/dnr_g/seed0 --export=/tmp/lex_export \
-      [--rounds=6] [--seconds=5] [--variants=d1_b64:1:64:1000:1,...]
+      [--rounds=6] [--seconds=5] [--variants=default:1:64:400:1,...]
 
 Run from the repository root. This is ``experiments.serve_triton``'s arrangement
 (``dnr_jax/serving/triton/``): Triton 2.51 from the nvidia-pytriton 0.6.0 wheel,
@@ -49,7 +49,7 @@ flags.DEFINE_string("export", "/tmp/lex_export",
 flags.DEFINE_integer("rounds", 6, "Turns of each side.")
 flags.DEFINE_float("seconds", 5.0, "Seconds per turn (after 1 s of warm-up).")
 flags.DEFINE_integer("clients", 32, "Concurrent wrk clients.")
-flags.DEFINE_list("variants", ["d1_b64:1:64:1000:1"],
+flags.DEFINE_list("variants", ["default:1:64:400:1"],
                   "Triton arrangements, "
                   "NAME:INSTANCES:MAX_BATCH:QUEUE_DELAY_US:THREADS[:BACKEND[:EXPORT]].")
 flags.DEFINE_list("service_flags", [],
