@@ -18,7 +18,7 @@ import setuptools
 # prometheus-client for /metrics, httptools (uvicorn's C HTTP parser; without it
 # uvicorn falls back to pure-Python h11) and orjson (the replies' JSON) for the
 # request rate docs/serving.md measures, and aiohttp for benchmarks.serving's clients.
-SERVE = ["jax2onnx>=0.17.1", "onnx>=1.23", "onnxscript>=0.7.2", "onnxruntime>=1.32",
+SERVE = ["jax2onnx>=0.17.1", "onnx>=1.23", "onnxscript>=0.7.2,<0.8", "onnxruntime>=1.32",
          "tritonclient[grpc]>=2.73", "litserve==0.2.19",
          "prometheus-client>=0.20", "httptools>=0.6", "orjson>=3.10", "aiohttp>=3.9"]
 

@@ -79,7 +79,8 @@ def main(argv):
   print(json.dumps({"what": "exported", "inputs": [name for name, _ in inputs],
                     "lists": n, "ort": ort.__version__,
                     "graph": sig["onnx"]["graph"],
-                    "traced_nodes": traced_info["graph"]["nodes"] if traced else None}),
+                    "traced_nodes": (traced_info["graph"]["nodes"]
+                                     if traced is not None else None)}),
         flush=True)
   for b in (int(x) for x in FLAGS.batch_sizes):
     # Whole batches of b; fewer than b lists make one short batch.

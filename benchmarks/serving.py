@@ -183,9 +183,11 @@ def main(argv):
       if time.time() - t0 > 300:
         raise SystemExit("the service was not ready after 300 s")
       time.sleep(0.5)
+    # null: the engine's own default delay.
     print(json.dumps({"what": "service ready", "engine": FLAGS.engine,
                       "seconds": round(time.time() - t0, 1),
-                      "requests": len(bodies), "lists_per_request": k}), flush=True)
+                      "requests": len(bodies), "lists_per_request": k,
+                      "batch_timeout_ms": FLAGS.batch_timeout_ms}), flush=True)
     served = {}
     for level in [int(x) for x in FLAGS.levels]:
       asyncio.run(http_load.drive(url, bodies, level, FLAGS.warmup, 60, headers))

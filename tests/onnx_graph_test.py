@@ -36,9 +36,30 @@ def test_batched_products_are_planned(equation, rank, plan):
     ("ij,jk", 2),              # implicit output
     ("i.j,jk->ik", 2),         # malformed
     ("ijk,jk->ik", 2),         # a term longer than the rank
+    ("...j,...jk->...k", 3),   # ellipses of different widths (aligned from the right)
+    ("...i,...k->...ik", 3),   # an output ellipsis narrower than the operands'
 ])
 def test_other_equations_stay_einsum(equation, rank):
   assert onnx_graph.matmul_plan(equation, rank) is None
+
+
+@pytest.mark.parametrize("equation,shape_a,shape_b", [
+    ("...qhd,...khd->...hqk", (2, 5, 3, 4), (2, 6, 3, 4)),
+    ("...hqk,...khd->...qhd", (2, 3, 5, 6), (2, 6, 3, 4)),
+    ("...ij,...jk->...ik", (3, 1, 2, 4), (1, 5, 4, 6)),   # broadcast batch dims
+    ("ij,...jk->ik", (2, 3), (3, 4)),                     # an empty ellipsis
+    ("bij,bkj->bik", (2, 3, 4), (2, 5, 4)),
+    ("bij,bjk->bki", (2, 3, 4), (2, 4, 5)),
+    ("bji,bjk->bki", (2, 4, 3), (2, 4, 5)),
+])
+def test_every_plan_computes_the_einsum(equation, shape_a, shape_b):
+  rng = np.random.default_rng(3)
+  a, b = rng.normal(size=shape_a), rng.normal(size=shape_b)
+  plan = onnx_graph.matmul_plan(equation, a.ndim)
+  assert plan is not None
+  perm_a, perm_b, perm_out = plan
+  got = np.matmul(a.transpose(perm_a), b.transpose(perm_b)).transpose(perm_out)
+  np.testing.assert_allclose(got, np.einsum(equation, a, b), rtol=1e-12, atol=1e-12)
 
 
 def _model(nodes, inputs, output, initializers=(), shapes=()):

@@ -348,6 +348,27 @@ def test_serving_benchmark_measures_the_triton_engine(run):
     assert l["lists_per_s"] > 0 and l["mean_batch"] >= 1
   assert lines[-2]["what"] == "in-process scorer"
   assert lines[-1]["what"] == "of the in-process rate"
+  # No --batch_timeout_ms: the engine's own queue delay (recorded as null).
+  (ready,) = [l for l in lines if l.get("what") == "service ready"]
+  assert ready["batch_timeout_ms"] is None
+
+
+def test_every_entry_point_has_the_same_default_queue_delay():
+  """The binary's flag, the typed config and the repository's config.pbtxt agree on
+  the measured default (docs/serving_triton.md, "What moved the rate")."""
+  from dnr_jax.serving.triton import repository  # pylint: disable=g-import-not-at-top
+  from dnr_jax.serving.triton import service  # pylint: disable=g-import-not-at-top
+  default = repository.DEFAULT_QUEUE_DELAY_US
+  # The binary's flags in a process of their own (absl's flags are global).
+  got = subprocess.run([sys.executable, "-m", "experiments.serve_triton", "--helpfull"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+  text = got.stdout + got.stderr
+  assert "--queue_delay_us: How long" in text, text[-2000:]
+  after = text[text.index("--queue_delay_us: How long"):]
+  assert f"(default: '{default}')" in after.split("(an integer)")[0]
+  assert service.TritonServiceConfig(checkpoint="x").queue_delay_us == default
+  assert f"max_queue_delay_microseconds: {default} " in repository.config()
+  assert 0 < default < 1000
 
 
 def test_a_run_on_logits_is_served_with_the_sigmoid_transform(tmp_path_factory, run):

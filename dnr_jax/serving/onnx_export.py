@@ -215,6 +215,7 @@ def export_onnx(bundle: Bundle, path: str, *, inputs: Sequence[str], list_size: 
   else:
     graph_stats = {"traced_nodes": len(model.graph.node),
                    "nodes": len(model.graph.node), "einsums_rewritten": 0}
+  graph_stats["simplified"] = bool(simplify)
   by_name = {}
   for value in model.graph.input:
     by_name[value.name] = onnx.ValueInfoProto()
@@ -252,6 +253,7 @@ def export_onnx(bundle: Bundle, path: str, *, inputs: Sequence[str], list_size: 
   return {"file": os.path.basename(path), "opset": int(opset),
           "ir_version": int(model.ir_version), "inputs": names, "output": OUTPUT,
           "batch_dim": "b", "compute_dtype": "float32",
-          "converter": f"jax2onnx {importlib.metadata.version('jax2onnx')}, "
-                       f"onnxscript {importlib.metadata.version('onnxscript')}",
+          "converter": f"jax2onnx {importlib.metadata.version('jax2onnx')}" + (
+              f", onnxscript {importlib.metadata.version('onnxscript')}"
+              if simplify else ""),
           "graph": graph_stats, "check": checked}

@@ -9,7 +9,8 @@ costs more than the ``Transpose`` and ``MatMul`` it stands for. ``simplify``:
 1. folds the shape arithmetic and removes what no longer feeds the output
    (onnxscript's optimizer: constant folding on the static dimensions, a
    ``Reshape`` target with ``-1`` for the batch, dead-node removal; then its
-   default rewrite rules, which drop no-op ``Expand``, ``Reshape`` and ``Cast``);
+   default rewrite rules, among them the removal of no-op ``Expand``, ``Reshape``
+   and ``Cast``: each an identity of ONNX's operators);
 2. rewrites each two-operand ``Einsum`` that is a batched matrix product (one
    free index per operand, one contracted) as ``Transpose``, ``MatMul`` and
    ``Transpose`` (``einsum_to_matmul``); other equations are left as they are.
@@ -53,10 +54,14 @@ def matmul_plan(equation: str, rank: int):
   a, b = _letters(a_term, rank), _letters(b_term, rank)
   if a is None or b is None:
     return None
-  # A batched product keeps the rank: the output's ellipsis (if any) is filled as
-  # the operands' are, so "...0" names the same dimension in all three.
+  # A batched product keeps the rank. Einsum aligns ellipsis dimensions from the
+  # right and broadcasts them, so "...0" names the same dimension in all three
+  # terms only where the three ellipses are equally wide: others stay Einsum.
   out = _letters(out_term, rank)
   if out is None or any(len(set(t)) != len(t) for t in (a, b, out)):
+    return None
+  widths = {sum(x.startswith("...") for x in t) for t in (a, b, out)}
+  if len(widths) != 1:
     return None
   batch = [x for x in out if x in a and x in b]
   contracted = [x for x in a if x in b and x not in out]
@@ -121,7 +126,8 @@ def simplify(model_proto):
 
   Returns:
     ``(simplified ModelProto, {"traced_nodes": .., "nodes": .., "einsums_rewritten":
-    ..})``.
+    ..})``; ``traced_nodes`` counts the graph as given (jax2onnx's, with its
+    one-node layer norms).
   """
   try:
     import onnx_ir as ir  # pylint: disable=g-import-not-at-top

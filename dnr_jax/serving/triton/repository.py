@@ -19,7 +19,7 @@ MODEL = "dnr_rerank"
 # How long Triton's dynamic batcher holds a request for others. With 32 clients a
 # batch never fills, so every batch waits out the whole delay; a delay of about half
 # a batch's scoring time keeps the instance busy without leaving it idle. Measured
-# in docs/serving_triton.md ("The queue delay"): 0.4 ms served 19% more than 1 ms.
+# in docs/serving_triton.md ("What moved the rate"): 0.4 ms served 19% more than 1 ms.
 DEFAULT_QUEUE_DELAY_US = 400
 
 
