@@ -353,6 +353,35 @@ def test_serving_benchmark_measures_the_triton_engine(run):
   assert ready["batch_timeout_ms"] is None
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_signal_lost_in_a_finalizer_still_stops_the_start(monkeypatch):
+  """SIGTERM whose handler runs inside a finalizer during the export: Python drops
+  the handler's exception there, and the server must still not start."""
+  import gc  # pylint: disable=g-import-not-at-top
+  from dnr_jax import errors  # pylint: disable=g-import-not-at-top
+  from dnr_jax.serving.triton import service  # pylint: disable=g-import-not-at-top
+
+  class Finalized:
+    def __del__(self):
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(1)    # the handler runs here, and its exception is dropped
+
+  def prepare(config, folder, log):
+    del config, folder, log
+    Finalized()
+    gc.collect()
+    return ["tritonserver"], {}
+
+  def popen(*args, **kwargs):
+    del args, kwargs
+    pytest.fail("the server was started after SIGTERM")
+
+  monkeypatch.setattr(service, "prepare", prepare)
+  monkeypatch.setattr(service.subprocess, "Popen", popen)
+  with pytest.raises(errors.Interrupted, match="SIGTERM before Triton started"):
+    service.serve(service.TritonServiceConfig(checkpoint="x"), log=lambda line: None)
+
+
 def test_every_entry_point_has_the_same_default_queue_delay():
   """The binary's flag, the typed config and the repository's config.pbtxt agree on
   the measured default (docs/serving_triton.md, "What moved the rate")."""

@@ -213,6 +213,11 @@ def serve(config: TritonServiceConfig,
                                  "give an empty or new folder")
       os.makedirs(folder, exist_ok=True)
       argv, env = prepare(config, folder, log)
+      if stopping:
+        # The handler's exception can be lost: raised inside a finalizer (__del__,
+        # a weakref callback) that the garbage collector ran during the export,
+        # Python prints and drops it. The signal is still on record.
+        raise _Stopped(stopping[0])
       try:
         proc = subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent())
       except OSError as e:
