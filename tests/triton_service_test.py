@@ -437,12 +437,17 @@ def test_sigterm_before_triton_starts_is_one_line_and_leaves_nothing(run, tmp_pa
       env=dict(os.environ, TMPDIR=str(scratch)), stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True)
   lines = []
-  for line in proc.stdout:   # until the export starts (it takes seconds)
-    lines.append(line)
-    if "exporting the reranker" in line:
-      break
-  proc.send_signal(signal.SIGTERM)
-  rest, _ = proc.communicate(timeout=120)
+  try:
+    for line in proc.stdout:   # until the export starts (it takes seconds)
+      lines.append(line)
+      if "exporting the reranker" in line:
+        break
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=120)
+  finally:   # a failure must not leave a server behind (Triton dies with its parent)
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
   assert proc.returncode == 75, "".join(lines) + rest
   assert rest.strip().splitlines()[-1].startswith(
       "Interrupted: SIGTERM before Triton started"), rest[-2000:]
