@@ -69,7 +69,8 @@ _MISSING = object()
 
 
 def require_serve_extra():
-  """jax2onnx and onnx, or a one-line error saying how to install them.
+  """jax2onnx and onnx (and onnxscript, which ``onnx_graph`` simplifies with), or a
+  one-line error saying how to install them.
 
   Cheap enough (an import) for a binary to call before any work, so that a missing
   extra never costs a run its scoring.
@@ -77,10 +78,12 @@ def require_serve_extra():
   try:
     import jax2onnx  # pylint: disable=g-import-not-at-top
     import onnx  # pylint: disable=g-import-not-at-top
+    import onnxscript  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise errors.ConfigError(
         f"the ONNX export needs the serve extra ({e.name} is not installed): "
         "pip install -e \".[serve]\"") from e
+  del onnxscript   # only its presence is checked here
   return jax2onnx, onnx
 
 

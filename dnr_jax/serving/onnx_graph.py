@@ -122,22 +122,17 @@ def einsum_to_matmul(model) -> int:
 
 
 def simplify(model_proto):
-  """``model_proto`` (an ``onnx.ModelProto``) simplified as the module says.
+  """``model_proto`` (an ``onnx.ModelProto``) simplified as the module says (the
+  serve extra's onnxscript: ``onnx_export.require_serve_extra`` checks for it).
 
   Returns:
     ``(simplified ModelProto, {"traced_nodes": .., "nodes": .., "einsums_rewritten":
     ..})``; ``traced_nodes`` counts the graph as given (jax2onnx's, with its
     one-node layer norms).
   """
-  try:
-    import onnx_ir as ir  # pylint: disable=g-import-not-at-top
-    import onnxscript.optimizer  # pylint: disable=g-import-not-at-top
-    from onnxscript import rewriter  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    from dnr_jax import errors  # pylint: disable=g-import-not-at-top
-    raise errors.ConfigError(
-        f"the ONNX export needs the serve extra ({e.name} is not installed): "
-        "pip install -e \".[serve]\"") from e
+  import onnx_ir as ir  # pylint: disable=g-import-not-at-top
+  import onnxscript.optimizer  # pylint: disable=g-import-not-at-top
+  from onnxscript import rewriter  # pylint: disable=g-import-not-at-top
   traced = len(model_proto.graph.node)
   model = ir.from_proto(model_proto)
   onnxscript.optimizer.optimize(model)
